@@ -1,0 +1,213 @@
+"""cffi builder for compositor._native: libdrm's KMS API (what the Python KMS layer calls) plus our
+own helpers in kms_helpers.c. API mode: the C compiler checks every declaration against Debian's
+libdrm headers, and struct layouts come from the headers, not from us."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+CDEF = r"""
+typedef struct _drmVersion {
+    int version_major; int version_minor; int version_patchlevel;
+    int name_len; char *name; int date_len; char *date; int desc_len; char *desc;
+} drmVersion;
+drmVersion *drmGetVersion(int fd);
+void drmFreeVersion(drmVersion *v);
+int drmGetCap(int fd, uint64_t capability, uint64_t *value);
+int drmSetClientCap(int fd, uint64_t capability, uint64_t value);
+int drmSetMaster(int fd);
+int drmDropMaster(int fd);
+int drmIsMaster(int fd);
+int drmPrimeHandleToFD(int fd, uint32_t handle, uint32_t flags, int *prime_fd);
+int drmPrimeFDToHandle(int fd, int prime_fd, uint32_t *handle);
+int drmCloseBufferHandle(int fd, uint32_t handle);
+
+#define DRM_CLOEXEC ...
+#define DRM_RDWR ...
+#define DRM_CAP_DUMB_BUFFER ...
+#define DRM_CAP_PRIME ...
+#define DRM_PRIME_CAP_IMPORT ...
+#define DRM_PRIME_CAP_EXPORT ...
+#define DRM_CAP_CURSOR_WIDTH ...
+#define DRM_CAP_CURSOR_HEIGHT ...
+#define DRM_CAP_ADDFB2_MODIFIERS ...
+#define DRM_CAP_TIMESTAMP_MONOTONIC ...
+#define DRM_CAP_CRTC_IN_VBLANK_EVENT ...
+#define DRM_CLIENT_CAP_UNIVERSAL_PLANES ...
+#define DRM_CLIENT_CAP_ATOMIC ...
+#define DRM_CLIENT_CAP_WRITEBACK_CONNECTORS ...
+
+#define DRM_MODE_OBJECT_CRTC ...
+#define DRM_MODE_OBJECT_CONNECTOR ...
+#define DRM_MODE_OBJECT_ENCODER ...
+#define DRM_MODE_OBJECT_PLANE ...
+#define DRM_MODE_PROP_RANGE ...
+#define DRM_MODE_PROP_IMMUTABLE ...
+#define DRM_MODE_PROP_ENUM ...
+#define DRM_MODE_PROP_BLOB ...
+#define DRM_MODE_PROP_BITMASK ...
+#define DRM_MODE_PROP_EXTENDED_TYPE ...
+#define DRM_MODE_PROP_OBJECT ...
+#define DRM_MODE_PROP_SIGNED_RANGE ...
+#define DRM_MODE_PROP_ATOMIC ...
+#define DRM_MODE_ATOMIC_TEST_ONLY ...
+#define DRM_MODE_ATOMIC_NONBLOCK ...
+#define DRM_MODE_ATOMIC_ALLOW_MODESET ...
+#define DRM_MODE_PAGE_FLIP_EVENT ...
+#define DRM_MODE_FB_MODIFIERS ...
+#define DRM_MODE_TYPE_PREFERRED ...
+#define DRM_MODE_TYPE_DRIVER ...
+#define DRM_MODE_TYPE_USERDEF ...
+
+typedef struct _drmModeRes {
+    int count_fbs; uint32_t *fbs;
+    int count_crtcs; uint32_t *crtcs;
+    int count_connectors; uint32_t *connectors;
+    int count_encoders; uint32_t *encoders;
+    uint32_t min_width, max_width, min_height, max_height;
+} drmModeRes;
+
+typedef struct _drmModeModeInfo {
+    uint32_t clock;
+    uint16_t hdisplay, hsync_start, hsync_end, htotal, hskew;
+    uint16_t vdisplay, vsync_start, vsync_end, vtotal, vscan;
+    uint32_t vrefresh;
+    uint32_t flags;
+    uint32_t type;
+    char name[...];
+} drmModeModeInfo;
+
+typedef int... drmModeConnection;
+typedef int... drmModeSubPixel;
+
+typedef struct _drmModeConnector {
+    uint32_t connector_id;
+    uint32_t encoder_id;
+    uint32_t connector_type;
+    uint32_t connector_type_id;
+    drmModeConnection connection;
+    uint32_t mmWidth, mmHeight;
+    drmModeSubPixel subpixel;
+    int count_modes; drmModeModeInfo *modes;
+    int count_props; uint32_t *props; uint64_t *prop_values;
+    int count_encoders; uint32_t *encoders;
+} drmModeConnector;
+
+typedef struct _drmModeEncoder {
+    uint32_t encoder_id; uint32_t encoder_type; uint32_t crtc_id;
+    uint32_t possible_crtcs; uint32_t possible_clones;
+} drmModeEncoder;
+
+typedef struct _drmModeCrtc {
+    uint32_t crtc_id; uint32_t buffer_id;
+    uint32_t x, y; uint32_t width, height;
+    int mode_valid; drmModeModeInfo mode;
+    int gamma_size;
+} drmModeCrtc;
+
+typedef struct _drmModePlaneRes { uint32_t count_planes; uint32_t *planes; } drmModePlaneRes;
+
+typedef struct _drmModePlane {
+    uint32_t count_formats; uint32_t *formats; uint32_t plane_id;
+    uint32_t crtc_id; uint32_t fb_id;
+    uint32_t crtc_x, crtc_y; uint32_t x, y;
+    uint32_t possible_crtcs; uint32_t gamma_size;
+} drmModePlane;
+
+typedef struct _drmModeObjectProperties {
+    uint32_t count_props; uint32_t *props; uint64_t *prop_values;
+} drmModeObjectProperties;
+
+struct drm_mode_property_enum { uint64_t value; char name[...]; ...; };
+
+typedef struct _drmModeProperty {
+    uint32_t prop_id; uint32_t flags; char name[...];
+    int count_values; uint64_t *values;
+    int count_enums; struct drm_mode_property_enum *enums;
+    int count_blobs; uint32_t *blob_ids;
+} drmModePropertyRes;
+
+typedef struct _drmModePropertyBlob { uint32_t id; uint32_t length; void *data; } drmModePropertyBlobRes;
+
+drmModeRes *drmModeGetResources(int fd);
+void drmModeFreeResources(drmModeRes *ptr);
+drmModeConnector *drmModeGetConnector(int fd, uint32_t connector_id);
+drmModeConnector *drmModeGetConnectorCurrent(int fd, uint32_t connector_id);
+void drmModeFreeConnector(drmModeConnector *ptr);
+const char *drmModeGetConnectorTypeName(uint32_t connector_type);
+drmModeEncoder *drmModeGetEncoder(int fd, uint32_t encoder_id);
+void drmModeFreeEncoder(drmModeEncoder *ptr);
+drmModeCrtc *drmModeGetCrtc(int fd, uint32_t crtc_id);
+void drmModeFreeCrtc(drmModeCrtc *ptr);
+drmModePlaneRes *drmModeGetPlaneResources(int fd);
+void drmModeFreePlaneResources(drmModePlaneRes *ptr);
+drmModePlane *drmModeGetPlane(int fd, uint32_t plane_id);
+void drmModeFreePlane(drmModePlane *ptr);
+drmModeObjectProperties *drmModeObjectGetProperties(int fd, uint32_t object_id, uint32_t object_type);
+void drmModeFreeObjectProperties(drmModeObjectProperties *ptr);
+drmModePropertyRes *drmModeGetProperty(int fd, uint32_t property_id);
+void drmModeFreeProperty(drmModePropertyRes *ptr);
+drmModePropertyBlobRes *drmModeGetPropertyBlob(int fd, uint32_t blob_id);
+void drmModeFreePropertyBlob(drmModePropertyBlobRes *ptr);
+int drmModeCreatePropertyBlob(int fd, const void *data, size_t size, uint32_t *id);
+int drmModeDestroyPropertyBlob(int fd, uint32_t id);
+
+int drmModeAddFB2(int fd, uint32_t width, uint32_t height, uint32_t pixel_format,
+                  const uint32_t bo_handles[4], const uint32_t pitches[4], const uint32_t offsets[4],
+                  uint32_t *buf_id, uint32_t flags);
+int drmModeAddFB2WithModifiers(int fd, uint32_t width, uint32_t height, uint32_t pixel_format,
+                  const uint32_t bo_handles[4], const uint32_t pitches[4], const uint32_t offsets[4],
+                  const uint64_t modifier[4], uint32_t *buf_id, uint32_t flags);
+int drmModeRmFB(int fd, uint32_t bufferId);
+int drmModeDirtyFB(int fd, uint32_t bufferId, void *clips, uint32_t num_clips);
+
+int drmModeCreateDumbBuffer(int fd, uint32_t width, uint32_t height, uint32_t bpp, uint32_t flags,
+                            uint32_t *handle, uint32_t *pitch, uint64_t *size);
+int drmModeDestroyDumbBuffer(int fd, uint32_t handle);
+int drmModeMapDumbBuffer(int fd, uint32_t handle, uint64_t *offset);
+
+typedef struct _drmModeAtomicReq drmModeAtomicReq;
+drmModeAtomicReq *drmModeAtomicAlloc(void);
+void drmModeAtomicFree(drmModeAtomicReq *req);
+int drmModeAtomicAddProperty(drmModeAtomicReq *req, uint32_t object_id, uint32_t property_id,
+                             uint64_t value);
+int drmModeAtomicCommit(int fd, drmModeAtomicReq *req, uint32_t flags, void *user_data);
+
+struct kms_flip_event { uint32_t crtc_id; uint32_t sequence; uint64_t timestamp_ns; uint64_t user_data; };
+typedef void (*kms_log_fn)(int level, const char *message);
+void kms_set_logger(kms_log_fn fn);
+int kms_atomic_commit(int fd, uint32_t n, const uint32_t *objects, const uint32_t *properties,
+                      const uint64_t *values, uint32_t flags, uint64_t user_data);
+int kms_flip(int fd, uint32_t plane_id, uint32_t fb_prop_id, uint32_t fb_id, uint64_t user_data);
+int kms_drain_events(int fd, struct kms_flip_event *out, int max, int *dropped);
+extern "Python" void _kms_log_cb(int level, const char *message);
+"""
+
+
+def _libdrm_cflags() -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", "--cflags-only-I", "libdrm"], capture_output=True, text=True,
+                             check=True).stdout
+        return [flag[2:] for flag in out.split()]
+    except (OSError, subprocess.CalledProcessError):
+        return ["/usr/include/libdrm"]
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "compositor._native",
+    '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n#include "kms_helpers.h"\n',
+    sources=[os.path.relpath(os.path.join(HERE, "kms_helpers.c"))],
+    include_dirs=[HERE, *_libdrm_cflags()],
+    libraries=["drm"],
+    extra_compile_args=["-std=gnu11", "-Wall", "-O2"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)
