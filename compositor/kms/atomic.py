@@ -62,6 +62,29 @@ class AtomicRequest:
         self.items.append((obj, name, raw))
         return self
 
+    def add_output(self, connector: KmsObject, crtc: KmsObject, mode: Mode | None) -> AtomicRequest:
+        """Route connector → crtc with mode and light it; mode None turns the CRTC off (and the
+        connector is detached). Needs commit(allow_modeset=True)."""
+        if mode is None:
+            return self.add(connector, "CRTC_ID", None).add(crtc, "ACTIVE", 0).add(crtc, "MODE_ID", None)
+        return self.add(connector, "CRTC_ID", crtc).add(crtc, "MODE_ID", mode).add(crtc, "ACTIVE", 1)
+
+    def add_plane(self, plane: KmsObject, crtc: KmsObject | None, fb: object | None,
+                  src: tuple[int, int, int, int] | None = None,
+                  dst: tuple[int, int, int, int] | None = None) -> AtomicRequest:
+        """Show fb on plane: src (x, y, w, h) in the framebuffer's pixels (default: all of it), dst
+        on the CRTC (default: same size at 0,0). crtc or fb None disables the plane."""
+        if crtc is None or fb is None:
+            return self.add(plane, "FB_ID", None).add(plane, "CRTC_ID", None)
+        sx, sy, sw, sh = src if src is not None else (0, 0, fb.width, fb.height)
+        dx, dy, dw, dh = dst if dst is not None else (0, 0, sw, sh)
+        self.add(plane, "FB_ID", fb).add(plane, "CRTC_ID", crtc)
+        # SRC_* are 16.16 fixed point; CRTC_X/Y are signed.
+        for name, v in (("SRC_X", sx << 16), ("SRC_Y", sy << 16), ("SRC_W", sw << 16), ("SRC_H", sh << 16),
+                        ("CRTC_X", dx), ("CRTC_Y", dy), ("CRTC_W", dw), ("CRTC_H", dh)):
+            self.add(plane, name, v)
+        return self
+
     def _mode_blob(self, crtc: KmsObject, mode: Mode) -> int:
         info = mode_to_c(mode)
         blob = ffi.new("uint32_t *")

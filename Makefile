@@ -1,0 +1,41 @@
+# directflip — the two commands a fresh Debian machine needs:
+#   make demo   the main job (on a machine without a KMS device it boots the virtual lab)
+#   make test   unit tests on the host, then the real-kernel lab tests
+# Both install what they need themselves (apt packages, pip packages, the lab's kernel and modules).
+
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+APT_PACKAGES = libdrm-dev pkg-config gcc
+
+.PHONY: deps lab-setup test unit lab demo lint bench clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages:$$missing"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+
+lab-setup: deps
+	$(PYTHON) -m compositor.lab setup
+
+unit: deps
+	$(PYTHON) -m pytest -q tests/unit
+
+lab: lab-setup
+	$(PYTHON) -m compositor.lab test -q
+
+test: unit lab
+
+demo: deps
+	$(PYTHON) -m compositor.demo
+
+lint: deps
+	$(PYTHON) -m ruff check compositor native tests bench
+
+bench: deps
+	$(PYTHON) bench/bench_planner.py
+
+clean:
+	rm -rf build *.egg-info compositor/_native*.so out
