@@ -93,6 +93,8 @@ int kms_drain_events(int fd, struct kms_flip_event *out, int max, int *dropped)
 	drain.max = max;
 	drain.count = 0;
 	drain.dropped = 0;
+	if (dropped)
+		*dropped = 0;
 	/* drmHandleEvent does one read(); it returns -1 with errno set when read fails. */
 	if (drmHandleEvent(fd, &ctx) != 0) {
 		int err = errno ? errno : EIO;
