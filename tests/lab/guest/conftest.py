@@ -1,0 +1,119 @@
+"""Fixtures for tests that run inside the lab VM (``python -m compositor.lab test``).
+
+- ``host``: the services of the host that booted us: ``screendump(head)`` -> RGB array (H, W, 3),
+  ``plug(head, width, height)``, ``unplug(head)``, ``ping()``. Heads are virtio-gpu's outputs, 0-based
+  (head N is connector Virtual-(N+1) on the virtio_gpu card); ``boot_sizes`` are their sizes at boot.
+- ``cards``: DRM driver name (``virtio_gpu``, ``vkms``, ``vgem``) -> ``/dev/dri/cardN``.
+
+Outside the lab these fixtures fail, loudly: nothing here is ever skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compositor.lab.channel import HostChannel
+from compositor.lab.guest import drm_cards
+from compositor.lab.vm import DEFAULT_HEAD_SIZES
+
+
+def decode_ppm(data: bytes) -> np.ndarray:
+    """Binary PPM (P6, maxval 255) -> uint8 array (H, W, 3)."""
+    fields: list[bytes] = []
+    pos = 0
+    while len(fields) < 4:
+        while data[pos:pos + 1].isspace():
+            pos += 1
+        if data[pos:pos + 1] == b"#":
+            pos = data.index(b"\n", pos) + 1
+            continue
+        end = pos
+        while not data[end:end + 1].isspace():
+            end += 1
+        fields.append(data[pos:end])
+        pos = end
+    magic, width, height, maxval = fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+    if magic != b"P6" or maxval != 255:
+        raise ValueError(f"unsupported PPM: {magic!r} maxval {maxval}")
+    pixels = data[pos + 1: pos + 1 + width * height * 3]
+    if len(pixels) != width * height * 3:
+        raise ValueError(f"truncated PPM: {len(pixels)} of {width * height * 3} pixel bytes")
+    return np.frombuffer(pixels, dtype=np.uint8).reshape(height, width, 3)
+
+
+class Host:
+    """What the host offers to guest tests; every call blocks until the host has done it."""
+
+    boot_sizes = DEFAULT_HEAD_SIZES
+
+    def __init__(self, channel: HostChannel) -> None:
+        self.channel = channel
+
+    def ping(self) -> dict:
+        return self.channel.ping()
+
+    def screendump_file(self, head: int, fmt: str = "ppm") -> Path:
+        """Ask QEMU for a dump of one head; returns the file (in the shared directory)."""
+        reply = self.channel.screendump(head, fmt)
+        path = Path(reply["path"])
+        # The shared directory is 9p: the host's write may take a moment to show at full size.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                if path.stat().st_size == reply["size"]:
+                    return path
+            except FileNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} did not reach {reply['size']} bytes")
+            time.sleep(0.02)
+
+    def screendump(self, head: int) -> np.ndarray:
+        """The exact pixels QEMU shows for one head: uint8 array (H, W, 3), RGB."""
+        path = self.screendump_file(head, "ppm")
+        try:
+            return decode_ppm(path.read_bytes())
+        finally:
+            path.unlink(missing_ok=True)
+
+    def plug(self, head: int, width: int, height: int) -> None:
+        """Connect (or resize) a monitor: the guest gets a real HOTPLUG uevent."""
+        self.channel.plug(head, width, height)
+
+    def unplug(self, head: int) -> None:
+        self.channel.unplug(head)
+
+
+@pytest.fixture(scope="session")
+def host() -> Host:
+    try:
+        channel = HostChannel.from_env()
+    except Exception as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return Host(channel)
+
+
+@pytest.fixture(scope="session")
+def cards() -> dict[str, str]:
+    found = drm_cards()
+    missing = [d for d in ("virtio_gpu", "vkms", "vgem") if d not in found]
+    if missing:
+        pytest.fail(f"DRM cards missing: {', '.join(missing)} (found {found}); these tests run inside "
+                    "the lab: python -m compositor.lab test", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="session")
+def debugfs() -> Path:
+    """The DRM debugfs root, mounting debugfs if needed."""
+    root = Path("/sys/kernel/debug")
+    if not (root / "dri").is_dir():
+        os.system("mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null")
+    if not (root / "dri").is_dir():
+        pytest.fail("debugfs (/sys/kernel/debug/dri) is not available in the guest", pytrace=False)
+    return root / "dri"
