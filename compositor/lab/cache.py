@@ -217,7 +217,7 @@ def installed_version(package: str) -> str | None:
 
 def _apt_lists_empty() -> bool:
     lists = Path("/var/lib/apt/lists")
-    return not any(p.name.endswith("_Packages") for p in lists.glob("*")) if lists.is_dir() else True
+    return not any("_Packages" in p.name for p in lists.glob("*")) if lists.is_dir() else True
 
 
 _apt_updated = False
