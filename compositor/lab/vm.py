@@ -267,17 +267,31 @@ class LabVM:
         return rc
 
     async def _stop(self, proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is not None:
-            return
-        # vng runs QEMU as a grandchild: end the whole session we started it in.
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+        """End vng and QEMU: QEMU is vng's grandchild, so signal the session we started vng in and
+        wait until no process of it is left."""
+
+        def group_alive() -> bool:
             try:
-                await asyncio.wait_for(proc.wait(), wait)
-                return
-            except TimeoutError:
-                continue
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+            deadline = time.monotonic() + (1.0 if sig is None else 5.0)
+            while time.monotonic() < deadline:
+                if proc.returncode is None:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(proc.wait(), 0.1)
+                elif not group_alive():
+                    return
+                else:
+                    await asyncio.sleep(0.05)
 
     def _show_console(self, console_path: Path) -> None:
         try:
