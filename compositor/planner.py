@@ -1,0 +1,500 @@
+"""Which guest is shown on which monitor: the planner.
+
+A pure function of three inputs: the validated policy, the outputs present now (connectors with their
+card's CRTCs and planes), and the guests running now. Its result, an `Assignment`, says for each output
+that will be lit which guest it shows (or which slate), in which mode, through which CRTC and plane,
+and which rectangle of the guest's buffer lands on which rectangle of the screen. It does no I/O and
+keeps no state, so the same inputs always give the same answer and the daemon can re-plan on every
+hotplug, policy edit or guest change and apply only the difference.
+
+The rules, in the order the planner applies them:
+
+ 1. Monitors are bound first. Each monitor of the policy, in file order, takes the first present output
+    (cards in path order, connectors in the kernel's order) that it matches and no earlier monitor has
+    taken. Two monitors with the same EDID are therefore told apart by connector order, and a rule that
+    matches loosely (`edid: {manufacturer: DEL}`) should come after the precise ones. An output no
+    monitor takes stays dark: the policy only lights what it names.
+
+ 2. Guests are bound the same way: each guest rule, in file order, takes the first running guest (by
+    name, then uuid) that it matches and no earlier rule has taken.
+
+ 3. Main views, by priority. Placements are taken highest priority first, ties in file order. Each
+    gets the first of its candidate monitors (`monitor`, then every `failover` in order; or the monitors
+    of its `seats`) that is present, not already showing a guest, in one of the seats the placement
+    allows, and reachable by a free CRTC. A placement that loses its monitor to a higher priority one
+    fails over exactly as if the monitor were unplugged, so every conflict has one answer.
+
+ 4. Mirrors, after every main view. A mirror shows the same buffer on one more CRTC (still zero copy),
+    but only on a monitor nobody's main view wanted: each guest is seen once before any is seen twice.
+    A guest whose main monitors are all gone is still shown on its mirrors.
+
+ 5. Slates. Each monitor still free shows its slate, with the reason ("office is not running").
+
+ CRTCs are routed as a bipartite matching: when a connector reaches only some CRTCs, taking a monitor
+ may move an already-placed one to another CRTC (an augmenting path), but never leaves it without one;
+ a monitor counts as available only if such a routing exists. Connectors keep the CRTC they are on
+ when they can, which spares a full modeset.
+
+ Then, per lit output: the mode (`preferred`, the closest `WxH@Hz`, or `match-guest`: the guest's size,
+ else the smallest mode that holds it), a plane (the CRTC's primary first, then overlays by zpos; never a
+ cursor plane; it must take the guest's format and modifier when known, else the output shows the
+ "unsupported format" slate), and the rectangles for the monitor's scaling. Scaling asks the plane to
+ scale only when its driver is known to (see topology.SCALING_DRIVERS); otherwise the buffer is centred,
+ and cropped when larger than the mode. The scanout ladder still test-commits whatever is planned here.
+
+Nothing is searched for an optimum the way libliftoff searches plane allocations: the policy states an
+order of preference, and a greedy walk in that order is what an operator can predict by reading it.
+Only the CRTC and plane routing, where greed could strand a monitor for no reason, is a matching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from compositor.policy import GUEST_KINDS, MonitorRule, Placement, Policy
+from compositor.topology import Card, Mode, Output, Plane
+
+SLATE_FOURCC = "XR24"  # slates are drawn by the compositor into a linear XRGB8888 dumb buffer
+
+
+# --- inputs and outputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A running guest as the planner sees it. The framebuffer fields are None until known."""
+
+    name: str
+    kind: str  # vfio | qemu-dbus | socket
+    uuid: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fourcc: str | None = None
+    modifier: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in GUEST_KINDS:
+            raise ValueError(f"guest kind must be one of {', '.join(GUEST_KINDS)}, not {self.kind!r}")
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give both framebuffer width and height, or neither")
+        if self.width is not None and self.height is not None and (self.width <= 0 or self.height <= 0):
+            raise ValueError(f"framebuffer size must be positive, not {self.width}x{self.height}")
+
+
+@dataclass(frozen=True)
+class Rect:
+    x: int
+    y: int
+    w: int
+    h: int
+
+    def inside(self, width: int, height: int) -> bool:
+        return self.w > 0 and self.h > 0 and self.x >= 0 and self.y >= 0 \
+            and self.x + self.w <= width and self.y + self.h <= height
+
+    def __str__(self) -> str:
+        return f"{self.w}x{self.h}+{self.x}+{self.y}"
+
+
+@dataclass(frozen=True)
+class Slate:
+    reason: str  # why nothing is shown, for logs and status ("office is not running")
+    text: str  # what the operator wants on screen ("no signal")
+    colour: str  # "#rrggbb"
+
+
+@dataclass(frozen=True)
+class OutputAssignment:
+    """One lit output. Exactly one of `guest` and `slate` is set."""
+
+    card: str
+    connector: str
+    connector_id: int
+    monitor: str  # the policy's name for it
+    crtc_id: int
+    plane_id: int
+    mode: Mode
+    guest: str | None
+    slate: Slate | None
+    src: Rect  # in the guest buffer (the slate buffer is mode-sized)
+    dst: Rect  # on the CRTC
+    scaling: str  # what the rectangles do: none | fit | fill | integer
+    mirror: bool = False  # shown through the placement's `mirror` list
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DarkOutput:
+    """A present output left off, and why."""
+
+    card: str
+    connector: str
+    connector_id: int
+    monitor: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Unplaced:
+    """A running guest not shown where the policy wanted it. `monitor` names a mirror that was missed;
+    when it is None the guest has no main view."""
+
+    guest: str
+    reason: str
+    monitor: str | None = None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    outputs: tuple[OutputAssignment, ...]
+    dark: tuple[DarkOutput, ...] = ()
+    unplaced: tuple[Unplaced, ...] = ()
+
+    def for_guest(self, name: str) -> tuple[OutputAssignment, ...]:
+        return tuple(o for o in self.outputs if o.guest == name)
+
+    def for_monitor(self, name: str) -> OutputAssignment | None:
+        return next((o for o in self.outputs if o.monitor == name), None)
+
+
+# --- rectangles and modes (public: the scanout ladder reuses them) --------------------------------
+
+
+def _centre(bw: int, bh: int, mw: int, mh: int) -> tuple[Rect, Rect]:
+    w, h = min(bw, mw), min(bh, mh)
+    return Rect((bw - w) // 2, (bh - h) // 2, w, h), Rect((mw - w) // 2, (mh - h) // 2, w, h)
+
+
+def place(scaling: str, buffer: tuple[int, int], mode: tuple[int, int],
+          can_scale: bool) -> tuple[Rect, Rect, str, tuple[str, ...]]:
+    """Source and destination rectangles for a `buffer`-sized image on a `mode`-sized CRTC.
+
+    Returns (src, dst, the scaling actually done, notes). Without plane scaling every request falls
+    back to centring, which crops a buffer larger than the mode."""
+    bw, bh = buffer
+    mw, mh = mode
+    src, dst = _centre(bw, bh, mw, mh)
+    if scaling == "fit":
+        s = min(mw / bw, mh / bh)
+        w, h = min(mw, max(1, round(bw * s))), min(mh, max(1, round(bh * s)))
+        scaled = (Rect(0, 0, bw, bh), Rect((mw - w) // 2, (mh - h) // 2, w, h))
+    elif scaling == "fill":
+        s = max(mw / bw, mh / bh)
+        w, h = min(bw, max(1, round(mw / s))), min(bh, max(1, round(mh / s)))
+        scaled = (Rect((bw - w) // 2, (bh - h) // 2, w, h), Rect(0, 0, mw, mh))
+    elif scaling == "integer":
+        k = min(mw // bw, mh // bh)
+        scaled = (Rect(0, 0, bw, bh), Rect((mw - bw * k) // 2, (mh - bh * k) // 2, bw * k, bh * k)) \
+            if k > 1 else (src, dst)
+    else:
+        scaled = (src, dst)
+    notes: list[str] = []
+    s_src, s_dst = scaled
+    if (s_src.w, s_src.h) == (s_dst.w, s_dst.h):
+        effective = "none"
+        src, dst = s_src, s_dst
+    elif can_scale:
+        return s_src, s_dst, scaling, ()
+    else:
+        effective = "none"
+        notes.append(f"plane cannot scale; {scaling} falls back to centre")
+    if (src.w, src.h) != (bw, bh):
+        notes.append(f"buffer {bw}x{bh} cropped to {src.w}x{src.h}")
+    return src, dst, effective, tuple(notes)
+
+
+def _preferred(modes: Sequence[Mode], fallback: Mode | None) -> Mode:
+    for m in modes:
+        if m.preferred:
+            return m
+    if fallback is not None and fallback in modes:
+        return fallback
+    return modes[0]
+
+
+def choose_mode(rule: MonitorRule, output: Output,
+                buffer: tuple[int, int] | None) -> tuple[Mode, tuple[str, ...]]:
+    """The mode for `output` under `rule`, given the guest's buffer size when known (None for slates)."""
+    conn = output.connector
+    modes = conn.modes
+    pref = _preferred(modes, conn.preferred_mode)
+    req = rule.mode
+    if req.kind == "size":
+        same = [(i, m) for i, m in enumerate(modes) if (m.width, m.height) == (req.width, req.height)]
+        if not same:
+            return pref, (f"mode {req} is not offered by {conn.name}; using preferred {pref}",)
+        if req.refresh is None:
+            # highest refresh; the preferred flag, then the kernel's order, break ties
+            return max(same, key=lambda im: (im[1].refresh, im[1].preferred, -im[0]))[1], ()
+        want = req.refresh
+        best = min(same, key=lambda im: (abs(im[1].refresh - want), im[0]))[1]
+        if abs(best.refresh - want) > 1:
+            size = f"{req.width}x{req.height}"
+            return best, (f"{want:g} Hz is not offered at {size}; using {best.refresh:.2f} Hz",)
+        return best, ()
+    if req.kind == "match-guest" and buffer is not None:
+        bw, bh = buffer
+        holds = [(i, m) for i, m in enumerate(modes) if m.width >= bw and m.height >= bh]
+        if not holds:
+            return pref, (f"no mode of {conn.name} holds the guest's {bw}x{bh}; using preferred {pref}",)
+        return min(holds, key=lambda im: (im[1].width * im[1].height, -im[1].refresh, not im[1].preferred,
+                                          im[0]))[1], ()
+    return pref, ()
+
+
+# --- routing: CRTCs and planes as bipartite matchings ---------------------------------------------
+
+_Key = tuple[str, int]  # (card path, connector id)
+
+
+def _key(output: Output) -> _Key:
+    return output.card.path, output.connector.id
+
+
+class _Matching:
+    """Kuhn's augmenting paths: outputs (left) to CRTCs or planes (right). Adding an output may move
+    earlier ones to other resources but never unmatches them, so the order outputs are added in is
+    the order of precedence."""
+
+    def __init__(self) -> None:
+        self.options: dict[_Key, list[int]] = {}
+        self.owner: dict[int, _Key] = {}
+
+    def add(self, key: _Key, options: list[int]) -> bool:
+        self.options[key] = options
+        if self._augment(key, set()):
+            return True
+        del self.options[key]
+        return False
+
+    def _augment(self, key: _Key, seen: set[int]) -> bool:
+        for r in self.options[key]:
+            if r in seen:
+                continue
+            seen.add(r)
+            holder = self.owner.get(r)
+            if holder is None or self._augment(holder, seen):
+                self.owner[r] = key
+                return True
+        return False
+
+    def assigned(self) -> dict[_Key, int]:
+        return {k: r for r, k in self.owner.items()}
+
+
+def _crtc_options(output: Output) -> list[int]:
+    conn = output.connector
+    known = {c.id for c in output.card.crtcs}
+    opts = sorted((c for c in set(conn.possible_crtcs) if c in known),
+                  key=lambda c: next(x.index for x in output.card.crtcs if x.id == c))
+    if conn.current_crtc in opts:
+        opts.remove(conn.current_crtc)
+        opts.insert(0, conn.current_crtc)
+    return opts
+
+
+def _plane_options(card: Card, crtc: int, fourcc: str | None, modifier: str | None) -> list[int]:
+    def rank(p: Plane) -> tuple[int, int, int]:
+        return (0 if p.type == "primary" else 1, p.zpos if p.zpos is not None else 0, p.id)
+
+    usable = [p for p in card.planes if p.type != "cursor" and crtc in p.possible_crtcs
+              and (fourcc is None or p.supports(fourcc, modifier))]
+    return [p.id for p in sorted(usable, key=rank)]
+
+
+# --- the planner ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Shown:
+    monitor: str
+    output: Output
+    guest: Guest | None
+    mirror: bool = False
+    slate_reason: str = ""
+
+
+def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> Assignment:
+    """Assign the running `guests` to the present `outputs` following `policy`. Pure."""
+    outputs = list(outputs)
+
+    # 1. policy monitors -> outputs
+    bound: dict[str, Output] = {}
+    claimed: dict[_Key, str] = {}
+    for rule in policy.monitors:
+        for out in outputs:
+            k = _key(out)
+            if k not in claimed and rule.matches(out):
+                bound[rule.name] = out
+                claimed[k] = rule.name
+                break
+
+    # 2. guest rules -> running guests
+    running = sorted(guests, key=lambda g: (g.name, g.uuid or "", g.kind))
+    by_name: dict[str, list[int]] = {}
+    for i, g in enumerate(running):
+        by_name.setdefault(g.name, []).append(i)
+    everyone = range(len(running))
+    taken_guests: set[int] = set()
+    guest_of: dict[str, Guest] = {}
+    for grule in policy.guests:
+        pool = by_name.get(grule.pattern.pattern, ()) if grule.pattern.literal else everyone
+        for i in pool:
+            g = running[i]
+            if i not in taken_guests and grule.matches(g.name, g.kind, g.uuid):
+                taken_guests.add(i)
+                guest_of[grule.name] = g
+                break
+
+    rules_by_name = {r.name: r for r in policy.monitors}
+    crtcs: dict[str, _Matching] = {}
+    shown: dict[str, _Shown] = {}
+    unplaced: list[Unplaced] = []
+
+    def unavailable(monitor: str, placement: Placement | None) -> str | None:
+        """Why `monitor` cannot be taken now, or None after reserving a CRTC for it."""
+        out = bound.get(monitor)
+        if out is None:
+            return "is absent"
+        if monitor in shown:
+            s = shown[monitor]
+            return f"shows {s.guest.name if s.guest else 'a slate'}"
+        if placement is not None and placement.seats and not (
+                policy.seats_of(monitor, out) & set(placement.seats)):
+            return "is outside the placement's seats"
+        if not out.connector.modes:
+            return "has no modes"
+        matching = crtcs.setdefault(out.card.path, _Matching())
+        if not matching.add(_key(out), _crtc_options(out)):
+            return "has no free CRTC"
+        return None
+
+    # 3. main views, by priority
+    order = sorted(policy.placements, key=lambda p: (-p.priority, p.index))
+    for p in order:
+        guest = guest_of.get(p.guest)
+        if guest is None:
+            continue
+        reasons = []
+        for m in p.candidates:
+            why = unavailable(m, p)
+            if why is None:
+                shown[m] = _Shown(m, bound[m], guest)
+                break
+            reasons.append(f"{m} {why}")
+        else:
+            unplaced.append(Unplaced(guest.name, "; ".join(reasons) or "no monitor of its seats is defined"))
+
+    # 4. mirrors
+    for p in order:
+        guest = guest_of.get(p.guest)
+        if guest is None:
+            continue
+        for m in p.mirror:
+            if m in shown and shown[m].guest is guest:
+                continue  # the main view landed on this mirror: it is shown already
+            why = unavailable(m, p)
+            if why is None:
+                shown[m] = _Shown(m, bound[m], guest, mirror=True)
+            else:
+                unplaced.append(Unplaced(guest.name, f"mirror {m} {why}", monitor=m))
+
+    # Running guests the policy does not place at all.
+    placed_rules = {p.guest for p in policy.placements}
+    for i, g in enumerate(running):
+        if i not in taken_guests:
+            unplaced.append(Unplaced(g.name, "no guest rule of the policy matches it"))
+    for rule_name, g in guest_of.items():
+        if rule_name not in placed_rules:
+            unplaced.append(Unplaced(g.name, f"guest `{rule_name}` has no placement"))
+
+    # 5. slates on the monitors left over
+    waiting: dict[str, list[str]] = {}
+    for p in order:
+        if p.guest not in guest_of:
+            for m in (*p.candidates, *p.mirror):
+                waiting.setdefault(m, []).append(p.guest)
+    dark_reason: dict[_Key, str] = {}
+    for rule in policy.monitors:
+        if rule.name not in bound or rule.name in shown:
+            continue
+        why = unavailable(rule.name, None)
+        if why is not None:
+            dark_reason[_key(bound[rule.name])] = f"monitor {rule.name} {why}"
+            continue
+        names = waiting.get(rule.name)
+        if names:
+            reason = f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} not running"
+        else:
+            reason = "no guest is placed here"
+        shown[rule.name] = _Shown(rule.name, bound[rule.name], None, slate_reason=reason)
+
+    # Per output: a plane, then mode and rectangles. Planes are matched in the order outputs were
+    # taken, so a higher priority guest is never left without a plane for a lower one; augmenting may
+    # still move an earlier output to another plane, so rectangles wait for the final matching.
+    crtc_of = {k: c for m in crtcs.values() for k, c in m.assigned().items()}
+    planes: dict[str, _Matching] = {}
+    routed: list[tuple[_Shown, Guest | None, str]] = []
+    for s in shown.values():
+        out = s.output
+        k = _key(out)
+        crtc = crtc_of[k]
+        guest, slate_reason = s.guest, s.slate_reason
+        opts: list[int] = []
+        if guest is not None:
+            opts = _plane_options(out.card, crtc, guest.fourcc, guest.modifier)
+            if not opts:
+                fmt = f"{guest.fourcc}" + (f":{guest.modifier}" if guest.modifier else "")
+                slate_reason = f"unsupported format: no plane on CRTC {crtc} takes {fmt} from {guest.name}"
+                unplaced.append(Unplaced(guest.name, f"{s.monitor}: {slate_reason}",
+                                         monitor=s.monitor if s.mirror else None))
+                guest = None
+        if guest is None:
+            opts = _plane_options(out.card, crtc, SLATE_FOURCC, "LINEAR")
+        if planes.setdefault(out.card.path, _Matching()).add(k, opts):
+            routed.append((s, guest, slate_reason))
+        else:
+            dark_reason[k] = f"monitor {s.monitor}: no plane free for CRTC {crtc}"
+            if guest is not None:
+                unplaced.append(Unplaced(guest.name, f"{s.monitor}: no plane free for CRTC {crtc}",
+                                         monitor=s.monitor if s.mirror else None))
+    plane_of = {k: p for m in planes.values() for k, p in m.assigned().items()}
+    cards = {o.card.path: o.card for o in outputs}
+    plane_by_id = {(c.path, p.id): p for c in cards.values() for p in c.planes}
+
+    lit: dict[_Key, OutputAssignment] = {}
+    for s, guest, slate_reason in routed:
+        out, rule = s.output, rules_by_name[s.monitor]
+        k = _key(out)
+        buffer = (guest.width, guest.height) if guest is not None and guest.width and guest.height else None
+        mode, mode_notes = choose_mode(rule, out, buffer)
+        notes = list(mode_notes)
+        slate = None
+        if guest is None:
+            src = dst = Rect(0, 0, mode.width, mode.height)
+            scaling, slate = "none", Slate(slate_reason, rule.slate.text, rule.slate.colour)
+        else:
+            if buffer is None:
+                buffer = (mode.width, mode.height)
+                notes.append("buffer size unknown; rectangles assume the mode's size")
+            plane = plane_by_id[(out.card.path, plane_of[k])]
+            src, dst, scaling, place_notes = place(rule.scaling, buffer, (mode.width, mode.height),
+                                                   plane.can_scale)
+            notes += place_notes
+        lit[k] = OutputAssignment(
+            card=out.card.path, connector=out.connector.name, connector_id=out.connector.id,
+            monitor=s.monitor, crtc_id=crtc_of[k], plane_id=plane_of[k], mode=mode,
+            guest=guest.name if guest is not None else None, slate=slate, src=src, dst=dst,
+            scaling=scaling, mirror=s.mirror and guest is not None, notes=tuple(notes))
+
+    result, dark = [], []
+    for out in outputs:
+        k = _key(out)
+        if k in lit:
+            result.append(lit[k])
+        else:
+            reason = dark_reason.get(k, "not in the policy")
+            conn = out.connector
+            dark.append(DarkOutput(out.card.path, conn.name, conn.id, claimed.get(k), reason))
+    return Assignment(tuple(result), tuple(dark), tuple(unplaced))
