@@ -1,0 +1,255 @@
+"""`directflip check POLICY`: validate a policy file and show the plan it gives.
+
+Exit status: 0 the policy is valid (and was planned); 1 the policy, or the topology file given with
+`--topology`, is invalid; 2 usage: bad arguments, a file that cannot be read, no KMS device to probe
+without `--topology`, or `--render` without Pillow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+from compositor import planner, policy, topology
+
+EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+_DESCRIPTION = """\
+Validate a directflip policy and print the plan it gives: which guest each monitor shows, in which
+mode, through which CRTC and plane, and with which source and destination rectangles.
+
+The plan is made for the live KMS topology (as `directflip probe` sees it), or for a saved
+`directflip probe --json` given with --topology. Guests are imagined from the policy (one running
+guest per guest rule, framebuffer size unknown) unless described with --guest."""
+
+_EPILOG = """\
+--guest SPEC describes one running guest: NAME[,kind=vfio|qemu-dbus|socket][,size=WxH]
+[,format=FOURCC][,modifier=MOD][,uuid=UUID]. Repeat it for each guest; when given, only these run.
+
+examples:
+  directflip check policies/demo.yaml --topology lab.json
+  directflip check kiosk.yaml --guest kiosk-a,size=1920x1080 --unplug HDMI-A-2
+  directflip check multiseat.yaml --topology lab.json --render layout.png
+
+exit status: 0 valid, 1 invalid (policy or topology file), 2 usage (bad arguments, unreadable
+file, no KMS device without --topology, --render without Pillow)"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "check", help="validate a policy and print the plan it gives", description=_DESCRIPTION,
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("policy", metavar="POLICY", help="the policy file (YAML)")
+    p.add_argument("--topology", metavar="PROBE.json",
+                   help="plan for this saved `directflip probe --json` instead of the live devices")
+    p.add_argument("--render", metavar="LAYOUT.png", help="also draw the plan into this PNG (needs Pillow)")
+    p.add_argument("--guest", metavar="SPEC", action="append", default=[],
+                   help="a running guest to plan for (repeatable; see below)")
+    p.add_argument("--unplug", metavar="CONNECTOR", action="append", default=[],
+                   help="plan as if this connector (NAME or CARD:NAME) were unplugged (repeatable)")
+    p.set_defaults(func=run)
+
+
+class _Usage(Exception):
+    pass
+
+
+def parse_guest(spec: str) -> planner.Guest:
+    """`office,kind=vfio,size=1920x1080,format=XR24` -> Guest. Raises ValueError with a readable text."""
+    name, *fields = [s.strip() for s in spec.split(",")]
+    if not name or "=" in name:
+        raise ValueError(f"--guest {spec!r}: start with the guest's name")
+    values: dict[str, str] = {}
+    for f in fields:
+        key, sep, value = f.partition("=")
+        if not sep or key not in ("kind", "size", "format", "modifier", "uuid"):
+            raise ValueError(f"--guest {spec!r}: expected kind=, size=, format=, modifier= or uuid=, "
+                             f"got {f!r}")
+        values[key] = value
+    width = height = None
+    if "size" in values:
+        w, x, h = values["size"].partition("x")
+        if not (x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+            raise ValueError(f"--guest {spec!r}: size must be WIDTHxHEIGHT, e.g. 1920x1080")
+        width, height = int(w), int(h)
+    kind = values.get("kind", "vfio")
+    if kind not in policy.GUEST_KINDS:
+        raise ValueError(f"--guest {spec!r}: kind must be one of {', '.join(policy.GUEST_KINDS)}")
+    return planner.Guest(name, kind, values.get("uuid"), width, height, values.get("format"),
+                         values.get("modifier"))
+
+
+def imagined_guests(pol: policy.Policy) -> list[planner.Guest]:
+    """One running guest per guest rule, named so that its rule matches it."""
+    guests = []
+    for rule in pol.guests:
+        name = rule.pattern.pattern
+        if not rule.pattern.literal:
+            name = _instance_of(name, rule.name)
+            if not rule.pattern.matches(name):
+                name = rule.name
+        guests.append(planner.Guest(name, rule.kind or "vfio", rule.uuid))
+    return guests
+
+
+def _instance_of(pattern: str, filler: str) -> str:
+    """A name matching a shell pattern: `*` -> filler, `?` -> x, `[ab]` -> a."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "*":
+            out.append(filler)
+        elif c == "?":
+            out.append("x")
+        elif c == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            if body[0] in "!^":  # a negated set: any plain character outside it
+                out.append(next((ch for ch in "xyz0123456789" if ch not in body[1:]), "x"))
+            else:
+                out.append(body[0])
+            i = end
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _live_topology() -> topology.Topology:
+    try:
+        from compositor import probe as probe_module
+    except ImportError as exc:
+        raise _Usage(f"cannot probe the live devices ({exc}); pass --topology PROBE.json") from None
+    try:
+        document = probe_module.probe_all()
+    except Exception as exc:  # the CLI boundary: any failure to probe becomes a message, not a traceback
+        raise _Usage(f"probing the KMS devices failed: {exc}; pass --topology PROBE.json "
+                     "(a saved `directflip probe --json`)") from None
+    topo = topology.from_probe(document, "live probe")
+    if not any(card.error is None for card in topo.cards):
+        raise _Usage("no KMS device found to plan for; pass --topology PROBE.json "
+                     "(a saved `directflip probe --json`)")
+    return topo
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        return _run(args, out, err)
+    except _Usage as exc:
+        print(f"directflip check: {exc}", file=err)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    try:
+        guests = [parse_guest(spec) for spec in args.guest]
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+    try:
+        pol = policy.load(args.policy)
+    except OSError as exc:
+        raise _Usage(f"cannot read {args.policy}: {exc.strerror or exc}") from None
+    except policy.PolicyError as exc:
+        # Warnings are left out here: on a broken file they are mostly echoes of its errors.
+        for d in exc.errors:
+            print(d, file=err)
+        n = len(exc.errors)
+        print(f"{args.policy}: invalid, {n} error{'s' if n != 1 else ''}", file=err)
+        return EXIT_INVALID
+    for w in pol.warnings:
+        print(w, file=err)
+    print(f"{args.policy}: valid ({_count(pol.monitors, 'monitor')}, {_count(pol.guests, 'guest')}, "
+          f"{_count(pol.placements, 'placement')})", file=out)
+
+    try:
+        topo = topology.load(args.topology) if args.topology else _live_topology()
+    except OSError as exc:
+        raise _Usage(f"cannot read {args.topology}: {exc.strerror or exc}") from None
+    except topology.TopologyError as exc:
+        print(exc, file=err)
+        print(f"{exc.source or 'topology'}: not a valid `directflip probe --json` document", file=err)
+        return EXIT_INVALID
+    if args.unplug:
+        topo = topo.without(set(args.unplug))
+
+    imagined = not guests
+    if imagined:
+        guests = imagined_guests(pol)
+    outputs = topo.outputs()
+    assignment = planner.plan(pol, outputs, guests)
+
+    source = args.topology or "live devices"
+    counts = f"{_count(topo.cards, 'card')}, {_count(outputs, 'monitor')} present"
+    print(f"topology: {source} ({counts})", file=out)
+    for card in topo.cards:
+        if card.error:
+            print(f"  {card.path}: not probed: {card.error}", file=out)
+    guest_list = ", ".join(f"{g.name} ({g.kind}{_size(g)})" for g in guests) or "none"
+    suffix = " [one per guest rule; describe real ones with --guest]" if imagined else ""
+    print(f"guests: {guest_list}{suffix}", file=out)
+    if args.unplug:
+        print(f"unplugged: {', '.join(args.unplug)}", file=out)
+    print(file=out)
+    print(format_plan(assignment), file=out)
+
+    if args.render:
+        from compositor import render
+
+        try:
+            render.render(assignment, outputs, guests, Path(args.render), title=str(args.policy))
+        except render.RenderUnavailable as exc:
+            raise _Usage(str(exc)) from None
+        except OSError as exc:
+            raise _Usage(f"cannot write {args.render}: {exc.strerror or exc}") from None
+        print(f"\nlayout drawn to {args.render}", file=out)
+    return EXIT_VALID
+
+
+def _count(items: Sequence[object], word: str) -> str:
+    return f"{len(items)} {word}{'s' if len(items) != 1 else ''}"
+
+
+def _size(g: planner.Guest) -> str:
+    return f", {g.width}x{g.height}" if g.width else ""
+
+
+def _short(card: str) -> str:
+    return card.rsplit("/", 1)[-1]
+
+
+def format_plan(a: planner.Assignment) -> str:
+    """The assignment as a table, then notes, dark outputs and guests not shown."""
+    header = ("MONITOR", "OUTPUT", "CRTC", "PLANE", "MODE", "SHOWS", "SCALING", "SOURCE -> DESTINATION")
+    rows = []
+    for o in a.outputs:
+        if o.guest is not None:
+            shows = o.guest + (" (mirror)" if o.mirror else "")
+            rects = f"{o.src} -> {o.dst}"
+        else:
+            assert o.slate is not None
+            shows = f'slate "{o.slate.text}"'
+            rects = o.slate.reason
+        rows.append((o.monitor, f"{_short(o.card)} {o.connector}", str(o.crtc_id), str(o.plane_id),
+                     str(o.mode), shows, o.scaling if o.guest else "-", rects))
+    lines = []
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+        for r in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
+    else:
+        lines.append("no monitor is lit")
+    notes = [(o.monitor, n) for o in a.outputs for n in o.notes]
+    if notes:
+        lines += ["", "notes:"] + [f"  {m}: {n}" for m, n in notes]
+    if a.dark:
+        lines += ["", "off:"] + [
+            f"  {_short(d.card)} {d.connector}: {d.reason}" for d in a.dark]
+    if a.unplaced:
+        lines += ["", "not shown:"] + [f"  {u.guest}: {u.reason}" for u in a.unplaced]
+    return "\n".join(lines)

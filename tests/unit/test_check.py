@@ -1,0 +1,179 @@
+"""`directflip check`: exit statuses, the plan table, --render, and the live-probe path."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from compositor import check, cli, policy
+
+ROOT = Path(__file__).resolve().parents[2]
+LAB = str(ROOT / "tests" / "data" / "lab-topology.json")
+POLICIES = ROOT / "policies"
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(["check", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("name", ["demo", "kiosk", "multiseat"])
+def test_shipped_policies_check_clean(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run([str(POLICIES / f"{name}.yaml"), "--topology", LAB], capsys)
+    assert (code, err) == (0, "")
+    assert f"{name}.yaml: valid" in out
+
+
+def test_demo_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run([str(POLICIES / "demo.yaml"), "--topology", LAB,
+                        "--guest", "office,size=1920x1080,format=XR24",
+                        "--guest", "media,kind=qemu-dbus,size=1280x1024",
+                        "--guest", "build-3,kind=socket"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("MONITOR"))
+    rows = [line.split() for line in lines[header + 1:header + 4]]
+    assert [(r[0], r[2], r[6]) for r in rows] == [
+        ("left", "Virtual-1", "office"), ("centre", "Virtual-2", "media"), ("right", "Virtual-3", "build-3")]
+    # match-guest switched centre to the guest's 1280x1024; left crops the larger office buffer
+    assert rows[1][5].startswith("1280x1024")
+    assert "left: buffer 1920x1080 cropped to 1280x800" in out
+    assert "card1 Virtual-1: not in the policy" in out
+
+
+def test_unplug_shows_failover(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run([str(POLICIES / "demo.yaml"), "--topology", LAB,
+                        "--unplug", "/dev/dri/card0:Virtual-1"], capsys)
+    assert code == 0
+    centre = next(line for line in out.splitlines() if line.startswith("centre "))
+    assert "office" in centre.split()  # office outranks media, which fails over to the right screen
+    right = next(line for line in out.splitlines() if line.startswith("right "))
+    assert "media" in right.split()
+    assert "build-build: right shows media" in out
+
+
+def test_render_writes_a_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    png = tmp_path / "layout.png"
+    code, out, _ = run([str(POLICIES / "kiosk.yaml"), "--topology", LAB, "--render", str(png),
+                        "--guest", "kiosk-1,kind=qemu-dbus,size=1920x1080"], capsys)
+    assert code == 0 and f"layout drawn to {png}" in out
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 600 and img.height > 300
+
+
+def test_invalid_policy_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("monitors: {a: DP-1}\nplacements: [{guest: x, monitor: a}]\n")
+    code, out, err = run([str(bad), "--topology", LAB], capsys)
+    assert code == 1 and out == ""
+    assert err == f"{bad}:2:22: undefined guest `x` (no guests are defined)\n{bad}: invalid, 1 error\n"
+
+
+def test_warnings_go_to_stderr_and_do_not_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "w.yaml"
+    p.write_text("monitors: {a: Virtual-1}\nguests: {x: }\n")
+    code, _, err = run([str(p), "--topology", LAB], capsys)
+    assert code == 0
+    assert "warning: guest `x` is never placed" in err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["/nonexistent/policy.yaml", "--topology", LAB], "cannot read /nonexistent/policy.yaml"),
+    ([str(POLICIES / "demo.yaml"), "--topology", "/nonexistent/probe.json"],
+     "cannot read /nonexistent/probe.json"),
+    ([str(POLICIES / "demo.yaml"), "--topology", LAB, "--guest", "x,size=big"], "size must be WIDTHxHEIGHT"),
+    ([str(POLICIES / "demo.yaml"), "--topology", LAB, "--guest", "x,kind=vnc"], "kind must be one of"),
+    ([str(POLICIES / "demo.yaml"), "--topology", LAB, "--guest", "x,colour=red"], "expected kind=, size="),
+])
+def test_usage_problems_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(argv, capsys)
+    assert code == 2
+    assert err.startswith("directflip check: ") and message in err
+
+
+def test_argparse_usage_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["check"])
+    assert info.value.code == 2
+    assert "POLICY" in capsys.readouterr().err
+
+
+def test_help_explains_exit_status(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["check", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--topology" in out and "--render" in out and "exit status: 0 valid, 1 invalid" in out
+
+
+def test_malformed_topology_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"schema": "directflip.probe/1", "cards": [{"path": "/dev/dri/card0"}]}))
+    code, _, err = run([str(POLICIES / "demo.yaml"), "--topology", str(probe)], capsys)
+    assert code == 1
+    assert f"{probe}: cards[0].driver: missing" in err
+
+
+def fake_probe(monkeypatch: pytest.MonkeyPatch, probe_all: object) -> None:
+    module = types.ModuleType("compositor.probe")
+    module.probe_all = probe_all  # type: ignore[attr-defined]
+    module.register = lambda subparsers: None  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "compositor.probe", module)
+    import compositor
+
+    monkeypatch.setattr(compositor, "probe", module, raising=False)
+
+
+def test_no_kms_device_says_to_pass_topology(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    fake_probe(monkeypatch, lambda: {"schema": "directflip.probe/1", "cards": []})
+    code, out, err = run([str(POLICIES / "demo.yaml")], capsys)
+    assert code == 2
+    assert "demo.yaml: valid" in out  # the policy itself was still checked
+    assert "no KMS device found" in err and "pass --topology" in err
+
+
+def test_probe_failure_is_a_message(monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    def broken() -> dict:
+        raise PermissionError(13, "Permission denied")
+
+    fake_probe(monkeypatch, broken)
+    code, _, err = run([str(POLICIES / "demo.yaml")], capsys)
+    assert code == 2 and "probing the KMS devices failed" in err and "Traceback" not in err
+
+
+def test_live_probe_is_planned(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    document = json.loads(Path(LAB).read_text())
+    fake_probe(monkeypatch, lambda: document)
+    code, out, _ = run([str(POLICIES / "demo.yaml")], capsys)
+    assert code == 0 and "topology: live devices" in out
+
+
+def test_parse_guest() -> None:
+    g = check.parse_guest("win,kind=qemu-dbus,size=1920x1200,format=AR24,modifier=LINEAR")
+    assert (g.name, g.kind, g.width, g.height, g.fourcc, g.modifier) == (
+        "win", "qemu-dbus", 1920, 1200, "AR24", "LINEAR")
+    assert check.parse_guest("plain").kind == "vfio"
+
+
+def test_imagined_guests_match_their_rules() -> None:
+    pol = policy.parse("""
+monitors: {a: DP-1}
+guests:
+  lit: {name: office, kind: socket}
+  glob: {name: "build-*"}
+  chars: {name: "kiosk-[ab]?"}
+  neg: {name: "x[!x]"}
+""")
+    guests = check.imagined_guests(pol)
+    assert [(g.name, g.kind) for g in guests] == [("office", "socket"), ("build-glob", "vfio"),
+                                                  ("kiosk-ax", "vfio"), ("xy", "vfio")]
