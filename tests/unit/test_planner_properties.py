@@ -178,7 +178,14 @@ def check_assignment(pol: policy.Policy, topo: topology.Topology, guests: list[G
     monitors = set()
     by_name = {g.name: g for g in guests}
     placement_of = {p.guest: p for p in pol.placements}
+    # the binding the policy defines: each guest rule, in file order, takes the first free running
+    # guest by name that it matches
     rule_of_guest: dict[str, str] = {}
+    for r in pol.guests:
+        for g in sorted(guests, key=lambda g: g.name):
+            if g.name not in rule_of_guest and r.matches(g.name, g.kind, g.uuid):
+                rule_of_guest[g.name] = r.name
+                break
     for o in a.outputs:
         out = outputs[(o.card, o.connector_id)]
         card = cards[o.card]
@@ -207,13 +214,9 @@ def check_assignment(pol: policy.Policy, topo: topology.Topology, guests: list[G
             assert (o.src.w, o.src.h) == (o.dst.w, o.dst.h), "no scaling on a plane that cannot"
         if g.fourcc is not None:
             assert plane.supports(g.fourcc, g.modifier)
-        # the guest is on a monitor its placement names, inside the seats it allows
-        rules = [r.name for r in pol.guests if r.matches(g.name, g.kind, g.uuid)]
-        assert rules
-        p = next(placement_of[r] for r in rules if r in placement_of and o.monitor in (
-            *placement_of[r].candidates, *placement_of[r].mirror))
-        rule_of_guest.setdefault(o.guest, p.guest)
-        assert rule_of_guest[o.guest] == p.guest, "one running guest, one rule"
+        # the guest is on a monitor its own placement names, inside the seats that placement allows
+        p = placement_of[rule_of_guest[g.name]]
+        assert o.monitor in (*p.candidates, *p.mirror)
         if p.seats:
             assert pol.seats_of(o.monitor, out) & set(p.seats), "never outside the placement's seats"
     # no guest shown as its main view twice

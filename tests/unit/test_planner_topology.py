@@ -18,15 +18,21 @@ def lab() -> dict:
     return json.loads(LAB.read_text())
 
 
+def by_driver(topo: topology.Topology, driver: str) -> topology.Card:
+    return next(c for c in topo.cards if c.driver == driver)
+
+
 def test_lab_topology() -> None:
+    # Only what the lab machine is known to have: card paths, object ids and mode lists may differ
+    # in a real saved probe.
     topo = topology.from_probe(lab())
-    virtio, vkms = topo.cards
-    assert (virtio.driver, vkms.driver) == ("virtio_gpu", "vkms")
+    virtio, vkms = by_driver(topo, "virtio_gpu"), by_driver(topo, "vkms")
     # the three QEMU monitors and vkms' Virtual-1; its writeback connector is not a monitor
-    assert [o.label for o in topo.outputs()] == ["/dev/dri/card0:Virtual-1", "/dev/dri/card0:Virtual-2",
-                                                 "/dev/dri/card0:Virtual-3", "/dev/dri/card1:Virtual-1"]
+    assert sorted((o.card.driver, o.connector.name) for o in topo.outputs()) == [
+        ("virtio_gpu", "Virtual-1"), ("virtio_gpu", "Virtual-2"), ("virtio_gpu", "Virtual-3"),
+        ("vkms", "Virtual-1")]
     v1 = virtio.connectors[0]
-    assert v1.edid is not None and (v1.edid.manufacturer, v1.edid.name) == ("RHT", "QEMU Monitor")
+    assert v1.edid is not None and v1.edid.manufacturer == "RHT"
     assert v1.preferred_mode in v1.modes and v1.preferred_mode.preferred
     assert [p.type for p in vkms.planes].count("overlay") == 8
     assert all(not p.can_scale for c in topo.cards for p in c.planes)  # neither driver scales
@@ -93,9 +99,10 @@ def test_not_json(tmp_path: Path) -> None:
 
 def test_without_unplugs() -> None:
     topo = topology.from_probe(lab())
-    smaller = topo.without({"/dev/dri/card0:Virtual-2", "Virtual-1"})
+    virtio = by_driver(topo, "virtio_gpu").path
+    smaller = topo.without({f"{virtio}:Virtual-2", "Virtual-1"})
     # a bare connector name unplugs it on every card
-    assert [o.label for o in smaller.outputs()] == ["/dev/dri/card0:Virtual-3"]
+    assert [o.label for o in smaller.outputs()] == [f"{virtio}:Virtual-3"]
 
 
 def test_present() -> None:
