@@ -595,7 +595,14 @@ class Card:
         o = ffi.new("uint32_t[4]", list(offsets))
         fb_id = ffi.new("uint32_t *")
         what = f"{width}x{height} {fourcc_name(fmt)}"
-        if modifier is None or modifier == DRM_FORMAT_MOD_INVALID:
+        if modifier not in (None, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR) and \
+                not self.get_cap(lib.DRM_CAP_ADDFB2_MODIFIERS):
+            raise Rejected("drmModeAddFB2WithModifiers", E.EINVAL,
+                           f"{what}: {self.driver} takes no format modifiers, only linear buffers")
+        # A driver without modifier support (virtio-gpu on 6.1) refuses DRM_MODE_FB_MODIFIERS even
+        # for LINEAR, which is what a plain AddFB2 means there.
+        if modifier in (None, DRM_FORMAT_MOD_INVALID) or (
+                modifier == DRM_FORMAT_MOD_LINEAR and not self.get_cap(lib.DRM_CAP_ADDFB2_MODIFIERS)):
             ret = lib.drmModeAddFB2(self.fd, width, height, fmt, h, p, o, fb_id, 0)
             _neg_errno_check(ret, "drmModeAddFB2", what)
             modifier = DRM_FORMAT_MOD_INVALID

@@ -54,6 +54,7 @@ class VmOptions:
     boot_timeout: float = 240.0  # until the guest launcher's first request
     timeout: float = 1200.0  # the whole run
     cwd: Path = REPO
+    rwdirs: tuple[Path, ...] = ()  # more host directories the guest may write (same path inside)
 
 
 def _log(message: str) -> None:
@@ -96,6 +97,7 @@ def vng_command(manifest: Manifest, run_dir: Path, guest_cmd: Sequence[str], opt
         "--disable-kvm", "--disable-microvm",
         "--cpus", str(options.cpus), "--memory", options.memory,
         f"--rwdir={d}",
+        *(f"--rwdir={_shell_safe(p, 'shared directory')}" for p in options.rwdirs),
         f"--qemu-opts={' '.join(qemu_opts)}",
         "--exec", "exec env PYTHONUNBUFFERED=1 " + shlex.join(launcher),
     ]
