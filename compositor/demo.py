@@ -9,7 +9,6 @@ a summary land in out/. (The flip engine with synthetic guests replaces the patt
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
