@@ -42,8 +42,8 @@ def test_demo_plan_table(capsys: pytest.CaptureFixture[str]) -> None:
         ("left", "Virtual-1", "office"), ("centre", "Virtual-2", "media"), ("right", "Virtual-3", "build-3")]
     # match-guest switched centre to the guest's 1280x1024; left crops the larger office buffer
     assert rows[1][5].startswith("1280x1024")
-    assert "left: buffer 1920x1080 cropped to 1280x800" in out
-    assert "Virtual-1: not in the policy" in out  # vkms' output: the demo names virtio_gpu ones
+    assert "left: buffer 1920x1080 cropped to 1024x768" in out
+    assert "Virtual-4: not in the policy" in out  # vkms' output: the demo names virtio_gpu ones
 
 
 def test_unplug_shows_failover(capsys: pytest.CaptureFixture[str]) -> None:
