@@ -1,0 +1,2 @@
+"""Guest sources: each knows one guest and emits Frames (VFIO mdev planes, QEMU D-Bus, frame socket,
+synthetic guests). Sources never touch KMS."""
