@@ -20,10 +20,9 @@ HEAD_MODES = ["1024x768", "800x600", "640x480"]
 def in_lab(out: Path) -> int:
     import numpy as np
 
-    from compositor.kms import Card, choose_mode
-    from compositor.kms.fourcc import XRGB8888
+    from compositor.kms import Card
     from compositor.lab.channel import HostChannel
-    from compositor.patterns import mismatch, pattern, to_rgb, write_xrgb
+    from compositor.patterns import light_patterns, mismatch
     from compositor.probe import format_table, probe_all
 
     doc = probe_all()
@@ -34,19 +33,9 @@ def in_lab(out: Path) -> int:
     lines = ["directflip demo (lab)", "", table]
     with Card(card_path) as card:
         card.become_master()
-        req = card.atomic()
-        expected, used = [], set()
-        for i, conn in enumerate(card.connectors):
-            crtc = next(c for c in conn.possible_crtcs if c.id not in used)
-            used.add(crtc.id)
-            mode = choose_mode(conn.modes, HEAD_MODES[i])
-            buf = card.create_dumb(mode.width, mode.height)
-            img = pattern(mode.width, mode.height, i)
-            write_xrgb(buf.map(), img, buf.pitch)
-            fb = card.dumb_framebuffer(buf, XRGB8888)
-            req.add_output(conn, crtc, mode).add_plane(card.planes_for(crtc, "primary")[0], crtc, fb)
-            expected.append((conn.name, mode, to_rgb(img)))
-        req.commit(allow_modeset=True)
+        specs = [(conn.name, HEAD_MODES[i], i) for i, conn in enumerate(card.connectors)]
+        heads, rgbs, _ = light_patterns(card, specs)
+        expected = [(h.connector.name, h.mode, rgb) for h, rgb in zip(heads, rgbs, strict=True)]
         failures = 0
         for head, (name, mode, rgb) in enumerate(expected):
             dump = host.screendump(head, "png")

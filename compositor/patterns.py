@@ -4,12 +4,16 @@ Each pattern is a two-axis gradient (red grows left→right, green grows top→b
 the index) with a one-pixel white frame on the outermost pixels, a white "flag" in the top-left
 quadrant (a tall bar and a shorter arm to its right, like an F: any flip or rotation moves it),
 and `index + 1` black squares along the top edge, so a wrong head, a mirrored or cropped picture
-and an off-by-one scanout all change the pixels. Used by the lab tests and synthetic guests.
+and an off-by-one scanout all change the pixels. light_patterns() puts them on outputs in one
+commit; the lab tests and `make demo` use it.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .kms import Card, choose_mode
+from .kms.fourcc import XRGB8888
 
 WHITE = 0xFFFFFF
 BLACK = 0x000000
@@ -68,3 +72,43 @@ def mismatch(actual: np.ndarray, expected: np.ndarray) -> str | None:
     y, x = diff[0]
     return (f"{len(diff)} pixels differ; first at x={x} y={y}: got {actual[y, x].tolist()}, "
             f"expected {expected[y, x].tolist()}")
+
+
+class PatternHead:
+    """One output lit with patterns: connector → CRTC → primary plane, fed from dumb buffers."""
+
+    def __init__(self, card: Card, connector_name: str, crtc, mode_spec: str) -> None:
+        self.card = card
+        self.connector = card.connector(connector_name)
+        self.crtc = crtc
+        self.plane = card.planes_for(crtc, "primary")[0]
+        self.mode = choose_mode(self.connector.modes, mode_spec)
+        self.buffers: list = []
+
+    def framebuffer(self, index: int):
+        """A framebuffer holding pattern `index` at the head's mode size, and its expected RGB."""
+        buf = self.card.create_dumb(self.mode.width, self.mode.height)
+        img = pattern(self.mode.width, self.mode.height, index)
+        write_xrgb(buf.map(), img, buf.pitch)
+        fb = self.card.dumb_framebuffer(buf, XRGB8888)
+        self.buffers.append((buf, fb))
+        return fb, to_rgb(img)
+
+
+def light_patterns(card: Card, specs: list[tuple[str, str, int]]):
+    """Light every (connector, mode spec, pattern index) in ONE blocking atomic commit, each on a CRTC
+    of its own. Returns (heads, expected RGB per head, properties in the commit)."""
+    req = card.atomic()
+    heads, expected, used = [], [], set()
+    for name, spec, index in specs:
+        conn = card.connector(name)
+        crtc = next(c for c in conn.possible_crtcs if c.id not in used)
+        used.add(crtc.id)
+        head = PatternHead(card, name, crtc, spec)
+        fb, rgb = head.framebuffer(index)
+        req.add_output(head.connector, crtc, head.mode).add_plane(head.plane, crtc, fb)
+        heads.append(head)
+        expected.append(rgb)
+    count = len(req)
+    req.commit(allow_modeset=True)
+    return heads, expected, count

@@ -11,8 +11,6 @@ the host sees one ordered stream.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import fcntl
 import glob
 import json
 import os
@@ -34,33 +32,18 @@ def say(message: str) -> None:
     os.write(1, f"lab-guest: {message}\n".encode())
 
 
-class _DrmVersion(ctypes.Structure):
-    _fields_ = [("major", ctypes.c_int), ("minor", ctypes.c_int), ("patchlevel", ctypes.c_int),
-                ("name_len", ctypes.c_size_t), ("name", ctypes.c_char_p),
-                ("date_len", ctypes.c_size_t), ("date", ctypes.c_char_p),
-                ("desc_len", ctypes.c_size_t), ("desc", ctypes.c_char_p)]
-
-
-def _iowr(group: str, nr: int, size: int) -> int:
-    return (3 << 30) | (size << 16) | (ord(group) << 8) | nr
-
-
-DRM_IOCTL_VERSION = _iowr("d", 0x00, ctypes.sizeof(_DrmVersion))
-
-
 def drm_driver_name(node: str) -> str:
-    """The DRM driver behind a /dev/dri node (DRM_IOCTL_VERSION).
+    """The DRM driver behind a /dev/dri node (DRM_IOCTL_VERSION, through the KMS layer).
 
     sysfs is not enough: vkms and vgem are bare platform devices with no ``device/driver`` link.
     """
-    name = ctypes.create_string_buffer(64)
-    version = _DrmVersion(name_len=64, name=ctypes.cast(name, ctypes.c_char_p))
-    fd = os.open(node, os.O_RDWR | os.O_CLOEXEC)
+    from compositor.kms import Card, DeviceError
+
     try:
-        fcntl.ioctl(fd, DRM_IOCTL_VERSION, version)
-    finally:
-        os.close(fd)
-    return name.raw[: min(version.name_len, 64)].decode()
+        with Card(node, kms=False) as card:
+            return card.driver
+    except DeviceError as exc:
+        raise OSError(str(exc)) from None
 
 
 def drm_cards() -> dict[str, str]:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from compositor import _native
-from compositor.kms import Card, Rejected, choose_mode
+from compositor.kms import Card, Rejected
 from compositor.kms.fourcc import XRGB8888
 from compositor.kms.writeback import add_writeback
-from compositor.patterns import mismatch, pattern, read_xrgb, to_rgb, write_xrgb
+from compositor.patterns import PatternHead, light_patterns, mismatch, pattern, read_xrgb
 
 HEAD_MODES = ["1024x768", "800x600", "640x480"]   # the lab plugs each head at one size: a swap shows
 
@@ -26,44 +26,6 @@ def directflip(*args: str) -> subprocess.CompletedProcess:
     exe = os.path.join(os.path.dirname(sys.executable), "directflip")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "compositor.cli"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
-
-
-class Head:
-    """One lit output: connector → CRTC → primary plane, showing a pattern from a dumb buffer."""
-
-    def __init__(self, card: Card, connector_name: str, crtc, mode_spec: str) -> None:
-        self.card = card
-        self.connector = card.connector(connector_name)
-        self.crtc = crtc
-        self.plane = card.planes_for(crtc, "primary")[0]
-        self.mode = choose_mode(self.connector.modes, mode_spec)
-        self.buffers = []
-
-    def framebuffer(self, index: int):
-        buf = self.card.create_dumb(self.mode.width, self.mode.height)
-        img = pattern(self.mode.width, self.mode.height, index)
-        write_xrgb(buf.map(), img, buf.pitch)
-        fb = self.card.dumb_framebuffer(buf, XRGB8888)
-        self.buffers.append((buf, fb))
-        return fb, to_rgb(img)
-
-
-def light(card: Card, specs: list[tuple[str, str, int]]) -> tuple[list[Head], list[np.ndarray]]:
-    """Light every (connector, mode, pattern index) in ONE blocking atomic commit."""
-    req = card.atomic()
-    heads, expected, used = [], [], set()
-    for name, spec, index in specs:
-        conn = card.connector(name)
-        crtc = next(c for c in conn.possible_crtcs if c.id not in used)
-        used.add(crtc.id)
-        head = Head(card, name, crtc, spec)
-        fb, rgb = head.framebuffer(index)
-        req.add_output(head.connector, crtc, head.mode).add_plane(head.plane, crtc, fb)
-        heads.append(head)
-        expected.append(rgb)
-    assert len(req) == 3 * len(specs) + 10 * len(specs)
-    req.commit(allow_modeset=True)
-    return heads, expected
 
 
 def assert_screen(host, head: int, expected: np.ndarray) -> None:
@@ -84,7 +46,8 @@ def three_heads(virtio, host):
     specs = [(f"Virtual-{i + 1}", HEAD_MODES[i], i) for i in range(3)]
     for conn in virtio.connectors:
         assert conn.status == "connected", f"{conn.name} is {conn.status}: the lab should plug all heads"
-    heads, expected = light(virtio, specs)
+    heads, expected, count = light_patterns(virtio, specs)
+    assert count == 3 * len(specs) + 10 * len(specs)
     return heads, expected
 
 
@@ -221,7 +184,7 @@ def test_vkms_writeback_reads_back_the_committed_pattern(cards):
         # Connector numbers are global: vkms' virtual connector follows virtio-gpu's three.
         monitor = next(c for c in card.connectors if c.type_name == "Virtual")
         wb = next(c for c in card.connectors if c.is_writeback)
-        head = Head(card, monitor.name, crtc, "800x600")
+        head = PatternHead(card, monitor.name, crtc, "800x600")
         fb, _ = head.framebuffer(2)
         img = pattern(800, 600, 2)
         out = card.create_dumb(800, 600)
