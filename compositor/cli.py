@@ -10,7 +10,8 @@ import logging
 import sys
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ["compositor.probe", "compositor.check"]
+COMMANDS = ["compositor.daemon", "compositor.control", "compositor.sources.synthetic", "compositor.probe",
+            "compositor.check", "compositor.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,6 +192,9 @@ class GuestRule:
     pattern: Glob
     uuid: str | None = None  # lower-case
     kind: str | None = None
+    # Who may connect as this guest over the frame socket (uids, from `users`); None: only root and
+    # the compositor's own user.
+    uids: tuple[int, ...] | None = None
 
     def matches(self, name: str, kind: str, uuid: str | None) -> bool:
         if self.kind is not None and kind != self.kind:
@@ -264,7 +267,7 @@ _DEFAULT_KEYS = ("mode", "scaling", "slate")
 _MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate")
 _MATCH_KEYS = ("connector", "edid", "port")
 _EDID_KEYS = ("manufacturer", "product", "serial", "serial_string", "name", "identity")
-_GUEST_KEYS = ("name", "uuid", "kind")
+_GUEST_KEYS = ("name", "uuid", "kind", "users")
 _SEAT_KEYS = ("monitors", "logind")
 _PLACEMENT_KEYS = ("guest", "monitor", "failover", "mirror", "priority", "seats")
 _SLATE_KEYS = ("text", "colour", "color")
@@ -574,7 +577,33 @@ class _Validator:
                            _did_you_mean(v, GUEST_KINDS) or "expected one of: " + ", ".join(GUEST_KINDS))
             else:
                 kind = v
-        return GuestRule(name, line, pattern, uuid, kind)
+        uids = None
+        if "users" in keys:
+            uids = tuple(self.user(v, n) for v, n in self.user_names(keys["users"][1]))
+            uids = tuple(u for u in uids if u is not None)
+        return GuestRule(name, line, pattern, uuid, kind, uids)
+
+    def user_names(self, node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+        if isinstance(node, yaml.ScalarNode):
+            return [(node.value, node)]
+        if isinstance(node, yaml.SequenceNode):
+            return [(item.value, item) for item in node.value if isinstance(item, yaml.ScalarNode)] + [
+                ("", item) for item in node.value if not isinstance(item, yaml.ScalarNode)]
+        self.error(node, f"`users` must be a user or a list of users, got {self.describe(node)}")
+        return []
+
+    def user(self, value: str, node: yaml.Node) -> int | None:
+        """A user name or numeric uid → uid. Names are resolved when the policy loads, so a typo is
+        reported then, not when the guest is refused."""
+        import pwd
+
+        if value.isdigit():
+            return int(value)
+        try:
+            return pwd.getpwnam(value).pw_uid
+        except KeyError:
+            self.error(node, f"no user `{value}` on this machine", "give a user name or a numeric uid")
+            return None
 
     def seat(self, name: str, knode: yaml.Node, node: yaml.Node, monitors: list[str]) -> Seat | None:
         keys = self.mapping(node, f"seat `{name}`", _SEAT_KEYS)

@@ -1,0 +1,530 @@
+"""`directflip run`: the compositor daemon.
+
+One asyncio loop over every fd: each card's DRM fd (flip events), the frame socket (guests), the
+policy file's inotify watch, the control socket and signals. Frames take the short road: a guest's
+flip goes straight to the scanout pipelines showing that guest and never waits for anything else.
+Topology changes take the long road: a policy edit, a guest arriving or leaving, or a guest changing
+its framebuffer size re-runs the planner, and `apply()` touches only the outputs whose assignment
+changed (waiting for their in-flight flip first, so a CRTC never has two commits in flight).
+
+Buffer lifetime. A guest may draw into a buffer again once it is told `released`. A buffer is held
+while it is the guest's latest frame (so a monitor that turns to the guest later can show it) and
+while any pipeline has it pending, in flight or on screen; the count reaching zero releases it. A
+buffer the guest forgets, or every buffer of a guest that disconnects, is freed (framebuffers removed,
+dma-buf closed) once nothing holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from compositor import planner, topology
+from compositor.kms import Card, DeviceError, KmsError, list_cards
+from compositor.kms.fourcc import fourcc_name, modifier_name
+from compositor.planner import Assignment, Guest, OutputAssignment
+from compositor.policy import Policy
+from compositor.probe import SCHEMA, probe_card
+from compositor.scanout import FramebufferCache, ScanoutPipeline
+from compositor.sources.frame import Buffer, Frame
+from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Refused
+from compositor.watch import PolicyWatcher
+
+log = logging.getLogger("directflip.daemon")
+
+RUN_DIR = "/run/directflip"
+DEFAULT_FRAME_SOCKET = f"{RUN_DIR}/frames.sock"
+DEFAULT_CONTROL_SOCKET = f"{RUN_DIR}/control.sock"
+
+
+@dataclass(eq=False)
+class GuestState:
+    conn: GuestConnection
+    guest: Guest
+    latest: Frame | None = None
+    holds: Counter = field(default_factory=Counter)        # buffer id → holders
+    forgotten: dict[int, Buffer] = field(default_factory=dict)  # freed once nothing holds them
+    flips: int = 0
+
+
+class Daemon:
+    def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
+                 control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
+                 native: bool = True) -> None:
+        self.policy_path = Path(policy_path)
+        self.frame_socket_path = frame_socket
+        self.control_socket_path = control_socket
+        self.card_paths = cards
+        self.native = native
+        self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
+        self.cards: dict[str, Card] = {}
+        self.caches: dict[str, FramebufferCache] = {}
+        self.topology: topology.Topology | None = None
+        self.guests: dict[str, GuestState] = {}
+        self.pipelines: dict[tuple[str, str], ScanoutPipeline] = {}
+        self.failed: dict[tuple[str, str], str] = {}   # outputs the last apply could not light, and why
+        self.assignment = Assignment(())
+        self.frames: FrameSocketServer | None = None
+        self.control = None
+        self._replan_task: asyncio.Task | None = None
+        self._replan_again = False
+        self._apply_lock = asyncio.Lock()
+        self._stopped: asyncio.Event | None = None
+        self._stopping = False
+        self.departed: list[GuestState] = []  # disconnected guests whose buffers are still held
+        self.plans = 0
+
+    @property
+    def policy(self) -> Policy:
+        return self.watcher.policy
+
+    # --- start and stop ---------------------------------------------------------------------------
+
+    def open_cards(self) -> None:
+        paths = self.card_paths if self.card_paths is not None else list_cards()
+        for path in paths:
+            try:
+                try:
+                    card = Card(path, writeback=True)
+                except DeviceError as exc:
+                    if "writeback" not in str(exc):
+                        raise
+                    card = Card(path)
+            except (DeviceError, KmsError) as exc:
+                log.info("%s: not used: %s", path, exc)
+                continue
+            if not card.crtcs or not card.planes:
+                log.info("%s (%s): no CRTCs or planes, not a display card", path, card.driver)
+                card.close()
+                continue
+            try:
+                card.become_master()
+            except KmsError as exc:
+                card.close()
+                raise DeviceError(f"{path}: cannot become DRM master ({exc}); is another display server "
+                                  f"running on it?") from None
+            self.cards[path] = card
+            self.caches[path] = FramebufferCache(card)
+            card.flip_handlers.append(lambda ev, path=path: self._flip_event(path, ev))
+            log.info("%s (%s): %d connectors, %d CRTCs, %d planes", path, card.driver,
+                     len(card.connectors), len(card.crtcs), len(card.planes))
+        if not self.cards:
+            raise DeviceError("no display card with CRTCs and planes under /dev/dri")
+
+    def read_topology(self) -> topology.Topology:
+        for card in self.cards.values():
+            card.refresh()
+        doc = {"schema": SCHEMA, "cards": [probe_card(card) for card in self.cards.values()]}
+        return topology.from_probe(doc, "the live cards")
+
+    def reset_outputs(self) -> None:
+        """The first commit after gaining master: every plane, CRTC and connector off, so nothing
+        another program left on screen (fbcon, a crashed compositor) stays visible."""
+        for card in self.cards.values():
+            req = card.atomic()
+            for plane in card.planes:
+                req.add_plane(plane, None, None)
+            for conn in card.connectors:
+                if conn.crtc is not None:
+                    req.add(conn, "CRTC_ID", None)
+            for crtc in card.crtcs:
+                if crtc.active:
+                    req.add(crtc, "ACTIVE", 0).add(crtc, "MODE_ID", None)
+            try:
+                req.commit(allow_modeset=True)
+            except KmsError as exc:
+                log.error("%s: resetting the outputs failed: %s", card.path, exc)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.open_cards()
+        for card in self.cards.values():
+            card.attach(loop)
+        self.topology = self.read_topology()
+        self.reset_outputs()
+        os.makedirs(os.path.dirname(self.frame_socket_path) or ".", exist_ok=True)
+        self.frames = FrameSocketServer(self.frame_socket_path, self)
+        self.frames.start(loop)
+        from compositor.control import ControlServer
+        self.control = ControlServer(self.control_socket_path, self)
+        await self.control.start()
+        self.watcher.start(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
+        await self.apply(self.plan())
+        log.info("serving: frame socket %s, control socket %s, policy %s", self.frame_socket_path,
+                 self.control_socket_path, self.policy_path)
+        print(f"directflip: running (policy {self.policy_path}, frame socket {self.frame_socket_path}, "
+              f"control socket {self.control_socket_path})", flush=True)
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.shutdown()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Leave a clean state: no guest buffer on any plane, every output off, every framebuffer
+        and buffer freed, master dropped (the console comes back when the fd closes)."""
+        log.info("shutting down")
+        self._stopping = True
+        self.watcher.stop()
+        if self.control is not None:
+            await self.control.close()
+        async with self._apply_lock:
+            for key, pipe in list(self.pipelines.items()):
+                await self._idle(pipe)
+                pipe.stop()
+                del self.pipelines[key]
+        if self.frames is not None:
+            self.frames.close()
+        for gs in list(self.guests.values()) + self.departed:
+            self._free_guest(gs)
+        self.guests.clear()
+        self.departed.clear()
+        for path, card in self.cards.items():
+            self.caches[path].clear()
+            try:
+                card.drop_master()
+            except KmsError:
+                pass
+            card.close()
+        self.cards.clear()
+
+    # --- planning -------------------------------------------------------------------------------
+
+    def plan(self) -> Assignment:
+        assert self.topology is not None
+        self.plans += 1
+        return planner.plan(self.policy, self.topology.outputs(), [gs.guest for gs in self.guests.values()])
+
+    def replan(self) -> None:
+        """Re-plan soon (coalescing bursts of changes) and apply the difference."""
+        if self._stopping:
+            return
+        if self._replan_task is not None and not self._replan_task.done():
+            self._replan_again = True
+            return
+        self._replan_task = asyncio.get_running_loop().create_task(self._replan())
+
+    async def _replan(self) -> None:
+        while True:
+            self._replan_again = False
+            try:
+                await self.apply(self.plan())
+            except Exception:  # noqa: BLE001 — a planning bug must not stop the frames of others
+                log.exception("re-planning failed")
+            if not self._replan_again:
+                return
+
+    def _policy_changed(self, policy: Policy) -> None:
+        log.info("policy generation %d: re-planning", self.watcher.generation)
+        self.replan()
+
+    async def apply(self, assignment: Assignment) -> None:
+        """Make the screens show `assignment`, touching only outputs whose assignment changed."""
+        async with self._apply_lock:
+            new = {(o.card, o.connector): o for o in assignment.outputs}
+            old_keys = set(self.pipelines)
+            changed = 0
+            for key in old_keys - set(new):
+                pipe = self.pipelines.pop(key)
+                await self._idle(pipe)
+                pipe.stop()
+                log.info("%s: off", pipe.name)
+                changed += 1
+            for key, out in new.items():
+                pipe = self.pipelines.get(key)
+                if pipe is not None and pipe.out == out and key not in self.failed:
+                    continue
+                changed += 1
+                first = self._first_frame(out)
+                try:
+                    if pipe is None:
+                        pipe = ScanoutPipeline(self.cards[out.card], self.caches[out.card], out,
+                                               release=self._release, present=self._present,
+                                               native=self.native)
+                        self.pipelines[key] = pipe
+                        pipe.paused = True
+                        pipe.start(first)
+                    else:
+                        pipe.paused = True
+                        await self._idle(pipe)
+                        pipe.reconfigure(out, first)
+                    self.failed.pop(key, None)
+                except (KmsError, OSError) as exc:
+                    log.error("%s:%s (%s): cannot light it: %s", out.card, out.connector, out.monitor, exc)
+                    self.failed[key] = str(exc)
+                    if pipe is not None:
+                        pipe.stop()
+                        self.pipelines.pop(key, None)
+                finally:
+                    if pipe is not None:
+                        pipe.paused = False
+                        if pipe.pending is not None and pipe.in_flight is None:
+                            pipe.resume()
+            for dark in assignment.dark:
+                self.failed.pop((dark.card, dark.connector), None)
+            self.assignment = assignment
+            if changed:
+                log.info("applied plan %d: %d output(s) changed, %d lit", self.plans, changed,
+                         len(self.pipelines))
+            for gs in list(self.guests.values()) + self.departed:
+                self._free_forgotten(gs)
+            self.departed = [gs for gs in self.departed if gs.forgotten]
+
+    def _first_frame(self, out: OutputAssignment) -> Frame | None:
+        gs = self.guests.get(out.guest) if out.guest else None
+        if gs is None or gs.latest is None:
+            return None
+        gs.holds[gs.latest.buffer.id] += 1  # the pipeline's hold; released through _release
+        return gs.latest
+
+    async def _idle(self, pipe: ScanoutPipeline, timeout: float = 1.0) -> None:
+        """Wait until the pipeline has no flip in flight (its event can be lost only to a driver bug:
+        after `timeout` the commit is taken as done)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while pipe.in_flight is not None:
+            if loop.time() > deadline:
+                log.error("%s: no flip event within %.1fs; assuming the flip completed", pipe.name, timeout)
+                pipe.in_flight = None
+                break
+            await asyncio.sleep(0.002)
+
+    # --- flip events ------------------------------------------------------------------------------
+
+    def _flip_event(self, card_path: str, event) -> None:
+        for pipe in self.pipelines.values():
+            if pipe.out.card == card_path and pipe.out.crtc_id == event.crtc_id:
+                pipe.on_flip(event)
+                return
+
+    def _state_of(self, buf: Buffer) -> GuestState | None:
+        for gs in [self.guests.get(buf.guest), *self.departed]:
+            if gs is not None and (gs.conn.buffers.get(buf.id) is buf or gs.forgotten.get(buf.id) is buf):
+                return gs
+        return None
+
+    def _release(self, frame: Frame) -> None:
+        buf = frame.buffer
+        gs = self._state_of(buf)
+        if gs is None:
+            return
+        gs.holds[buf.id] -= 1
+        if gs.holds[buf.id] <= 0:
+            del gs.holds[buf.id]
+            if buf.id in gs.forgotten:
+                self._free_buffer(gs, gs.forgotten.pop(buf.id))
+            elif not gs.conn.closed:
+                gs.conn.released(buf.id)
+
+    def _present(self, frame: Frame, event) -> None:
+        if frame.presented:
+            return
+        frame.presented = True
+        gs = self.guests.get(frame.buffer.guest)
+        if gs is not None and not gs.conn.closed:
+            gs.conn.presented(frame.buffer.id, frame.seq, event.timestamp_ns, event.sequence)
+
+    # --- guests (the frame socket's handler) ------------------------------------------------------
+
+    def on_hello(self, conn: GuestConnection) -> None:
+        if conn.name in self.guests:
+            other = self.guests[conn.name].conn
+            raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
+        rule = next((g for g in self.policy.guests if g.matches(conn.name, "socket", conn.uuid)), None)
+        allowed = rule.uids if rule is not None and rule.uids is not None else (0, os.getuid())
+        if conn.peer.uid not in allowed:
+            raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
+                          f"uid {', '.join(map(str, sorted(set(allowed))))})")
+        if rule is None:
+            log.warning("guest %s connected, but no guest rule of the policy matches it: it is not shown",
+                        conn.name)
+        self.guests[conn.name] = GuestState(conn, Guest(conn.name, "socket", conn.uuid))
+        log.info("guest %s connected (pid %d, uid %d)", conn.name, conn.peer.pid, conn.peer.uid)
+
+    def on_buffer(self, conn: GuestConnection, buffer: Buffer) -> None:
+        log.debug("guest %s: buffer %d: %s", conn.name, buffer.id, buffer.info.describe())
+
+    def on_flip(self, conn: GuestConnection, frame: Frame) -> None:
+        gs = self.guests[conn.name]
+        gs.flips += 1
+        info = frame.buffer.info
+        guest = replace(gs.guest, width=info.width, height=info.height, fourcc=fourcc_name(info.fourcc),
+                        modifier=modifier_name(info.modifier))
+        buf_id = frame.buffer.id
+        gs.holds[buf_id] += 1  # as the latest frame
+        if gs.latest is not None:
+            self._release(gs.latest)
+        gs.latest = frame
+        if guest != gs.guest:
+            first = gs.guest.width is None
+            gs.guest = guest
+            log.info("guest %s: %s framebuffer %s", conn.name, "first" if first else "new", info.describe())
+            self.replan()
+            return  # the new plan shows it (and later frames go through the pipelines)
+        for pipe in self.pipelines.values():
+            if pipe.out.guest == conn.name:
+                gs.holds[buf_id] += 1
+                pipe.submit(frame)
+
+    def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
+        gs = self.guests[conn.name]
+        if gs.holds.get(buffer.id, 0) > 0:
+            gs.forgotten[buffer.id] = buffer
+        else:
+            self._free_buffer(gs, buffer)
+
+    def on_close(self, conn: GuestConnection, reason: str) -> None:
+        gs = self.guests.get(conn.name)
+        if gs is None or gs.conn is not conn:
+            return
+        log.info("guest %s disconnected: %s", conn.name, reason)
+        for buf_id, buffer in list(conn.buffers.items()):
+            gs.forgotten[buf_id] = buffer
+        conn.buffers.clear()
+        if gs.latest is not None:
+            latest, gs.latest = gs.latest, None
+            self._release(latest)
+        del self.guests[conn.name]
+        self.departed.append(gs)
+        self.replan()
+
+    def _free_forgotten(self, gs: GuestState) -> None:
+        for buf_id in [b for b in gs.forgotten if gs.holds.get(b, 0) <= 0]:
+            self._free_buffer(gs, gs.forgotten.pop(buf_id))
+
+    def _free_guest(self, gs: GuestState) -> None:
+        for buffer in list(gs.forgotten.values()) + list(gs.conn.buffers.values()):
+            self._free_buffer(gs, buffer)
+        gs.forgotten.clear()
+
+    def _free_buffer(self, gs: GuestState, buffer: Buffer) -> None:
+        for pipe in self.pipelines.values():
+            pipe.forget(buffer.key)
+        for cache in self.caches.values():
+            cache.drop(buffer.key)
+        buffer.close()
+
+    # --- capture ----------------------------------------------------------------------------------
+
+    async def capture(self, monitor: str, path: str) -> dict:
+        """Write what `monitor` scans out into a PNG, through the card's writeback connector."""
+        from compositor.kms.fourcc import XRGB8888
+        from compositor.kms.writeback import add_writeback
+
+        pipe = next((p for p in self.pipelines.values() if p.out.monitor == monitor), None)
+        if pipe is None:
+            lit = ", ".join(sorted(p.out.monitor for p in self.pipelines.values())) or "none"
+            raise ValueError(f"monitor {monitor!r} is not lit (lit: {lit})")
+        card = pipe.card
+        wb = next((c for c in card.connectors if c.is_writeback and pipe.crtc in c.possible_crtcs), None)
+        if wb is None:
+            raise ValueError(f"{card.path} ({card.driver}) has no writeback connector for {monitor}'s CRTC")
+        w, h = pipe.mode.width, pipe.mode.height
+        buf = card.create_dumb(w, h)
+        fb = card.dumb_framebuffer(buf, XRGB8888)
+        async with self._apply_lock:
+            pipe.paused = True
+            try:
+                await self._idle(pipe)
+                req = card.atomic()
+                job = add_writeback(req, wb, pipe.crtc, fb)
+                req.commit(allow_modeset=True)
+                await asyncio.get_running_loop().run_in_executor(None, job.wait, 5.0)
+                card.atomic().add(wb, "CRTC_ID", None).commit(allow_modeset=True)
+            finally:
+                pipe.paused = False
+                pipe.resume()
+        from PIL import Image
+        img = Image.frombuffer("RGB", (w, h), bytes(buf.map()[:buf.pitch * h]), "raw", "BGRX", buf.pitch, 1)
+        img.save(path, "PNG")
+        fb.remove()
+        buf.destroy()
+        return {"path": path, "width": w, "height": h, "monitor": monitor, "guest": pipe.out.guest,
+                "frame": pipe.status()["on_screen"]}
+
+    # --- status -----------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        outputs = [pipe.status() for pipe in self.pipelines.values()]
+        for (card, conn), reason in self.failed.items():
+            outputs.append({"card": card, "connector": conn, "path": "failed", "reason": reason})
+        return {
+            "schema": "directflip.status/1",
+            "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
+                       "last_error": self.watcher.last_error},
+            "outputs": outputs,
+            "dark": [{"card": d.card, "connector": d.connector, "monitor": d.monitor, "reason": d.reason}
+                     for d in self.assignment.dark],
+            "unplaced": [{"guest": u.guest, "reason": u.reason, "monitor": u.monitor}
+                         for u in self.assignment.unplaced],
+            "guests": [{"name": name, "pid": gs.conn.peer.pid, "uid": gs.conn.peer.uid,
+                        "buffers": len(gs.conn.buffers), "flips": gs.flips,
+                        "framebuffer": (None if gs.guest.width is None else
+                                        f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
+                        "held": sum(gs.holds.values())}
+                       for name, gs in self.guests.items()],
+        }
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+def _run(args) -> int:
+    from compositor.policy import PolicyError
+
+    try:
+        daemon = Daemon(args.policy, frame_socket=args.socket, control_socket=args.control,
+                        cards=args.device or None, native=not args.pure_python)
+    except PolicyError as exc:
+        print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"directflip run: cannot read the policy: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(daemon.run())
+    except DeviceError as exc:
+        print(f"directflip run: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "run", help="run the compositor: show guests on monitors as the policy says",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""Run the direct-flip compositor on the bare console (as root, or a user that may
+become DRM master). It takes over every display card, lights the monitors the policy names and shows
+each guest's framebuffer on its monitor's plane, zero copy where the card accepts the guest's dma-buf,
+copied where it does not, and a slate with the reason where nothing can be shown.
+
+Guests connect to the frame socket (docs/frame-socket.md; `directflip guest` is a synthetic one).
+The policy file is watched: a valid edit is applied within 100 ms, touching only the monitors whose
+assignment changed; an invalid edit is logged with its errors and the running policy stays. SIGHUP
+reloads it too. SIGTERM or Ctrl-C turn every output off, free every buffer and give the console back.
+
+Ask a running compositor with `directflip status`.""",
+        epilog="example: directflip run --policy policies/demo.yaml")
+    p.add_argument("--policy", required=True, help="policy YAML file (see policies/README.md)")
+    p.add_argument("--socket", default=DEFAULT_FRAME_SOCKET, help="frame socket path (default: %(default)s)")
+    p.add_argument("--control", default=DEFAULT_CONTROL_SOCKET,
+                   help="control socket path, mode 0600 (default: %(default)s)")
+    p.add_argument("--device", action="append", metavar="PATH",
+                   help="use only this card (repeatable; default: every /dev/dri/card*)")
+    p.add_argument("--pure-python", action="store_true",
+                   help="flip through the Python atomic path instead of native/kms_helpers.c "
+                   "(for comparison)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,561 @@
+"""The scanout pipeline: one per lit output, turning a guest's frames into page flips.
+
+How a frame reaches the screen. A source hands over a Frame (a buffer the guest has finished drawing).
+The pipeline keeps three slots: `pending` (the newest frame not yet committed), `in_flight` (the one
+commit the kernel is working on) and `on_screen`. A frame arriving while a commit is in flight
+replaces `pending`; the frame it replaces is dropped and handed back to the guest at once, so a guest
+flipping faster than the monitor never builds a queue: latest frame wins. When the flip event of the
+in-flight commit arrives, the frame that was on screen goes back to the guest, and `pending`, if any,
+is committed. There is therefore never more than one commit in flight per CRTC, which is also what the
+kernel demands (EBUSY otherwise).
+
+Which framebuffer a frame becomes is decided by a ladder, each rung logged and shown in status:
+  1. zero copy: the guest's dma-buf is imported into the card once (FramebufferCache, keyed by the
+     guest's buffer id) and scanned out directly; the guest's memory is on the plane;
+  2. copy: the card refused the buffer (a foreign dma-buf on virtio-gpu, a buffer the TEST_ONLY commit
+     rejects), so the pixels are copied into the pipeline's own dumb buffers, one copy per committed
+     frame (dropped frames are never copied);
+  3. slate: nothing of the guest can be shown (a tiled buffer that cannot be copied, a refused
+     configuration); the output shows its slate with the reason instead.
+A pipeline stays on the rung it fell to until it is configured again (the next assignment).
+
+Every configuration change (a mode, a new plane position, a first frame of a new size) is tried with
+TEST_ONLY first. The per-frame flip, once the plane is configured, only changes FB_ID: that is the hot
+path, done by native/kms_helpers.c (or, for comparison, the same through AtomicRequest).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from compositor.kms import Card, Framebuffer, KmsError, Mode, Rejected
+from compositor.kms.card import DumbBuffer, ffi, lib
+from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
+from compositor.planner import OutputAssignment, Rect
+from compositor.sources.frame import Buffer, Frame, PlaneInfo
+
+log = logging.getLogger("directflip.scanout")
+
+ZERO_COPY, COPY, SLATE = "zero-copy", "copy", "slate"
+
+# DMA_BUF_IOCTL_SYNC = _IOW('b', 0, struct dma_buf_sync { __u64 flags; })
+DMA_BUF_IOCTL_SYNC = 0x40086200
+DMA_BUF_SYNC_READ, DMA_BUF_SYNC_START, DMA_BUF_SYNC_END = 1, 0, 4
+
+
+def live_mode(mode) -> Mode:
+    """The KMS mode for a planner mode (the planner reads modes from the probe document)."""
+    return Mode.from_json(asdict(mode))
+
+
+class FramebufferCache:
+    """Imported guest buffers of one card: (guest, buffer id) → framebuffer, imported once.
+
+    PRIME import of a dma-buf the card already knows gives back the same GEM handle, so handles are
+    reference-counted: two buffer ids naming one dma-buf must not close each other's handle."""
+
+    def __init__(self, card: Card) -> None:
+        self.card = card
+        self.entries: dict[tuple[str, int], tuple[Framebuffer, int]] = {}
+        self._handle_refs: dict[int, int] = {}
+        self.imports = 0
+
+    def framebuffer(self, buffer: Buffer) -> Framebuffer:
+        hit = self.entries.get(buffer.key)
+        if hit is not None:
+            return hit[0]
+        info = buffer.info
+        handle = self.card.import_dmabuf(buffer.fd)
+        self._handle_refs[handle] = self._handle_refs.get(handle, 0) + 1
+        try:
+            fb = self.card.add_framebuffer(info.width, info.height, info.fourcc, [handle], [info.stride],
+                                           [info.offset], info.modifier)
+        except KmsError:
+            self._unref(handle)
+            raise
+        self.entries[buffer.key] = (fb, handle)
+        self.imports += 1
+        return fb
+
+    def drop(self, key: tuple[str, int]) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return
+        fb, handle = entry
+        try:
+            fb.remove()
+        except KmsError as exc:
+            log.warning("removing framebuffer of %s buffer %d: %s", key[0], key[1], exc)
+        self._unref(handle)
+
+    def _unref(self, handle: int) -> None:
+        self._handle_refs[handle] -= 1
+        if not self._handle_refs[handle]:
+            del self._handle_refs[handle]
+            self.card.close_handle(handle)
+
+    def clear(self) -> None:
+        for key in list(self.entries):
+            self.drop(key)
+
+
+class CopyBuffers:
+    """The pipeline's own dumb buffers for the copy rung: two, so one can be written while the other
+    is on screen (a copy is only made when no commit is in flight)."""
+
+    def __init__(self, card: Card, info: PlaneInfo) -> None:
+        if info.modifier not in (DRM_FORMAT_MOD_LINEAR, DRM_FORMAT_MOD_INVALID):
+            raise Rejected("copy", 22, "the buffer is tiled (format modifier set); a CPU copy would "
+                           "scramble it")
+        self.card = card
+        self.info = info
+        self.slots: list[tuple[DumbBuffer, Framebuffer]] = []
+        bpp = FORMATS[info.fourcc].bpp
+        for _ in range(2):
+            buf = card.create_dumb(info.width, info.height, bpp)
+            fb = card.add_framebuffer(info.width, info.height, info.fourcc, [buf.handle], [buf.pitch], [0],
+                                      DRM_FORMAT_MOD_LINEAR)
+            self.slots.append((buf, fb))
+        self.next = 0
+        self._maps: dict[tuple[str, int], mmap.mmap] = {}
+
+    def fits(self, info: PlaneInfo) -> bool:
+        return (info.width, info.height, info.fourcc) == (self.info.width, self.info.height, self.info.fourcc)
+
+    def copy(self, buffer: Buffer) -> Framebuffer:
+        """Copy the buffer's pixels into the next slot; returns that slot's framebuffer."""
+        src = self._maps.get(buffer.key)
+        if src is None:
+            src = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._maps[buffer.key] = src
+        dst_buf, fb = self.slots[self.next]
+        self.next = (self.next + 1) % len(self.slots)
+        dst = dst_buf.map()
+        info = buffer.info
+        row = info.width * info.bytes_per_pixel
+        _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
+        try:
+            if info.stride == dst_buf.pitch and row == info.stride:
+                dst[:row * info.height] = src[info.offset:info.offset + row * info.height]
+            else:
+                for y in range(info.height):
+                    s = info.offset + y * info.stride
+                    d = y * dst_buf.pitch
+                    dst[d:d + row] = src[s:s + row]
+        finally:
+            _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
+        return fb
+
+    def forget(self, key: tuple[str, int]) -> None:
+        m = self._maps.pop(key, None)
+        if m is not None:
+            m.close()
+
+    def close(self) -> None:
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
+        for buf, fb in self.slots:
+            try:
+                fb.remove()
+            except KmsError as exc:
+                log.warning("removing copy framebuffer: %s", exc)
+            buf.destroy()
+        self.slots.clear()
+
+
+def _dmabuf_sync(fd: int, flags: int) -> None:
+    try:
+        fcntl.ioctl(fd, DMA_BUF_IOCTL_SYNC, struct.pack("Q", flags))
+    except OSError as exc:  # memfd stand-ins and some exporters have no sync: the copy is still right
+        if exc.errno not in (25, 22):  # ENOTTY, EINVAL
+            raise
+
+
+def render_slate(width: int, height: int, text: str, colour: str, reason: str) -> bytes:
+    """A mode-sized XRGB8888 image: the slate colour, its text large and the reason below it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    img = Image.new("RGB", (width, height), rgb)
+    draw = ImageDraw.Draw(img)
+    ink = (230, 230, 230) if sum(rgb) < 384 else (20, 20, 20)
+    big = ImageFont.load_default(size=max(12, height // 12))
+    small = ImageFont.load_default(size=max(10, height // 40))
+    lines = ((big, text, height // 2 - height // 12), (small, reason, height // 2 + height // 24))
+    for font, line, y in lines:
+        if not line:
+            continue
+        box = draw.textbbox((0, 0), line, font=font)
+        draw.text(((width - (box[2] - box[0])) // 2, y), line, font=font, fill=ink)
+    return img.convert("RGBX").tobytes("raw", "BGRX")
+
+
+@dataclass
+class Metrics:
+    """What status reports for one output. Latency: from the moment the source learnt of a frame to
+    the kernel's timestamp of the flip that showed it (both CLOCK_MONOTONIC)."""
+
+    frames: int = 0          # frames handed to the pipeline
+    presented: int = 0       # frames that reached the screen (flip events)
+    dropped: int = 0         # frames replaced by a newer one before they were committed
+    commits: int = 0         # nonblocking commits issued
+    copies: int = 0
+    max_in_flight: int = 0   # never above 1: checked, not assumed
+    max_pending: int = 0
+    busy: int = 0            # EBUSY answers (the kernel still had a flip pending)
+    errors: int = 0
+    latencies_ns: deque = field(default_factory=lambda: deque(maxlen=2000))
+    present_times: deque = field(default_factory=lambda: deque(maxlen=4000))
+
+    def flips_per_second(self, now_ns: int | None = None, window: float = 1.0) -> float:
+        now_ns = now_ns or time.monotonic_ns()
+        cutoff = now_ns - int(window * 1e9)
+        return sum(1 for t in self.present_times if t >= cutoff) / window
+
+    def latency_ms(self, q: float) -> float | None:
+        if not self.latencies_ns:
+            return None
+        data = sorted(self.latencies_ns)
+        return data[min(len(data) - 1, int(q * len(data)))] / 1e6
+
+
+@dataclass
+class _Commit:
+    frame: Frame | None
+    fb: Framebuffer
+    token: int
+
+
+class ScanoutPipeline:
+    """One lit output: connector → CRTC → plane, fed with a guest's frames or a slate.
+
+    `release(frame)` is called when the pipeline no longer needs a frame's buffer (dropped, or off
+    screen); `present(frame, event)` when a frame's flip completed. `native` picks the C flip path."""
+
+    _tokens = 0
+
+    def __init__(self, card: Card, fbcache: FramebufferCache, out: OutputAssignment, *,
+                 release: Callable[[Frame], None], present: Callable[[Frame, object], None],
+                 native: bool = True) -> None:
+        self.card = card
+        self.fbcache = fbcache
+        self.release = release
+        self.present = present
+        self.native = native
+        self.out = out
+        self.metrics = Metrics()
+        self.path = SLATE
+        self.reason = "not started"
+        self.fallbacks: list[str] = []
+        self.pending: Frame | None = None
+        self.in_flight: _Commit | None = None
+        self.on_screen: _Commit | None = None
+        self.plane_key: tuple | None = None  # the (fb size, format, src, dst) the plane was committed with
+        self.copy: CopyBuffers | None = None
+        self._slate: tuple[DumbBuffer, Framebuffer] | None = None
+        self._lit = False
+        self.dead_end = False
+        self.paused = False  # set by the daemon while it reconfigures: frames wait as `pending`
+        self._bind(out)
+
+    def _bind(self, out: OutputAssignment) -> None:
+        self.out = out
+        self.connector = next(c for c in self.card.connectors if c.id == out.connector_id)
+        self.crtc = self.card.crtc_by_id(out.crtc_id)
+        self.plane = next(p for p in self.card.planes if p.id == out.plane_id)
+        self.fb_prop = self.plane.prop("FB_ID").id
+        self.mode = live_mode(out.mode)
+
+    @property
+    def name(self) -> str:
+        return f"{self.out.monitor} ({self.out.connector})"
+
+    # --- configuration (blocking commits; the caller makes sure nothing is in flight) -----------
+
+    def start(self, first: Frame | None) -> None:
+        """Light the output: mode, and the first frame (or the slate), TEST_ONLY first."""
+        self._configure(first, modeset=True)
+
+    def reconfigure(self, out: OutputAssignment, first: Frame | None) -> None:
+        """A new assignment for the same connector: same guest or another, maybe a new mode."""
+        assert self.in_flight is None, "reconfigure with a flip in flight"
+        modeset = (out.crtc_id, out.mode) != (self.out.crtc_id, self.out.mode) or not self._lit
+        old_plane = self.plane
+        self._bind(out)
+        self._drop_copy()
+        self.path, self.fallbacks, self.plane_key, self.dead_end = SLATE, [], None, False
+        pending, self.pending = self.pending, None
+        if pending is not None and pending is not first:
+            self.release(pending)
+        self._configure(first, modeset=modeset, old_plane=old_plane)
+
+    def _configure(self, first: Frame | None, *, modeset: bool, old_plane=None) -> None:
+        out = self.out
+        if out.guest is None:
+            self._show_slate(out.slate.reason if out.slate else "no guest", modeset, old_plane)
+            return
+        if first is None:
+            self._show_slate(f"waiting for {out.guest}'s first frame", modeset, old_plane)
+            return
+        self._show_frame_blocking(first, modeset, old_plane)
+
+    def _request(self, fb: Framebuffer, src: Rect, dst: Rect, modeset: bool, old_plane=None):
+        req = self.card.atomic()
+        if modeset:
+            req.add_output(self.connector, self.crtc, self.mode)
+        if old_plane is not None and old_plane.id != self.plane.id:
+            req.add_plane(old_plane, None, None)
+        req.add_plane(self.plane, self.crtc, fb, (src.x, src.y, src.w, src.h), (dst.x, dst.y, dst.w, dst.h))
+        return req
+
+    def _show_frame_blocking(self, frame: Frame, modeset: bool, old_plane=None) -> None:
+        problem = self._fits(frame)
+        if problem:
+            self._show_slate(problem, modeset, old_plane)
+            self.release(frame)
+            return
+        for fb, path in self._ladder(frame):
+            req = self._request(fb, self.out.src, self.out.dst, modeset, old_plane)
+            try:
+                req.test(allow_modeset=modeset)
+            except Rejected as exc:
+                self._fall(path, f"TEST_ONLY refused the {path} configuration: {exc}")
+                continue
+            req.commit(allow_modeset=modeset)
+            self._lit = True
+            self._replace_on_screen(_Commit(frame, fb, 0))
+            self.plane_key = self._plane_key(fb)
+            self.path, self.reason = path, ""
+            log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, path, frame.buffer.info.describe())
+            self.metrics.frames += 1
+            return
+        self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
+        self.release(frame)
+
+    def _ladder(self, frame: Frame):
+        """(framebuffer, path) for the frame, best rung first, from the rung the pipeline is on."""
+        buffer = frame.buffer
+        if ZERO_COPY not in self.fallbacks:
+            try:
+                yield self.fbcache.framebuffer(buffer), ZERO_COPY
+            except KmsError as exc:
+                self._fall(ZERO_COPY, f"import refused: {exc}")
+        if COPY not in self.fallbacks:
+            try:
+                if self.copy is None or not self.copy.fits(buffer.info):
+                    self._drop_copy()
+                    self.copy = CopyBuffers(self.card, buffer.info)
+                fb = self.copy.copy(buffer)
+                self.metrics.copies += 1
+                yield fb, COPY
+            except (KmsError, OSError, ValueError) as exc:
+                self._fall(COPY, f"copy impossible: {exc}")
+
+    def _fall(self, path: str, reason: str) -> None:
+        if path not in self.fallbacks:
+            self.fallbacks.append(path)
+        self.reason = reason
+        nxt = {ZERO_COPY: COPY, COPY: SLATE}.get(path, "dark")
+        log.warning("%s: %s → %s: %s", self.name, path, nxt, reason)
+
+    def _show_slate(self, reason: str, modeset: bool, old_plane=None) -> None:
+        slate = self.out.slate
+        text, colour = (slate.text, slate.colour) if slate else ("no signal", "#101018")
+        if self._slate is not None:
+            self._slate[0].destroy()
+            self._slate[1].remove()
+        w, h = self.mode.width, self.mode.height
+        buf = self.card.create_dumb(w, h, 32)
+        pixels = render_slate(w, h, text, colour, reason)
+        m = buf.map()
+        row = w * 4
+        for y in range(h):
+            m[y * buf.pitch:y * buf.pitch + row] = pixels[y * row:(y + 1) * row]
+        fb = self.card.dumb_framebuffer(buf, XRGB8888)
+        self._slate = (buf, fb)
+        full = Rect(0, 0, w, h)
+        req = self._request(fb, full, full, modeset, old_plane)
+        req.test(allow_modeset=modeset)
+        req.commit(allow_modeset=modeset)
+        self._lit = True
+        self._replace_on_screen(_Commit(None, fb, 0))
+        self.plane_key = None
+        self.path, self.reason = SLATE, reason
+        log.info("%s: slate (%s)", self.name, reason)
+
+    def _fits(self, frame: Frame) -> str | None:
+        info, src = frame.buffer.info, self.out.src
+        if src.x + src.w > info.width or src.y + src.h > info.height:
+            return (f"{self.out.guest}'s buffer is {info.width}x{info.height}, the plan needs {src} of it "
+                    f"(re-planning)")
+        return None
+
+    def _plane_key(self, fb: Framebuffer) -> tuple:
+        return (fb.width, fb.height, fb.format, self.out.src, self.out.dst, self.plane.id)
+
+    # --- frames (nonblocking) -------------------------------------------------------------------
+
+    def submit(self, frame: Frame) -> None:
+        """A new frame from the guest: commit now if nothing is in flight, else it waits as the
+        single pending frame (replacing, and dropping, any older one)."""
+        self.metrics.frames += 1
+        if self.pending is not None:
+            self.metrics.dropped += 1
+            self.release(self.pending)
+        self.pending = frame
+        self.metrics.max_pending = max(self.metrics.max_pending, 1)
+        if self.in_flight is None and not self.paused:
+            self._commit_pending()
+
+    def resume(self) -> None:
+        """Commit the pending frame, if any, now that nothing is in flight."""
+        if self.in_flight is None and not self.paused and self.pending is not None:
+            self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        frame, self.pending = self.pending, None
+        if frame is None:
+            return
+        if self._fits(frame) is not None:
+            # Not showable as planned (a new size); the daemon re-plans. Hold it until then.
+            self.pending = frame
+            return
+        if self.dead_end:
+            self.release(frame)
+            return
+        ScanoutPipeline._tokens += 1
+        token = ScanoutPipeline._tokens
+        for fb, path in self._ladder(frame):
+            try:
+                if self._plane_key(fb) == self.plane_key:
+                    self._flip(fb, token)
+                else:
+                    req = self._request(fb, self.out.src, self.out.dst, False)
+                    try:
+                        req.test()
+                    except Rejected as exc:
+                        self._fall(path, f"TEST_ONLY refused the {path} configuration: {exc}")
+                        continue
+                    req.commit(nonblock=True, event=True, user_data=token)
+                    self.plane_key = self._plane_key(fb)
+            except KmsError as exc:
+                self.metrics.errors += 1
+                if exc.errno == 16:
+                    self.metrics.busy += 1
+                log.error("%s: flip failed: %s", self.name, exc)
+                self.release(frame)
+                return
+            if path != self.path:
+                log.info("%s: %s now shown %s", self.name, self.out.guest, path)
+            self.path, self.reason = path, self.reason if path != ZERO_COPY else ""
+            self.in_flight = _Commit(frame, fb, token)
+            self.metrics.commits += 1
+            self.metrics.max_in_flight = max(self.metrics.max_in_flight, 1)
+            return
+        # Every rung refused: the slate says why, and later frames go straight back to the guest.
+        self.release(frame)
+        self.dead_end = True
+        self._show_slate(self.reason, False)
+
+    def _flip(self, fb: Framebuffer, token: int) -> None:
+        if self.native:
+            ret = lib.kms_flip(self.card.fd, self.plane.id, self.fb_prop, fb.id, token)
+            if ret < 0:
+                from compositor.kms.errors import kms_error
+                raise kms_error("kms_flip", -ret, f"plane {self.plane.id} FB {fb.id}")
+        else:
+            self.card.atomic().add(self.plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=token)
+
+    def on_flip(self, event) -> None:
+        """The flip event of this CRTC. A token that is not ours (a commit made before the last
+        reconfiguration) is ignored."""
+        commit = self.in_flight
+        if commit is None or event.user_data != commit.token:
+            return
+        self.in_flight = None
+        self._replace_on_screen(commit)
+        if commit.frame is not None:
+            m = self.metrics
+            m.presented += 1
+            m.present_times.append(event.timestamp_ns)
+            if event.timestamp_ns:
+                m.latencies_ns.append(max(0, event.timestamp_ns - commit.frame.received_ns))
+            self.present(commit.frame, event)
+        if self.pending is not None and not self.paused:
+            self._commit_pending()
+
+    def _replace_on_screen(self, commit: _Commit) -> None:
+        old, self.on_screen = self.on_screen, commit
+        if old is not None and old.frame is not None and old.frame is not commit.frame:
+            self.release(old.frame)
+
+    # --- end --------------------------------------------------------------------------------------
+
+    def holds(self, key: tuple[str, int]) -> bool:
+        """Whether the buffer is on screen or in flight here (it must not be freed yet)."""
+        return any(c is not None and c.frame is not None and c.frame.buffer.key == key
+                   for c in (self.on_screen, self.in_flight))
+
+    def forget(self, key: tuple[str, int]) -> None:
+        if self.copy is not None:
+            self.copy.forget(key)
+
+    def stop(self, *, disable: bool = True) -> None:
+        """Turn the output off (blocking) and free what the pipeline owns."""
+        if disable and self._lit:
+            req = self.card.atomic().add_plane(self.plane, None, None)
+            req.add_output(self.connector, self.crtc, None)
+            try:
+                req.commit(allow_modeset=True)
+            except KmsError as exc:
+                log.error("%s: turning the output off failed: %s", self.name, exc)
+        self._lit = False
+        for commit in (self.pending and _Commit(self.pending, None, 0), self.in_flight, self.on_screen):
+            if commit is not None and commit.frame is not None:
+                self.release(commit.frame)
+        self.pending = self.in_flight = self.on_screen = None
+        self._drop_copy()
+        if self._slate is not None:
+            try:
+                self._slate[1].remove()
+            except KmsError:
+                pass
+            self._slate[0].destroy()
+            self._slate = None
+
+    def _drop_copy(self) -> None:
+        if self.copy is not None:
+            self.copy.close()
+            self.copy = None
+
+    def status(self) -> dict:
+        m = self.metrics
+        p50, p99 = m.latency_ms(0.5), m.latency_ms(0.99)
+        return {
+            "monitor": self.out.monitor, "card": self.out.card, "connector": self.out.connector,
+            "crtc": self.out.crtc_id, "plane": self.out.plane_id, "mode": self.mode.label(),
+            "guest": self.out.guest, "mirror": self.out.mirror, "path": self.path, "reason": self.reason,
+            "fallbacks": list(self.fallbacks),
+            "flips_per_s": round(m.flips_per_second(), 1),
+            "latency_ms": {"p50": None if p50 is None else round(p50, 2),
+                           "p99": None if p99 is None else round(p99, 2)},
+            "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
+            "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
+            "busy": m.busy, "errors": m.errors,
+            "in_flight": self.in_flight is not None,
+            "on_screen": (None if self.on_screen is None or self.on_screen.frame is None
+                          else {"buffer": self.on_screen.frame.buffer.id, "frame": self.on_screen.frame.seq}),
+            "src": str(self.out.src), "dst": str(self.out.dst),
+        }
+
+
+__all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "render_slate", "live_mode",
+           "ZERO_COPY", "COPY", "SLATE", "ffi"]

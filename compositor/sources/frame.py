@@ -1,0 +1,106 @@
+"""What a source hands the scanout pipeline: buffers (a dma-buf and how its pixels are laid out) and
+frames (this buffer, show it now).
+
+A buffer is announced once and flipped many times; the pipeline keys its framebuffer cache by
+(guest, buffer id), so a buffer is imported once however often it is shown. Everything a guest says
+about a buffer is checked here before any of it reaches KMS: a plane that would make the display
+engine read outside the dma-buf is refused with the reason, because no pixel outside a guest's buffer
+may ever be scanned out.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, fourcc_name
+
+MAX_DIMENSION = 16384  # no display engine we know scans out more per axis
+
+
+class BadPlane(ValueError):
+    """Plane information that cannot be shown safely; the message names the field and the cause."""
+
+
+@dataclass(frozen=True)
+class PlaneInfo:
+    """How a single-plane RGB framebuffer lies in its dma-buf."""
+
+    fourcc: int  # DRM fourcc code (compositor.kms.fourcc.fourcc("XR24"))
+    width: int
+    height: int
+    stride: int  # bytes from one row to the next
+    offset: int = 0  # bytes from the dma-buf's start to the first pixel
+    modifier: int = DRM_FORMAT_MOD_LINEAR
+
+    @property
+    def bytes_per_pixel(self) -> int:
+        return FORMATS[self.fourcc].bpp // 8
+
+    @property
+    def span(self) -> int:
+        """Bytes of the dma-buf the display engine reads: from offset to the last pixel's end."""
+        return self.offset + self.stride * (self.height - 1) + self.width * self.bytes_per_pixel
+
+    def validate(self, dmabuf_size: int | None = None) -> None:
+        """Raise BadPlane unless this plane is safe to scan out of a dma-buf of dmabuf_size bytes
+        (None: size unknown, everything else is still checked)."""
+        if self.fourcc not in FORMATS:
+            raise BadPlane(f"format {fourcc_name(self.fourcc)} is not one directflip can show "
+                           f"(supported: {', '.join(sorted(fourcc_name(f) for f in FORMATS))})")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if not 0 < value <= MAX_DIMENSION:
+                raise BadPlane(f"{name} {value} is outside 1..{MAX_DIMENSION}")
+        if self.offset < 0:
+            raise BadPlane(f"offset {self.offset} is negative")
+        row = self.width * self.bytes_per_pixel
+        if self.modifier in (DRM_FORMAT_MOD_LINEAR, DRM_FORMAT_MOD_INVALID) and self.stride < row:
+            raise BadPlane(f"stride {self.stride} is shorter than a row of {self.width} "
+                           f"{fourcc_name(self.fourcc)} pixels ({row} bytes)")
+        if self.stride <= 0:
+            raise BadPlane(f"stride {self.stride} is not positive")
+        if dmabuf_size is not None and self.span > dmabuf_size:
+            raise BadPlane(f"the plane ({self.width}x{self.height}, stride {self.stride}, offset "
+                           f"{self.offset}) needs {self.span} bytes but the dma-buf has {dmabuf_size}")
+
+    def describe(self) -> str:
+        return f"{self.width}x{self.height} {fourcc_name(self.fourcc)} stride {self.stride}"
+
+
+def dmabuf_size(fd: int) -> int:
+    """A dma-buf's size: seeking to its end is the kernel's documented way to ask."""
+    size = os.lseek(fd, 0, os.SEEK_END)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return size
+
+
+@dataclass(eq=False)
+class Buffer:
+    """A guest buffer the compositor holds: it owns `fd` (a dma-buf) until close()."""
+
+    guest: str
+    id: int  # the guest's name for it (VFIO dmabuf_id, a frame-socket buffer id)
+    info: PlaneInfo
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.guest, self.id)
+
+
+@dataclass(eq=False)
+class Frame:
+    """Show `buffer` now. `received_ns` is CLOCK_MONOTONIC when the source learnt of the flip: flip
+    latency is measured from it to the flip event's timestamp (same clock)."""
+
+    buffer: Buffer
+    seq: int = 0  # the source's frame number, when it has one
+    received_ns: int = field(default_factory=time.monotonic_ns)
+    presented: bool = False  # set once its first flip completed (a mirrored frame flips twice)

@@ -1,0 +1,810 @@
+"""The frame socket: a Unix socket through which a VMM or launcher hands the compositor a guest's
+buffers (dma-bufs) and says which one to show. docs/frame-socket.md is the protocol's specification;
+this module implements both ends of it.
+
+Wire format: every message is a 4-byte little-endian length N (1..65536) and N bytes of UTF-8 JSON, an
+object with a string "type". The one message that carries a file descriptor ("buffer") sends it as
+SCM_RIGHTS in the same sendmsg as the message's first bytes. A stream socket does not keep message
+boundaries for ancillary data, so the receiver matches descriptors to messages by stream position:
+Linux hands a descriptor out with the first recvmsg that reads any byte of the sendmsg it came with,
+and ends that recvmsg after those bytes. Every descriptor therefore arrives in the same recvmsg chunk
+as the first byte of the buffer message it belongs to; one that did not is a protocol error, never a
+guess.
+
+Server (the daemon's one asyncio loop, no threads): FrameSocketServer accepts clients and gives each a
+GuestConnection, which reads and checks messages and calls the daemon's GuestHandler. A client that
+breaks the protocol is sent an error naming the cause and closed; other clients never notice.
+
+Client (blocking, for guests, launchers and tests): FrameSocketClient.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import math
+import os
+import re
+import select
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
+from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
+
+log = logging.getLogger("directflip.framesocket")
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 65536  # bytes of JSON in one message
+MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
+MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
+MAX_BUFFERS = 64  # per connection: each one holds a descriptor of ours
+MAX_QUEUED_OUTPUT = 1 << 20  # bytes waiting for a client that does not read its socket
+MAX_BUFFER_ID = 2**32 - 1
+_U32 = 2**32 - 1
+_U64 = 2**64 - 1
+_RECV_SIZE = 256 * 1024  # thousands of flips per recvmsg
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
+_LENGTH = struct.Struct("<I")
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
+_INTERNAL_ERROR = "internal error in the compositor"
+
+
+class ProtocolError(ValueError):
+    """A message, or a descriptor, that breaks the frame-socket protocol; the text names the cause."""
+
+
+class Refused(Exception):
+    """Raise from a GuestHandler callback to turn the client away; str(exc) is the reason it is sent.
+    From on_hello it refuses the guest; from a later callback it closes the connection."""
+
+
+class ServerError(Exception):
+    """The compositor sent error(reason) or closed the connection; str(exc) is the reason."""
+
+
+# ------------------------------------------------------------------------------------------ framing
+
+def encode(msg: dict[str, Any]) -> bytes:
+    """One message on the wire: length prefix and compact JSON. Raises ValueError for a message the
+    protocol cannot carry (no string "type", NaN, more than MAX_MESSAGE bytes)."""
+    if not isinstance(msg.get("type"), str):
+        raise ValueError(f'a frame-socket message needs a string "type": {msg!r}')
+    body = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ValueError(f"a {msg['type']} message of {len(body)} bytes is over the {MAX_MESSAGE}-byte limit")
+    return _LENGTH.pack(len(body)) + body
+
+
+class Decoder:
+    """Incremental reader of a message stream: feed it bytes as they arrive, in any pieces, and
+    iterate what feed() returns for every message completed so far.
+
+    The first malformed message raises ProtocolError (messages before it have been yielded); the
+    stream cannot be resynchronised after that. Consume each feed()'s iterator before the next feed.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0  # start of the first unconsumed byte in _buf
+        self._base = 0  # stream offset of _buf[0]
+        self.start = 0  # stream offset of the first byte of the message yielded last
+
+    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
+        if self._pos:
+            # compact once per feed, not once per message: a batch holds thousands of flips
+            del self._buf[:self._pos]
+            self._base += self._pos
+            self._pos = 0
+        self._buf += data
+        return self._messages()
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held back."""
+        return len(self._buf) - self._pos
+
+    def _messages(self) -> Iterator[dict[str, Any]]:
+        buf = self._buf
+        while len(buf) - self._pos >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(buf, self._pos)
+            if not 0 < length <= MAX_MESSAGE:
+                raise ProtocolError(f"message length {length} is outside 1..{MAX_MESSAGE}")
+            end = self._pos + _LENGTH.size + length
+            if end > len(buf):
+                return
+            body = bytes(buf[self._pos + _LENGTH.size:end])
+            self.start = self._base + self._pos
+            self._pos = end
+            yield _parse_body(body)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    try:
+        msg = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ProtocolError("message is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:
+        raise ProtocolError(f"message is not valid JSON ({exc})") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message is {_json_kind(msg)}, not a JSON object")
+    if not isinstance(msg.get("type"), str):
+        raise ProtocolError('message has no string "type"')
+    return msg
+
+
+def _json_kind(value: Any) -> str:
+    """'an array', 'a string', 'null'...: for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+_REQUIRED: Any = object()
+
+
+def _int_field(msg: dict[str, Any], key: str, lo: int, hi: int, default: int = _REQUIRED) -> int:
+    if key not in msg:
+        if default is _REQUIRED:
+            raise ProtocolError(f'{msg["type"]}: "{key}" is missing')
+        return default
+    value = msg[key]
+    if type(value) is not int:  # not bool, not 1.0
+        raise ProtocolError(f'{msg["type"]}: "{key}" must be an integer, not {_json_kind(value)}')
+    if not lo <= value <= hi:
+        raise ProtocolError(f'{msg["type"]}: "{key}" {value} is outside {lo}..{hi}')
+    return value
+
+
+def _str_field(msg: dict[str, Any], key: str) -> str:
+    if key not in msg:
+        raise ProtocolError(f'{msg["type"]}: "{key}" is missing')
+    value = msg[key]
+    if not isinstance(value, str):
+        raise ProtocolError(f'{msg["type"]}: "{key}" must be a string, not {_json_kind(value)}')
+    return value
+
+
+# ------------------------------------------------------------------------------------------- server
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is on the other end, from SO_PEERCRED when the connection was accepted."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class GuestHandler(Protocol):
+    """What the daemon does with a guest's messages. Callbacks run on the event loop and must not block.
+    Raising Refused closes the client with that reason; any other exception is logged with its
+    traceback and closes only that client."""
+
+    def on_hello(self, conn: GuestConnection) -> None:
+        """conn.name, conn.uuid and conn.peer are known. Raise Refused(reason) to turn the guest away."""
+
+    def on_buffer(self, conn: GuestConnection, buffer: Buffer) -> None:
+        """A buffer was announced and checked; it is in conn.buffers and the server still owns it."""
+
+    def on_flip(self, conn: GuestConnection, frame: Frame) -> None:
+        """Show frame.buffer (one of conn.buffers). Answer later with conn.released / conn.presented."""
+
+    def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
+        """The guest destroyed `buffer`: it has left conn.buffers and the handler now owns it. Close it
+        once it is off screen; send no more released/presented for it."""
+
+    def on_close(self, conn: GuestConnection, reason: str) -> None:
+        """The connection is gone (called once, only for connections that got past hello). The handler
+        now owns every buffer still in conn.buffers and must close each once it is off screen."""
+
+
+class _PendingFd(NamedTuple):
+    fd: int
+    since: int  # stream offsets of the recvmsg chunk it came with: [since, until)
+    until: int
+
+
+class GuestConnection:
+    """One client of the frame socket: its guest's identity, buffers and socket.
+
+    Buffers: the server creates a Buffer (owning a duplicate of the guest's dma-buf fd) when the guest
+    announces it and keeps it in `buffers`. On "forget" it leaves `buffers` and on_forget hands it to
+    the handler; when the connection closes, on_close hands the handler every buffer still in
+    `buffers`. Either way the handler closes them once they are off screen.
+
+    released() and presented() may be called at any time: after the connection closed, or for a buffer
+    no longer in `buffers` (forgotten), they do nothing. They never call back into the handler; a
+    client found dead or not reading while sending is closed from the loop just after.
+    """
+
+    def __init__(self, server: FrameSocketServer, sock: socket.socket, peer: Peer) -> None:
+        self.name = ""  # set by hello
+        self.uuid: str | None = None
+        self.peer = peer
+        self.buffers: dict[int, Buffer] = {}
+        self.closed = False
+        self._server = server
+        self._loop = server._loop
+        self._sock = sock
+        self._fileno = sock.fileno()
+        self._decoder = Decoder()
+        self._received = 0  # stream offset: bytes received so far
+        self._fds: deque[_PendingFd] = deque()
+        self._out = bytearray()  # bytes the client has not taken yet
+        self._writing = False
+        self._failing = False
+        self._welcomed = False
+
+    def __repr__(self) -> str:
+        return f"<GuestConnection {self._who()}{' closed' if self.closed else ''}>"
+
+    # --- the daemon's side
+
+    def released(self, buffer_id: int) -> None:
+        """Tell the guest the compositor no longer reads buffer_id: it may draw into it again."""
+        if buffer_id in self.buffers:
+            self._send({"type": "released", "id": buffer_id})
+
+    def presented(self, buffer_id: int, frame: int, timestamp_ns: int, sequence: int) -> None:
+        """Tell the guest buffer_id reached the screen: the flip completed at timestamp_ns
+        (CLOCK_MONOTONIC, from the kernel's flip event), CRTC vblank sequence `sequence`."""
+        if buffer_id in self.buffers:
+            self._send({"type": "presented", "id": buffer_id, "frame": frame,
+                        "timestamp_ns": timestamp_ns, "sequence": sequence})
+
+    def close(self, reason: str) -> None:
+        """Send error(reason) if still open, close the socket and call on_close (if past hello)."""
+        self._finish(reason, logging.INFO)
+
+    # --- reading
+
+    def _on_readable(self) -> None:
+        try:
+            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_SIZE, _ANCILLARY_SPACE,
+                                                         socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            # The client closed with our messages unread. Linux says so only once every byte it sent
+            # has been read, so this is an end of stream like any other.
+            data, ancdata, flags = b"", [], 0
+        except OSError as exc:
+            self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
+            return
+        since = self._received
+        self._received += len(data)
+        # Take ownership of every descriptor before anything can fail: from here on _finish closes them.
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(_PendingFd(fd, since, self._received) for fd in fds)
+        try:
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError(f"file descriptors were lost: more than {MAX_FDS_PER_RECV} in one "
+                                    "sendmsg, or the compositor is out of descriptors")
+            if len(self._fds) > MAX_PENDING_FDS:
+                raise ProtocolError(f"{len(self._fds)} file descriptors sent ahead of their buffer messages")
+            if not data and not ancdata:
+                self._on_eof()
+                return
+            for msg in self._decoder.feed(data):
+                self._dispatch(msg, self._decoder.start)
+                if self.closed:
+                    return
+        except ProtocolError as exc:
+            self._finish(str(exc), logging.WARNING)
+
+    def _on_eof(self) -> None:
+        if self._fds:
+            raise ProtocolError(f"{len(self._fds)} file descriptor(s) sent that no buffer message claimed")
+        if self._decoder.pending:
+            raise ProtocolError("connection closed in the middle of a message")
+        self._finish("client hung up without bye", logging.INFO, send_error=False)
+
+    def _dispatch(self, msg: dict[str, Any], start: int) -> None:
+        kind = msg["type"]
+        if kind != "buffer" and self._fds and self._fds[0].until <= start:
+            raise ProtocolError(self._unclaimed_fds())
+        if not self._welcomed:
+            if kind != "hello":
+                raise ProtocolError(f'the first message must be "hello", not {kind[:40]!r}')
+            self._on_hello(msg)
+            return
+        if kind == "flip":
+            buffer = self._known(msg)
+            frame = Frame(buffer=buffer, seq=_int_field(msg, "frame", 0, _U64, 0))
+            self._call("on_flip", frame)
+        elif kind == "buffer":
+            self._on_buffer(msg, start)
+        elif kind == "forget":
+            buffer = self._known(msg)
+            del self.buffers[buffer.id]
+            self._call("on_forget", buffer)
+        elif kind == "bye":
+            self._finish("bye", logging.INFO, send_error=False)
+        elif kind == "hello":
+            raise ProtocolError("hello sent twice")
+        else:
+            raise ProtocolError(f"unknown message type {kind[:40]!r}")
+
+    def _on_hello(self, msg: dict[str, Any]) -> None:
+        version = _int_field(msg, "version", 0, _U32)
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {version} is not supported "
+                                f"(this compositor speaks version {PROTOCOL_VERSION})")
+        name = _str_field(msg, "name")
+        if not _NAME.fullmatch(name):
+            raise ProtocolError(f"hello: name {name[:80]!r} is not 1..64 characters of A-Z a-z 0-9 _ . -")
+        uuid = msg.get("uuid")
+        if uuid is not None and not isinstance(uuid, str):
+            raise ProtocolError(f'hello: "uuid" must be a string or null, not {_json_kind(uuid)}')
+        self.name, self.uuid = name, uuid
+        if not self._call("on_hello"):
+            return
+        self._welcomed = True
+        log.info("%s: welcome", self._who())
+        self._send({"type": "welcome", "version": PROTOCOL_VERSION})
+
+    def _on_buffer(self, msg: dict[str, Any], start: int) -> None:
+        buffer_id = _int_field(msg, "id", 1, MAX_BUFFER_ID)
+        code = _str_field(msg, "fourcc")
+        if len(code) != 4 or not code.isascii():
+            raise ProtocolError(f'buffer {buffer_id}: "fourcc" {code[:40]!r} is not four ASCII characters')
+        info = PlaneInfo(fourcc=fourcc(code),
+                         width=_int_field(msg, "width", 0, _U32),
+                         height=_int_field(msg, "height", 0, _U32),
+                         stride=_int_field(msg, "stride", 0, _U32),
+                         offset=_int_field(msg, "offset", 0, _U32, 0),
+                         modifier=_int_field(msg, "modifier", 0, _U64, DRM_FORMAT_MOD_LINEAR))
+        fd = self._take_fd(buffer_id, start)
+        try:
+            if buffer_id in self.buffers:
+                raise ProtocolError(f"buffer {buffer_id} is already announced (forget it first)")
+            if len(self.buffers) >= MAX_BUFFERS:
+                raise ProtocolError(f"buffer {buffer_id}: more than {MAX_BUFFERS} buffers announced")
+            try:
+                size = dmabuf_size(fd)
+            except OSError as exc:
+                raise ProtocolError(f"buffer {buffer_id}: fd is not a dma-buf "
+                                    f"(cannot seek: {exc.strerror})") from None
+            try:
+                info.validate(size)
+            except BadPlane as exc:
+                raise ProtocolError(f"buffer {buffer_id}: {exc}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        buffer = Buffer(guest=self.name, id=buffer_id, info=info, fd=fd)
+        self.buffers[buffer_id] = buffer
+        log.debug("%s: buffer %d is %s", self._who(), buffer_id, info.describe())
+        self._call("on_buffer", buffer)
+
+    def _take_fd(self, buffer_id: int, start: int) -> int:
+        """The descriptor that came in the same recvmsg chunk as this buffer message's first byte."""
+        if self._fds and self._fds[0].until <= start:
+            raise ProtocolError(self._unclaimed_fds())
+        if not self._fds or self._fds[0].since > start:
+            raise ProtocolError(f"buffer {buffer_id}: no file descriptor came with the message (send "
+                                "one as SCM_RIGHTS in the same sendmsg as its first bytes)")
+        return self._fds.popleft().fd
+
+    def _unclaimed_fds(self) -> str:
+        stale = sum(1 for pending in self._fds if pending.until <= self._decoder.start)
+        return (f"{stale} file descriptor(s) came with bytes before this message and no buffer message "
+                "claimed them")
+
+    def _known(self, msg: dict[str, Any]) -> Buffer:
+        buffer_id = _int_field(msg, "id", 1, MAX_BUFFER_ID)
+        if buffer_id not in self.buffers:
+            raise ProtocolError(f"{msg['type']} of unknown buffer {buffer_id}")
+        return self.buffers[buffer_id]
+
+    def _call(self, callback: str, *args: Any) -> bool:
+        """Run a handler callback; an exception from it closes this client only. True if all went well."""
+        try:
+            getattr(self._server.handler, callback)(self, *args)
+        except Refused as exc:
+            self._finish(str(exc) or "refused", logging.WARNING)
+            return False
+        except Exception:
+            log.exception("%s: %s failed", self._who(), callback)
+            self._finish(_INTERNAL_ERROR, logging.WARNING)
+            return False
+        return not self.closed
+
+    # --- writing
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self.closed or self._failing:
+            return
+        data = encode(msg)
+        if not self._out:
+            try:
+                sent = self._sock.send(data, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._fail_soon(f"connection lost ({exc.strerror})")
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._loop.add_writer(self._fileno, self._on_writable)
+            self._writing = True
+        self._out += data
+        if len(self._out) > MAX_QUEUED_OUTPUT:
+            self._fail_soon("not reading its socket")
+
+    def _on_writable(self) -> None:
+        try:
+            sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
+            return
+        del self._out[:sent]
+        if not self._out:
+            self._loop.remove_writer(self._fileno)
+            self._writing = False
+
+    def _fail_soon(self, reason: str) -> None:
+        # Called while the handler is answering a flip: closing here would re-enter it with on_close.
+        self._failing = True
+        self._loop.call_soon(self._finish, reason, logging.WARNING)
+
+    # --- closing
+
+    def _finish(self, reason: str, level: int, *, send_error: bool = True) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log.log(level, "%s: closing: %s", self._who(), reason)
+        if send_error and len(self._out) <= MAX_QUEUED_OUTPUT:
+            # best effort: a client that does not read loses the reason, never blocks the loop
+            self._out += encode({"type": "error", "reason": reason})
+            try:
+                self._sock.send(self._out, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self._loop.remove_reader(self._fileno)
+        if self._writing:
+            self._loop.remove_writer(self._fileno)
+        self._sock.close()
+        self._out.clear()
+        while self._fds:
+            os.close(self._fds.popleft().fd)
+        self._server._discard(self)
+        if self._welcomed:
+            try:
+                self._server.handler.on_close(self, reason)
+            except Exception:
+                log.exception("%s: on_close failed", self._who())
+
+    def _who(self) -> str:
+        guest = f"guest {self.name!r}" if self.name else "before hello"
+        return f"frame-socket client pid {self.peer.pid} uid {self.peer.uid} ({guest})"
+
+
+class FrameSocketServer:
+    """Listens on a Unix socket at `path` and serves every client on the running asyncio loop.
+
+    start() replaces a stale socket file (one nobody listens on) but refuses to take over a path that
+    is not a socket or that a live process still listens on. close() closes every client
+    ("compositor shutting down") and removes the socket file if it is still ours.
+    """
+
+    def __init__(self, path: str, handler: GuestHandler, *, mode: int = 0o660) -> None:
+        self.path = path
+        self.handler = handler
+        self.mode = mode
+        self.connections: list[GuestConnection] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        if self._listener is not None:
+            raise RuntimeError(f"the frame socket {self.path} is already started")
+        self._loop = loop or asyncio.get_running_loop()
+        _remove_stale_socket(self.path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.setblocking(False)
+            listener.bind(self.path)
+            os.chmod(self.path, self.mode)
+            listener.listen(16)
+            st = os.stat(self.path)
+        except BaseException:
+            listener.close()
+            raise
+        self._listener, self._inode = listener, (st.st_dev, st.st_ino)
+        self._loop.add_reader(listener.fileno(), self._on_acceptable)
+        log.info("frame socket listening on %s (mode %o)", self.path, self.mode)
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.close("compositor shutting down")
+        if self._listener is None:
+            return
+        assert self._loop is not None
+        self._loop.remove_reader(self._listener.fileno())
+        self._listener.close()
+        self._listener = None
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._inode:  # not a newer instance's socket
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def _on_acceptable(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        for _ in range(16):
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                # EMFILE and friends: the listener stays readable, so stop polling it for a while
+                log.error("frame socket %s: cannot accept (%s); pausing for a second", self.path, exc)
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(1.0, self._resume_accepting)
+                return
+            try:
+                sock.setblocking(False)
+                pid, uid, gid = _UCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            except OSError as exc:
+                log.error("frame socket %s: cannot read the peer's credentials (%s)", self.path, exc)
+                sock.close()
+                continue
+            conn = GuestConnection(self, sock, Peer(pid, uid, gid))
+            self.connections.append(conn)
+            self._loop.add_reader(sock.fileno(), conn._on_readable)
+            log.debug("%s: connected", conn._who())
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._on_acceptable)
+
+    def _discard(self, conn: GuestConnection) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+
+
+def _remove_stale_socket(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket: refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a full backlog blocks connect: someone is listening
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # nobody listens: left behind by a compositor that died
+        return
+    except TimeoutError:
+        pass
+    finally:
+        probe.close()
+    raise OSError(f"another process already listens on the frame socket {path}")
+
+
+# ------------------------------------------------------------------------------------------- client
+
+@dataclass(frozen=True)
+class Released:
+    """The compositor no longer reads buffer `id`: the guest may draw into it again."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Presented:
+    """Buffer `id` (the guest's frame `frame`) reached the screen at timestamp_ns (CLOCK_MONOTONIC)."""
+
+    id: int
+    frame: int
+    timestamp_ns: int
+    sequence: int
+
+
+class FrameSocketClient:
+    """A guest's end of the frame socket, blocking (no asyncio). `timeout` bounds connecting, waiting
+    for welcome and any send the compositor is slow to take. fileno() is for the caller's own poll
+    loop: readable means poll() has something."""
+
+    def __init__(self, path: str, name: str, uuid: str | None = None, timeout: float = 5.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._decoder = Decoder()
+        self._error: str | None = None  # set once the connection is dead
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._connect(path, timeout)
+            self._sock.setblocking(False)
+            self._send({"type": "hello", "version": PROTOCOL_VERSION, "name": name, "uuid": uuid})
+            self._await_welcome()
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def announce(self, buffer_id: int, fd: int, fourcc: str, width: int, height: int, stride: int,
+                 offset: int = 0, modifier: int = 0) -> None:
+        """Hand the compositor a dma-buf (it gets its own duplicate; the caller keeps `fd`)."""
+        self._send({"type": "buffer", "id": buffer_id, "fourcc": fourcc, "width": width, "height": height,
+                    "stride": stride, "offset": offset, "modifier": modifier}, fd=fd)
+
+    def flip(self, buffer_id: int, frame: int = 0) -> None:
+        self._send({"type": "flip", "id": buffer_id, "frame": frame})
+
+    def forget(self, buffer_id: int) -> None:
+        self._send({"type": "forget", "id": buffer_id})
+
+    def poll(self, timeout: float | None = 0) -> list[Released | Presented]:
+        """What the compositor said: everything already there, waiting up to `timeout` seconds (None:
+        forever) for at least one. Raises ServerError when it sent an error or closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        events: list[Released | Presented] = []
+        while True:
+            for msg in self._drain():
+                event = self._event(msg)
+                if event is not None:
+                    events.append(event)
+            if events:
+                return events
+            if not self._wait(select.POLLIN, deadline):
+                return events
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Say bye (if the connection still works) and close. Idempotent."""
+        if self._sock.fileno() < 0:
+            return
+        if self._error is None:
+            try:
+                self._sock.send(encode({"type": "bye"}), socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+        self._sock.close()
+
+    def __enter__(self) -> FrameSocketClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- internals
+
+    def _connect(self, path: str, timeout: float) -> None:
+        self._sock.settimeout(timeout)
+        try:
+            self._sock.connect(path)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(exc.errno, f"{exc.strerror}: no frame socket at {path} "
+                                    "(is the directflip compositor running?)") from None
+        except ConnectionRefusedError as exc:
+            raise ConnectionRefusedError(exc.errno, f"{exc.strerror}: nothing listens on {path} (a "
+                                         "socket left behind by a compositor that stopped?)") from None
+        except PermissionError as exc:
+            raise PermissionError(exc.errno, f"{exc.strerror}: not allowed to connect to {path} "
+                                  "(the frame socket's group may connect)") from None
+
+    def _await_welcome(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            for msg in self._drain():
+                if msg["type"] == "welcome":
+                    return
+                self._event(msg)  # error → ServerError
+            if not self._wait(select.POLLIN, deadline):
+                raise TimeoutError(f"no welcome from the compositor on {self.path} within {self.timeout} s")
+
+    def _event(self, msg: dict[str, Any]) -> Released | Presented | None:
+        try:
+            kind = msg["type"]
+            if kind == "released":
+                return Released(_int_field(msg, "id", 1, MAX_BUFFER_ID))
+            if kind == "presented":
+                return Presented(_int_field(msg, "id", 1, MAX_BUFFER_ID),
+                                 _int_field(msg, "frame", 0, _U64, 0),
+                                 _int_field(msg, "timestamp_ns", 0, _U64),
+                                 _int_field(msg, "sequence", 0, _U64, 0))
+            if kind == "error":
+                reason = msg.get("reason")
+                self._die(reason if isinstance(reason, str) else "the compositor sent an error")
+        except ProtocolError as exc:
+            self._die(f"the compositor broke the protocol: {exc}")
+        return None  # welcome again, or a newer server's message: ignored
+
+    def _drain(self) -> list[dict[str, Any]]:
+        """Every complete message readable right now; ServerError once the connection has ended."""
+        if self._error is not None:
+            raise ServerError(self._error)
+        messages: list[dict[str, Any]] = []
+        while True:
+            try:
+                data = self._sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return messages
+            except ConnectionResetError:  # the server closed with our bytes unread: an EOF
+                data = b""
+            try:
+                messages.extend(self._decoder.feed(data))
+            except ProtocolError as exc:
+                self._die(f"the compositor broke the protocol: {exc}")
+            if not data:
+                for msg in messages:  # its error message, if it sent one, says why
+                    self._event(msg)
+                self._die("the compositor closed the connection")
+
+    def _die(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        raise ServerError(self._error)
+
+    def _wait(self, events: int, deadline: float | None) -> bool:
+        """Wait until the socket is ready for `events`; False if the deadline passed first."""
+        poller = select.poll()
+        poller.register(self._sock, events)
+        while True:
+            if deadline is None:
+                ms = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                ms = math.ceil(remaining * 1000)
+            if poller.poll(ms):
+                return True
+
+    def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        if self._error is not None:
+            raise ServerError(self._error)
+        data = memoryview(encode(msg))
+        ancillary = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        deadline = time.monotonic() + self.timeout
+        while data:
+            try:
+                sent = self._sock.sendmsg([data], ancillary, socket.MSG_NOSIGNAL)
+            except (BlockingIOError, InterruptedError):
+                if not self._wait(select.POLLOUT, deadline):
+                    raise TimeoutError(f"the compositor on {self.path} has not read its socket "
+                                       f"for {self.timeout} s") from None
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                self._drain()  # raises with the compositor's reason when it sent one
+                self._die("the compositor closed the connection")
+            data = data[sent:]
+            ancillary = []  # the descriptor went with the first bytes

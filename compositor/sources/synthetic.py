@@ -1,0 +1,772 @@
+"""Synthetic guests: a process that stands in for a virtual machine on the frame socket.
+
+A synthetic guest allocates a few XRGB8888 dumb buffers (on the display card itself — a same-device
+import, zero copy like GVT-g on i915 — or on vgem, a cross-device dma-buf), announces them to
+`directflip run` as dma-bufs and flips them at a steady rate. Every frame is machine-readable from a
+screenshot of the monitor it lands on:
+
+- the background is a saturated colour of the guest's own (`guest_colour`), with its name in large
+  text, drawn once per buffer;
+- the frame counter is a band at (BAND_X, BAND_Y) of the buffer: 34 cells of CELL x CELL pixels in
+  one row — a white and a black marker cell, then the 32 bits of the frame number, most significant
+  first, white = 1, black = 0 (`draw_counter`, `decode_counter`);
+- a vertical bar BAR_WIDTH pixels wide, from BAR_TOP to the bottom, moves 8 pixels per frame
+  (`bar_rect`), so a frozen or torn picture shows.
+
+Drawing is pure numpy on an (H, W, 4) uint8 view of the buffer in memory byte order B, G, R, X
+(`xrgb_view` makes one over an mmap with any stride) and touches only the band and two bar rects
+per frame: it runs under QEMU TCG at 60 Hz for several guests. A buffer remembers which bar it shows
+(`Slot.bar_x`) and the bar is erased by restoring those pixels from the guest's background image, so
+the name survives the bar passing over it.
+
+The flip protocol: after flip(id) the buffer belongs to the compositor (it may be on screen, zero
+copy) until the guest receives Released(id). `SyntheticGuest.paint_on_screen` breaks that rule on
+purpose: it writes into the buffer on screen without flipping, which shows on the monitor only if the
+monitor scans out the guest's own memory — the zero-copy proof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import errno
+import fcntl
+import hashlib
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import mmap
+
+    from compositor.kms import Card, DumbBuffer
+
+log = logging.getLogger("directflip.synthetic")
+
+DEFAULT_FRAME_SOCKET = "/run/directflip/frames.sock"
+
+# Layout of a frame, in buffer pixels.
+BAND_X, BAND_Y = 8, 8                 # top-left of the counter band
+CELL = 16                             # a counter cell is CELL x CELL pixels
+COUNTER_BITS = 32
+MARKER = (1, 0)                       # white, black: the cells before the bits
+BAND_CELLS = len(MARKER) + COUNTER_BITS
+BAND_WIDTH = BAND_CELLS * CELL        # 544
+BAR_WIDTH = 16
+BAR_STEP = 8                          # pixels the bar moves per frame
+BAR_TOP = BAND_Y + CELL + 8           # the bar starts below the band, with a gap of background
+PAINT_RECT = (64, 64, 64, 64)         # x, y, w, h of paint_on_screen's square
+MIN_WIDTH = BAND_X + BAND_WIDTH + BAND_X
+MIN_HEIGHT = PAINT_RECT[1] + PAINT_RECT[3]
+
+_SAMPLE = 8                           # decode_counter samples the centre SAMPLE x SAMPLE of each cell
+_THRESHOLD = 128
+
+WHITE = (255, 255, 255)
+BLACK = (0, 0, 0)
+
+RGB = tuple[int, int, int]
+Rect = tuple[int, int, int, int]      # x, y, width, height
+
+
+# --------------------------------------------------------------------------------- pure: layout
+
+def band_rect() -> Rect:
+    """Where the counter band lies in the buffer."""
+    return (BAND_X, BAND_Y, BAND_WIDTH, CELL)
+
+
+def bar_x(width: int, n: int) -> int:
+    return (n * BAR_STEP) % (width - BAR_WIDTH)
+
+
+def bar_rect(width: int, height: int, n: int) -> Rect:
+    """Where frame n's bar lies in a width x height buffer."""
+    return (bar_x(width, n), BAR_TOP, BAR_WIDTH, height - BAR_TOP)
+
+
+def check_size(width: int, height: int) -> None:
+    """Raise ValueError unless a frame fits: the band, the bar and the paint square need room."""
+    if width < MIN_WIDTH or height < MIN_HEIGHT:
+        raise ValueError(f"a synthetic guest needs at least {MIN_WIDTH}x{MIN_HEIGHT} pixels "
+                         f"(the counter band is {BAND_WIDTH} wide), not {width}x{height}")
+
+
+def xrgb_view(buf, width: int, height: int, pitch: int) -> np.ndarray:
+    """An (height, width, 4) uint8 view (B, G, R, X) of an XRGB8888 buffer with rows `pitch` bytes
+    apart; `buf` is anything exporting a writable buffer (mmap, bytearray)."""
+    if pitch % 4 or pitch < width * 4:
+        raise ValueError(f"pitch {pitch} does not hold a row of {width} XRGB8888 pixels")
+    return np.ndarray(buffer=buf, dtype=np.uint8, shape=(height, pitch // 4, 4))[:, :width]
+
+
+def _bgrx(rgb: RGB) -> np.ndarray:
+    r, g, b = rgb
+    return np.array([b, g, r, 255], dtype=np.uint8)   # X = 0xFF: opaque if read as ARGB
+
+
+# ---------------------------------------------------------------------------------- pure: colours
+
+def guest_colour(name: str) -> RGB:
+    """A saturated background colour of the guest's own: the hue comes from a hash of the name
+    (stable across runs and machines), saturation 0.8, value 0.75. Different names usually get far
+    apart hues; that is all a hash can promise."""
+    digest = hashlib.md5(name.encode(), usedforsecurity=False).digest()
+    hue = int.from_bytes(digest[:4], "big") % 360 / 360
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.8, 0.75)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def ink_colour(background: RGB) -> RGB:
+    """Black or white, whichever reads better on `background` (Rec. 709 luma)."""
+    r, g, b = background
+    return BLACK if 0.2126 * r + 0.7152 * g + 0.0722 * b >= 128 else WHITE
+
+
+# --------------------------------------------------------------------------------- pure: drawing
+
+def draw_background(view: np.ndarray, name: str) -> None:
+    """Fill view with the guest's colour and write its name, large, centred below the band. Done
+    once per buffer (it touches every pixel). Without Pillow the name is left out."""
+    check_size(view.shape[1], view.shape[0])
+    colour = guest_colour(name)
+    view[:] = _bgrx(colour)
+    _draw_name(view[BAR_TOP:], name, ink_colour(colour))
+
+
+def _draw_name(area: np.ndarray, name: str, ink: RGB) -> None:
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError:
+        log.warning("Pillow is not installed: the guest's name is not drawn")
+        return
+    height, width = area.shape[:2]
+    mask = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(mask)
+    size = max(12, min(height // 3, 200))
+    while True:
+        try:
+            font = ImageFont.load_default(size=size)   # scalable since Pillow 10.1 (with FreeType)
+        except TypeError:
+            font = ImageFont.load_default()
+        left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
+        if right - left <= width - 32 or size <= 12:
+            break
+        size = max(12, size * 4 // 5)
+    x = (width - (right - left)) // 2 - left
+    y = (height - (bottom - top)) // 2 - top
+    draw.text((x, y), name, fill=255, font=font)
+    alpha = np.asarray(mask, dtype=np.uint16)[..., None]
+    ys, xs = np.nonzero(alpha[..., 0])
+    if not len(ys):
+        return
+    rows, cols = slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1)
+    a = alpha[rows, cols]
+    region = area[rows, cols, :3]
+    ink_bgr = _bgrx(ink)[:3].astype(np.uint16)
+    region[:] = ((region * (255 - a) + ink_bgr * a + 127) // 255).astype(np.uint8)
+
+
+def draw_counter(view: np.ndarray, n: int) -> None:
+    """Write frame number n (taken modulo 2**32) into the band: marker cells, then 32 bits MSB first."""
+    n &= 0xFFFFFFFF
+    bits = list(MARKER) + [(n >> (COUNTER_BITS - 1 - i)) & 1 for i in range(COUNTER_BITS)]
+    cells = np.where(np.array(bits, dtype=bool)[:, None], _bgrx(WHITE), _bgrx(BLACK))   # (34, 4)
+    row = np.repeat(cells, CELL, axis=0)                                                 # (544, 4)
+    view[BAND_Y:BAND_Y + CELL, BAND_X:BAND_X + BAND_WIDTH] = row
+
+
+def draw_bar(view: np.ndarray, n: int, background: np.ndarray, ink: RGB, painted_x: int | None = None) -> int:
+    """Draw frame n's bar in `ink`. `painted_x` is where this buffer's bar is now (None: no bar yet);
+    that rect is restored from `background` (the buffer's draw_background image, same shape as view)
+    first. Returns the new bar's x, the buffer's next painted_x."""
+    height, width = view.shape[:2]
+    x = bar_x(width, n)
+    if painted_x is not None and painted_x != x:
+        old = (slice(BAR_TOP, height), slice(painted_x, painted_x + BAR_WIDTH))
+        view[old] = background[old]
+    view[BAR_TOP:height, x:x + BAR_WIDTH] = _bgrx(ink)
+    return x
+
+
+def paint_rect(view: np.ndarray, colour: RGB, rect: Rect = PAINT_RECT) -> None:
+    x, y, w, h = rect
+    view[y:y + h, x:x + w] = _bgrx(colour)
+
+
+def decode_counter(rgb: np.ndarray, origin: tuple[int, int] = (0, 0)) -> int | None:
+    """The frame number in a screenshot, or None when the band is not there.
+
+    rgb is an (H, W, 3) RGB array (a 4th channel is ignored); origin is the (x, y) on screen where
+    the buffer's top-left pixel landed. Each cell's centre 8x8 is sampled: a cell is white when every
+    channel of every sample is >= 128, black when every one is < 128, anything else means this is not
+    our band (a background, a picture, a band that is shifted by more than 4 pixels, or scaled)."""
+    x0, y0 = origin[0] + BAND_X, origin[1] + BAND_Y
+    if x0 < 0 or y0 < 0 or y0 + CELL > rgb.shape[0] or x0 + BAND_WIDTH > rgb.shape[1]:
+        return None
+    inset = (CELL - _SAMPLE) // 2
+    band = rgb[y0 + inset:y0 + inset + _SAMPLE, x0:x0 + BAND_WIDTH, :3]
+    cells = band.reshape(_SAMPLE, BAND_CELLS, CELL, 3)[:, :, inset:inset + _SAMPLE]
+    white = (cells >= _THRESHOLD).all(axis=(0, 2, 3))
+    black = (cells < _THRESHOLD).all(axis=(0, 2, 3))
+    if not (white | black).all():
+        return None
+    if tuple(int(b) for b in white[:len(MARKER)]) != MARKER:
+        return None
+    value = 0
+    for bit in white[len(MARKER):]:
+        value = (value << 1) | int(bit)
+    return value
+
+
+# ----------------------------------------------------------------------------------------- device
+
+DMA_BUF_IOCTL_SYNC = 0x40086200          # _IOW('b', 0, struct dma_buf_sync)
+DMA_BUF_SYNC_WRITE, DMA_BUF_SYNC_START, DMA_BUF_SYNC_END = 2, 0, 4
+
+
+@contextmanager
+def cpu_write(dmabuf_fd: int) -> Iterator[None]:
+    """Bracket CPU writes to a buffer with DMA_BUF_IOCTL_SYNC so the exporter can flush caches.
+    Best effort: an exporter that does not support it (ENOTTY) needs no sync."""
+    _dmabuf_sync(dmabuf_fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_WRITE)
+    try:
+        yield
+    finally:
+        _dmabuf_sync(dmabuf_fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_WRITE)
+
+
+def _dmabuf_sync(fd: int, flags: int) -> None:
+    arg = flags.to_bytes(8, sys.byteorder)
+    for _ in range(10):
+        try:
+            fcntl.ioctl(fd, DMA_BUF_IOCTL_SYNC, arg)
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EINTR, errno.EAGAIN):
+                continue
+            log.debug("DMA_BUF_IOCTL_SYNC on fd %d: %s", fd, exc.strerror)
+            return
+
+
+@dataclass(eq=False)
+class Slot:
+    """One buffer of a swapchain: its dma-buf, its mapping, and what it shows."""
+
+    id: int                      # the frame-socket buffer id (1..count)
+    buffer: DumbBuffer
+    fd: int                      # the exported dma-buf (O_RDWR)
+    pitch: int
+    map: mmap.mmap
+    view: np.ndarray | None      # (H, W, 4) B,G,R,X over map
+    busy: bool = False           # flipped and not yet released: the compositor's, do not draw
+    bar_x: int | None = None     # where this buffer's bar is painted
+    last_used: int = 0
+
+
+class Swapchain:
+    """count XRGB8888 dumb buffers on `card`, each exported as a dma-buf and mapped, with the guest's
+    background drawn once. acquire() hands out the free buffer that was flipped longest ago."""
+
+    def __init__(self, card: Card, width: int, height: int, count: int = 3, *, name: str = "synthetic"):
+        check_size(width, height)
+        self.card, self.width, self.height = card, width, height
+        self.background = np.empty((height, width, 4), dtype=np.uint8)
+        draw_background(self.background, name)
+        self.ink = ink_colour(guest_colour(name))
+        self.slots: dict[int, Slot] = {}
+        self._uses = 0
+        try:
+            for slot_id in range(1, count + 1):
+                buf = card.create_dumb(width, height, 32)
+                slot = Slot(slot_id, buf, -1, buf.pitch, buf.map(), None)
+                self.slots[slot_id] = slot
+                slot.fd = card.export_dmabuf(buf.handle)
+                slot.view = xrgb_view(slot.map, width, height, buf.pitch)
+                with cpu_write(slot.fd):
+                    slot.view[:] = self.background
+        except BaseException:
+            self.close()
+            raise
+
+    def acquire(self) -> Slot | None:
+        free = [s for s in self.slots.values() if not s.busy]
+        return min(free, key=lambda s: s.last_used) if free else None
+
+    def render(self, slot: Slot, n: int) -> None:
+        """Draw frame n into slot (only the band and the old and new bar rects change)."""
+        with cpu_write(slot.fd):
+            draw_counter(slot.view, n)
+            slot.bar_x = draw_bar(slot.view, n, self.background, self.ink, slot.bar_x)
+
+    def mark_busy(self, slot_id: int) -> None:
+        slot = self.slots[slot_id]
+        slot.busy = True
+        self._uses += 1
+        slot.last_used = self._uses
+
+    def release(self, slot_id: int) -> None:
+        slot = self.slots.get(slot_id)
+        if slot is None or not slot.busy:
+            log.debug("release of buffer %d, which is not flipped", slot_id)
+            return
+        slot.busy = False
+
+    def close(self) -> None:
+        for slot in self.slots.values():
+            slot.view = None          # the mmap cannot close while a numpy view exports it
+            if slot.fd >= 0:
+                os.close(slot.fd)
+                slot.fd = -1
+            try:
+                slot.buffer.destroy()
+            except BufferError:
+                log.warning("buffer %d is still referenced; leaving it mapped", slot.id)
+        self.slots.clear()
+
+
+@dataclass
+class GuestStats:
+    frames_flipped: int = 0
+    presented: int = 0
+    released: int = 0
+    stalled: int = 0             # ticks on which no buffer was free when it was time to draw
+    last_frame: int | None = None
+    last_presented_frame: int | None = None
+    elapsed: float = 0.0         # seconds spent flipping (first tick to the end of the last)
+    server_error: str | None = None   # why the compositor closed the connection, if it did
+    painted_buffer: int | None = None  # the buffer paint_on_screen wrote into
+
+    def summary(self, name: str) -> str:
+        rate = self.frames_flipped / self.elapsed if self.elapsed > 0 else 0.0
+        last = "-" if self.last_frame is None else str(self.last_frame)
+        return (f"guest {name}: flipped {self.frames_flipped} frames in {self.elapsed:.2f} s "
+                f"({rate:.1f}/s), presented {self.presented}, last frame {last}, stalled {self.stalled}")
+
+
+SETTLE_SECONDS = 0.5       # after the last flip, wait this long for its Presented
+PRESENT_TIMEOUT = 5.0      # --then-paint: how long the last frame may take to be presented
+_POLL_SLICE = 0.1          # longest single wait, so a signal is acted on promptly
+
+
+class SyntheticGuest:
+    """A stand-in for a VM: a swapchain on card_path, flipped over the frame socket at `rate` flips
+    per second (0 or inf: as fast as buffers come back)."""
+
+    def __init__(self, name: str, socket_path: str, card_path: str, width: int, height: int,
+                 rate: float, buffers: int = 3, uuid: str | None = None) -> None:
+        check_size(width, height)
+        self.name, self.socket_path, self.card_path = name, socket_path, card_path
+        self.width, self.height, self.rate, self.buffers, self.uuid = width, height, rate, buffers, uuid
+        self.stats = GuestStats()
+        self.next_frame = 0
+        self.on_screen: int | None = None     # the slot flipped last
+        self.card: Card | None = None
+        self.swapchain: Swapchain | None = None
+        self.client = None
+        self._stop = False
+
+    # -- lifetime
+    def open(self) -> None:
+        """Allocate the buffers, connect and announce them. Raises DeviceError/KmsError (device),
+        OSError (no compositor listening) or framesocket.ServerError (the compositor said no)."""
+        from compositor.kms import Card
+
+        from .framesocket import FrameSocketClient
+        try:
+            self.card = Card(self.card_path, kms=False)
+            self.swapchain = Swapchain(self.card, self.width, self.height, self.buffers, name=self.name)
+            log.info("guest %s: %d buffers %dx%d on %s (%s)", self.name, self.buffers, self.width,
+                     self.height, self.card_path, self.card.driver)
+            self.client = FrameSocketClient(self.socket_path, self.name, self.uuid)
+            for slot in self.swapchain.slots.values():
+                self.client.announce(slot.id, slot.fd, "XR24", self.width, self.height, slot.pitch, 0, 0)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception as exc:  # noqa: BLE001 — cleanup: the server may already be gone
+                log.debug("closing the frame socket: %s", exc)
+            self.client = None
+        if self.swapchain is not None:
+            self.swapchain.close()
+            self.swapchain = None
+        if self.card is not None:
+            self.card.close()
+            self.card = None
+
+    def __enter__(self) -> SyntheticGuest:
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stop(self) -> None:
+        """Ask the loops to end (safe from a signal handler)."""
+        self._stop = True
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop
+
+    # -- the session
+    def run(self, duration: float | None = None, frames: int | None = None, *,
+            then_paint: RGB | None = None, hold: float = 0.0) -> GuestStats:
+        """Flip until `duration` seconds or `frames` frames (neither: until a signal), let the last
+        frame be presented, optionally paint_on_screen(then_paint) and print that, keep the
+        connection for `hold` seconds, close. The compositor closing the connection ends the run with
+        stats.server_error set; SIGTERM/SIGINT end it cleanly."""
+        from .framesocket import ServerError
+        restore = self._install_signals()
+        try:
+            if self.client is None:
+                self.open()
+            try:
+                self.flip_frames(duration, frames)
+                if then_paint is not None and not self._stop:
+                    self._paint_when_presented(then_paint)
+                elif not self._stop and self.stats.last_frame is not None:
+                    self.wait_presented(self.stats.last_frame, SETTLE_SECONDS)
+                if hold > 0 and not self._stop:
+                    self.hold(hold)
+            except ServerError as exc:
+                self.stats.server_error = str(getattr(exc, "reason", None) or exc)
+                log.error("guest %s: the compositor closed the connection: %s", self.name,
+                          self.stats.server_error)
+            except OSError as exc:
+                self.stats.server_error = f"connection lost: {exc.strerror or exc}"
+                log.error("guest %s: %s", self.name, self.stats.server_error)
+        finally:
+            restore()
+            self.close()
+        return self.stats
+
+    def flip_frames(self, duration: float | None = None, frames: int | None = None) -> None:
+        """Flip at self.rate with absolute deadlines (tick k starts at start + k/rate: no drift; a
+        tick that is already over is skipped, not made up in a burst)."""
+        period = 1.0 / self.rate if self.rate > 0 and math.isfinite(self.rate) else 0.0
+        start = time.monotonic()
+        end = start + duration if duration is not None else math.inf
+        tick = flipped = 0
+        try:
+            while not self._stop and (frames is None or flipped < frames):
+                if time.monotonic() >= end:
+                    break
+                tick_end = min(start + (tick + 1) * period, end) if period else end
+                self._dispatch(self.client.poll(0))
+                slot = self.swapchain.acquire()
+                if slot is None:
+                    self.stats.stalled += 1
+                    slot = self._wait_for_slot(tick_end)
+                if slot is not None:
+                    self._flip(slot)
+                    flipped += 1
+                tick += 1
+                if period:
+                    tick = max(tick, int((time.monotonic() - start) / period))
+                    self._wait_until(min(start + tick * period, end))
+        finally:
+            self.stats.elapsed += time.monotonic() - start
+
+    def _flip(self, slot: Slot) -> None:
+        n = self.next_frame
+        self.swapchain.render(slot, n)
+        self.swapchain.mark_busy(slot.id)
+        self.client.flip(slot.id, frame=n)
+        self.next_frame += 1
+        self.on_screen = slot.id
+        self.stats.frames_flipped += 1
+        self.stats.last_frame = n
+
+    def _dispatch(self, events: list) -> None:
+        from .framesocket import Presented, Released
+        for ev in events:
+            if isinstance(ev, Released):
+                self.stats.released += 1
+                self.swapchain.release(ev.id)
+            elif isinstance(ev, Presented):
+                self.stats.presented += 1
+                self.stats.last_presented_frame = ev.frame
+
+    def _wait_for_slot(self, deadline: float) -> Slot | None:
+        while not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._dispatch(self.client.poll(min(left, _POLL_SLICE)))
+            slot = self.swapchain.acquire()
+            if slot is not None:
+                return slot
+        return None
+
+    def _wait_until(self, deadline: float) -> None:
+        while not self._stop:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._dispatch(self.client.poll(min(left, _POLL_SLICE)))
+
+    def wait_presented(self, frame: int, timeout: float) -> bool:
+        """Poll until frame `frame` (or a later one) was presented; False after timeout."""
+        deadline = time.monotonic() + timeout
+        while not self._stop:
+            last = self.stats.last_presented_frame
+            if last is not None and last >= frame:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._dispatch(self.client.poll(min(left, _POLL_SLICE)))
+        return False
+
+    def hold(self, seconds: float) -> None:
+        """Keep the connection (and so the buffer on screen) for `seconds`, answering events."""
+        self._wait_until(time.monotonic() + seconds)
+
+    def paint_on_screen(self, colour: RGB) -> int:
+        """Write a colour square (PAINT_RECT) into the buffer flipped last — the one on screen —
+        without flipping. Returns its buffer id."""
+        if self.on_screen is None:
+            raise RuntimeError("nothing has been flipped yet")
+        slot = self.swapchain.slots[self.on_screen]
+        with cpu_write(slot.fd):
+            paint_rect(slot.view, colour)
+        self.stats.painted_buffer = slot.id
+        return slot.id
+
+    def _paint_when_presented(self, colour: RGB) -> None:
+        last = self.stats.last_frame
+        if last is None:
+            log.error("guest %s: no frame was flipped; nothing painted", self.name)
+            return
+        if not self.wait_presented(last, PRESENT_TIMEOUT):
+            if not self._stop:
+                log.error("guest %s: frame %d was not presented within %.0f s (is the guest on an "
+                          "output?); nothing painted", self.name, last, PRESENT_TIMEOUT)
+            return
+        slot_id = self.paint_on_screen(colour)
+        print(f"painted {_hex(colour)} into buffer {slot_id} without flipping", flush=True)
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        old = {sig: signal.signal(sig, lambda *_: self.stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        return restore
+
+
+# ---------------------------------------------------------------------------------------- devices
+
+def find_card(on: str) -> str:
+    """The /dev/dri path for --on: "display" (the first card that is not vgem), "vgem", or a path.
+    Raises DeviceError with what to do."""
+    from compositor.kms import Card, DeviceError, list_cards
+    if on not in ("display", "vgem"):
+        if not os.path.exists(on):
+            raise DeviceError(f"no DRM device at {on}")
+        return on
+    cards = list_cards()
+    if not cards:
+        hint = ": load vgem with `modprobe vgem`" if on == "vgem" else ""
+        raise DeviceError(f"no DRM device: /dev/dri has no card* node{hint}")
+    drivers = []
+    for path in cards:
+        try:
+            with Card(path, kms=False) as card:
+                driver = card.driver
+        except DeviceError as exc:
+            log.debug("%s: %s", path, exc)
+            continue
+        drivers.append(f"{path} ({driver})")
+        if (on == "vgem") == (driver == "vgem"):
+            return path
+    if on == "vgem":
+        raise DeviceError(f"no vgem device among {', '.join(drivers) or 'the cards'}: load it with "
+                          f"`modprobe vgem`")
+    raise DeviceError(f"no display card among {', '.join(drivers) or 'the cards (none could be opened)'}")
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+_DESCRIPTION = """\
+Stand in for a virtual machine: allocate a few XRGB8888 buffers, hand them to a running
+`directflip run` over its frame socket as dma-bufs, and flip them at a steady rate.
+
+Each frame shows the guest's name on a colour of its own, a bar that moves 8 pixels per frame, and
+the frame number as a band at (8, 8) of 34 cells of 16x16 pixels: a white and a black marker cell,
+then the 32 bits of the number, most significant first (white = 1). Tests read it back from a
+screenshot with compositor.sources.synthetic.decode_counter.
+
+--on display allocates on the display card itself (a same-device import, like GVT-g on i915);
+--on vgem allocates on vgem (a cross-device dma-buf: zero copy where the display driver imports
+it, otherwise the compositor copies it)."""
+
+_EPILOG = """\
+examples:
+  directflip guest --name office
+  directflip guest --name build-1 --on vgem --size 800x600 --rate 30 --duration 10
+  directflip guest --name media --rate 0 --frames 1000     # as fast as buffers come back
+  directflip guest --name office --frames 60 --then-paint ff00ff --hold 5
+      zero-copy proof: after 60 frames, paint a 64x64 square at (64, 64) into the buffer on
+      screen without flipping; the monitor shows it only if it scans out the guest's memory
+
+At exit one line goes to stdout:
+  guest NAME: flipped F frames in T s (R/s), presented P, last frame L, stalled S
+
+exit status: 0 done (or stopped by SIGTERM/SIGINT), 1 --then-paint could not paint (the last
+frame was never presented), 2 setup error (no device, no compositor listening, bad arguments),
+3 the compositor refused the guest or closed the connection"""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+        check_size(w, h)
+    except ValueError as exc:
+        detail = str(exc) if "synthetic" in str(exc) else "expected WIDTHxHEIGHT, e.g. 1024x768"
+        raise argparse.ArgumentTypeError(f"{text!r}: {detail}") from None
+    return w, h
+
+
+def _name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a guest name is 1..64 characters of A-Z a-z 0-9 _ . -")
+    return text
+
+
+def _number(text: str, kind: type, lo: float, expected: str):
+    """argparse type: a number of `kind` >= lo, else an error saying what was expected."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value >= lo:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+    return value
+
+
+def _rate(text: str) -> float:
+    return _number(text, float, 0, "flips per second >= 0 (0: as fast as possible)")
+
+
+def _seconds(text: str) -> float:
+    return _number(text, float, 0, "seconds >= 0")
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, 1, "a whole number >= 1")
+
+
+def _buffers(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 2..8 buffers")
+    return value
+
+
+def _colour(text: str) -> RGB:
+    digits = text.removeprefix("#")
+    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a colour as RRGGBB, e.g. ff00ff")
+    value = int(digits, 16)
+    return ((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
+
+
+def _hex(colour: RGB) -> str:
+    return "{:02x}{:02x}{:02x}".format(*colour)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "guest", help="run a synthetic guest: flip numbered test frames through the frame socket",
+        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--name", type=_name, required=True,
+                   help="the guest's name (policies match it; it also picks the colour)")
+    p.add_argument("--socket", default=DEFAULT_FRAME_SOCKET, metavar="PATH",
+                   help=f"the compositor's frame socket (default {DEFAULT_FRAME_SOCKET})")
+    p.add_argument("--on", default="display", metavar="{display,vgem,PATH}",
+                   help="where to allocate the buffers: the first display card, vgem, or a "
+                   "/dev/dri/cardN path (default display)")
+    p.add_argument("--size", type=_size, default=(1024, 768), metavar="WxH",
+                   help=f"buffer size (default 1024x768, at least {MIN_WIDTH}x{MIN_HEIGHT})")
+    p.add_argument("--rate", type=_rate, default=60.0, metavar="HZ",
+                   help="flips per second (default 60; 0: as fast as buffers come back)")
+    p.add_argument("--buffers", type=_buffers, default=3, metavar="N", help="buffers, 2..8 (default 3)")
+    p.add_argument("--duration", type=_seconds, metavar="S", help="stop after S seconds")
+    p.add_argument("--frames", type=_positive_int, metavar="N", help="stop after N frames")
+    p.add_argument("--then-paint", type=_colour, metavar="RRGGBB",
+                   help="when the last frame is presented, paint a square into the buffer on screen "
+                   "without flipping, and print `painted RRGGBB into buffer ID without flipping`")
+    p.add_argument("--hold", type=_seconds, default=0.0, metavar="S",
+                   help="after the last frame (and the paint), keep the connection open S seconds so "
+                   "the compositor keeps showing the buffer")
+    p.add_argument("--uuid", help="the guest's UUID, for policies that match on it")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    prog = "directflip guest"
+    if args.then_paint is not None and args.frames is None and args.duration is None:
+        print(f"{prog}: error: --then-paint needs --frames or --duration (when to paint)", file=sys.stderr)
+        return 2
+    from compositor.kms import DeviceError, KmsError
+
+    from .framesocket import ServerError
+    width, height = args.size
+    try:
+        card_path = find_card(args.on)
+        guest = SyntheticGuest(args.name, args.socket, card_path, width, height, args.rate,
+                               buffers=args.buffers, uuid=args.uuid)
+        guest.open()
+    except (DeviceError, KmsError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except ServerError as exc:
+        print(f"{prog}: the compositor refused guest {args.name}: {getattr(exc, 'reason', None) or exc}",
+              file=sys.stderr)
+        return 3
+    except TimeoutError:
+        print(f"{prog}: the compositor at {args.socket} did not answer", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"{prog}: no compositor listening on {args.socket}: start `directflip run`", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"{prog}: cannot connect to {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    stats = guest.run(args.duration, args.frames, then_paint=args.then_paint, hold=args.hold)
+    print(stats.summary(args.name), flush=True)
+    if stats.server_error is not None:
+        return 3
+    if args.then_paint is not None and stats.painted_buffer is None and not guest.stopped:
+        return 1
+    return 0
+
+
+__all__ = ["DEFAULT_FRAME_SOCKET", "GuestStats", "Slot", "Swapchain", "SyntheticGuest", "band_rect",
+           "bar_rect", "decode_counter", "draw_background", "draw_bar", "draw_counter", "find_card",
+           "guest_colour", "ink_colour", "paint_rect", "register", "xrgb_view"]

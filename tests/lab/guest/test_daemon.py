@@ -1,0 +1,336 @@
+"""The flip engine on the lab's real kernel: `directflip run` with synthetic guests, pixels read back
+from outside (QEMU screendumps of the virtio-gpu heads) and from the display engine (vkms writeback).
+
+One compositor serves the whole module; each test writes the policy it needs (the compositor applies
+edits live) and starts its own guest processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from compositor.control import request
+from compositor.sources.synthetic import PAINT_RECT, decode_counter, guest_colour
+
+HEAD_SIZES = [(1024, 768), (800, 600), (640, 480)]   # the virtio-gpu heads as the lab boots them
+VKMS_SIZE = (1024, 768)                               # vkms' preferred mode
+
+POLICY_HEAD = """version: 1
+defaults:
+  slate: {text: "no signal", colour: "#101018"}
+monitors:
+  left:   {connector: Virtual-1, driver: virtio_gpu}
+  centre: {connector: Virtual-2, driver: virtio_gpu}
+  right:  {connector: Virtual-3, driver: virtio_gpu}
+  wb:     {connector: "Virtual-*", driver: vkms}
+guests:
+  office: {kind: socket}
+  media:  {kind: socket}
+  build:  {kind: socket, name: "build-*"}
+  vg:     {kind: socket}
+  fast:   {kind: socket}
+"""
+
+
+def policy(placements: dict[str, str]) -> str:
+    lines = [POLICY_HEAD, "placements:"]
+    for guest, monitor in placements.items():
+        lines.append(f"  - {{guest: {guest}, monitor: {monitor}}}")
+    return "\n".join(lines) + "\n"
+
+
+BASE = {"office": "left", "media": "centre", "build": "right", "vg": "wb"}
+
+
+class Compositor:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.policy = workdir / "policy.yaml"
+        self.socket = str(workdir / "frames.sock")
+        self.control = str(workdir / "control.sock")
+        self.log = workdir / "compositor.log"
+        self.proc: subprocess.Popen | None = None
+        self.guests: list[subprocess.Popen] = []
+
+    def start(self, text: str) -> None:
+        self.policy.write_text(text)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
+             "--socket", self.socket, "--control", self.control],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the compositor exited ({self.proc.returncode}):\n{self.log.read_text()}")
+            try:
+                self.status()
+                return
+            except (ConnectionError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the compositor did not answer within 60 s:\n{self.log.read_text()}")
+            time.sleep(0.2)
+
+    def status(self) -> dict:
+        return request(self.control, {"cmd": "status"})
+
+    def output(self, monitor: str) -> dict:
+        st = self.status()
+        found = [o for o in st["outputs"] if o.get("monitor") == monitor]
+        assert found, f"monitor {monitor} is not lit: {json.dumps(st, indent=1)}"
+        return found[0]
+
+    def set_policy(self, text: str, expect_change: bool = True) -> dict:
+        before = self.status()["policy"]["generation"]
+        tmp = self.policy.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.policy)   # the way editors save
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            st = self.status()
+            pol = st["policy"]
+            if expect_change and pol["generation"] > before:
+                return st
+            if not expect_change and pol["last_error"]:
+                return st
+            time.sleep(0.05)
+        pytest.fail(f"the policy edit was not taken up:\n{self.tail()}")
+
+    def guest(self, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-m", "compositor.cli", "guest", "--socket", self.socket,
+                                 *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.guests.append(proc)
+        return proc
+
+    def wait_shown(self, monitor: str, guest: str, timeout: float = 60, path: str | None = None) -> dict:
+        """Until `monitor` shows frames of `guest` (presented ones)."""
+        deadline = time.monotonic() + timeout
+        out: dict = {}
+        while time.monotonic() < deadline:
+            for o in self.status()["outputs"]:
+                if o.get("monitor") == monitor:
+                    out = o
+            if out.get("guest") == guest and out.get("on_screen") and (path is None or out["path"] == path):
+                return out
+            time.sleep(0.2)
+        pytest.fail(f"{monitor} does not show {guest}: {out}\n{self.tail()}")
+
+    def wait_frame(self, monitor: str, frame: int, timeout: float = 30) -> dict:
+        """Until `monitor` has the guest's frame number `frame` on screen (its flip completed)."""
+        deadline = time.monotonic() + timeout
+        out: dict = {}
+        while time.monotonic() < deadline:
+            out = self.output(monitor)
+            if (out.get("on_screen") or {}).get("frame") == frame and not out.get("in_flight"):
+                return out
+            time.sleep(0.1)
+        pytest.fail(f"{monitor} never showed frame {frame}: {out}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log.read_text().splitlines()[-n:])
+
+    def stop_guests(self) -> None:
+        for proc in self.guests:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.guests:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        self.guests.clear()
+
+    def stop(self) -> int:
+        self.stop_guests()
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def compositor(cards, tmp_path_factory):
+    comp = Compositor(tmp_path_factory.mktemp("compositor"))
+    comp.start(policy(BASE))
+    yield comp
+    code = comp.stop()
+    print(comp.tail(15))
+    assert code == 0, f"the compositor exited {code} on SIGTERM:\n{comp.tail()}"
+
+
+@pytest.fixture
+def guests(compositor):
+    yield compositor
+    compositor.stop_guests()
+
+
+def colour_share(rgb: np.ndarray, colour: tuple[int, int, int], tol: int = 4) -> float:
+    """The fraction of pixels within tol of colour."""
+    return float(np.mean(np.all(np.abs(rgb.astype(int) - np.array(colour)) <= tol, axis=-1)))
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"guest exited {proc.returncode}:\n{out}"
+    return out
+
+
+# ------------------------------------------------------------------------------------ acceptance 1
+
+def test_three_guests_on_three_heads_at_60_flips(host, guests):
+    names = ["office", "media", "build-1"]
+    for name, (w, h) in zip(names, HEAD_SIZES, strict=True):
+        guests.guest("--name", name, "--on", "display", "--size", f"{w}x{h}", "--rate", "60",
+                     "--duration", "10")
+    for monitor, name in zip(["left", "centre", "right"], names, strict=True):
+        guests.wait_shown(monitor, name, path="zero-copy")
+    first = [host.screendump(head) for head in range(3)]
+    time.sleep(2)
+    second = [host.screendump(head) for head in range(3)]
+    status = guests.status()
+    for head, name in enumerate(names):
+        colour = guest_colour(name)
+        share = colour_share(second[head], colour)
+        assert share > 0.5, f"head {head} does not show {name}: only {share:.0%} of it is {colour}"
+        for other in names:
+            if other != name:
+                assert colour_share(second[head], guest_colour(other)) < 0.01
+        a, b = decode_counter(first[head]), decode_counter(second[head])
+        assert a is not None and b is not None, f"head {head}: no frame counter in the screendump"
+        assert b > a, f"head {head} ({name}): the frame counter did not advance ({a} then {b})"
+        print(f"head {head} {name}: frame {a} then {b} two seconds later")
+    for o in status["outputs"]:
+        if o.get("guest") in names:
+            print(f"status {o['monitor']}: {o['guest']} {o['path']} {o['flips_per_s']} flips/s, "
+                  f"latency p50 {o['latency_ms']['p50']} ms p99 {o['latency_ms']['p99']} ms, "
+                  f"dropped {o['dropped']}")
+            assert o["path"] == "zero-copy"
+            assert o["max_in_flight"] == 1
+    for proc in list(guests.guests):
+        print(finish(proc).strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------ acceptance 2
+
+def test_vgem_guest_on_vkms_is_zero_copy(guests, tmp_path):
+    w, h = VKMS_SIZE
+    proc = guests.guest("--name", "vg", "--on", "vgem", "--size", f"{w}x{h}", "--rate", "30",
+                        "--frames", "20", "--then-paint", "ff00ff", "--hold", "30")
+    line = ""
+    deadline = time.monotonic() + 90
+    while "painted" not in line:
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None, f"guest ended before painting:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, "guest never painted"
+    out = guests.output("wb")
+    assert out["guest"] == "vg" and out["path"] == "zero-copy", out
+    shot = tmp_path / "wb.png"
+    answer = request(guests.control, {"cmd": "capture", "monitor": "wb", "path": str(shot)})
+    rgb = np.asarray(Image.open(shot).convert("RGB"))
+    x, y, pw, ph = PAINT_RECT
+    square = rgb[y:y + ph, x:x + pw]
+    assert (square == [255, 0, 255]).all(), (
+        f"the writeback does not show the square the guest painted without flipping: {square[0, 0]}")
+    assert decode_counter(rgb) == 19, "the writeback does not show the guest's last flipped frame"
+    assert colour_share(rgb, guest_colour("vg")) > 0.5
+    print(f"writeback of wb: {answer['width']}x{answer['height']}, painted square present, frame 19, "
+          f"status path {out['path']}; guest said: {line.strip()}")
+
+
+# ------------------------------------------------------------------------------------ acceptance 3
+
+def test_vgem_guest_on_virtio_gpu_is_copied(host, guests):
+    guests.set_policy(policy({**BASE, "vg": "right", "build": "wb"}))
+    w, h = HEAD_SIZES[2]
+    guests.guest("--name", "vg", "--on", "vgem", "--size", f"{w}x{h}", "--rate", "30", "--frames", "40",
+                 "--hold", "60")
+    out = guests.wait_shown("right", "vg")
+    assert out["path"] == "copy", out
+    assert "import refused" in out["reason"] and "another device" in out["reason"], out["reason"]
+    out = guests.wait_frame("right", 39)
+    rgb = host.screendump(2)
+    assert decode_counter(rgb) == 39, "the copied picture is not the guest's last frame"
+    assert colour_share(rgb, guest_colour("vg")) > 0.5
+    assert out["path"] == "copy" and out["copies"] >= 1
+    print(f"right: vg via {out['path']} ({out['copies']} copies), reason: {out['reason']}")
+    guests.stop_guests()
+    guests.set_policy(policy(BASE))
+
+
+# ------------------------------------------------------------------------------------ acceptance 4
+
+def test_policy_edit_swaps_guests_and_a_broken_edit_changes_nothing(host, guests):
+    guests.set_policy(policy(BASE))
+    w, h = HEAD_SIZES[2]
+    for name in ("office", "media"):
+        guests.guest("--name", name, "--on", "display", "--size", f"{w}x{h}", "--rate", "20",
+                     "--duration", "60")
+    guests.wait_shown("left", "office")
+    guests.wait_shown("centre", "media")
+    before = [host.screendump(h) for h in (0, 1)]
+    assert colour_share(before[0], guest_colour("office")) > 0.2
+    assert colour_share(before[1], guest_colour("media")) > 0.2
+
+    t0 = time.monotonic()
+    guests.set_policy(policy({**BASE, "office": "centre", "media": "left"}))
+    guests.wait_shown("left", "media")
+    guests.wait_shown("centre", "office")
+    print(f"swap applied, both monitors showing the new guest {time.monotonic() - t0:.2f} s after the save")
+    after = [host.screendump(h) for h in (0, 1)]
+    assert colour_share(after[0], guest_colour("media")) > 0.2, "left did not follow the swap"
+    assert colour_share(after[1], guest_colour("office")) > 0.2, "centre did not follow the swap"
+    assert colour_share(after[0], guest_colour("office")) < 0.01
+    right_before = guests.output("right")
+
+    st = guests.set_policy(POLICY_HEAD + "placements:\n  - {guest: office, monitor: nowhere}\n",
+                           expect_change=False)
+    assert "nowhere" in st["policy"]["last_error"]
+    time.sleep(0.5)
+    kept = [host.screendump(h) for h in (0, 1)]
+    assert colour_share(kept[0], guest_colour("media")) > 0.2, "a broken edit changed the left monitor"
+    assert colour_share(kept[1], guest_colour("office")) > 0.2, "a broken edit changed the centre monitor"
+    right_after = guests.output("right")
+    assert right_after["mode"] == right_before["mode"] and right_after["guest"] == right_before["guest"]
+    guests.set_policy(policy(BASE))
+
+
+# ------------------------------------------------------------------------------------ acceptance 5
+
+def test_a_guest_flipping_1000_times_a_second_never_queues(host, guests):
+    guests.set_policy(policy({**BASE, "fast": "right", "build": "wb"}))
+    w, h = HEAD_SIZES[2]
+    proc = guests.guest("--name", "fast", "--on", "display", "--size", f"{w}x{h}", "--rate", "1000",
+                        "--buffers", "4", "--duration", "8", "--hold", "60")
+    guests.wait_shown("right", "fast")
+    # When the guest has stopped flipping (it holds its connection), the monitor must show its last frame.
+    flips, stable_since = -1, time.monotonic()
+    while time.monotonic() - stable_since < 1.5:
+        time.sleep(0.25)
+        now = next(g["flips"] for g in guests.status()["guests"] if g["name"] == "fast")
+        if now != flips:
+            flips, stable_since = now, time.monotonic()
+    last = flips - 1
+    out = guests.wait_frame("right", last)
+    rgb = host.screendump(2)
+    assert decode_counter(rgb) == last, f"the monitor does not show the newest frame {last}"
+    assert out["max_in_flight"] == 1 and out["max_pending"] == 1, out
+    assert out["dropped"] > 0, "a 1000 flips/s guest on a 60 Hz output must have frames dropped"
+    assert out["busy"] == 0 and out["errors"] == 0, out
+    proc.send_signal(signal.SIGTERM)
+    print(finish(proc).strip().splitlines()[-1])
+    time.sleep(1)
+    assert not [g for g in guests.status()["guests"] if g["name"] == "fast"]
+    print(f"right: fast frames {out['frames']} presented {out['presented']} dropped {out['dropped']}, "
+          f"max in flight {out['max_in_flight']}, max pending {out['max_pending']}, "
+          f"latency p50 {out['latency_ms']['p50']} ms p99 {out['latency_ms']['p99']} ms")
+    guests.set_policy(policy(BASE))

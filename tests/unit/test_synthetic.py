@@ -1,0 +1,501 @@
+"""Synthetic guests, the pure parts: the counter band round trip, screenshot decoding, the moving
+bar's erase, strides, colours, and that a frame touches only the band and the bar rects. No device:
+buffers are bytearrays viewed the way a Swapchain views its mmaps."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import signal
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from compositor.sources import synthetic as syn
+
+W, H = 640, 480
+
+
+def buffer(width: int = W, height: int = H, pitch: int | None = None) -> np.ndarray:
+    pitch = pitch or width * 4
+    return syn.xrgb_view(bytearray(pitch * height), width, height, pitch)
+
+
+def to_rgb(view: np.ndarray) -> np.ndarray:
+    """What a screendump of the buffer shows: B,G,R,X in memory → R,G,B."""
+    return np.ascontiguousarray(view[..., 2::-1])
+
+
+def frame(name: str, n: int, width: int = W, height: int = H) -> np.ndarray:
+    """A fresh buffer showing frame n."""
+    view = buffer(width, height)
+    syn.draw_background(view, name)
+    bg = view.copy()
+    syn.draw_counter(view, n)
+    syn.draw_bar(view, n, bg, syn.ink_colour(syn.guest_colour(name)))
+    return view
+
+
+def inside(rects, ys, xs) -> np.ndarray:
+    ok = np.zeros(len(ys), dtype=bool)
+    for x, y, w, h in rects:
+        ok |= (xs >= x) & (xs < x + w) & (ys >= y) & (ys < y + h)
+    return ok
+
+
+# ------------------------------------------------------------------------------------------ counter
+
+@pytest.mark.parametrize("n", [0, 1, 2, 0x80000000, 0x55555555, 123456789, 2**32 - 1])
+def test_counter_round_trip(n):
+    view = buffer()
+    syn.draw_background(view, "office")
+    syn.draw_counter(view, n)
+    assert syn.decode_counter(to_rgb(view)) == n
+
+
+def test_counter_wraps_modulo_2_32():
+    view = buffer()
+    syn.draw_background(view, "office")
+    syn.draw_counter(view, 2**32 + 5)
+    assert syn.decode_counter(to_rgb(view)) == 5
+
+
+def test_counter_overwrites_previous_value():
+    view = buffer()
+    syn.draw_background(view, "media")
+    syn.draw_counter(view, 2**32 - 1)
+    syn.draw_counter(view, 0)
+    assert syn.decode_counter(to_rgb(view)) == 0
+
+
+def test_band_layout_is_documented_one():
+    # cell i spans x = 8 + 16 i .. +16, y = 8 .. 24: white marker, black marker, then MSB first.
+    view = buffer()
+    syn.draw_background(view, "office")
+    syn.draw_counter(view, 1 << 31)
+    rgb = to_rgb(view)
+    assert syn.band_rect() == (8, 8, 34 * 16, 16)
+    assert (rgb[8:24, 8:24] == 255).all()          # marker: white
+    assert (rgb[8:24, 24:40] == 0).all()           # marker: black
+    assert (rgb[8:24, 40:56] == 255).all()         # bit 31
+    assert (rgb[8:24, 56:8 + 34 * 16] == 0).all()  # bits 30..0
+
+
+def test_decode_rejects_random_and_plain_images():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        assert syn.decode_counter(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) is None
+    assert syn.decode_counter(np.zeros((H, W, 3), np.uint8)) is None            # no white marker
+    assert syn.decode_counter(np.full((H, W, 3), 255, np.uint8)) is None        # no black marker
+    view = buffer()
+    syn.draw_background(view, "office")                                         # background only
+    assert syn.decode_counter(to_rgb(view)) is None
+
+
+def test_decode_rejects_a_wrong_origin():
+    rgb = to_rgb(frame("office", 0xDEADBEEF))
+    assert syn.decode_counter(rgb) == 0xDEADBEEF
+    for origin in [(8, 0), (-8, 0), (0, 8), (0, -8), (16, 0), (-16, 0), (5, 5)]:
+        assert syn.decode_counter(rgb, origin) is None, origin
+    assert syn.decode_counter(rgb, (W, H)) is None           # band off the image
+    assert syn.decode_counter(rgb[:20]) is None               # image too small for the band
+
+
+def test_decode_tolerates_a_small_offset():
+    rgb = to_rgb(frame("office", 77))
+    for origin in [(2, 0), (-3, 0), (0, 3), (-2, -2)]:
+        assert syn.decode_counter(rgb, origin) == 77, origin
+
+
+@pytest.mark.parametrize("screen", [(1920, 1080), (1024, 768), (W, H)])
+def test_decode_on_a_screen_with_the_buffer_centred(screen):
+    sw, sh = screen
+    rgb = to_rgb(frame("build-1", 424242))
+    shot = np.zeros((sh, sw, 3), np.uint8)
+    ox, oy = (sw - W) // 2, (sh - H) // 2
+    shot[oy:oy + H, ox:ox + W] = rgb
+    assert syn.decode_counter(shot, (ox, oy)) == 424242
+    rgba = np.concatenate([shot, np.full((sh, sw, 1), 255, np.uint8)], axis=-1)   # a PNG with alpha
+    assert syn.decode_counter(rgba, (ox, oy)) == 424242
+    if (ox, oy) != (0, 0):
+        assert syn.decode_counter(shot) is None
+
+
+# ---------------------------------------------------------------------------------------------- bar
+
+def test_bar_position():
+    assert syn.bar_rect(W, H, 0) == (0, syn.BAR_TOP, 16, H - syn.BAR_TOP)
+    assert syn.bar_rect(W, H, 3)[0] == 24
+    assert syn.bar_rect(W, H, (W - 16) // 8)[0] == 0      # wraps at width - 16
+    assert all(0 <= syn.bar_x(W, n) <= W - 16 for n in range(1000))
+
+
+def prepared(name: str):
+    """A buffer with the guest's background drawn, a copy of that background, and the bar's ink."""
+    view = buffer()
+    syn.draw_background(view, name)
+    return view, view.copy(), syn.ink_colour(syn.guest_colour(name))
+
+
+def test_bar_erase_leaves_no_stale_pixels():
+    view, bg, ink = prepared("office")
+    painted = None
+    for n in range(51):
+        syn.draw_counter(view, n)
+        painted = syn.draw_bar(view, n, bg, ink, painted)
+    np.testing.assert_array_equal(view, frame("office", 50))
+
+
+def test_bar_erase_across_the_wrap_and_in_a_swapchain_rotation():
+    # Three buffers used in turn, like a swapchain: each sees every third frame, and the bar wraps.
+    name = "media"
+    views = [buffer() for _ in range(3)]
+    for v in views:
+        syn.draw_background(v, name)
+    bg = views[0].copy()
+    ink = syn.ink_colour(syn.guest_colour(name))
+    painted: list[int | None] = [None, None, None]
+    last = 3 * (W - 16) // 8 + 10
+    for n in range(last + 1):
+        i = n % 3
+        syn.draw_counter(views[i], n)
+        painted[i] = syn.draw_bar(views[i], n, bg, ink, painted[i])
+    for i, n in zip(range(3), range(last - 2, last + 1), strict=True):
+        np.testing.assert_array_equal(views[n % 3], frame(name, n), err_msg=f"buffer {i}")
+
+
+def test_bar_keeps_the_name():
+    # Erasing restores the background image, so the name survives the bar passing over it.
+    name = "build-1"
+    view = buffer()
+    syn.draw_background(view, name)
+    bg = view.copy()
+    colour = syn.guest_colour(name)
+    assert (np.any(bg[..., :3] != syn._bgrx(colour)[:3], axis=-1)[syn.BAR_TOP:]).sum() > 100  # text drawn
+    painted = None
+    for n in range((W - 16) // 8 + 1):
+        painted = syn.draw_bar(view, n, bg, syn.ink_colour(colour), painted)
+    syn.draw_bar(view, 0, bg, syn.ink_colour(colour), painted)
+    mask = np.ones(view.shape[:2], bool)
+    x, y, w, h = syn.bar_rect(W, H, 0)
+    mask[y:y + h, x:x + w] = False
+    np.testing.assert_array_equal(view[mask], bg[mask])
+
+
+def test_a_frame_touches_only_the_band_and_the_bar_rects():
+    view, bg, ink = prepared("office")
+    painted = None
+    for m, n in [(0, 3), (3, 4), (4, 100), (100, 101), (200, 0)]:
+        syn.draw_counter(view, m)
+        painted = syn.draw_bar(view, m, bg, ink, painted)
+        before = view.copy()
+        syn.draw_counter(view, n)
+        painted = syn.draw_bar(view, n, bg, ink, painted)
+        ys, xs = np.nonzero(np.any(view != before, axis=-1))
+        assert len(ys)
+        rects = [syn.band_rect(), syn.bar_rect(W, H, m), syn.bar_rect(W, H, n)]
+        assert inside(rects, ys, xs).all(), (m, n)
+
+
+# ------------------------------------------------------------------------------------------- stride
+
+def test_stride_wider_than_the_row():
+    width, height, pitch = 600, 200, 4 * 640
+    raw = bytearray(b"\xAB" * pitch * height)
+    view = syn.xrgb_view(raw, width, height, pitch)
+    syn.draw_background(view, "office")
+    bg = view.copy()
+    syn.draw_counter(view, 70)
+    syn.draw_bar(view, 70, bg, syn.ink_colour(syn.guest_colour("office")))
+    rows = np.frombuffer(raw, np.uint8).reshape(height, pitch)
+    assert (rows[:, width * 4:] == 0xAB).all()                       # padding untouched
+    assert syn.decode_counter(to_rgb(view)) == 70
+    np.testing.assert_array_equal(view, frame("office", 70, width, height))
+    x = syn.bar_x(width, 70)
+    assert (view[syn.BAR_TOP:, x:x + 16, :3] == syn.ink_colour(syn.guest_colour("office"))[::-1]).all()
+
+
+def test_xrgb_view_rejects_a_short_pitch():
+    with pytest.raises(ValueError):
+        syn.xrgb_view(bytearray(100 * 100 * 4), 100, 100, 396)
+
+
+def test_too_small_a_buffer_is_refused():
+    with pytest.raises(ValueError, match="at least"):
+        syn.draw_background(buffer(320, 240), "office")
+
+
+# ------------------------------------------------------------------------------------------ colours
+
+def test_guest_colours_are_distinct_and_stable():
+    names = ["office", "media", "build-1"]
+    colours = [np.array(syn.guest_colour(n), float) for n in names]
+    for a, b in itertools.combinations(colours, 2):
+        assert np.linalg.norm(a - b) > 100
+    assert syn.guest_colour("office") == syn.guest_colour("office")
+    for c in colours:
+        assert max(c) - min(c) > 100           # saturated
+        assert all(0 <= v <= 255 for v in c)
+
+
+def test_background_is_the_guest_colour_and_the_name_contrasts():
+    view = buffer()
+    syn.draw_background(view, "office")
+    rgb = to_rgb(view)
+    colour = syn.guest_colour("office")
+    assert tuple(rgb[0, 0]) == colour
+    assert tuple(rgb[syn.BAR_TOP - 1, W - 1]) == colour
+    ink = np.array(syn.ink_colour(colour))
+    assert (np.all(rgb == ink, axis=-1)[syn.BAR_TOP:]).sum() > 50    # solid text pixels below the band
+    assert not np.all(rgb == ink, axis=-1)[:syn.BAR_TOP].any()      # none above it
+
+
+def test_paint_rect():
+    view = frame("office", 5)
+    before = view.copy()
+    syn.paint_rect(view, (255, 0, 255))
+    x, y, w, h = syn.PAINT_RECT
+    assert (to_rgb(view)[y:y + h, x:x + w] == (255, 0, 255)).all()
+    ys, xs = np.nonzero(np.any(view != before, axis=-1))
+    assert inside([syn.PAINT_RECT], ys, xs).all()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="directflip")
+    syn.register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_defaults_and_options():
+    args = parser().parse_args(["guest", "--name", "office"])
+    assert (args.socket, args.on, args.size, args.rate, args.buffers) == \
+        (syn.DEFAULT_FRAME_SOCKET, "display", (1024, 768), 60.0, 3)
+    assert args.func is syn.run_cli
+    args = parser().parse_args(["guest", "--name", "m", "--on", "vgem", "--size", "800x600", "--rate", "0",
+                                "--frames", "60", "--then-paint", "#FF00ff", "--hold", "5"])
+    assert (args.size, args.rate, args.frames, args.then_paint, args.hold) == \
+        ((800, 600), 0.0, 60, (255, 0, 255), 5.0)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--size", "100x100"], ["--size", "big"], ["--rate", "-1"], ["--buffers", "1"], ["--buffers", "9"],
+    ["--then-paint", "red"], ["--frames", "0"], ["--hold", "x"], ["--name", "my guest"],
+])
+def test_cli_rejects_bad_values(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args(["guest", "--name", "g", *argv])
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_then_paint_needs_an_end(capsys):
+    args = parser().parse_args(["guest", "--name", "g", "--then-paint", "ff00ff"])
+    assert syn.run_cli(args) == 2
+    assert "--then-paint needs --frames or --duration" in capsys.readouterr().err
+
+
+def test_summary_line():
+    stats = syn.GuestStats(frames_flipped=120, presented=118, stalled=1, last_frame=119, elapsed=2.0)
+    assert stats.summary("office") == ("guest office: flipped 120 frames in 2.00 s (60.0/s), presented 118, "
+                                       "last frame 119, stalled 1")
+
+
+# ------------------------------------------------------------------- the guest loop, with fakes
+# A fake card (bytearray "mappings", memfd "dma-bufs") and a fake frame-socket client standing in for
+# a latest-frame-wins compositor: it presents every flip at once and releases the frame it supersedes.
+
+class FakeDumb:
+    def __init__(self, handle: int, width: int, height: int) -> None:
+        self.handle, self.pitch = handle, width * 4 + 64      # a stride wider than the row
+        self.size = self.pitch * height
+        self._map = bytearray(self.size)
+        self.destroyed = False
+
+    def map(self) -> bytearray:
+        return self._map
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+class FakeCard:
+    driver = "fake"
+
+    def __init__(self) -> None:
+        self.buffers: list[FakeDumb] = []
+
+    def create_dumb(self, width: int, height: int, bpp: int = 32) -> FakeDumb:
+        self.buffers.append(FakeDumb(len(self.buffers) + 1, width, height))
+        return self.buffers[-1]
+
+    def export_dmabuf(self, handle: int) -> int:
+        return os.memfd_create(f"fake-dmabuf-{handle}")
+
+
+@dataclasses.dataclass
+class Released:
+    id: int
+
+
+@dataclasses.dataclass
+class Presented:
+    id: int
+    frame: int
+    timestamp_ns: int = 0
+    sequence: int = 0
+
+
+class ServerError(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class FakeClient:
+    def __init__(self, releases: bool = True, fail_after: int | None = None) -> None:
+        self.releases, self.fail_after = releases, fail_after
+        self.events: list = []
+        self.flips: list[tuple[int, int]] = []
+        self.held: set[int] = set()
+        self.on_screen: int | None = None
+        self.closed = False
+
+    def flip(self, buffer_id: int, frame: int = 0) -> None:
+        assert buffer_id not in self.held, f"buffer {buffer_id} drawn into while the compositor held it"
+        self.flips.append((buffer_id, frame))
+        self.held.add(buffer_id)
+        if self.on_screen is not None and self.releases:
+            self.held.discard(self.on_screen)
+            self.events.append(Released(self.on_screen))
+        self.on_screen = buffer_id
+        self.events.append(Presented(buffer_id, frame))
+
+    def poll(self, timeout: float | None = 0) -> list:
+        if self.fail_after is not None and len(self.flips) >= self.fail_after:
+            raise ServerError("output unplugged")
+        events, self.events = self.events, []
+        if not events and timeout:
+            time.sleep(timeout)
+        return events
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def fake_socket_module(monkeypatch):
+    module = types.ModuleType("compositor.sources.framesocket")
+    module.Released, module.Presented, module.ServerError = Released, Presented, ServerError
+    monkeypatch.setitem(sys.modules, "compositor.sources.framesocket", module)
+
+
+def fake_guest(client: FakeClient, rate: float = 0, buffers: int = 3):
+    guest = syn.SyntheticGuest("office", "/nonexistent", "/dev/null", W, H, rate, buffers=buffers)
+    card = FakeCard()
+    guest.swapchain = syn.Swapchain(card, W, H, buffers, name="office")
+    guest.client = client
+    return guest, card
+
+
+def slot_rgb(slot) -> np.ndarray:
+    return to_rgb(syn.xrgb_view(slot.map, W, H, slot.pitch))
+
+
+def test_swapchain_with_a_fake_card():
+    card = FakeCard()
+    chain = syn.Swapchain(card, W, H, 3, name="media")
+    assert sorted(chain.slots) == [1, 2, 3]
+    slot = chain.acquire()
+    assert tuple(slot_rgb(slot)[0, 0]) == syn.guest_colour("media")
+    chain.render(slot, 9)
+    chain.mark_busy(slot.id)
+    assert syn.decode_counter(slot_rgb(slot)) == 9
+    others = {chain.acquire().id}
+    assert slot.id not in others
+    chain.release(slot.id)
+    chain.release(slot.id)                  # a second release is ignored
+    chain.close()
+    assert all(b.destroyed for b in card.buffers)
+
+
+def test_guest_flips_frames_in_order_and_never_draws_into_held_buffers(fake_socket_module):
+    client = FakeClient()
+    guest, card = fake_guest(client)
+    stats = guest.run(frames=20)
+    assert [f for _, f in client.flips] == list(range(20))
+    assert (stats.frames_flipped, stats.presented, stats.released, stats.stalled) == (20, 20, 19, 0)
+    assert (stats.last_frame, stats.last_presented_frame, stats.server_error) == (19, 19, None)
+    assert client.closed and all(b.destroyed for b in card.buffers)
+
+
+def test_guest_stalls_when_the_compositor_keeps_every_buffer(fake_socket_module):
+    client = FakeClient(releases=False)
+    guest, _ = fake_guest(client, rate=100)
+    stats = guest.run(duration=0.2)
+    assert stats.frames_flipped == 3
+    assert stats.stalled >= 5
+    assert 0.2 <= stats.elapsed < 0.4
+
+
+def test_guest_paces_by_absolute_deadlines(fake_socket_module):
+    guest, _ = fake_guest(FakeClient(), rate=50)
+    stats = guest.run(duration=0.4)
+    assert 15 <= stats.frames_flipped <= 21
+    guest, _ = fake_guest(FakeClient(), rate=100)
+    stats = guest.run(frames=10)
+    assert 0.09 <= stats.elapsed < 0.5
+
+
+def test_guest_ends_when_the_server_closes(fake_socket_module):
+    client = FakeClient(fail_after=5)
+    guest, _ = fake_guest(client)
+    stats = guest.run(frames=100)
+    assert stats.server_error == "output unplugged"
+    assert stats.frames_flipped == 5
+    assert client.closed
+
+
+def test_guest_paints_into_the_buffer_on_screen(fake_socket_module, capsys):
+    client = FakeClient()
+    guest, _ = fake_guest(client)
+    slots = dict(guest.swapchain.slots)
+    stats = guest.run(frames=7, then_paint=(255, 0, 255), hold=0.05)
+    last_id = client.flips[-1][0]
+    assert len(client.flips) == 7                                   # painting did not flip
+    assert stats.painted_buffer == last_id
+    assert capsys.readouterr().out == f"painted ff00ff into buffer {last_id} without flipping\n"
+    x, y, w, h = syn.PAINT_RECT
+    rgb = slot_rgb(slots[last_id])
+    assert (rgb[y:y + h, x:x + w] == (255, 0, 255)).all()
+    assert syn.decode_counter(rgb) == 6
+    for other in set(slots) - {last_id}:
+        assert not (slot_rgb(slots[other])[y:y + h, x:x + w] == (255, 0, 255)).all()
+
+
+def test_guest_stops_on_request(fake_socket_module):
+    guest, _ = fake_guest(FakeClient(), rate=100)
+    timer = threading.Timer(0.1, guest.stop)
+    timer.start()
+    stats = guest.run()
+    timer.join()
+    assert guest.stopped and 5 <= stats.frames_flipped <= 15
+
+
+def test_guest_stops_cleanly_on_sigterm(fake_socket_module):
+    client = FakeClient()
+    guest, _ = fake_guest(client, rate=100)
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    stats = guest.run(duration=5)
+    timer.join()
+    assert guest.stopped and stats.elapsed < 1 and client.closed
+    assert signal.getsignal(signal.SIGTERM) is before
