@@ -107,48 +107,58 @@ class FramebufferCache:
 
 
 class CopyBuffers:
-    """The pipeline's own dumb buffers for the copy rung: two, so one can be written while the other
-    is on screen (a copy is only made when no commit is in flight)."""
+    """The pipeline's own dumb buffers for the copy rung, the size of the mode: the planned `src`
+    rectangle of the guest's buffer is copied to the planned `dst` rectangle, the rest stays black.
+    So a card that refuses the guest's buffer, or refuses to position a plane (virtio-gpu's primary
+    plane must cover the whole CRTC), still shows the picture where the plan puts it. Two buffers,
+    so one can be written while the other is on screen (a copy is only made when no commit is in
+    flight). A copy cannot scale: a plan that scales needs a plane that does."""
 
-    def __init__(self, card: Card, info: PlaneInfo) -> None:
+    def __init__(self, card: Card, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> None:
         if info.modifier not in (DRM_FORMAT_MOD_LINEAR, DRM_FORMAT_MOD_INVALID):
             raise Rejected("copy", 22, "the buffer is tiled (format modifier set); a CPU copy would "
                            "scramble it")
+        if (src.w, src.h) != (dst.w, dst.h):
+            raise Rejected("copy", 22, f"the plan scales {src} to {dst}; a copy cannot scale")
         self.card = card
-        self.info = info
+        self.info, self.size, self.src, self.dst = info, size, src, dst
         self.slots: list[tuple[DumbBuffer, Framebuffer]] = []
         bpp = FORMATS[info.fourcc].bpp
         for _ in range(2):
-            buf = card.create_dumb(info.width, info.height, bpp)
-            fb = card.add_framebuffer(info.width, info.height, info.fourcc, [buf.handle], [buf.pitch], [0],
+            buf = card.create_dumb(size[0], size[1], bpp)
+            buf.map()[:] = bytes(buf.size)
+            fb = card.add_framebuffer(size[0], size[1], info.fourcc, [buf.handle], [buf.pitch], [0],
                                       DRM_FORMAT_MOD_LINEAR)
             self.slots.append((buf, fb))
         self.next = 0
         self._maps: dict[tuple[str, int], mmap.mmap] = {}
 
-    def fits(self, info: PlaneInfo) -> bool:
-        return (info.width, info.height, info.fourcc) == (self.info.width, self.info.height, self.info.fourcc)
+    def fits(self, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> bool:
+        return ((info.width, info.height, info.fourcc, size, src, dst)
+                == (self.info.width, self.info.height, self.info.fourcc, self.size, self.src, self.dst))
 
     def copy(self, buffer: Buffer) -> Framebuffer:
         """Copy the buffer's pixels into the next slot; returns that slot's framebuffer."""
-        src = self._maps.get(buffer.key)
-        if src is None:
-            src = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ)
-            self._maps[buffer.key] = src
+        src_map = self._maps.get(buffer.key)
+        if src_map is None:
+            src_map = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._maps[buffer.key] = src_map
         dst_buf, fb = self.slots[self.next]
         self.next = (self.next + 1) % len(self.slots)
-        dst = dst_buf.map()
-        info = buffer.info
-        row = info.width * info.bytes_per_pixel
+        dst_map = dst_buf.map()
+        info, src, dst = buffer.info, self.src, self.dst
+        bpp = info.bytes_per_pixel
+        row = src.w * bpp
         _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
-            if info.stride == dst_buf.pitch and row == info.stride:
-                dst[:row * info.height] = src[info.offset:info.offset + row * info.height]
+            if (src.x, src.y, dst.x, dst.y) == (0, 0, 0, 0) and info.offset == 0 \
+                    and info.stride == dst_buf.pitch == row:
+                dst_map[:row * src.h] = src_map[:row * src.h]
             else:
-                for y in range(info.height):
-                    s = info.offset + y * info.stride
-                    d = y * dst_buf.pitch
-                    dst[d:d + row] = src[s:s + row]
+                for y in range(src.h):
+                    s = info.offset + (src.y + y) * info.stride + src.x * bpp
+                    d = (dst.y + y) * dst_buf.pitch + dst.x * bpp
+                    dst_map[d:d + row] = src_map[s:s + row]
         finally:
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
         return fb
@@ -322,18 +332,20 @@ class ScanoutPipeline:
             self._show_slate(problem, modeset, old_plane)
             self.release(frame)
             return
-        for fb, path in self._ladder(frame):
-            req = self._request(fb, self.out.src, self.out.dst, modeset, old_plane)
+        for fb, path, src, dst in self._ladder(frame):
+            req = self._request(fb, src, dst, modeset, old_plane)
             try:
                 req.test(allow_modeset=modeset)
             except Rejected as exc:
-                self._fall(path, f"TEST_ONLY refused the {path} configuration: {exc}")
+                self._fall(path, self._refusal(path, dst, exc))
                 continue
             req.commit(allow_modeset=modeset)
             self._lit = True
             self._replace_on_screen(_Commit(frame, fb, 0))
-            self.plane_key = self._plane_key(fb)
-            self.path, self.reason = path, ""
+            self.plane_key = self._plane_key(fb, src, dst)
+            self.path = path
+            if path == ZERO_COPY:
+                self.reason = ""
             log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, path, frame.buffer.info.describe())
             self.metrics.frames += 1
             return
@@ -341,23 +353,33 @@ class ScanoutPipeline:
         self.release(frame)
 
     def _ladder(self, frame: Frame):
-        """(framebuffer, path) for the frame, best rung first, from the rung the pipeline is on."""
-        buffer = frame.buffer
+        """(framebuffer, path, src, dst) for the frame, best rung first, from the rung the pipeline
+        is on."""
+        buffer, out = frame.buffer, self.out
         if ZERO_COPY not in self.fallbacks:
             try:
-                yield self.fbcache.framebuffer(buffer), ZERO_COPY
+                yield self.fbcache.framebuffer(buffer), ZERO_COPY, out.src, out.dst
             except KmsError as exc:
                 self._fall(ZERO_COPY, f"import refused: {exc}")
         if COPY not in self.fallbacks:
+            size = (self.mode.width, self.mode.height)
             try:
-                if self.copy is None or not self.copy.fits(buffer.info):
+                if self.copy is None or not self.copy.fits(buffer.info, size, out.src, out.dst):
                     self._drop_copy()
-                    self.copy = CopyBuffers(self.card, buffer.info)
+                    self.copy = CopyBuffers(self.card, buffer.info, size, out.src, out.dst)
                 fb = self.copy.copy(buffer)
                 self.metrics.copies += 1
-                yield fb, COPY
+                full = Rect(0, 0, *size)
+                yield fb, COPY, full, full
             except (KmsError, OSError, ValueError) as exc:
                 self._fall(COPY, f"copy impossible: {exc}")
+
+    def _refusal(self, path: str, dst: Rect, exc: KmsError) -> str:
+        text = f"TEST_ONLY refused the {path} configuration ({exc})"
+        if (dst.x, dst.y, dst.w, dst.h) != (0, 0, self.mode.width, self.mode.height):
+            text += (f"; the plan puts the buffer at {dst} on a {self.mode.width}x{self.mode.height} screen "
+                     f"and this plane may have to cover the whole CRTC")
+        return text
 
     def _fall(self, path: str, reason: str) -> None:
         if path not in self.fallbacks:
@@ -398,8 +420,8 @@ class ScanoutPipeline:
                     f"(re-planning)")
         return None
 
-    def _plane_key(self, fb: Framebuffer) -> tuple:
-        return (fb.width, fb.height, fb.format, self.out.src, self.out.dst, self.plane.id)
+    def _plane_key(self, fb: Framebuffer, src: Rect, dst: Rect) -> tuple:
+        return (fb.width, fb.height, fb.format, src, dst, self.plane.id)
 
     # --- frames (nonblocking) -------------------------------------------------------------------
 
@@ -433,19 +455,19 @@ class ScanoutPipeline:
             return
         ScanoutPipeline._tokens += 1
         token = ScanoutPipeline._tokens
-        for fb, path in self._ladder(frame):
+        for fb, path, src, dst in self._ladder(frame):
             try:
-                if self._plane_key(fb) == self.plane_key:
+                if self._plane_key(fb, src, dst) == self.plane_key:
                     self._flip(fb, token)
                 else:
-                    req = self._request(fb, self.out.src, self.out.dst, False)
+                    req = self._request(fb, src, dst, False)
                     try:
                         req.test()
                     except Rejected as exc:
-                        self._fall(path, f"TEST_ONLY refused the {path} configuration: {exc}")
+                        self._fall(path, self._refusal(path, dst, exc))
                         continue
                     req.commit(nonblock=True, event=True, user_data=token)
-                    self.plane_key = self._plane_key(fb)
+                    self.plane_key = self._plane_key(fb, src, dst)
             except KmsError as exc:
                 self.metrics.errors += 1
                 if exc.errno == 16:
@@ -455,7 +477,9 @@ class ScanoutPipeline:
                 return
             if path != self.path:
                 log.info("%s: %s now shown %s", self.name, self.out.guest, path)
-            self.path, self.reason = path, self.reason if path != ZERO_COPY else ""
+            self.path = path
+            if path == ZERO_COPY:
+                self.reason = ""
             self.in_flight = _Commit(frame, fb, token)
             self.metrics.commits += 1
             self.metrics.max_in_flight = max(self.metrics.max_in_flight, 1)

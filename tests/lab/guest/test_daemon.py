@@ -91,6 +91,8 @@ class Compositor:
         return found[0]
 
     def set_policy(self, text: str, expect_change: bool = True) -> dict:
+        if expect_change and self.policy.read_text() == text:
+            return self.status()  # already in force: saving it again changes nothing
         before = self.status()["policy"]["generation"]
         tmp = self.policy.with_suffix(".tmp")
         tmp.write_text(text)
