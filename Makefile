@@ -34,8 +34,9 @@ demo: deps
 lint: deps
 	$(PYTHON) -m ruff check compositor native tests bench
 
-bench: deps
+bench: lab-setup
 	$(PYTHON) bench/bench_planner.py
+	$(PYTHON) -m compositor.lab run -- $(PYTHON) $(CURDIR)/bench/bench_flip.py
 
 clean:
 	rm -rf build *.egg-info compositor/_native*.so out

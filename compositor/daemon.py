@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -79,6 +80,8 @@ class Daemon:
         self._stopped: asyncio.Event | None = None
         self._stopping = False
         self.departed: list[GuestState] = []  # disconnected guests whose buffers are still held
+        self.applied_generation = -1  # the policy generation the screens show, and since when
+        self.applied_ns = 0
         self.plans = 0
 
     @property
@@ -277,6 +280,9 @@ class Daemon:
             for dark in assignment.dark:
                 self.failed.pop((dark.card, dark.connector), None)
             self.assignment = assignment
+            if self.applied_generation != self.watcher.generation:
+                self.applied_generation = self.watcher.generation
+                self.applied_ns = time.monotonic_ns()
             if changed:
                 log.info("applied plan %d: %d output(s) changed, %d lit", self.plans, changed,
                          len(self.pipelines))
@@ -465,7 +471,9 @@ class Daemon:
         return {
             "schema": "directflip.status/1",
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
-                       "last_error": self.watcher.last_error},
+                       "last_error": self.watcher.last_error,
+                       # CLOCK_MONOTONIC ns when the screens started showing this generation's plan
+                       "applied_generation": self.applied_generation, "applied_ns": self.applied_ns},
             "outputs": outputs,
             "dark": [{"card": d.card, "connector": d.connector, "monitor": d.monitor, "reason": d.reason}
                      for d in self.assignment.dark],

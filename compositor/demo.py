@@ -62,6 +62,8 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
     from compositor.control import format_status, request
     from compositor.kms import Card, list_cards
 
+    for old in out_dir.glob("*.png"):   # screenshots of an earlier run would mislead
+        old.unlink()
     work = Path(tempfile.mkdtemp(prefix="directflip-demo-"))
     control, frames = str(work / "control.sock"), str(work / "frames.sock")
     log = (out_dir / "compositor.log").open("w")
@@ -119,7 +121,7 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
             lines.append(f"{o['monitor']} ({o['connector']}, {o['mode']}): {where}: {text}")
         shown = {o.get("guest") for o in status["outputs"]}
         failures += sum(1 for name, _, _ in GUESTS if name not in shown)
-        for line in lines[len(table.splitlines()) + 3:]:
+        for line in lines[4:]:
             print(line)
         (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
         (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")

@@ -274,6 +274,7 @@ class ScanoutPipeline:
         self._lit = False
         self.dead_end = False
         self.paused = False  # set by the daemon while it reconfigures: frames wait as `pending`
+        self.configurations = 0  # how often the output was (re)configured: status shows it
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
@@ -308,6 +309,7 @@ class ScanoutPipeline:
         self._configure(first, modeset=modeset, old_plane=old_plane)
 
     def _configure(self, first: Frame | None, *, modeset: bool, old_plane=None) -> None:
+        self.configurations += 1
         out = self.out
         if out.guest is None:
             self._show_slate(out.slate.reason if out.slate else "no guest", modeset, old_plane)
@@ -573,7 +575,7 @@ class ScanoutPipeline:
                            "p99": None if p99 is None else round(p99, 2)},
             "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
             "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
-            "busy": m.busy, "errors": m.errors,
+            "busy": m.busy, "errors": m.errors, "configurations": self.configurations,
             "in_flight": self.in_flight is not None,
             "on_screen": (None if self.on_screen is None or self.on_screen.frame is None
                           else {"buffer": self.on_screen.frame.buffer.id, "frame": self.on_screen.frame.seq}),

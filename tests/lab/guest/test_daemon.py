@@ -283,17 +283,23 @@ def test_policy_edit_swaps_guests_and_a_broken_edit_changes_nothing(host, guests
     assert colour_share(before[0], guest_colour("office")) > 0.2
     assert colour_share(before[1], guest_colour("media")) > 0.2
 
-    t0 = time.monotonic()
-    guests.set_policy(policy({**BASE, "office": "centre", "media": "left"}))
+    right_before = guests.output("right")
+    t0 = time.monotonic_ns()
+    st = guests.set_policy(policy({**BASE, "office": "centre", "media": "left"}))
     guests.wait_shown("left", "media")
     guests.wait_shown("centre", "office")
-    print(f"swap applied, both monitors showing the new guest {time.monotonic() - t0:.2f} s after the save")
+    pol = guests.status()["policy"]
+    assert pol["applied_generation"] == st["policy"]["generation"]
+    print(f"policy edit saved → new plan on screen in {(pol['applied_ns'] - t0) / 1e6:.0f} ms "
+          f"(inotify, 30 ms debounce, planner, two reconfigured outputs)")
+    untouched = guests.output("right")
+    assert untouched["configurations"] == right_before["configurations"], "the swap touched `right`"
     after = [host.screendump(h) for h in (0, 1)]
     assert colour_share(after[0], guest_colour("media")) > 0.2, "left did not follow the swap"
     assert colour_share(after[1], guest_colour("office")) > 0.2, "centre did not follow the swap"
     assert colour_share(after[0], guest_colour("office")) < 0.01
-    right_before = guests.output("right")
 
+    swapped = {m: guests.output(m)["configurations"] for m in ("left", "centre")}
     st = guests.set_policy(POLICY_HEAD + "placements:\n  - {guest: office, monitor: nowhere}\n",
                            expect_change=False)
     assert "nowhere" in st["policy"]["last_error"]
@@ -301,7 +307,9 @@ def test_policy_edit_swaps_guests_and_a_broken_edit_changes_nothing(host, guests
     kept = [host.screendump(h) for h in (0, 1)]
     assert colour_share(kept[0], guest_colour("media")) > 0.2, "a broken edit changed the left monitor"
     assert colour_share(kept[1], guest_colour("office")) > 0.2, "a broken edit changed the centre monitor"
+    assert {m: guests.output(m)["configurations"] for m in ("left", "centre")} == swapped
     right_after = guests.output("right")
+    assert right_after["configurations"] == right_before["configurations"]
     assert right_after["mode"] == right_before["mode"] and right_after["guest"] == right_before["guest"]
     guests.set_policy(policy(BASE))
 
