@@ -82,6 +82,7 @@ class Daemon:
         self.departed: list[GuestState] = []  # disconnected guests whose buffers are still held
         self.applied_generation = -1  # the policy generation the screens show, and since when
         self.applied_ns = 0
+        self.loaded_ns = 0  # when the watcher handed over the last valid edit
         self.plans = 0
 
     @property
@@ -232,6 +233,7 @@ class Daemon:
                 return
 
     def _policy_changed(self, policy: Policy) -> None:
+        self.loaded_ns = time.monotonic_ns()
         log.info("policy generation %d: re-planning", self.watcher.generation)
         self.replan()
 
@@ -305,7 +307,7 @@ class Daemon:
         while pipe.in_flight is not None:
             if loop.time() > deadline:
                 log.error("%s: no flip event within %.1fs; assuming the flip completed", pipe.name, timeout)
-                pipe.in_flight = None
+                pipe.abandon_in_flight()
                 break
             await asyncio.sleep(0.002)
 
@@ -473,7 +475,8 @@ class Daemon:
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
                        "last_error": self.watcher.last_error,
                        # CLOCK_MONOTONIC ns when the screens started showing this generation's plan
-                       "applied_generation": self.applied_generation, "applied_ns": self.applied_ns},
+                       "applied_generation": self.applied_generation, "applied_ns": self.applied_ns,
+                       "loaded_ns": self.loaded_ns},
             "outputs": outputs,
             "dark": [{"card": d.card, "connector": d.connector, "monitor": d.monitor, "reason": d.reason}
                      for d in self.assignment.dark],

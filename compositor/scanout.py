@@ -130,21 +130,19 @@ class CopyBuffers:
             fb = card.add_framebuffer(size[0], size[1], info.fourcc, [buf.handle], [buf.pitch], [0],
                                       DRM_FORMAT_MOD_LINEAR)
             self.slots.append((buf, fb))
-        self.next = 0
         self._maps: dict[tuple[str, int], mmap.mmap] = {}
 
     def fits(self, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> bool:
         return ((info.width, info.height, info.fourcc, size, src, dst)
                 == (self.info.width, self.info.height, self.info.fourcc, self.size, self.src, self.dst))
 
-    def copy(self, buffer: Buffer) -> Framebuffer:
-        """Copy the buffer's pixels into the next slot; returns that slot's framebuffer."""
+    def copy(self, buffer: Buffer, on_screen: Framebuffer | None = None) -> Framebuffer:
+        """Copy the buffer's pixels into a slot that is not `on_screen`; returns its framebuffer."""
         src_map = self._maps.get(buffer.key)
         if src_map is None:
             src_map = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ)
             self._maps[buffer.key] = src_map
-        dst_buf, fb = self.slots[self.next]
-        self.next = (self.next + 1) % len(self.slots)
+        dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
         dst_map = dst_buf.map()
         info, src, dst = buffer.info, self.src, self.dst
         bpp = info.bytes_per_pixel
@@ -238,6 +236,19 @@ class Metrics:
 
 
 @dataclass
+class _SlateBuffer:
+    buffer: DumbBuffer
+    fb: Framebuffer
+
+    def close(self) -> None:
+        try:
+            self.fb.remove()
+        except KmsError as exc:
+            log.warning("removing a slate framebuffer: %s", exc)
+        self.buffer.destroy()
+
+
+@dataclass
 class _Commit:
     frame: Frame | None
     fb: Framebuffer
@@ -270,7 +281,8 @@ class ScanoutPipeline:
         self.on_screen: _Commit | None = None
         self.plane_key: tuple | None = None  # the (fb size, format, src, dst) the plane was committed with
         self.copy: CopyBuffers | None = None
-        self._slate: tuple[DumbBuffer, Framebuffer] | None = None
+        self._slate: _SlateBuffer | None = None
+        self._retired: list = []  # what the next completed commit frees
         self._lit = False
         self.dead_end = False
         self.paused = False  # set by the daemon while it reconfigures: frames wait as `pending`
@@ -301,10 +313,11 @@ class ScanoutPipeline:
         modeset = (out.crtc_id, out.mode) != (self.out.crtc_id, self.out.mode) or not self._lit
         old_plane = self.plane
         self._bind(out)
-        self._drop_copy()
+        self._retire(self.copy)
+        self.copy = None
         self.path, self.fallbacks, self.plane_key, self.dead_end = SLATE, [], None, False
         pending, self.pending = self.pending, None
-        if pending is not None and pending is not first:
+        if pending is not None:  # `first` comes with a hold of its own, even when it is this frame
             self.release(pending)
         self._configure(first, modeset=modeset, old_plane=old_plane)
 
@@ -342,6 +355,7 @@ class ScanoutPipeline:
                 self._fall(path, self._refusal(path, dst, exc))
                 continue
             req.commit(allow_modeset=modeset)
+            self._free_retired()
             self._lit = True
             self._replace_on_screen(_Commit(frame, fb, 0))
             self.plane_key = self._plane_key(fb, src, dst)
@@ -351,8 +365,9 @@ class ScanoutPipeline:
             log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, path, frame.buffer.info.describe())
             self.metrics.frames += 1
             return
-        self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
         self.release(frame)
+        self.dead_end = True  # later frames go straight back to the guest
+        self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
 
     def _ladder(self, frame: Frame):
         """(framebuffer, path, src, dst) for the frame, best rung first, from the rung the pipeline
@@ -367,9 +382,10 @@ class ScanoutPipeline:
             size = (self.mode.width, self.mode.height)
             try:
                 if self.copy is None or not self.copy.fits(buffer.info, size, out.src, out.dst):
-                    self._drop_copy()
+                    self._retire(self.copy)
+                    self.copy = None
                     self.copy = CopyBuffers(self.card, buffer.info, size, out.src, out.dst)
-                fb = self.copy.copy(buffer)
+                fb = self.copy.copy(buffer, self.on_screen.fb if self.on_screen else None)
                 self.metrics.copies += 1
                 full = Rect(0, 0, *size)
                 yield fb, COPY, full, full
@@ -393,9 +409,8 @@ class ScanoutPipeline:
     def _show_slate(self, reason: str, modeset: bool, old_plane=None) -> None:
         slate = self.out.slate
         text, colour = (slate.text, slate.colour) if slate else ("no signal", "#101018")
-        if self._slate is not None:
-            self._slate[0].destroy()
-            self._slate[1].remove()
+        self._retire(self._slate)
+        self._slate = None
         w, h = self.mode.width, self.mode.height
         buf = self.card.create_dumb(w, h, 32)
         pixels = render_slate(w, h, text, colour, reason)
@@ -404,11 +419,12 @@ class ScanoutPipeline:
         for y in range(h):
             m[y * buf.pitch:y * buf.pitch + row] = pixels[y * row:(y + 1) * row]
         fb = self.card.dumb_framebuffer(buf, XRGB8888)
-        self._slate = (buf, fb)
+        self._slate = _SlateBuffer(buf, fb)
         full = Rect(0, 0, w, h)
         req = self._request(fb, full, full, modeset, old_plane)
         req.test(allow_modeset=modeset)
         req.commit(allow_modeset=modeset)
+        self._free_retired()
         self._lit = True
         self._replace_on_screen(_Commit(None, fb, 0))
         self.plane_key = None
@@ -508,6 +524,7 @@ class ScanoutPipeline:
             return
         self.in_flight = None
         self._replace_on_screen(commit)
+        self._free_retired()
         if commit.frame is not None:
             m = self.metrics
             m.presented += 1
@@ -520,7 +537,7 @@ class ScanoutPipeline:
 
     def _replace_on_screen(self, commit: _Commit) -> None:
         old, self.on_screen = self.on_screen, commit
-        if old is not None and old.frame is not None and old.frame is not commit.frame:
+        if old is not None and old.frame is not None:  # each hand-over brought its own hold
             self.release(old.frame)
 
     # --- end --------------------------------------------------------------------------------------
@@ -548,19 +565,27 @@ class ScanoutPipeline:
             if commit is not None and commit.frame is not None:
                 self.release(commit.frame)
         self.pending = self.in_flight = self.on_screen = None
-        self._drop_copy()
-        if self._slate is not None:
-            try:
-                self._slate[1].remove()
-            except KmsError:
-                pass
-            self._slate[0].destroy()
-            self._slate = None
+        self._retire(self.copy)
+        self._retire(self._slate)
+        self.copy = self._slate = None
+        self._free_retired()
 
-    def _drop_copy(self) -> None:
-        if self.copy is not None:
-            self.copy.close()
-            self.copy = None
+    def abandon_in_flight(self) -> None:
+        """The flip event never came (a driver bug): take the commit as done."""
+        if self.in_flight is not None:
+            commit, self.in_flight = self.in_flight, None
+            self._replace_on_screen(commit)
+
+    def _retire(self, thing) -> None:
+        """Free `thing` (copy buffers, a slate) once the commit replacing it is done: removing a
+        framebuffer that is on screen would turn the plane off."""
+        if thing is not None:
+            self._retired.append(thing)
+
+    def _free_retired(self) -> None:
+        for thing in self._retired:
+            thing.close()
+        self._retired.clear()
 
     def status(self) -> dict:
         m = self.metrics

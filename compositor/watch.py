@@ -61,7 +61,7 @@ _MASK = _CHANGED | _GONE
 class PolicyWatcher:
     """Keeps the last good policy of one file and reports each valid edit."""
 
-    def __init__(self, path: str | Path, on_change: Callable[[Policy], None], *, debounce: float = 0.03,
+    def __init__(self, path: str | Path, on_change: Callable[[Policy], None], *, debounce: float = 0.01,
                  loader: Callable[[Path], Policy] = policy.load):
         self.path = Path(path)
         self.on_change = on_change

@@ -355,8 +355,11 @@ class DumbBuffer:
             self._map.close()
             self._map = None
         if self.handle:
-            lib.drmModeDestroyDumbBuffer(self.card.fd, self.handle)
+            self._free_handle()
             self.handle = 0
+
+    def _free_handle(self) -> None:
+        lib.drmModeDestroyDumbBuffer(self.card.fd, self.handle)
 
 
 @dataclass

@@ -1,0 +1,992 @@
+"""The scanout pipeline's bookkeeping (compositor/scanout.py) on a fake card: latest frame wins, one
+commit in flight, every frame handed back exactly once, the zero copy → copy → slate ladder.
+
+The fake card is stricter than any driver, as libliftoff's libdrm double is. It keeps two states per
+plane: what the last commit asked for (`state`) and what the display engine reads now (`scanout`; a
+nonblocking commit reaches it only at its flip event). A second nonblocking commit on a CRTC before
+the first one's event is an AssertionError (the kernel would answer EBUSY); a modeset without
+ALLOW_MODESET is refused; removing a framebuffer the card is scanning out or about to scan out is
+recorded as a violation (the kernel answers RMFB by disabling the plane: a visible flash). Guest buffers
+are real memfds, so the copy rung really maps and copies their bytes; the copy's destination is a fake
+dumb buffer on an anonymous mmap that the tests read back. The native flip (`lib.kms_flip`, a cffi
+function that cannot be patched itself) is replaced by swapping the module's `lib` for a fake that
+goes through the same fake atomic commit; every pipeline test runs with both flip paths.
+
+Each test's comment says what it expects and why.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import mmap
+import os
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compositor import scanout, topology
+from compositor.kms import DumbBuffer, FlipEvent, Framebuffer, KmsError, Rejected
+from compositor.kms.errors import kms_error
+from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, XRGB8888
+from compositor.planner import OutputAssignment, Rect, Slate
+from compositor.scanout import FramebufferCache, Metrics, ScanoutPipeline
+from compositor.sources.frame import Buffer, Frame, PlaneInfo
+
+W, H = 40, 30  # the mode: small, so a slate renders and a copy runs in microseconds
+CONNECTOR, CRTC, PLANE, OVERLAY = 31, 41, 51, 52
+FULL = Rect(0, 0, W, H)
+
+# --------------------------------------------------------------------------------------- fake card
+
+
+@dataclass(frozen=True)
+class FakeProperty:
+    id: int
+
+
+class FakeObject:
+    """A connector, CRTC or plane: its id and the property ids scanout.py reads."""
+
+    def __init__(self, kind: str, obj_id: int) -> None:
+        self.kind, self.id = kind, obj_id
+        self._props = {"FB_ID": FakeProperty(obj_id * 100 + 1), "CRTC_ID": FakeProperty(obj_id * 100 + 2)}
+
+    def prop(self, name: str) -> FakeProperty:
+        return self._props[name]
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.id}>"
+
+
+@dataclass(eq=False)
+class FakeFramebuffer(Framebuffer):
+    handle: int
+    origin: str  # "prime" (an imported guest dma-buf) or "dumb" (the card's own memory)
+
+    def remove(self) -> None:
+        if self.id:
+            self.card.remove_framebuffer(self)
+            self.id = 0
+
+
+class FakeDumbBuffer(DumbBuffer):
+    """The real DumbBuffer's fields; memory from an anonymous mapping instead of the driver."""
+
+    def map(self) -> mmap.mmap:
+        if self._map is None:
+            self._map = mmap.mmap(-1, self.size)
+        return self._map
+
+    def _free_handle(self) -> None:
+        self.card.dumbs.pop(self.handle)
+
+
+@dataclass(frozen=True)
+class PlaneState:
+    crtc_id: int
+    fb: FakeFramebuffer
+    src: tuple[int, int, int, int]
+    dst: tuple[int, int, int, int]
+
+
+@dataclass
+class CommitRecord:
+    test_only: bool
+    allow_modeset: bool
+    nonblock: bool
+    event: bool
+    user_data: int
+    planes: dict[int, PlaneState | None]           # plane id → its state after the commit (None: off)
+    outputs: dict[int, tuple[int, object | None]]  # CRTC id → (connector id, mode or None: off)
+    native: bool = False
+
+
+class FakeRequest:
+    """Records what scanout.py adds; the card decides at test()/commit()."""
+
+    def __init__(self, card: FakeCard) -> None:
+        self.card = card
+        self.planes: dict[int, PlaneState | None] = {}
+        self.fbs: dict[int, FakeFramebuffer] = {}   # FB_ID-only changes (the flip)
+        self.outputs: dict[int, tuple[int, object | None]] = {}
+        self.native = False
+
+    def add(self, obj: FakeObject, name: str, value) -> FakeRequest:
+        assert (obj.kind, name) == ("plane", "FB_ID"), f"scanout.py sets only FB_ID directly, not {name}"
+        self.fbs[obj.id] = value
+        return self
+
+    def add_output(self, connector: FakeObject, crtc: FakeObject, mode) -> FakeRequest:
+        self.outputs[crtc.id] = (connector.id, mode)
+        return self
+
+    def add_plane(self, plane: FakeObject, crtc: FakeObject | None, fb: FakeFramebuffer | None,
+                  src=None, dst=None) -> FakeRequest:
+        if crtc is None or fb is None:
+            self.planes[plane.id] = None
+            return self
+        src = tuple(src) if src is not None else (0, 0, fb.width, fb.height)
+        dst = tuple(dst) if dst is not None else (0, 0, src[2], src[3])
+        self.planes[plane.id] = PlaneState(crtc.id, fb, src, dst)
+        return self
+
+    def test(self, *, allow_modeset: bool = False) -> None:
+        self.commit(test_only=True, allow_modeset=allow_modeset)
+
+    def commit(self, *, test_only: bool = False, allow_modeset: bool = False, nonblock: bool = False,
+               event: bool = False, user_data: int = 0) -> None:
+        self.card.commit(self, test_only=test_only, allow_modeset=allow_modeset, nonblock=nonblock,
+                         event=event, user_data=user_data)
+
+
+_CARDS: weakref.WeakValueDictionary[int, FakeCard] = weakref.WeakValueDictionary()
+_FDS = itertools.count(1000)
+
+
+class FakeCard:
+    """One connector → one CRTC, a primary and an overlay plane. Knobs: `refuse_import(fd)`,
+    `refuse_addfb(width, height, fourcc)`, `refuse_config(plane_state) -> reason | None` (TEST_ONLY
+    and real commits alike), `fail_next_flip` (an errno for the next nonblocking commit)."""
+
+    def __init__(self, *, pitch_align: int = 64) -> None:
+        self.fd = next(_FDS)
+        _CARDS[self.fd] = self
+        self.connectors = [FakeObject("connector", CONNECTOR)]
+        self.crtcs = {CRTC: FakeObject("crtc", CRTC)}
+        self.planes = [FakeObject("plane", PLANE), FakeObject("plane", OVERLAY)]
+        self.pitch_align = pitch_align
+        self.refuse_import: Callable[[int], bool] = lambda fd: False
+        self.refuse_addfb: Callable[[int, int, int], bool] = lambda w, h, fourcc: False
+        self.refuse_config: Callable[[PlaneState], str | None] = lambda state: None
+        self.fail_next_flip: int | None = None
+        self.log: list[CommitRecord] = []
+        self.state: dict[int, PlaneState | None] = {}
+        self.scanout: dict[int, PlaneState | None] = {}
+        self.modes: dict[int, object | None] = {}
+        self.in_flight: dict[int, tuple[int, dict[int, PlaneState | None]]] = {}  # CRTC → (user_data, states)
+        self.fbs: dict[int, FakeFramebuffer] = {}
+        self.dumbs: dict[int, FakeDumbBuffer] = {}
+        self.prime: dict[tuple[int, int], int] = {}  # the dma-buf's (st_dev, st_ino) → GEM handle
+        self.import_calls = 0
+        self.closed_handles: list[int] = []
+        self.violations: list[str] = []
+        self._ids = itertools.count(1)
+        self._sequence = 0
+
+    def crtc_by_id(self, crtc_id: int) -> FakeObject:
+        return self.crtcs[crtc_id]
+
+    # -- buffers
+    def import_dmabuf(self, fd: int) -> int:
+        # PRIME gives one GEM handle per dma-buf however often (and through whichever fd) it is imported.
+        self.import_calls += 1
+        if self.refuse_import(fd):
+            raise Rejected("drmPrimeFDToHandle", errno.ENODEV,
+                           f"dma-buf fd {fd} into fake: cannot import a buffer exported by another device")
+        st = os.fstat(fd)
+        return self.prime.setdefault((st.st_dev, st.st_ino), next(self._ids))
+
+    def close_handle(self, handle: int) -> None:
+        key = next((k for k, h in self.prime.items() if h == handle), None)
+        if key is None:
+            self.violations.append(f"GEM_CLOSE of handle {handle}, which is not open")
+            return
+        del self.prime[key]
+        self.closed_handles.append(handle)
+
+    def create_dumb(self, width: int, height: int, bpp: int = 32) -> FakeDumbBuffer:
+        row = width * bpp // 8
+        pitch = -(-row // self.pitch_align) * self.pitch_align
+        buf = FakeDumbBuffer(self, next(self._ids), width, height, bpp, pitch, pitch * height)
+        self.dumbs[buf.handle] = buf
+        return buf
+
+    def add_framebuffer(self, width: int, height: int, fmt: int, handles, pitches, offsets=(0,),
+                        modifier: int | None = None) -> FakeFramebuffer:
+        handle = list(handles)[0]
+        if handle in self.dumbs:
+            origin = "dumb"
+        elif handle in self.prime.values():
+            origin = "prime"
+        else:
+            self.violations.append(f"AddFB2 with handle {handle}, which is not open")
+            raise kms_error("drmModeAddFB2", errno.ENOENT, f"handle {handle}")
+        if self.refuse_addfb(width, height, fmt):
+            raise Rejected("drmModeAddFB2WithModifiers", errno.EINVAL, f"fake: {width}x{height} refused")
+        fb = FakeFramebuffer(self, next(self._ids), width, height, fmt, modifier, handle, origin)
+        self.fbs[fb.id] = fb
+        return fb
+
+    def dumb_framebuffer(self, buf: FakeDumbBuffer, fmt: int) -> FakeFramebuffer:
+        return self.add_framebuffer(buf.width, buf.height, fmt, [buf.handle], [buf.pitch], [0],
+                                    DRM_FORMAT_MOD_LINEAR)
+
+    def remove_framebuffer(self, fb: FakeFramebuffer) -> None:
+        if fb.id not in self.fbs:
+            self.violations.append(f"RMFB of FB {fb.id}, which is not there")
+            return
+        if fb in self.busy_framebuffers():
+            self.violations.append(f"RMFB of FB {fb.id} while the card scans it out or is about to "
+                                   f"(the kernel disables the plane)")
+        del self.fbs[fb.id]
+
+    def busy_framebuffers(self) -> list[FakeFramebuffer]:
+        return [s.fb for s in [*self.state.values(), *self.scanout.values()] if s is not None]
+
+    def pixels(self, fb: FakeFramebuffer) -> bytes:
+        return bytes(self.dumbs[fb.handle].map()[:])
+
+    # -- commits
+    def atomic(self) -> FakeRequest:
+        return FakeRequest(self)
+
+    def commit(self, req: FakeRequest, *, test_only: bool, allow_modeset: bool, nonblock: bool,
+               event: bool, user_data: int) -> None:
+        touched = dict(req.planes)
+        for plane_id, fb in req.fbs.items():
+            current = touched.get(plane_id, self.state.get(plane_id))
+            if current is None:
+                raise Rejected("DRM_IOCTL_MODE_ATOMIC", errno.EINVAL,
+                               f"FB_ID on plane {plane_id} without CRTC")
+            touched[plane_id] = replace(current, fb=fb)
+        self.log.append(CommitRecord(test_only, allow_modeset, nonblock, event, user_data, dict(touched),
+                                     dict(req.outputs), req.native))
+        if req.outputs and not allow_modeset:
+            raise Rejected("DRM_IOCTL_MODE_ATOMIC", errno.EINVAL, "a modeset without ALLOW_MODESET")
+        for state in touched.values():
+            if state is None:
+                continue
+            if state.fb.id not in self.fbs:
+                self.violations.append(f"commit of FB {state.fb.id}, which was removed")
+                raise Rejected("DRM_IOCTL_MODE_ATOMIC", errno.EINVAL, "no such framebuffer")
+            reason = self.refuse_config(state)
+            if reason:
+                raise Rejected("DRM_IOCTL_MODE_ATOMIC", errno.EINVAL, f"fake: {reason}")
+        if test_only:
+            return
+        crtcs = {s.crtc_id for s in touched.values() if s is not None} | set(req.outputs)
+        crtcs |= {s.crtc_id for p in touched if (s := self.state.get(p)) is not None}
+        if nonblock:
+            for crtc in crtcs:
+                assert crtc not in self.in_flight, \
+                    f"second nonblocking commit on CRTC {crtc} before its event"
+            if self.fail_next_flip:
+                err, self.fail_next_flip = self.fail_next_flip, None
+                raise kms_error("DRM_IOCTL_MODE_ATOMIC", err, "fake: injected")
+        self.state.update(touched)
+        for crtc, (_, mode) in req.outputs.items():
+            self.modes[crtc] = mode
+        if nonblock and event:
+            for crtc in crtcs:
+                self.in_flight[crtc] = (user_data, dict(touched))
+        else:
+            # A blocking commit waits for the commit in flight first; that one's event still comes.
+            for crtc in crtcs & set(self.in_flight):
+                self.in_flight[crtc] = (self.in_flight[crtc][0], {})
+            self.scanout.update(touched)
+
+    def complete(self, crtc_id: int = CRTC) -> FlipEvent:
+        """The flip of the commit in flight on crtc_id is done: its event."""
+        user_data, states = self.in_flight.pop(crtc_id)
+        self.scanout.update(states)
+        self._sequence += 1
+        return FlipEvent(crtc_id, self._sequence, time.monotonic_ns(), user_data)
+
+    def nonblocking_commits(self) -> list[CommitRecord]:
+        return [c for c in self.log if c.nonblock and not c.test_only]
+
+
+class FakeNativeLib:
+    """Stands in for compositor._native's lib: kms_flip goes through the card's fake atomic commit."""
+
+    def kms_flip(self, fd: int, plane_id: int, fb_prop: int, fb_id: int, user_data: int) -> int:
+        card = _CARDS[fd]
+        plane = next(p for p in card.planes if p.id == plane_id)
+        assert fb_prop == plane.prop("FB_ID").id
+        fb = card.fbs.get(fb_id)
+        if fb is None:
+            card.violations.append(f"kms_flip to FB {fb_id}, which is not there")
+            return -errno.ENOENT
+        req = card.atomic()
+        req.native = True
+        try:
+            req.add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=user_data)
+        except KmsError as exc:
+            return -exc.errno
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fake_native_flip():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(scanout, "lib", FakeNativeLib())
+        yield
+
+
+# ----------------------------------------------------------------------------- guests and outputs
+
+MODE = topology.Mode("40x30", W, H, 60.0, 1000)
+
+
+def assignment(**changes) -> OutputAssignment:
+    base = dict(card="/dev/dri/card0", connector="Virtual-1", connector_id=CONNECTOR, monitor="left",
+                crtc_id=CRTC, plane_id=PLANE, mode=MODE, guest="office", slate=None, src=FULL, dst=FULL,
+                scaling="none")
+    base.update(changes)
+    return OutputAssignment(**base)
+
+
+def pixel_row(x0: int, w: int, y: int, tag: int) -> bytes:
+    """Guest pixel (x, y) of buffer `tag` is the bytes x, y, tag, 0x80: where it lands says where it
+    came from."""
+    return bytes(v for x in range(x0, x0 + w) for v in (x, y, tag, 0x80))
+
+
+def guest_buffer(tag: int, w: int = W, h: int = H, *, stride: int | None = None, offset: int = 0) -> Buffer:
+    """A memfd laid out like a guest's dma-buf; padding (offset, stride tail) is 0xEE so a copy that
+    reads it shows."""
+    stride = stride or w * 4
+    data = bytearray(b"\xee" * (offset + stride * h))
+    for y in range(h):
+        data[offset + y * stride:offset + y * stride + w * 4] = pixel_row(0, w, y, tag)
+    fd = os.memfd_create(f"guest-buffer-{tag}", os.MFD_CLOEXEC)
+    os.ftruncate(fd, len(data))
+    os.pwrite(fd, bytes(data), 0)
+    return Buffer("office", tag, PlaneInfo(XRGB8888, w, h, stride, offset), fd)
+
+
+def composed(pitch: int, tag: int, src: Rect, dst: Rect) -> bytes:
+    """What the copy rung must produce: a W×H buffer, src of the guest's buffer at dst, black elsewhere."""
+    out = bytearray(pitch * H)
+    for y in range(src.h):
+        d = (dst.y + y) * pitch + dst.x * 4
+        out[d:d + 4 * src.w] = pixel_row(src.x, src.w, src.y + y, tag)
+    return bytes(out)
+
+
+class Rig:
+    """A pipeline on a fake card, recording what it hands back."""
+
+    def __init__(self, out: OutputAssignment | None = None, *, native: bool = True, pitch_align: int = 64):
+        self.card = FakeCard(pitch_align=pitch_align)
+        self.cache = FramebufferCache(self.card)
+        self.released: list[Frame] = []
+        self.released_while_busy: list[Frame] = []
+        self.presented: list[tuple[Frame, FlipEvent]] = []
+        self.pipe = ScanoutPipeline(self.card, self.cache, out or assignment(), release=self._release,
+                                    present=lambda frame, event: self.presented.append((frame, event)),
+                                    native=native)
+
+    def _release(self, frame: Frame) -> None:
+        # Only meaningful when every frame has its own buffer: is the card still reading it?
+        entry = self.cache.entries.get(frame.buffer.key)
+        if entry is not None and entry[0] in self.card.busy_framebuffers():
+            self.released_while_busy.append(frame)
+        self.released.append(frame)
+
+    def count(self, frame: Frame) -> int:
+        return sum(1 for f in self.released if f is frame)
+
+    def flip(self) -> FlipEvent:
+        event = self.card.complete(CRTC)
+        self.pipe.on_flip(event)
+        return event
+
+    def held(self) -> list[Frame]:
+        p = self.pipe
+        return [c.frame for c in (p.on_screen, p.in_flight) if c is not None and c.frame is not None] + (
+            [p.pending] if p.pending is not None else [])
+
+    def snapshot(self) -> tuple:
+        p = self.pipe
+        return p.pending, p.in_flight, p.on_screen, len(self.released), len(self.presented)
+
+    def is_copy_fb(self, fb: FakeFramebuffer) -> bool:
+        return self.pipe.copy is not None and any(fb is slot_fb for _, slot_fb in self.pipe.copy.slots)
+
+
+@pytest.fixture(params=[True, False], ids=["native-flip", "atomic-flip"])
+def new_rig(request):
+    def make(out: OutputAssignment | None = None, **kw) -> Rig:
+        return Rig(out, native=request.param, **kw)
+    return make
+
+
+@pytest.fixture
+def bufs():
+    made: list[Buffer] = []
+
+    def make(tag: int, w: int = W, h: int = H, **kw) -> Buffer:
+        made.append(guest_buffer(tag, w, h, **kw))
+        return made[-1]
+    yield make
+    for b in made:
+        b.close()
+
+
+def refuse_prime(state: PlaneState) -> str | None:
+    return "the imported buffer cannot be scanned out" if state.fb.origin == "prime" else None
+
+
+# ------------------------------------------------------------------------- 1. latest frame wins
+
+
+def test_latest_frame_wins_with_one_commit_in_flight(new_rig, bufs):
+    # F0 lights the output (blocking). F1 is committed at once (nothing in flight). F2..F6 arrive while
+    # F1 is in flight: each replaces the pending one, so F2..F5 are dropped (N-2 = 4 of the N = 6
+    # submitted) and handed back at once, never imported nor committed; only F6 waits. The fake card
+    # asserts that no second nonblocking commit reaches the CRTC before F1's event.
+    r = new_rig()
+    frames = [Frame(bufs(i), seq=i) for i in range(7)]
+    r.pipe.start(frames[0])
+    r.pipe.submit(frames[1])
+    first_token = r.pipe.in_flight.token
+    for f in frames[2:]:
+        r.pipe.submit(f)
+        assert r.pipe.pending is f and r.pipe.in_flight.frame is frames[1]
+    assert [r.count(f) for f in frames] == [0, 0, 1, 1, 1, 1, 0]
+    assert len(r.card.nonblocking_commits()) == 1
+    assert r.cache.imports == 2  # F0 and F1: a dropped frame costs nothing
+    m = r.pipe.metrics
+    assert (m.frames, m.dropped, m.commits, m.max_in_flight, m.max_pending) == (7, 4, 1, 1, 1)
+
+    # F1's event: F1 is on screen, F0 (no longer scanned out) goes back, and F6 is committed.
+    r.flip()
+    assert r.pipe.on_screen.frame is frames[1] and r.count(frames[0]) == 1
+    assert r.pipe.in_flight.frame is frames[6] and r.pipe.pending is None
+    last = r.card.nonblocking_commits()[-1]
+    assert last.planes[PLANE].fb is r.cache.entries[frames[6].buffer.key][0]
+    assert last.user_data == r.pipe.in_flight.token != first_token
+    assert last.native == r.pipe.native  # the hot path took the flip path asked for
+
+    # F6's event: F6 on screen, F1 goes back; nothing left in flight.
+    r.flip()
+    assert r.pipe.on_screen.frame is frames[6] and r.pipe.in_flight is None
+    assert [r.count(f) for f in frames] == [1, 1, 1, 1, 1, 1, 0]
+    assert r.released_while_busy == []
+    status = r.pipe.status()
+    assert (status["path"], status["frames"], status["presented"], status["dropped"], status["commits"],
+            status["max_in_flight"], status["max_pending"]) == ("zero-copy", 7, 2, 4, 2, 1, 1)
+    assert status["on_screen"] == {"buffer": 6, "frame": 6}
+
+
+def test_paused_pipeline_keeps_the_newest_frame_until_resumed(new_rig, bufs):
+    # While the daemon reconfigures (paused), frames wait as pending, newest wins; resume() commits it.
+    r = new_rig()
+    f0, f1, f2 = (Frame(bufs(i)) for i in range(3))
+    r.pipe.start(f0)
+    r.pipe.paused = True
+    r.pipe.submit(f1)
+    r.pipe.submit(f2)
+    assert r.card.nonblocking_commits() == [] and r.pipe.pending is f2 and r.count(f1) == 1
+    r.pipe.paused = False
+    r.pipe.resume()
+    assert r.pipe.in_flight.frame is f2 and r.pipe.pending is None
+
+
+def test_a_refused_flip_hands_the_frame_back_and_counts_busy(new_rig, bufs):
+    # EBUSY from the flip: the frame cannot be shown, so it goes back to the guest at once; the error
+    # is counted; the next frame flips normally.
+    r = new_rig()
+    f0, f1, f2 = (Frame(bufs(i)) for i in range(3))
+    r.pipe.start(f0)
+    r.card.fail_next_flip = errno.EBUSY
+    r.pipe.submit(f1)
+    assert r.count(f1) == 1 and r.pipe.in_flight is None and r.pipe.on_screen.frame is f0
+    assert (r.pipe.metrics.errors, r.pipe.metrics.busy, r.pipe.metrics.commits) == (1, 1, 0)
+    r.pipe.submit(f2)
+    assert r.pipe.in_flight.frame is f2
+
+
+# ---------------------------------------------------------------------- 2. release accounting
+
+LADDERS = ["zero-copy", "import-refused", "test-refuses-zero-copy", "all-refused"]
+OPS = st.one_of(st.tuples(st.just("submit"), st.integers(0, 3)),
+                st.sampled_from([("flip",), ("flip",), ("stale",), ("pause",), ("resume",), ("busy",)]))
+
+
+def check_invariants(r: Rig) -> None:
+    p = r.pipe
+    held = r.held()
+    released = Counter(id(f) for f in r.released)
+    assert all(n == 1 for n in released.values()), "a frame was released twice"
+    assert not any(id(f) in released for f in held), "a frame was released while still held"
+    assert len({id(f) for f in held}) == len(held), "one frame in two slots"
+    assert all(n == 1 for n in Counter(id(f) for f, _ in r.presented).values()), "presented twice"
+    assert p.metrics.max_in_flight <= 1 and p.metrics.max_pending <= 1
+    # The pipeline's slots say what the card does.
+    if p.in_flight is not None:
+        assert r.card.in_flight[CRTC][0] == p.in_flight.token
+        assert r.card.state[PLANE].fb is p.in_flight.fb
+    else:
+        assert CRTC not in r.card.in_flight
+    if p.on_screen is not None:
+        assert r.card.scanout[PLANE].fb is p.on_screen.fb
+    # A frame that can be shown never waits while the CRTC is idle.
+    if p.pending is not None and p.in_flight is None and not p.paused:
+        assert p._fits(p.pending) is not None
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ladder=st.sampled_from(LADDERS), native=st.booleans(), ops=st.lists(OPS, max_size=50))
+def test_every_frame_is_released_exactly_once(ladder, native, ops):
+    # Any interleaving of frames (three buffers that fit the plan and one that does not), flip events,
+    # stale events, pauses and refused flips, on every rung of the ladder: a frame handed over is
+    # released exactly once, or is still pending / in flight / on screen; never twice, never while
+    # held; stop() hands back the rest.
+    pool = [guest_buffer(i) for i in range(3)] + [guest_buffer(3, 24, 16)]
+    try:
+        r = Rig(native=native)
+        if ladder == "import-refused":
+            r.card.refuse_import = lambda fd: True
+        elif ladder == "test-refuses-zero-copy":
+            r.card.refuse_config = refuse_prime
+        elif ladder == "all-refused":
+            r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+        handed = [Frame(pool[0], seq=0)]
+        r.pipe.start(handed[0])
+        check_invariants(r)
+        done_tokens = [0]
+        for op in ops:
+            if op[0] == "submit":
+                handed.append(Frame(pool[op[1]], seq=len(handed)))
+                r.pipe.submit(handed[-1])
+            elif op[0] == "flip" and CRTC in r.card.in_flight:
+                event = r.card.complete(CRTC)
+                done_tokens.append(event.user_data)
+                r.pipe.on_flip(event)
+            elif op[0] == "stale":
+                before = r.snapshot()
+                r.pipe.on_flip(FlipEvent(CRTC, 0, time.monotonic_ns(), done_tokens[-1]))
+                assert r.snapshot() == before
+            elif op[0] == "pause":
+                r.pipe.paused = True
+            elif op[0] == "resume":
+                r.pipe.paused = False
+                r.pipe.resume()
+            elif op[0] == "busy":
+                r.card.fail_next_flip = errno.EBUSY
+            check_invariants(r)
+        held = r.held()
+        for f in handed:
+            assert r.count(f) == (0 if any(f is h for h in held) else 1)
+        assert r.pipe.metrics.presented == len(r.presented)
+        r.pipe.stop()
+        assert [r.count(f) for f in handed] == [1] * len(handed)
+    finally:
+        for b in pool:
+            b.close()
+
+
+# --------------------------------------------------------------------------- 3. present callback
+
+
+def test_present_once_per_presented_frame_and_stale_events_ignored(new_rig, bufs):
+    r = new_rig()
+    f0, f1, f2 = (Frame(bufs(i), received_ns=time.monotonic_ns()) for i in range(3))
+    r.pipe.start(f0)
+    assert r.presented == []  # a blocking commit has no flip event: nothing to report
+    r.pipe.submit(f1)
+    token = r.pipe.in_flight.token
+    # Events that are not the in-flight commit's (an older commit's token, 0) change nothing.
+    for stale in (token - 1, 0, token + 1):
+        r.pipe.on_flip(FlipEvent(CRTC, 9, time.monotonic_ns(), stale))
+        assert r.presented == [] and r.pipe.in_flight.frame is f1 and r.pipe.on_screen.frame is f0
+        assert r.released == []
+    event = r.flip()
+    assert len(r.presented) == 1 and r.presented[0][0] is f1 and r.presented[0][1] is event
+    m = r.pipe.metrics
+    assert m.presented == 1 and list(m.present_times) == [event.timestamp_ns]
+    assert list(m.latencies_ns) == [event.timestamp_ns - f1.received_ns]
+    # The same event delivered twice: the second is stale.
+    r.pipe.on_flip(event)
+    assert len(r.presented) == 1 and r.count(f0) == 1 and r.count(f1) == 0
+    r.pipe.submit(f2)
+    event2 = r.flip()
+    assert [(f, e) for f, e in r.presented] == [(f1, event), (f2, event2)]
+
+
+# -------------------------------------------------------------------------------------- 4. ladder
+
+
+@pytest.mark.parametrize("pitch_align", [32, 64], ids=["pitch-equals-stride", "padded-pitch"])
+def test_copy_of_a_full_screen_buffer(new_rig, bufs, pitch_align):
+    # Import refused, plan full screen: the copy is the guest's picture. With pitch == stride the
+    # copy is one slice, otherwise row by row; both must give the same pixels.
+    r = new_rig(pitch_align=pitch_align)
+    r.card.refuse_import = lambda fd: True
+    r.pipe.start(Frame(bufs(7)))
+    fb = r.card.scanout[PLANE].fb
+    pitch = r.card.dumbs[fb.handle].pitch
+    assert pitch == (160 if pitch_align == 32 else 192)
+    assert r.card.pixels(fb) == composed(pitch, 7, FULL, FULL)
+
+
+def test_import_refused_copies_src_to_dst_in_a_mode_sized_buffer(new_rig, bufs):
+    # virtio-gpu refusing a foreign dma-buf: the copy rung composes the planned src (of a buffer with
+    # an offset and a padded stride) at the planned dst of a mode-sized buffer, black elsewhere, and
+    # the plane shows that buffer full screen. Status says copy and why.
+    src, dst = Rect(4, 2, 16, 10), Rect(10, 7, 16, 10)
+    r = new_rig(assignment(src=src, dst=dst))
+    r.card.refuse_import = lambda fd: True
+    layout = dict(w=24, h=16, stride=24 * 4 + 16, offset=64)
+    r.pipe.start(Frame(bufs(5, **layout)))
+    status = r.pipe.status()
+    assert status["path"] == "copy" and status["fallbacks"] == ["zero-copy"]
+    assert "import refused" in status["reason"] and "cannot import" in status["reason"]
+    shown = r.card.scanout[PLANE]
+    assert shown.fb.origin == "dumb" and (shown.fb.width, shown.fb.height) == (W, H)
+    assert (shown.src, shown.dst) == ((0, 0, W, H), (0, 0, W, H))
+    pitch = r.card.dumbs[shown.fb.handle].pitch
+    assert r.card.pixels(shown.fb) == composed(pitch, 5, src, dst)
+    assert r.cache.imports == 0 and r.pipe.metrics.copies == 1
+
+    # The next frame is copied into the other buffer; the one on screen is left alone.
+    before = r.card.pixels(shown.fb)
+    r.pipe.submit(Frame(bufs(6, **layout)))
+    flipping = r.card.state[PLANE].fb
+    assert flipping is not shown.fb and r.is_copy_fb(flipping)
+    assert r.card.pixels(flipping) == composed(pitch, 6, src, dst)
+    assert r.card.pixels(shown.fb) == before
+    assert r.pipe.metrics.copies == 2 and r.pipe.path == "copy"
+
+
+def virtio_primary(state: PlaneState) -> str | None:
+    """Like virtio-gpu's primary plane: it must cover the whole CRTC."""
+    return "the plane must cover the CRTC" if state.dst != (0, 0, W, H) else None
+
+
+@pytest.mark.parametrize("first_frame", [True, False], ids=["at-start", "first-flip"])
+def test_test_only_refusing_zero_copy_falls_to_copy(new_rig, bufs, first_frame):
+    # The plan puts the guest at 10,7; the card's TEST_ONLY refuses a plane that does not cover the
+    # CRTC. The copy rung composes the picture into a full-screen buffer, which passes. Same whether
+    # the refusal comes with the blocking first frame or with the first nonblocking flip (after the
+    # "waiting for the first frame" slate). The reason says why, and hints at the cause.
+    src, dst = Rect(0, 0, 20, 12), Rect(10, 7, 20, 12)
+    r = new_rig(assignment(src=src, dst=dst))
+    r.card.refuse_config = virtio_primary
+    frame = Frame(bufs(3))
+    if first_frame:
+        r.pipe.start(frame)
+        shown = r.card.scanout[PLANE]
+    else:
+        r.pipe.start(None)
+        assert r.pipe.path == "slate"
+        r.pipe.submit(frame)
+        shown = r.card.state[PLANE]
+        assert r.pipe.in_flight.frame is frame
+    refused = [c for c in r.card.log if c.test_only and c.planes[PLANE].fb.origin == "prime"]
+    assert len(refused) == 1 and refused[0].planes[PLANE].dst == (10, 7, 20, 12)
+    assert r.pipe.path == "copy" and r.pipe.fallbacks == ["zero-copy"]
+    assert "TEST_ONLY refused the zero-copy configuration" in r.pipe.reason
+    assert "cover the whole CRTC" in r.pipe.reason
+    assert r.is_copy_fb(shown.fb)
+    assert r.card.pixels(shown.fb) == composed(r.card.dumbs[shown.fb.handle].pitch, 3, src, dst)
+    assert r.count(frame) == 0
+
+
+def test_both_rungs_refused_is_a_dead_end_showing_the_slate(new_rig, bufs):
+    # Neither the guest's buffer nor the copy passes TEST_ONLY: the frame goes back, the slate shows
+    # why, and from then on frames go straight back to the guest: no import, no copy, no commit.
+    r = new_rig()
+    r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+    r.pipe.start(None)
+    f1 = Frame(bufs(1))
+    r.pipe.submit(f1)
+    assert r.count(f1) == 1 and r.pipe.dead_end and r.pipe.in_flight is None
+    status = r.pipe.status()
+    assert status["path"] == "slate" and status["fallbacks"] == ["zero-copy", "copy"]
+    assert "TEST_ONLY refused the copy configuration" in status["reason"]
+    slate = r.card.scanout[PLANE].fb
+    assert slate.origin == "dumb" and not r.is_copy_fb(slate) and r.pipe.on_screen.fb is slate
+    commits, copies, imports = len(r.card.log), r.pipe.metrics.copies, r.card.import_calls
+    later = [Frame(bufs(i)) for i in range(2, 6)]
+    for f in later:
+        r.pipe.submit(f)
+        assert r.count(f) == 1 and r.pipe.pending is None
+    assert (len(r.card.log), r.pipe.metrics.copies, r.card.import_calls) == (commits, copies, imports)
+    assert r.card.scanout[PLANE].fb is slate
+
+
+def test_both_rungs_refused_at_start_shows_the_slate(new_rig, bufs):
+    # The blocking first frame falls through both rungs: the slate shows the last refusal and the
+    # frame goes back to the guest.
+    r = new_rig()
+    r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+    f0 = Frame(bufs(0))
+    r.pipe.start(f0)
+    assert r.count(f0) == 1 and r.pipe.path == "slate" and r.pipe.on_screen.frame is None
+    assert "TEST_ONLY refused the copy configuration" in r.pipe.reason
+
+
+def test_both_rungs_refused_at_start_later_frames_cause_no_commits(new_rig, bufs):
+    # After the blocking first frame fell to the slate, the pipeline is on the slate rung until it is
+    # configured again: later frames must go straight back, without commits.
+    r = new_rig()
+    r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+    r.pipe.start(Frame(bufs(0)))
+    commits = len(r.card.log)
+    for i in range(1, 4):
+        f = Frame(bufs(i))
+        r.pipe.submit(f)
+        assert r.count(f) == 1
+    assert len(r.card.log) == commits
+
+
+def test_tiled_buffer_refused_by_the_card_cannot_be_copied(new_rig, bufs):
+    # A tiled buffer (modifier set) the card refuses cannot be copied by the CPU: slate, and says so.
+    r = new_rig()
+    r.card.refuse_import = lambda fd: True
+    b = bufs(0)
+    b.info = replace(b.info, modifier=(1 << 56) | 1)  # I915_FORMAT_MOD_X_TILED
+    f0 = Frame(b)
+    r.pipe.start(f0)
+    assert r.pipe.path == "slate" and "tiled" in r.pipe.reason and r.count(f0) == 1
+
+
+# ----------------------------------------------------------------------- 5. a frame that does not fit
+
+
+def test_frame_smaller_than_the_planned_src_waits_for_the_new_plan(new_rig, bufs):
+    # The guest shrank its framebuffer to 32x24 but the plan still reads 40x30 of it: showing it would
+    # read outside the buffer. It waits as pending (not committed, not released) until the daemon
+    # re-plans; then reconfigure() shows it.
+    r = new_rig()
+    f0 = Frame(bufs(0))
+    r.pipe.start(f0)
+    commits = len(r.card.log)
+    small = Frame(bufs(1, 32, 24))
+    r.pipe.submit(small)
+    assert r.pipe.pending is small and r.pipe.in_flight is None and r.count(small) == 0
+    assert len(r.card.log) == commits and r.pipe.on_screen.frame is f0
+    r.pipe.resume()  # still nothing to do
+    assert r.pipe.pending is small and len(r.card.log) == commits
+
+    out = assignment(src=Rect(0, 0, 32, 24), dst=Rect(4, 3, 32, 24))
+    r.pipe.reconfigure(out, small)
+    # Each hand-over carries its own hold (the daemon adds one when it passes `first`): the hold of
+    # the pending hand-over is released, the one of `first` stays with the frame on screen.
+    assert r.pipe.on_screen.frame is small and r.pipe.pending is None and r.count(small) == 1
+    assert r.count(f0) == 1  # replaced on screen by the new configuration
+    shown = r.card.scanout[PLANE]
+    assert shown.fb is r.cache.entries[small.buffer.key][0]
+    assert (shown.src, shown.dst) == ((0, 0, 32, 24), (4, 3, 32, 24))
+
+
+def test_frame_that_does_not_fit_is_held_across_flip_events_and_dropped_by_a_newer_one(new_rig, bufs):
+    # Arriving while a commit is in flight, the small frame is pending; the flip event does not
+    # commit it (it does not fit); a newer fitting frame replaces it (dropped, released) and is committed.
+    r = new_rig()
+    f0, f1 = Frame(bufs(0)), Frame(bufs(1))
+    small, f3 = Frame(bufs(2, 32, 24)), Frame(bufs(3))
+    r.pipe.start(f0)
+    r.pipe.submit(f1)
+    r.pipe.submit(small)
+    r.flip()
+    assert r.pipe.in_flight is None and r.pipe.pending is small and r.count(small) == 0
+    assert len(r.card.nonblocking_commits()) == 1
+    r.pipe.submit(f3)
+    assert r.count(small) == 1 and r.pipe.in_flight.frame is f3 and r.pipe.metrics.dropped == 1
+
+
+# -------------------------------------------------------------------------------------------- 6. stop
+
+
+@pytest.mark.parametrize("path", ["zero-copy", "copy", "slate"])
+def test_stop_releases_everything_and_turns_the_output_off(new_rig, bufs, path):
+    # With a frame on screen, one in flight and one pending, stop() turns the output off with a
+    # blocking modeset (plane off, CRTC off, connector detached) and only then frees its buffers:
+    # every held frame goes back exactly once, no framebuffer is removed while scanned out, and the
+    # pipeline's own buffers (copy, slate) are gone. A late flip event is ignored.
+    r = new_rig()
+    if path == "copy":
+        r.card.refuse_import = lambda fd: True
+    frames = [Frame(bufs(i)) for i in range(3)]
+    if path == "slate":
+        r.pipe.start(None)
+        frames = []
+    else:
+        r.pipe.start(frames[0])
+        r.pipe.submit(frames[1])
+        r.pipe.submit(frames[2])
+        assert r.held() == [frames[0], frames[1], frames[2]]
+    r.pipe.stop()
+    assert [r.count(f) for f in frames] == [1] * len(frames)
+    off = r.card.log[-1]
+    assert not off.test_only and not off.nonblock and off.allow_modeset
+    assert off.planes == {PLANE: None} and off.outputs == {CRTC: (CONNECTOR, None)}
+    assert r.card.scanout[PLANE] is None and r.card.modes[CRTC] is None
+    assert r.card.violations == []
+    assert r.card.dumbs == {}
+    assert all(fb.origin == "prime" for fb in r.card.fbs.values())  # only the daemon's cache remains
+    assert (r.pipe.pending, r.pipe.in_flight, r.pipe.on_screen) == (None, None, None)
+    if r.card.in_flight:
+        r.pipe.on_flip(r.card.complete(CRTC))
+        assert r.presented == [] and [r.count(f) for f in frames] == [1] * len(frames)
+
+
+# ------------------------------------------------------------------------------- 7. framebuffer cache
+
+
+def test_cache_imports_a_buffer_once(bufs):
+    # The cache is keyed by (guest, buffer id): the second flip of a buffer reuses its framebuffer.
+    card = FakeCard()
+    cache = FramebufferCache(card)
+    b = bufs(0)
+    fb = cache.framebuffer(b)
+    assert cache.framebuffer(b) is fb
+    assert (card.import_calls, cache.imports, len(card.fbs)) == (1, 1, 1)
+    assert (fb.width, fb.height, fb.format, fb.origin) == (W, H, XRGB8888, "prime")
+
+
+def test_cache_two_buffer_ids_sharing_one_gem_handle(bufs):
+    # Two buffer ids naming one dma-buf get the same GEM handle from PRIME: dropping one must not
+    # close the handle the other's framebuffer still uses; dropping both closes it once.
+    card = FakeCard()
+    cache = FramebufferCache(card)
+    a = bufs(0)
+    b = Buffer("office", 1, a.info, os.dup(a.fd))
+    try:
+        fa, fb = cache.framebuffer(a), cache.framebuffer(b)
+        assert fa is not fb and fa.handle == fb.handle
+        cache.drop(a.key)
+        assert card.closed_handles == [] and fa.id == 0 and fb.id in card.fbs
+        cache.drop(a.key)  # unknown now: nothing happens
+        assert card.closed_handles == []
+        cache.drop(b.key)
+        assert card.closed_handles == [fb.handle] and card.fbs == {}
+        assert card.violations == []
+    finally:
+        b.close()
+
+
+def test_cache_addfb_refused_closes_the_handle_unless_shared(bufs):
+    # AddFB2 refusing the buffer: the handle the import opened is closed again (nothing else uses it)
+    # and nothing is cached, so a later try imports afresh. When another key shares the handle, it
+    # stays open.
+    card = FakeCard()
+    cache = FramebufferCache(card)
+    a = bufs(0)
+    card.refuse_addfb = lambda w, h, fourcc: True
+    with pytest.raises(Rejected):
+        cache.framebuffer(a)
+    assert len(card.closed_handles) == 1 and cache.entries == {} and cache.imports == 0
+
+    card.refuse_addfb = lambda w, h, fourcc: False
+    fa = cache.framebuffer(a)
+    twin = Buffer("office", 9, replace(a.info, width=W - 8), os.dup(a.fd))
+    try:
+        card.refuse_addfb = lambda w, h, fourcc: w == W - 8
+        with pytest.raises(Rejected):
+            cache.framebuffer(twin)
+        assert len(card.closed_handles) == 1 and fa.handle in card.prime.values()
+        cache.clear()
+        assert card.closed_handles[-1] == fa.handle and card.prime == {} and cache.entries == {}
+    finally:
+        twin.close()
+
+
+# ------------------------------------------------------------------------------------------ 8. metrics
+
+
+def test_latency_percentiles_on_known_data():
+    # latency_ms(q) is the sorted sample at index floor(q·n) (clamped): for 1..100 ms the median is
+    # the upper one (51) and p99 is the largest sample; for 1..5 the median is 3.
+    m = Metrics()
+    assert m.latency_ms(0.5) is None
+    m.latencies_ns.extend(int(ms * 1e6) for ms in [*range(100, 50, -1), *range(1, 51)])
+    assert (m.latency_ms(0.0), m.latency_ms(0.5), m.latency_ms(0.99), m.latency_ms(1.0)) == (1, 51, 100, 100)
+    m = Metrics()
+    m.latencies_ns.extend(int(ms * 1e6) for ms in (5, 1, 4, 2, 3))
+    assert m.latency_ms(0.5) == 3
+    # Only the newest 2000 samples count.
+    m = Metrics()
+    m.latencies_ns.extend([1_000_000] * 2000 + [9_000_000] * 2000)
+    assert m.latency_ms(0.0) == 9
+
+
+def test_flips_per_second_on_known_data():
+    # 120 flips at 60 Hz ending now: 60 in the last second, 120 in the last two — 60/s either way; a
+    # flip exactly at the window's start counts.
+    now = 10_000_000_000
+    m = Metrics()
+    m.present_times.extend(now - k * 16_666_667 for k in range(119, -1, -1))
+    assert m.flips_per_second(now) == 60.0
+    assert m.flips_per_second(now, window=2.0) == 60.0
+    assert m.flips_per_second(now + 10_000_000_000) == 0.0
+    m.present_times.append(now - 1_000_000_000)
+    assert m.flips_per_second(now) == 61.0
+
+
+# ---------------------------------------------------------------------- bugs found in scanout.py
+
+
+@dataclass
+class HoldCounter:
+    """The daemon's buffer holds (daemon.py: +1 per frame handed to a pipeline, -1 per release)."""
+
+    holds: Counter = field(default_factory=Counter)
+
+    def hand(self, frame: Frame) -> Frame:
+        self.holds[frame.buffer.id] += 1
+        return frame
+
+
+@pytest.mark.parametrize("where", ["on-screen", "pending"])
+def test_reconfigure_with_the_frame_already_held_releases_each_hand_over(new_rig, bufs, where):
+    # The daemon re-applies a plan (a policy edit moving the picture, a guest resize) and passes the
+    # guest's latest frame as `first`; it counts one hold per hand-over. After stop(), every hold must
+    # have been released.
+    r = new_rig()
+    daemon = HoldCounter()
+    f0, f1 = Frame(bufs(0)), Frame(bufs(1))
+    r.pipe.start(daemon.hand(f0))
+    if where == "on-screen":
+        r.pipe.submit(daemon.hand(f1))
+        r.flip()
+    else:
+        r.pipe.paused = True
+        r.pipe.submit(daemon.hand(f1))
+    r.pipe.reconfigure(assignment(src=Rect(0, 0, 32, 24), dst=Rect(4, 3, 32, 24)), daemon.hand(f1))
+    r.pipe.stop()
+    for f in r.released:
+        daemon.holds[f.buffer.id] -= 1
+    assert +daemon.holds == Counter()
+
+
+def test_copy_never_writes_into_the_buffer_on_screen_after_a_failed_flip(new_rig, bufs):
+    # On the copy rung, a refused flip must not change which copy buffer is written next: the one on
+    # screen stays untouched until a flip has taken it off.
+    r = new_rig()
+    r.card.refuse_import = lambda fd: True
+    r.pipe.start(Frame(bufs(0)))
+    on_screen = r.card.scanout[PLANE].fb
+    before = r.card.pixels(on_screen)
+    r.card.fail_next_flip = errno.EBUSY
+    r.pipe.submit(Frame(bufs(1)))  # copied into the other slot, flip refused, frame handed back
+    r.pipe.submit(Frame(bufs(2)))
+    assert r.card.scanout[PLANE].fb is on_screen
+    assert r.card.pixels(on_screen) == before
+
+
+@pytest.mark.parametrize("case", ["copy-reconfigured", "slate-replaced"])
+def test_framebuffers_on_screen_are_not_removed_before_they_are_replaced(new_rig, bufs, case):
+    r = new_rig()
+    if case == "copy-reconfigured":
+        # The copy is on screen; a new plan moves the picture: new copy buffers, then the commit.
+        r.card.refuse_import = lambda fd: True
+        r.pipe.start(Frame(bufs(0)))
+        r.pipe.reconfigure(assignment(src=Rect(0, 0, 20, 12), dst=Rect(10, 7, 20, 12)), Frame(bufs(1)))
+    else:
+        # The "waiting for the first frame" slate is on screen; a new plan with a slate replaces it.
+        r.pipe.start(None)
+        r.pipe.reconfigure(assignment(guest=None, slate=Slate("office stopped", "no signal", "#000000")),
+                           None)
+    assert r.card.violations == []
