@@ -525,7 +525,8 @@ copied where it does not, and a slate with the reason where nothing can be shown
 Guests connect to the frame socket (docs/frame-socket.md; `directflip guest` is a synthetic one).
 The policy file is watched (inotify): a valid edit is applied as soon as it is saved, touching only
 the monitors whose assignment changed; an invalid edit is logged with its errors and the running
-policy stays. SIGHUP reloads it too. SIGTERM or Ctrl-C turn every output off, free every buffer and give the console back.
+policy stays. SIGHUP reloads it too. SIGTERM or Ctrl-C turn every output off, free every buffer
+and give the console back.
 
 Ask a running compositor with `directflip status`.""",
         epilog="example: directflip run --policy policies/demo.yaml")
