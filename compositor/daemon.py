@@ -349,14 +349,14 @@ class Daemon:
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
-        if conn.name in self.guests:
-            other = self.guests[conn.name].conn
-            raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
         rule = next((g for g in self.policy.guests if g.matches(conn.name, "socket", conn.uuid)), None)
         allowed = rule.uids if rule is not None and rule.uids is not None else (0, os.getuid())
         if conn.peer.uid not in allowed:
             raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
                           f"uid {', '.join(map(str, sorted(set(allowed))))})")
+        if conn.name in self.guests:
+            other = self.guests[conn.name].conn
+            raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
         if rule is None:
             log.warning("guest %s connected, but no guest rule of the policy matches it: it is not shown",
                         conn.name)
