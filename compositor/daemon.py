@@ -20,7 +20,9 @@ import argparse
 import asyncio
 import logging
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -34,8 +36,9 @@ from compositor.planner import Assignment, Guest, OutputAssignment
 from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
-from compositor.sources.frame import Buffer, Frame
-from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Refused
+from compositor.sources.frame import BadPlane, Buffer, Frame
+from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Peer, Refused
+from compositor.sources.vfio import VfioDevice, VfioError, VfioGuest
 from compositor.watch import PolicyWatcher
 
 log = logging.getLogger("directflip.daemon")
@@ -51,6 +54,7 @@ class GuestState:
     guest: Guest
     latest: Frame | None = None
     holds: Counter = field(default_factory=Counter)        # buffer id → holders
+    blanked: bool = False  # a vGPU whose display is off: its monitors show the slate
     forgotten: dict[int, Buffer] = field(default_factory=dict)  # freed once nothing holds them
     flips: int = 0
 
@@ -84,6 +88,8 @@ class Daemon:
         self.applied_ns = 0
         self.loaded_ns = 0  # when the watcher handed over the last valid edit
         self.plans = 0
+        self.vfio_tasks: dict[str, asyncio.Task] = {}
+        self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
 
     @property
     def policy(self) -> Policy:
@@ -161,6 +167,7 @@ class Daemon:
         self.control = ControlServer(self.control_socket_path, self)
         await self.control.start()
         self.watcher.start(loop)
+        self.open_vfio_guests()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
@@ -193,7 +200,15 @@ class Daemon:
                 del self.pipelines[key]
         if self.frames is not None:
             self.frames.close()
+        for task in self.vfio_tasks.values():
+            task.cancel()
+        for name, proc in self.launched.items():
+            if proc.poll() is None:
+                log.info("stopping %s's launched process (pid %d)", name, proc.pid)
+                proc.terminate()
         for gs in list(self.guests.values()) + self.departed:
+            if isinstance(gs.conn, VfioGuest):
+                gs.conn.close()
             self._free_guest(gs)
         self.guests.clear()
         self.departed.clear()
@@ -235,6 +250,7 @@ class Daemon:
     def _policy_changed(self, policy: Policy) -> None:
         self.loaded_ns = time.monotonic_ns()
         log.info("policy generation %d: re-planning", self.watcher.generation)
+        self.open_vfio_guests()
         self.replan()
 
     async def apply(self, assignment: Assignment) -> None:
@@ -290,6 +306,7 @@ class Daemon:
                          len(self.pipelines))
             for gs in list(self.guests.values()) + self.departed:
                 self._free_forgotten(gs)
+            self._pass_edids()
             self.departed = [gs for gs in self.departed if gs.forgotten]
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
@@ -349,7 +366,7 @@ class Daemon:
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
-        rule = next((g for g in self.policy.guests if g.matches(conn.name, "socket", conn.uuid)), None)
+        rule = self._rule_for(conn.name, conn.uuid)
         allowed = rule.uids if rule is not None and rule.uids is not None else (0, os.getuid())
         if conn.peer.uid not in allowed:
             raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
@@ -397,9 +414,19 @@ class Daemon:
 
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         gs = self.guests.get(conn.name)
-        if gs is None or gs.conn is not conn:
+        if gs is None or (gs.conn is not conn and getattr(gs.conn, "connection", None) is not conn):
             return
-        log.info("guest %s disconnected: %s", conn.name, reason)
+        self._guest_gone(gs, f"disconnected: {reason}")
+
+    def _guest_gone(self, gs: GuestState, reason: str) -> None:
+        conn = gs.conn
+        log.info("guest %s %s", conn.name, reason)
+        if isinstance(conn, VfioGuest):
+            task = self.vfio_tasks.pop(conn.name, None)
+            if task is not None:
+                task.cancel()
+            for buffer in conn.evicted():
+                gs.forgotten[buffer.id] = buffer
         for buf_id, buffer in list(conn.buffers.items()):
             gs.forgotten[buf_id] = buffer
         conn.buffers.clear()
@@ -408,6 +435,8 @@ class Daemon:
             self._release(latest)
         del self.guests[conn.name]
         self.departed.append(gs)
+        if isinstance(conn, VfioGuest):
+            conn.close()
         self.replan()
 
     def _free_forgotten(self, gs: GuestState) -> None:
@@ -464,6 +493,153 @@ class Daemon:
         return {"path": path, "width": w, "height": h, "monitor": monitor, "guest": pipe.out.guest,
                 "frame": pipe.status()["on_screen"]}
 
+    # --- vGPUs (VFIO mediated devices) --------------------------------------------------------------
+
+    def _rule_for(self, name: str, uuid: str | None):
+        """The policy's guest rule for this name/uuid, whatever the kind (credentials go by name)."""
+        for rule in self.policy.guests:
+            if rule.pattern.matches(name) and (rule.uuid is None or (uuid or "").lower() == rule.uuid):
+                return rule
+        return None
+
+    def open_vfio_guests(self) -> None:
+        """Open every vGPU the policy names by UUID (kind vfio) and is not open yet; launch its VMM
+        with a duplicate of the device fd when the rule says `launch`. A vGPU that cannot be opened is
+        reported and skipped: the others are served."""
+        for rule in self.policy.guests:
+            if rule.kind != "vfio" or rule.uuid is None or rule.name in self.guests:
+                continue
+            try:
+                device = VfioDevice.open(rule.uuid)
+                device.probe()
+            except (VfioError, OSError) as exc:
+                log.error("guest %s: cannot open vGPU %s: %s", rule.name, rule.uuid, exc)
+                continue
+            me = Peer(os.getpid(), os.getuid(), os.getgid())
+            self._add_vfio(VfioGuest(rule.name, device, uuid=rule.uuid, peer=me))
+            if rule.launch:
+                self._launch(rule.name, rule.launch, device)
+
+    def _launch(self, name: str, template: str, device: VfioDevice) -> None:
+        fd = device.dup()
+        try:
+            argv = shlex.split(template.replace("{fd}", str(fd)))
+            env = {**os.environ, "DIRECTFLIP_VFIO_FD": str(fd), "DIRECTFLIP_GUEST": name}
+            proc = subprocess.Popen(argv, pass_fds=(fd,), env=env)
+        except OSError as exc:
+            log.error("guest %s: cannot launch %r: %s", name, template, exc)
+            return
+        finally:
+            os.close(fd)
+        self.launched[name] = proc
+        log.info("guest %s: launched %s (pid %d) with the vGPU's device fd", name, argv[0], proc.pid)
+
+    def on_vfio_device(self, conn: GuestConnection, fd: int) -> None:
+        """A VMM handed its vGPU's device fd over the frame socket: poll it as this guest."""
+        conn.vfio_fd = None  # the VfioDevice owns it now
+        device = VfioDevice(fd, conn.name)
+        try:
+            device.probe()
+        except VfioError as exc:
+            device.close()
+            raise Refused(f"the handed-over device: {exc}") from None
+        del self.guests[conn.name]
+        self._add_vfio(VfioGuest(conn.name, device, uuid=conn.uuid, peer=conn.peer, connection=conn))
+
+    def _add_vfio(self, vg: VfioGuest) -> None:
+        gs = GuestState(vg, Guest(vg.name, "vfio", vg.uuid))
+        self.guests[vg.name] = gs
+        log.info("guest %s: vGPU %s (%s planes)", vg.name, vg.uuid or vg.device.name,
+                 "dma-buf" if vg.device.kind == 2 else "region")
+        self.vfio_tasks[vg.name] = asyncio.get_running_loop().create_task(self._poll_vfio(gs))
+        self.replan()
+
+    def _poll_period(self, name: str) -> float:
+        """Once per refresh of the (first) output showing the guest; 10 Hz while it is shown nowhere."""
+        for pipe in self.pipelines.values():
+            if pipe.out.guest == name:
+                return 1.0 / max(1.0, pipe.mode.refresh)
+        return 0.1
+
+    async def _poll_vfio(self, gs: GuestState) -> None:
+        vg: VfioGuest = gs.conn
+        while not vg.closed:
+            await asyncio.sleep(self._poll_period(vg.name))
+            try:
+                frame = vg.poll()
+                reason = f"{vg.name}'s display is off"
+                if vg.last_error is not None:
+                    log.info("guest %s: the vGPU answers again", vg.name)
+                    vg.last_error = None
+            except (VfioError, BadPlane, OSError) as exc:
+                frame, reason = None, f"{vg.name}: {exc}"
+                if str(exc) != vg.last_error:
+                    log.error("guest %s: %s", vg.name, exc)
+                    vg.last_error = str(exc)
+            for buffer in vg.evicted():
+                self.on_forget(vg, buffer)
+            if frame is None:
+                if not gs.blanked:
+                    self._blank(gs, reason)
+                continue
+            gs.blanked = False
+            if gs.latest is not None and frame.buffer is gs.latest.buffer and self._scanned_directly(vg.name):
+                continue  # the plane reads the guest's memory itself: nothing to flip
+            self.on_flip(vg, frame)
+
+    def _scanned_directly(self, name: str) -> bool:
+        showing = [p for p in self.pipelines.values() if p.out.guest == name]
+        return bool(showing) and all(p.path == "zero-copy" and p.on_screen is not None
+                                     and p.on_screen.frame is not None for p in showing)
+
+    def _blank(self, gs: GuestState, reason: str) -> None:
+        gs.blanked = True
+        log.info("guest %s: display off (%s)", gs.conn.name, reason)
+        if gs.latest is not None:
+            latest, gs.latest = gs.latest, None
+            self._release(latest)
+        for pipe in [p for p in self.pipelines.values() if p.out.guest == gs.conn.name]:
+            asyncio.get_running_loop().create_task(self._blank_output(pipe, reason))
+
+    async def _blank_output(self, pipe: ScanoutPipeline, reason: str) -> None:
+        async with self._apply_lock:
+            if self.pipelines.get((pipe.out.card, pipe.out.connector)) is not pipe:
+                return
+            pipe.paused = True
+            try:
+                await self._idle(pipe)
+                pipe.blank(reason)
+            except KmsError as exc:
+                log.error("%s: showing the slate failed: %s", pipe.name, exc)
+            finally:
+                pipe.paused = False
+
+    def _pass_edids(self) -> None:
+        """EDID passthrough: each vGPU's EDID region holds the EDID of the monitor it is shown on
+        (its main view); a vGPU shown nowhere sees its link down."""
+        for gs in self.guests.values():
+            vg = gs.conn
+            if not isinstance(vg, VfioGuest):
+                continue
+            shown = sorted((p for p in self.pipelines.values() if p.out.guest == vg.name),
+                           key=lambda p: p.out.mirror)
+            if not shown:
+                vg.show_monitor(None)
+                continue
+            try:
+                edid = shown[0].connector.edid_blob
+            except KmsError:
+                edid = None
+            if edid:
+                vg.show_monitor(edid)
+
+    @staticmethod
+    def _vfio_status(vg: VfioGuest) -> dict:
+        return {"vgpu": vg.uuid or vg.device.name,
+                "plane": vg.plane.describe() if vg.plane is not None else None,
+                "error": vg.last_error,
+                "edid": None if vg.edid_written is None else len(vg.edid_written)}
+
     # --- status -----------------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -482,7 +658,8 @@ class Daemon:
                      for d in self.assignment.dark],
             "unplaced": [{"guest": u.guest, "reason": u.reason, "monitor": u.monitor}
                          for u in self.assignment.unplaced],
-            "guests": [{"name": name, "pid": gs.conn.peer.pid, "uid": gs.conn.peer.uid,
+            "guests": [{"name": name, "kind": gs.guest.kind, "pid": gs.conn.peer.pid, "uid": gs.conn.peer.uid,
+                        **(self._vfio_status(gs.conn) if isinstance(gs.conn, VfioGuest) else {}),
                         "buffers": len(gs.conn.buffers), "flips": gs.flips,
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),

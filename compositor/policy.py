@@ -195,6 +195,9 @@ class GuestRule:
     # Who may connect as this guest over the frame socket (uids, from `users`); None: only root and
     # the compositor's own user.
     uids: tuple[int, ...] | None = None
+    # kind vfio: a command to start with a duplicate of the vGPU's device fd ({fd} in it is replaced
+    # by the fd's number; DIRECTFLIP_VFIO_FD says it too), e.g. the VMM that runs the guest.
+    launch: str | None = None
 
     def matches(self, name: str, kind: str, uuid: str | None) -> bool:
         if self.kind is not None and kind != self.kind:
@@ -267,7 +270,7 @@ _DEFAULT_KEYS = ("mode", "scaling", "slate")
 _MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate")
 _MATCH_KEYS = ("connector", "edid", "port")
 _EDID_KEYS = ("manufacturer", "product", "serial", "serial_string", "name", "identity")
-_GUEST_KEYS = ("name", "uuid", "kind", "users")
+_GUEST_KEYS = ("name", "uuid", "kind", "users", "launch")
 _SEAT_KEYS = ("monitors", "logind")
 _PLACEMENT_KEYS = ("guest", "monitor", "failover", "mirror", "priority", "seats")
 _SLATE_KEYS = ("text", "colour", "color")
@@ -581,7 +584,14 @@ class _Validator:
         if "users" in keys:
             uids = tuple(self.user(v, n) for v, n in self.user_names(keys["users"][1]))
             uids = tuple(u for u in uids if u is not None)
-        return GuestRule(name, line, pattern, uuid, kind, uids)
+        launch = None
+        if "launch" in keys:
+            vnode = keys["launch"][1]
+            launch = self.string(vnode, "`launch`")
+            if launch is not None and (kind != "vfio" or uuid is None):
+                self.error(vnode, "`launch` needs `kind: vfio` and the vGPU's `uuid`",
+                           "directflip opens the vGPU and starts the command with its device fd")
+        return GuestRule(name, line, pattern, uuid, kind, uids, launch)
 
     def user_names(self, node: yaml.Node) -> list[tuple[str, yaml.Node]]:
         if isinstance(node, yaml.ScalarNode):

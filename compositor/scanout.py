@@ -140,14 +140,17 @@ class CopyBuffers:
         """Copy the buffer's pixels into a slot that is not `on_screen`; returns its framebuffer."""
         src_map = self._maps.get(buffer.key)
         if src_map is None:
-            src_map = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ)
+            src_map = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ,
+                                offset=buffer.mmap_offset)
             self._maps[buffer.key] = src_map
         dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
         dst_map = dst_buf.map()
         info, src, dst = buffer.info, self.src, self.dst
         bpp = info.bytes_per_pixel
         row = src.w * bpp
-        _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
+        sync = buffer.copy_only is None  # a device region is no dma-buf: nothing to sync
+        if sync:
+            _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
             if (src.x, src.y, dst.x, dst.y) == (0, 0, 0, 0) and info.offset == 0 \
                     and info.stride == dst_buf.pitch == row:
@@ -158,7 +161,8 @@ class CopyBuffers:
                     d = (dst.y + y) * dst_buf.pitch + dst.x * bpp
                     dst_map[d:d + row] = src_map[s:s + row]
         finally:
-            _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
+            if sync:
+                _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
         return fb
 
     def forget(self, key: tuple[str, int]) -> None:
@@ -373,6 +377,8 @@ class ScanoutPipeline:
         """(framebuffer, path, src, dst) for the frame, best rung first, from the rung the pipeline
         is on."""
         buffer, out = frame.buffer, self.out
+        if ZERO_COPY not in self.fallbacks and buffer.copy_only:
+            self._fall(ZERO_COPY, buffer.copy_only)
         if ZERO_COPY not in self.fallbacks:
             try:
                 yield self.fbcache.framebuffer(buffer), ZERO_COPY, out.src, out.dst
@@ -569,6 +575,15 @@ class ScanoutPipeline:
         self._retire(self._slate)
         self.copy = self._slate = None
         self._free_retired()
+
+    def blank(self, reason: str) -> None:
+        """The guest shows nothing now (its display is off): the slate, until its next frame. Called
+        with nothing in flight."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.release(pending)
+        self.fallbacks, self.plane_key, self.dead_end = [], None, False
+        self._show_slate(reason, False)
 
     def abandon_in_flight(self) -> None:
         """The flip event never came (a driver bug): take the commit as done."""

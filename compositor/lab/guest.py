@@ -1,8 +1,9 @@
 """The lab's launcher inside the guest: ``python -m compositor.lab.guest [options] -- CMD ...``.
 
-Loads the drivers (vgem from the kernel, vkms and mbochs built by the lab, each after the modules it
-depends on), waits for their DRM nodes and for the expected monitors, checks the host channel, then
-runs CMD with the channel fds in ``$DIRECTFLIP_LAB_CHANNEL`` and exits with its exit code.
+Loads the drivers (vgem from the kernel, vkms and the mbochs and mdpy vGPU samples built by the lab,
+each after the modules it depends on), waits for their DRM nodes and for the expected monitors, checks
+the host channel, then runs CMD with the channel fds in ``$DIRECTFLIP_LAB_CHANNEL`` and exits with its
+exit code.
 
 CMD's stdin is /dev/null (the real stdin carries the host's replies) and its stderr goes to stdout, so
 the host sees one ordered stream.
@@ -24,8 +25,10 @@ from compositor.lab.channel import CHANNEL_ENV, MANIFEST_ENV, SHARED_ENV, Channe
 KO_PARAMS = {
     "vkms": ["enable_overlay=1", "enable_cursor=1", "enable_writeback=1"],
     "mbochs": [],
+    "mdpy": [],
 }
 WANTED_DRIVERS = ("virtio_gpu", "vkms", "vgem")
+MDEV_PARENTS = ("mbochs", "mdpy")  # the VFIO mdev samples: each offers mdev types once loaded
 
 
 def say(message: str) -> None:
@@ -80,6 +83,10 @@ def load_modules(kos: dict[str, str]) -> None:
         if deps:
             _run(["modprobe", "-a", *deps.split(",")])
         _run(["insmod", path, *params])
+    for parent in MDEV_PARENTS:
+        types = Path(f"/sys/class/mdev_bus/{parent}/mdev_supported_types")
+        if not types.is_dir():
+            raise RuntimeError(f"{parent} is loaded but {types} does not exist")
 
 
 def wait_for(what: str, check, timeout: float) -> None:

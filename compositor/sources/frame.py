@@ -84,6 +84,8 @@ class Buffer:
     id: int  # the guest's name for it (VFIO dmabuf_id, a frame-socket buffer id)
     info: PlaneInfo
     fd: int
+    mmap_offset: int = 0  # where the layout's offset 0 lies in fd (a device region's file offset)
+    copy_only: str | None = None  # why the buffer cannot be imported (it is not a dma-buf), if so
 
     def close(self) -> None:
         if self.fd >= 0:

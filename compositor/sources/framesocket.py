@@ -215,6 +215,9 @@ class GuestHandler(Protocol):
         """The guest destroyed `buffer`: it has left conn.buffers and the handler now owns it. Close it
         once it is off screen; send no more released/presented for it."""
 
+    def on_vfio_device(self, conn: GuestConnection, fd: int) -> None:
+        """The guest is a vGPU: its VMM handed over the VFIO device fd, which the handler now owns."""
+
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         """The connection is gone (called once, only for connections that got past hello). The handler
         now owns every buffer still in conn.buffers and must close each once it is off screen."""
@@ -244,6 +247,7 @@ class GuestConnection:
         self.uuid: str | None = None
         self.peer = peer
         self.buffers: dict[int, Buffer] = {}
+        self.vfio_fd: int | None = None  # a handed-over VFIO device fd; the handler owns it
         self.closed = False
         self._server = server
         self._loop = server._loop
@@ -326,7 +330,7 @@ class GuestConnection:
 
     def _dispatch(self, msg: dict[str, Any], start: int) -> None:
         kind = msg["type"]
-        if kind != "buffer" and self._fds and self._fds[0].until <= start:
+        if kind not in ("buffer", "vfio-device") and self._fds and self._fds[0].until <= start:
             raise ProtocolError(self._unclaimed_fds())
         if not self._welcomed:
             if kind != "hello":
@@ -343,6 +347,8 @@ class GuestConnection:
             buffer = self._known(msg)
             del self.buffers[buffer.id]
             self._call("on_forget", buffer)
+        elif kind == "vfio-device":
+            self._on_vfio_device(start)
         elif kind == "bye":
             self._finish("bye", logging.INFO, send_error=False)
         elif kind == "hello":
@@ -402,12 +408,25 @@ class GuestConnection:
         log.debug("%s: buffer %d is %s", self._who(), buffer_id, info.describe())
         self._call("on_buffer", buffer)
 
-    def _take_fd(self, buffer_id: int, start: int) -> int:
+    def _on_vfio_device(self, start: int) -> None:
+        """The guest is a vGPU: the VMM hands over (a duplicate of) its VFIO device fd, and the
+        compositor reads the guest's planes from it instead of from buffer/flip messages."""
+        if self.vfio_fd is not None:
+            raise ProtocolError("a VFIO device was already handed over on this connection")
+        if self.buffers:
+            raise ProtocolError("vfio-device after buffers: a connection is either a vGPU or a buffer source")
+        fd = self._take_fd(0, start, what="vfio-device")
+        self.vfio_fd = fd
+        log.info("%s: VFIO device handed over", self._who())
+        self._call("on_vfio_device", fd)
+
+    def _take_fd(self, buffer_id: int, start: int, what: str = "") -> int:
         """The descriptor that came in the same recvmsg chunk as this buffer message's first byte."""
         if self._fds and self._fds[0].until <= start:
             raise ProtocolError(self._unclaimed_fds())
         if not self._fds or self._fds[0].since > start:
-            raise ProtocolError(f"buffer {buffer_id}: no file descriptor came with the message (send "
+            what = what or f"buffer {buffer_id}"
+            raise ProtocolError(f"{what}: no file descriptor came with the message (send "
                                 "one as SCM_RIGHTS in the same sendmsg as its first bytes)")
         return self._fds.popleft().fd
 
@@ -666,6 +685,12 @@ class FrameSocketClient:
 
     def flip(self, buffer_id: int, frame: int = 0) -> None:
         self._send({"type": "flip", "id": buffer_id, "frame": frame})
+
+    def hand_over_vfio(self, device_fd: int) -> None:
+        """This guest is a vGPU: give the compositor (a duplicate of) its VFIO device fd. The
+        compositor then polls the device's display plane itself; keep the connection open as long as
+        the guest should be shown."""
+        self._send({"type": "vfio-device"}, fd=device_fd)
 
     def forget(self, buffer_id: int) -> None:
         self._send({"type": "forget", "id": buffer_id})
