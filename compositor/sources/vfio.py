@@ -49,7 +49,7 @@ VFIO_TYPE1v2_IOMMU = 3
 VFIO_GFX_PLANE_TYPE_PROBE, VFIO_GFX_PLANE_TYPE_DMABUF, VFIO_GFX_PLANE_TYPE_REGION = 1, 2, 4
 DRM_PLANE_TYPE_PRIMARY, DRM_PLANE_TYPE_CURSOR = 1, 2
 VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
-VFIO_REGION_INFO_CAP_TYPE = 1
+VFIO_REGION_INFO_CAP_TYPE = 2  # (1 is SPARSE_MMAP)
 VFIO_REGION_TYPE_GFX, VFIO_REGION_SUBTYPE_GFX_EDID = 1, 1
 VFIO_DEVICE_GFX_LINK_STATE_UP, VFIO_DEVICE_GFX_LINK_STATE_DOWN = 1, 2
 NO_HOTSPOT = 0xFFFFFFFF
@@ -201,10 +201,17 @@ class VfioDevice:
     # --- regions ---------------------------------------------------------------------------------
 
     def region(self, index: int) -> Region:
-        size = 256  # room for the capability chain
-        buf = ctypes.create_string_buffer(struct.pack("<IIIIQQ", size, 0, index, 0, 0, 0), size)
-        _ioctl(self.fd, VFIO_DEVICE_GET_REGION_INFO, buf,
-               f"VFIO_DEVICE_GET_REGION_INFO {index} ({self.name})")
+        # Ask with the plain struct; a region with capabilities answers with the argsz it needs
+        # (some drivers, mbochs among them, refuse an argsz larger than theirs), then ask again.
+        size = 32
+        while True:
+            buf = ctypes.create_string_buffer(struct.pack("<IIIIQQ", size, 0, index, 0, 0, 0), size)
+            _ioctl(self.fd, VFIO_DEVICE_GET_REGION_INFO, buf,
+                   f"VFIO_DEVICE_GET_REGION_INFO {index} ({self.name})")
+            argsz = struct.unpack_from("<I", buf.raw, 0)[0]
+            if argsz <= size or size > 32:
+                break
+            size = min(argsz, 4096)
         argsz, flags, _, cap_offset, rsize, offset = struct.unpack_from("<IIIIQQ", buf.raw, 0)
         rtype = None
         if flags & VFIO_REGION_INFO_FLAG_CAPS and cap_offset:
@@ -411,7 +418,9 @@ class VfioGuest:
         try:
             self.device.write_edid(edid)
         except VfioError as exc:
-            if exc.errno != errno.ENOTSUP:
+            if exc.errno == errno.ENOTSUP:
+                log.info("%s: %s; the guest cannot be told which monitor it is on", self.name, exc)
+            else:
                 log.warning("%s: writing the EDID region: %s", self.name, exc)
             self.edid_written = edid
             return
