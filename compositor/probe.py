@@ -98,9 +98,14 @@ def _card_error(path: str, message: str) -> dict:
 
 def probe_all(paths: list[str] | None = None) -> dict:
     """The probe document for the given cards (default: every /dev/dri/card*)."""
+    from dataclasses import asdict
+
+    from .sources.vfio import discover
+
     if paths is None:
         paths = list_cards()
-    return {"schema": SCHEMA, "cards": [probe_path(p) for p in paths]}
+    return {"schema": SCHEMA, "cards": [probe_path(p) for p in paths],
+            "vgpus": [asdict(m) for m in discover()]}
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -150,6 +155,11 @@ def format_table(doc: dict) -> str:
             out.append(f"    {p['id']:<5} {p['type']:<8} CRTCs {','.join(map(str, p['possible_crtcs']))}"
                        f"{z}{on}: {' '.join(fmts)}")
         out.append("")
+    vgpus = doc.get("vgpus") or []
+    if vgpus:
+        out.append("vGPUs (VFIO mediated devices):")
+        for m in vgpus:
+            out.append(f"  {m['uuid']}  {m['type']} on {m['parent']}, IOMMU group {m['iommu_group']}")
     return "\n".join(out).rstrip() + "\n"
 
 
