@@ -89,6 +89,8 @@ class Daemon:
         self.loaded_ns = 0  # when the watcher handed over the last valid edit
         self.plans = 0
         self.vfio_tasks: dict[str, asyncio.Task] = {}
+        self.hotplug = None
+        self.hotplugs = 0  # re-probes done for udev events
         self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
 
     @property
@@ -167,6 +169,12 @@ class Daemon:
         self.control = ControlServer(self.control_socket_path, self)
         await self.control.start()
         self.watcher.start(loop)
+        try:
+            from compositor.hotplug import HotplugMonitor
+            self.hotplug = HotplugMonitor(self._hotplug)
+            self.hotplug.start(loop)
+        except OSError as exc:
+            log.error("no udev monitor (%s): monitors plugged or unplugged will not be noticed", exc)
         self.open_vfio_guests()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
@@ -191,6 +199,8 @@ class Daemon:
         log.info("shutting down")
         self._stopping = True
         self.watcher.stop()
+        if self.hotplug is not None:
+            self.hotplug.stop()
         if self.control is not None:
             await self.control.close()
         async with self._apply_lock:
@@ -467,7 +477,8 @@ class Daemon:
             lit = ", ".join(sorted(p.out.monitor for p in self.pipelines.values())) or "none"
             raise ValueError(f"monitor {monitor!r} is not lit (lit: {lit})")
         card = pipe.card
-        wb = next((c for c in card.connectors if c.is_writeback and pipe.crtc in c.possible_crtcs), None)
+        wb = next((c for c in card.connectors
+                   if c.is_writeback and pipe.out.crtc_id in [x.id for x in c.possible_crtcs]), None)
         if wb is None:
             raise ValueError(f"{card.path} ({card.driver}) has no writeback connector for {monitor}'s CRTC")
         w, h = pipe.mode.width, pipe.mode.height
@@ -492,6 +503,38 @@ class Daemon:
         buf.destroy()
         return {"path": path, "width": w, "height": h, "monitor": monitor, "guest": pipe.out.guest,
                 "frame": pipe.status()["on_screen"]}
+
+    # --- hotplug --------------------------------------------------------------------------------------
+
+    def _hotplug(self, changes) -> None:
+        """udev said monitors, cards or vGPUs changed: re-probe, re-plan, apply the difference."""
+        for node in sorted(changes.cards_added | changes.cards_removed):
+            if node in self.cards or node in changes.cards_added:
+                log.warning("%s was %s: cards are taken at start; restart directflip to use the new set",
+                            node, "removed" if node in changes.cards_removed else "added")
+        if changes.mdevs_added:
+            self.open_vfio_guests()
+        for gs in list(self.guests.values()):
+            if isinstance(gs.conn, VfioGuest) and gs.conn.uuid in changes.mdevs_removed:
+                self._guest_gone(gs, "vGPU removed")
+        if changes.drm_cards and not self._stopping:
+            asyncio.get_running_loop().create_task(self._rescan())
+
+    async def _rescan(self) -> None:
+        async with self._apply_lock:
+            try:
+                self.topology = self.read_topology()
+            except (KmsError, DeviceError) as exc:
+                log.error("re-probing after hotplug failed: %s", exc)
+                return
+            self.hotplugs += 1
+            for key, pipe in self.pipelines.items():
+                conn = next((c for c in pipe.card.connectors if c.id == pipe.out.connector_id), None)
+                if conn is not None and (conn.link_status or "").lower() == "bad":
+                    log.warning("%s: link-status BAD; doing the modeset again", pipe.name)
+                    self.failed[key] = "link-status BAD"
+                    pipe._lit = False
+        self.replan()
 
     # --- vGPUs (VFIO mediated devices) --------------------------------------------------------------
 
@@ -648,6 +691,7 @@ class Daemon:
             outputs.append({"card": card, "connector": conn, "path": "failed", "reason": reason})
         return {
             "schema": "directflip.status/1",
+            "hotplugs": self.hotplugs,
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
                        "last_error": self.watcher.last_error,
                        # CLOCK_MONOTONIC ns when the screens started showing this generation's plan

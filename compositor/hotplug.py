@@ -1,0 +1,122 @@
+"""Hotplug: udev events for display cards and vGPUs, on the daemon's asyncio loop.
+
+A monitor plugged, unplugged or resized arrives as a DRM `change` uevent with HOTPLUG=1 on the card
+(CONNECTOR= and PROPERTY= name the connector when the driver says; virtio-gpu does not, so every
+connector is re-probed either way). A card or a vGPU (mdev) coming or going is an `add`/`remove`. The
+events of one physical action come in bursts (a monitor's connect and its EDID, several connectors of
+a dock), so they are coalesced for `debounce` seconds and handed to the daemon as one `Changes`: the
+daemon re-probes, re-plans and applies only the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyudev
+
+log = logging.getLogger("directflip.hotplug")
+
+
+@dataclass
+class Changes:
+    """What happened since the last report."""
+
+    drm_cards: set[str] = field(default_factory=set)       # device nodes with a hotplug/change event
+    cards_added: set[str] = field(default_factory=set)
+    cards_removed: set[str] = field(default_factory=set)
+    mdevs_added: set[str] = field(default_factory=set)     # UUIDs
+    mdevs_removed: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return any((self.drm_cards, self.cards_added, self.cards_removed, self.mdevs_added,
+                    self.mdevs_removed))
+
+
+def classify(changes: Changes, action: str, subsystem: str, sys_name: str, device_node: str | None,
+             properties: dict) -> str | None:
+    """Record one uevent in `changes`; returns a short description, or None for noise."""
+    if subsystem == "drm":
+        if not sys_name.startswith("card") or "-" in sys_name:
+            return None  # connectors (card0-DP-1) and render nodes: the card's own event says it
+        node = device_node or f"/dev/dri/{sys_name}"
+        if action == "change":
+            if properties.get("HOTPLUG") != "1" and "CONNECTOR" not in properties:
+                return None
+            changes.drm_cards.add(node)
+            what = f"connector {properties['CONNECTOR']}" if "CONNECTOR" in properties else "connectors"
+            return f"{node}: hotplug ({what})"
+        if action == "add":
+            changes.cards_added.add(node)
+            return f"{node}: card added"
+        if action == "remove":
+            changes.cards_removed.add(node)
+            return f"{node}: card removed"
+        return None
+    if subsystem == "mdev":
+        if action == "add":
+            changes.mdevs_added.add(sys_name)
+            return f"vGPU {sys_name} added"
+        if action == "remove":
+            changes.mdevs_removed.add(sys_name)
+            return f"vGPU {sys_name} removed"
+    return None
+
+
+class HotplugMonitor:
+    """pyudev's netlink monitor on the loop; `on_changes(Changes)` after each debounced burst."""
+
+    def __init__(self, on_changes: Callable[[Changes], None], *, debounce: float = 0.05,
+                 source: str = "udev") -> None:
+        self.on_changes = on_changes
+        self.debounce = debounce
+        self.context = pyudev.Context()
+        self.monitor = pyudev.Monitor.from_netlink(self.context, source=source)
+        self.monitor.filter_by("drm")
+        self.monitor.filter_by("mdev")
+        self._pending = Changes()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.events = 0
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop or asyncio.get_running_loop()
+        self.monitor.start()
+        self._loop.add_reader(self.monitor.fileno(), self._readable)
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self.monitor.fileno())
+            if self._timer is not None:
+                self._timer.cancel()
+            self._loop = None
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                device = self.monitor.poll(timeout=0)
+            except OSError as exc:  # ENOBUFS: the kernel dropped events; re-probe everything
+                log.warning("udev monitor: %s; re-probing every card", exc)
+                self._pending.drm_cards.add("*")
+                device = None
+            if device is None:
+                break
+            self.events += 1
+            what = classify(self._pending, device.action or "", device.subsystem or "", device.sys_name,
+                            device.device_node, dict(device.properties))
+            if what is None:
+                log.debug("udev: %s %s ignored", device.action, device.sys_path)
+                continue
+            log.info("udev: %s", what)
+        if self._pending and self._timer is None and self._loop is not None:
+            self._timer = self._loop.call_later(self.debounce, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        changes, self._pending = self._pending, Changes()
+        try:
+            self.on_changes(changes)
+        except Exception:  # noqa: BLE001 — one bad reaction must not stop hotplug handling
+            log.exception("handling hotplug changes failed")

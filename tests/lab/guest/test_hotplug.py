@@ -1,0 +1,99 @@
+"""Monitors plugged and unplugged while guests flip (real HOTPLUG uevents from QEMU's VNC resize),
+and guests that die and come back. Pixels from QEMU screendumps."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from labkit import Compositor, colour_share
+
+from compositor.sources.synthetic import decode_counter, guest_colour
+
+SIZES = [(1024, 768), (800, 600), (640, 480)]   # boot sizes of the heads; restored at the end
+
+POLICY = """version: 1
+monitors:
+  left:   {connector: Virtual-1, driver: virtio_gpu}
+  centre: {connector: Virtual-2, driver: virtio_gpu}
+  right:  {connector: Virtual-3, driver: virtio_gpu}
+guests:
+  office: {kind: socket}
+  media:  {kind: socket}
+  build:  {kind: socket}
+placements:
+  - {guest: office, monitor: left}
+  - {guest: media, monitor: centre}
+  - {guest: build, monitor: right, failover: [centre], priority: 10}
+"""
+
+
+@pytest.fixture(scope="module")
+def comp(cards, host, tmp_path_factory):
+    c = Compositor(tmp_path_factory.mktemp("hotplug"))
+    c.start(POLICY)
+    for name, (w, h) in zip(("office", "media", "build"), SIZES, strict=True):
+        c.guest("--name", name, "--on", "display", "--size", f"{w}x{h}", "--rate", "30", "--duration", "600")
+    for monitor, name in (("left", "office"), ("centre", "media"), ("right", "build")):
+        c.wait_shown(monitor, name)
+    yield c
+    code = c.stop()
+    host.plug(2, *SIZES[2])
+    print(c.tail(12))
+    assert code == 0
+
+
+def counter(host, head: int) -> int:
+    value = decode_counter(host.screendump(head))
+    assert value is not None, f"head {head}: no frame counter on screen"
+    return value
+
+
+def test_unplug_fails_over_and_plug_back_returns_at_the_new_size(comp, host):
+    left = [counter(host, 0)]
+    t0 = time.monotonic()
+    host.unplug(2)
+    while True:  # the compositor's own account first (fast to ask), then the pixels
+        out = comp.output("centre")
+        if out.get("guest") == "build" and out.get("on_screen"):
+            break
+        assert time.monotonic() - t0 < 10, f"build never moved to the failover monitor: {out}"
+        time.sleep(0.02)
+    moved = time.monotonic() - t0
+    assert colour_share(host.screendump(1), guest_colour("build")) > 0.2, "centre does not show build"
+    left.append(counter(host, 0))
+    print(f"unplug of head 2: build shown on the failover head (centre) {moved:.2f} s after the unplug "
+          f"returned")
+    assert moved < 1.0, f"failover took {moved:.2f} s"
+
+    host.plug(2, 800, 600)
+    out = comp.wait_shown("right", "build", timeout=20)
+    assert out["mode"].startswith("800x600"), out
+    comp.wait_shown("centre", "media", timeout=20)
+    left.append(counter(host, 0))
+    rgb = host.screendump(2)
+    assert rgb.shape[:2] == (600, 800) and colour_share(rgb, guest_colour("build")) > 0.2
+    assert all(b > a for a, b in zip(left, left[1:], strict=False)), f"left stalled: {left}"
+    print(f"plug back at 800x600: build returned to right ({out['mode']}, {out['path']}); "
+          f"left's counter never stopped: {left}")
+    host.plug(2, *SIZES[2])
+    comp.wait_shown("right", "build", timeout=20)
+
+
+def test_a_killed_guest_shows_the_slate_and_comes_back(comp, host):
+    proc = next(p for p in comp.guests if "media" in p.args)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while (out := comp.output("centre"))["path"] != "slate":
+        assert time.monotonic() < deadline, f"no slate after the guest died: {out}"
+        time.sleep(0.1)
+    assert "media is not running" in out["reason"], out
+    assert colour_share(host.screendump(1), guest_colour("media")) < 0.01
+    comp.guest("--name", "media", "--on", "display", "--size", "800x600", "--rate", "30", "--duration", "600")
+    comp.wait_shown("centre", "media")
+    a = counter(host, 1)
+    time.sleep(1)
+    assert counter(host, 1) > a
+    print(f"media killed: centre showed the slate ({out['reason']}); restarted: picture back")
