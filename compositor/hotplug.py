@@ -48,21 +48,18 @@ def classify(changes: Changes, action: str, subsystem: str, sys_name: str, devic
             changes.drm_cards.add(node)
             what = f"connector {properties['CONNECTOR']}" if "CONNECTOR" in properties else "connectors"
             return f"{node}: hotplug ({what})"
-        if action == "add":
-            changes.cards_added.add(node)
-            return f"{node}: card added"
-        if action == "remove":
-            changes.cards_removed.add(node)
-            return f"{node}: card removed"
-        return None
+        return _came_or_went(changes, action, "cards", node, f"{node}: card")
     if subsystem == "mdev":
-        if action == "add":
-            changes.mdevs_added.add(sys_name)
-            return f"vGPU {sys_name} added"
-        if action == "remove":
-            changes.mdevs_removed.add(sys_name)
-            return f"vGPU {sys_name} removed"
+        return _came_or_went(changes, action, "mdevs", sys_name, f"vGPU {sys_name}")
     return None
+
+
+def _came_or_went(changes: Changes, action: str, kind: str, key: str, label: str) -> str | None:
+    if action not in ("add", "remove"):
+        return None
+    verb = "added" if action == "add" else "removed"
+    getattr(changes, f"{kind}_{verb}").add(key)
+    return f"{label} {verb}"
 
 
 class HotplugMonitor:
