@@ -37,14 +37,19 @@ from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
 from compositor.sources.frame import BadPlane, Buffer, Frame
-from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Peer, Refused
-from compositor.sources.vfio import VfioDevice, VfioError, VfioGuest
+from compositor.sources.framesocket import (
+    DEFAULT_FRAME_SOCKET,
+    RUN_DIR,
+    FrameSocketServer,
+    GuestConnection,
+    Peer,
+    Refused,
+)
+from compositor.sources.vfio import VFIO_GFX_PLANE_TYPE_DMABUF, VfioDevice, VfioError, VfioGuest
 from compositor.watch import PolicyWatcher
 
 log = logging.getLogger("directflip.daemon")
 
-RUN_DIR = "/run/directflip"
-DEFAULT_FRAME_SOCKET = f"{RUN_DIR}/frames.sock"
 DEFAULT_CONTROL_SOCKET = f"{RUN_DIR}/control.sock"
 
 
@@ -303,8 +308,7 @@ class Daemon:
                 finally:
                     if pipe is not None:
                         pipe.paused = False
-                        if pipe.pending is not None and pipe.in_flight is None:
-                            pipe.resume()
+                        pipe.resume()
             for dark in assignment.dark:
                 self.failed.pop((dark.card, dark.connector), None)
             self.assignment = assignment
@@ -340,6 +344,11 @@ class Daemon:
 
     # --- flip events ------------------------------------------------------------------------------
 
+    def _showing(self, guest: str) -> list[ScanoutPipeline]:
+        """The pipelines showing `guest` (its main view first, then mirrors)."""
+        return sorted((p for p in self.pipelines.values() if p.out.guest == guest),
+                      key=lambda p: p.out.mirror)
+
     def _flip_event(self, card_path: str, event) -> None:
         for pipe in self.pipelines.values():
             if pipe.out.card == card_path and pipe.out.crtc_id == event.crtc_id:
@@ -361,7 +370,7 @@ class Daemon:
         if gs.holds[buf.id] <= 0:
             del gs.holds[buf.id]
             if buf.id in gs.forgotten:
-                self._free_buffer(gs, gs.forgotten.pop(buf.id))
+                self._free_buffer(gs.forgotten.pop(buf.id))
             elif not gs.conn.closed:
                 gs.conn.released(buf.id)
 
@@ -376,7 +385,7 @@ class Daemon:
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
-        rule = self._rule_for(conn.name, conn.uuid)
+        rule = next((r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)), None)
         allowed = rule.uids if rule is not None and rule.uids is not None else (0, os.getuid())
         if conn.peer.uid not in allowed:
             raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
@@ -397,8 +406,12 @@ class Daemon:
         gs = self.guests[conn.name]
         gs.flips += 1
         info = frame.buffer.info
-        guest = replace(gs.guest, width=info.width, height=info.height, fourcc=fourcc_name(info.fourcc),
-                        modifier=modifier_name(info.modifier))
+        # The planner's view of the guest changes only with its buffer's layout: look only then.
+        if gs.latest is None or info != gs.latest.buffer.info:
+            guest = replace(gs.guest, width=info.width, height=info.height, fourcc=fourcc_name(info.fourcc),
+                            modifier=modifier_name(info.modifier))
+        else:
+            guest = gs.guest
         buf_id = frame.buffer.id
         gs.holds[buf_id] += 1  # as the latest frame
         if gs.latest is not None:
@@ -410,17 +423,16 @@ class Daemon:
             log.info("guest %s: %s framebuffer %s", conn.name, "first" if first else "new", info.describe())
             self.replan()
             return  # the new plan shows it (and later frames go through the pipelines)
-        for pipe in self.pipelines.values():
-            if pipe.out.guest == conn.name:
-                gs.holds[buf_id] += 1
-                pipe.submit(frame)
+        for pipe in self._showing(conn.name):
+            gs.holds[buf_id] += 1
+            pipe.submit(frame)
 
     def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
         gs = self.guests[conn.name]
         if gs.holds.get(buffer.id, 0) > 0:
             gs.forgotten[buffer.id] = buffer
         else:
-            self._free_buffer(gs, buffer)
+            self._free_buffer(buffer)
 
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         gs = self.guests.get(conn.name)
@@ -451,14 +463,14 @@ class Daemon:
 
     def _free_forgotten(self, gs: GuestState) -> None:
         for buf_id in [b for b in gs.forgotten if gs.holds.get(b, 0) <= 0]:
-            self._free_buffer(gs, gs.forgotten.pop(buf_id))
+            self._free_buffer(gs.forgotten.pop(buf_id))
 
     def _free_guest(self, gs: GuestState) -> None:
         for buffer in list(gs.forgotten.values()) + list(gs.conn.buffers.values()):
-            self._free_buffer(gs, buffer)
+            self._free_buffer(buffer)
         gs.forgotten.clear()
 
-    def _free_buffer(self, gs: GuestState, buffer: Buffer) -> None:
+    def _free_buffer(self, buffer: Buffer) -> None:
         for pipe in self.pipelines.values():
             pipe.forget(buffer.key)
         for cache in self.caches.values():
@@ -533,17 +545,10 @@ class Daemon:
                 if conn is not None and (conn.link_status or "").lower() == "bad":
                     log.warning("%s: link-status BAD; doing the modeset again", pipe.name)
                     self.failed[key] = "link-status BAD"
-                    pipe._lit = False
+                    pipe.force_modeset()
         self.replan()
 
     # --- vGPUs (VFIO mediated devices) --------------------------------------------------------------
-
-    def _rule_for(self, name: str, uuid: str | None):
-        """The policy's guest rule for this name/uuid, whatever the kind (credentials go by name)."""
-        for rule in self.policy.guests:
-            if rule.pattern.matches(name) and (rule.uuid is None or (uuid or "").lower() == rule.uuid):
-                return rule
-        return None
 
     def open_vfio_guests(self) -> None:
         """Open every vGPU the policy names by UUID (kind vfio) and is not open yet; launch its VMM
@@ -593,16 +598,14 @@ class Daemon:
         gs = GuestState(vg, Guest(vg.name, "vfio", vg.uuid))
         self.guests[vg.name] = gs
         log.info("guest %s: vGPU %s (%s planes)", vg.name, vg.uuid or vg.device.name,
-                 "dma-buf" if vg.device.kind == 2 else "region")
+                 "dma-buf" if vg.device.kind == VFIO_GFX_PLANE_TYPE_DMABUF else "region")
         self.vfio_tasks[vg.name] = asyncio.get_running_loop().create_task(self._poll_vfio(gs))
         self.replan()
 
     def _poll_period(self, name: str) -> float:
         """Once per refresh of the (first) output showing the guest; 10 Hz while it is shown nowhere."""
-        for pipe in self.pipelines.values():
-            if pipe.out.guest == name:
-                return 1.0 / max(1.0, pipe.mode.refresh)
-        return 0.1
+        showing = self._showing(name)
+        return 1.0 / max(1.0, showing[0].mode.refresh) if showing else 0.1
 
     async def _poll_vfio(self, gs: GuestState) -> None:
         vg: VfioGuest = gs.conn
@@ -631,7 +634,7 @@ class Daemon:
             self.on_flip(vg, frame)
 
     def _scanned_directly(self, name: str) -> bool:
-        showing = [p for p in self.pipelines.values() if p.out.guest == name]
+        showing = self._showing(name)
         return bool(showing) and all(p.path == "zero-copy" and p.on_screen is not None
                                      and p.on_screen.frame is not None for p in showing)
 
@@ -641,7 +644,7 @@ class Daemon:
         if gs.latest is not None:
             latest, gs.latest = gs.latest, None
             self._release(latest)
-        for pipe in [p for p in self.pipelines.values() if p.out.guest == gs.conn.name]:
+        for pipe in self._showing(gs.conn.name):
             asyncio.get_running_loop().create_task(self._blank_output(pipe, reason))
 
     async def _blank_output(self, pipe: ScanoutPipeline, reason: str) -> None:
@@ -664,8 +667,7 @@ class Daemon:
             vg = gs.conn
             if not isinstance(vg, VfioGuest):
                 continue
-            shown = sorted((p for p in self.pipelines.values() if p.out.guest == vg.name),
-                           key=lambda p: p.out.mirror)
+            shown = self._showing(vg.name)
             if not shown:
                 vg.show_monitor(None)
                 continue

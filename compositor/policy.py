@@ -199,8 +199,9 @@ class GuestRule:
     # by the fd's number; DIRECTFLIP_VFIO_FD says it too), e.g. the VMM that runs the guest.
     launch: str | None = None
 
-    def matches(self, name: str, kind: str, uuid: str | None) -> bool:
-        if self.kind is not None and kind != self.kind:
+    def matches(self, name: str, kind: str | None, uuid: str | None) -> bool:
+        """Whether the rule takes this guest; kind None: whatever its kind (credentials go by name)."""
+        if kind is not None and self.kind is not None and kind != self.kind:
             return False
         if self.uuid is not None and (uuid is None or uuid.lower() != self.uuid):
             return False

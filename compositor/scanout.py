@@ -35,8 +35,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from compositor.kms import Card, Framebuffer, KmsError, Mode, Rejected
-from compositor.kms.card import DumbBuffer, ffi, lib
+import numpy as np
+
+from compositor.kms import Busy, Card, Framebuffer, KmsError, Mode, Rejected
+from compositor.kms.card import DumbBuffer, lib
+from compositor.kms.errors import kms_error
 from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.planner import OutputAssignment, Rect
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
@@ -152,14 +155,9 @@ class CopyBuffers:
         if sync:
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
-            if (src.x, src.y, dst.x, dst.y) == (0, 0, 0, 0) and info.offset == 0 \
-                    and info.stride == dst_buf.pitch == row:
-                dst_map[:row * src.h] = src_map[:row * src.h]
-            else:
-                for y in range(src.h):
-                    s = info.offset + (src.y + y) * info.stride + src.x * bpp
-                    d = (dst.y + y) * dst_buf.pitch + dst.x * bpp
-                    dst_map[d:d + row] = src_map[s:s + row]
+            # One strided copy of the planned rectangle, row pitch to row pitch (no Python loop).
+            _rows(dst_map, (dst.y * dst_buf.pitch) + dst.x * bpp, dst_buf.pitch, src.h, row)[:] = \
+                _rows(src_map, info.offset + src.y * info.stride + src.x * bpp, info.stride, src.h, row)
         finally:
             if sync:
                 _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
@@ -181,6 +179,11 @@ class CopyBuffers:
                 log.warning("removing copy framebuffer: %s", exc)
             buf.destroy()
         self.slots.clear()
+
+
+def _rows(memory, start: int, pitch: int, height: int, width: int) -> np.ndarray:
+    """`height` rows of `width` bytes of a mapping, `pitch` bytes apart, from byte `start`."""
+    return np.ndarray((height, width), np.uint8, buffer=memory, offset=start, strides=(pitch, 1))
 
 
 def _dmabuf_sync(fd: int, flags: int) -> None:
@@ -220,8 +223,8 @@ class Metrics:
     dropped: int = 0         # frames replaced by a newer one before they were committed
     commits: int = 0         # nonblocking commits issued
     copies: int = 0
-    max_in_flight: int = 0   # never above 1: checked, not assumed
-    max_pending: int = 0
+    max_in_flight: int = 0   # most nonblocking commits ever awaiting their flip event at once
+    max_pending: int = 0     # most frames ever waiting to be committed (one slot: a queue would show)
     busy: int = 0            # EBUSY answers (the kernel still had a flip pending)
     errors: int = 0
     latencies_ns: deque = field(default_factory=lambda: deque(maxlen=2000))
@@ -282,6 +285,7 @@ class ScanoutPipeline:
         self.fallbacks: list[str] = []
         self.pending: Frame | None = None
         self.in_flight: _Commit | None = None
+        self._outstanding: set[int] = set()  # nonblocking commits whose flip event has not come yet
         self.on_screen: _Commit | None = None
         self.plane_key: tuple | None = None  # the (fb size, format, src, dst) the plane was committed with
         self.copy: CopyBuffers | None = None
@@ -351,27 +355,47 @@ class ScanoutPipeline:
             self._show_slate(problem, modeset, old_plane)
             self.release(frame)
             return
+        commit = self._commit_frame(frame, modeset=modeset, old_plane=old_plane, token=None)
+        if commit is None:
+            self.release(frame)
+            self.dead_end = True  # later frames go straight back to the guest
+            self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
+            return
+        self._free_retired()
+        self._lit = True
+        self._replace_on_screen(commit)
+        log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, self.path, frame.buffer.info.describe())
+        self.metrics.frames += 1
+
+    def _commit_frame(self, frame: Frame, *, modeset: bool = False, old_plane=None,
+                      token: int | None) -> _Commit | None:
+        """Walk the ladder from the pipeline's rung: the first framebuffer whose configuration the
+        kernel accepts is committed, blocking (token None) or nonblocking with a flip event carrying
+        `token`. None when every rung refused. A frame that keeps the plane's configuration is only
+        an FB_ID flip, the hot path. KmsError from the commit itself propagates."""
         for fb, path, src, dst in self._ladder(frame):
-            req = self._request(fb, src, dst, modeset, old_plane)
-            try:
-                req.test(allow_modeset=modeset)
-            except Rejected as exc:
-                self._fall(path, self._refusal(path, dst, exc))
-                continue
-            req.commit(allow_modeset=modeset)
-            self._free_retired()
-            self._lit = True
-            self._replace_on_screen(_Commit(frame, fb, 0))
-            self.plane_key = self._plane_key(fb, src, dst)
+            key = self._plane_key(fb, src, dst)
+            if token is not None and key == self.plane_key:
+                self._flip(fb, token)
+            else:
+                req = self._request(fb, src, dst, modeset, old_plane)
+                try:
+                    req.test(allow_modeset=modeset)
+                except Rejected as exc:
+                    self._fall(path, self._refusal(path, dst, exc))
+                    continue
+                if token is None:
+                    req.commit(allow_modeset=modeset)
+                else:
+                    req.commit(nonblock=True, event=True, user_data=token)
+                self.plane_key = key
+            if path != self.path:
+                log.info("%s: %s now shown %s", self.name, self.out.guest, path)
             self.path = path
             if path == ZERO_COPY:
                 self.reason = ""
-            log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, path, frame.buffer.info.describe())
-            self.metrics.frames += 1
-            return
-        self.release(frame)
-        self.dead_end = True  # later frames go straight back to the guest
-        self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
+            return _Commit(frame, fb, token or 0)
+        return None
 
     def _ladder(self, frame: Frame):
         """(framebuffer, path, src, dst) for the frame, best rung first, from the rung the pipeline
@@ -420,10 +444,7 @@ class ScanoutPipeline:
         w, h = self.mode.width, self.mode.height
         buf = self.card.create_dumb(w, h, 32)
         pixels = render_slate(w, h, text, colour, reason)
-        m = buf.map()
-        row = w * 4
-        for y in range(h):
-            m[y * buf.pitch:y * buf.pitch + row] = pixels[y * row:(y + 1) * row]
+        _rows(buf.map(), 0, buf.pitch, h, w * 4)[:] = np.frombuffer(pixels, np.uint8).reshape(h, w * 4)
         fb = self.card.dumb_framebuffer(buf, XRGB8888)
         self._slate = _SlateBuffer(buf, fb)
         full = Rect(0, 0, w, h)
@@ -457,7 +478,7 @@ class ScanoutPipeline:
             self.metrics.dropped += 1
             self.release(self.pending)
         self.pending = frame
-        self.metrics.max_pending = max(self.metrics.max_pending, 1)
+        self.metrics.max_pending = max(self.metrics.max_pending, int(self.pending is not None))
         if self.in_flight is None and not self.paused:
             self._commit_pending()
 
@@ -478,46 +499,29 @@ class ScanoutPipeline:
             self.release(frame)
             return
         ScanoutPipeline._tokens += 1
-        token = ScanoutPipeline._tokens
-        for fb, path, src, dst in self._ladder(frame):
-            try:
-                if self._plane_key(fb, src, dst) == self.plane_key:
-                    self._flip(fb, token)
-                else:
-                    req = self._request(fb, src, dst, False)
-                    try:
-                        req.test()
-                    except Rejected as exc:
-                        self._fall(path, self._refusal(path, dst, exc))
-                        continue
-                    req.commit(nonblock=True, event=True, user_data=token)
-                    self.plane_key = self._plane_key(fb, src, dst)
-            except KmsError as exc:
-                self.metrics.errors += 1
-                if exc.errno == 16:
-                    self.metrics.busy += 1
-                log.error("%s: flip failed: %s", self.name, exc)
-                self.release(frame)
-                return
-            if path != self.path:
-                log.info("%s: %s now shown %s", self.name, self.out.guest, path)
-            self.path = path
-            if path == ZERO_COPY:
-                self.reason = ""
-            self.in_flight = _Commit(frame, fb, token)
-            self.metrics.commits += 1
-            self.metrics.max_in_flight = max(self.metrics.max_in_flight, 1)
+        try:
+            commit = self._commit_frame(frame, token=ScanoutPipeline._tokens)
+        except KmsError as exc:
+            self.metrics.errors += 1
+            self.metrics.busy += isinstance(exc, Busy)
+            log.error("%s: flip failed: %s", self.name, exc)
+            self.release(frame)
             return
-        # Every rung refused: the slate says why, and later frames go straight back to the guest.
-        self.release(frame)
-        self.dead_end = True
-        self._show_slate(self.reason, False)
+        if commit is None:
+            # Every rung refused: the slate says why, and later frames go straight back to the guest.
+            self.release(frame)
+            self.dead_end = True
+            self._show_slate(self.reason, False)
+            return
+        self.in_flight = commit
+        self._outstanding.add(commit.token)
+        self.metrics.commits += 1
+        self.metrics.max_in_flight = max(self.metrics.max_in_flight, len(self._outstanding))
 
     def _flip(self, fb: Framebuffer, token: int) -> None:
         if self.native:
             ret = lib.kms_flip(self.card.fd, self.plane.id, self.fb_prop, fb.id, token)
             if ret < 0:
-                from compositor.kms.errors import kms_error
                 raise kms_error("kms_flip", -ret, f"plane {self.plane.id} FB {fb.id}")
         else:
             self.card.atomic().add(self.plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=token)
@@ -525,6 +529,7 @@ class ScanoutPipeline:
     def on_flip(self, event) -> None:
         """The flip event of this CRTC. A token that is not ours (a commit made before the last
         reconfiguration) is ignored."""
+        self._outstanding.discard(event.user_data)
         commit = self.in_flight
         if commit is None or event.user_data != commit.token:
             return
@@ -548,18 +553,13 @@ class ScanoutPipeline:
 
     # --- end --------------------------------------------------------------------------------------
 
-    def holds(self, key: tuple[str, int]) -> bool:
-        """Whether the buffer is on screen or in flight here (it must not be freed yet)."""
-        return any(c is not None and c.frame is not None and c.frame.buffer.key == key
-                   for c in (self.on_screen, self.in_flight))
-
     def forget(self, key: tuple[str, int]) -> None:
         if self.copy is not None:
             self.copy.forget(key)
 
-    def stop(self, *, disable: bool = True) -> None:
+    def stop(self) -> None:
         """Turn the output off (blocking) and free what the pipeline owns."""
-        if disable and self._lit:
+        if self._lit:
             req = self.card.atomic().add_plane(self.plane, None, None)
             req.add_output(self.connector, self.crtc, None)
             try:
@@ -567,9 +567,10 @@ class ScanoutPipeline:
             except KmsError as exc:
                 log.error("%s: turning the output off failed: %s", self.name, exc)
         self._lit = False
-        for commit in (self.pending and _Commit(self.pending, None, 0), self.in_flight, self.on_screen):
-            if commit is not None and commit.frame is not None:
-                self.release(commit.frame)
+        held = [self.pending] + [c.frame for c in (self.in_flight, self.on_screen) if c is not None]
+        for frame in held:
+            if frame is not None:
+                self.release(frame)
         self.pending = self.in_flight = self.on_screen = None
         self._retire(self.copy)
         self._retire(self._slate)
@@ -585,10 +586,15 @@ class ScanoutPipeline:
         self.fallbacks, self.plane_key, self.dead_end = [], None, False
         self._show_slate(reason, False)
 
+    def force_modeset(self) -> None:
+        """Make the next configuration a full modeset (the link went bad; the mode must be set again)."""
+        self._lit = False
+
     def abandon_in_flight(self) -> None:
         """The flip event never came (a driver bug): take the commit as done."""
         if self.in_flight is not None:
             commit, self.in_flight = self.in_flight, None
+            self._outstanding.discard(commit.token)
             self._replace_on_screen(commit)
 
     def _retire(self, thing) -> None:
@@ -624,4 +630,4 @@ class ScanoutPipeline:
 
 
 __all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "render_slate", "live_mode",
-           "ZERO_COPY", "COPY", "SLATE", "ffi"]
+           "ZERO_COPY", "COPY", "SLATE"]

@@ -44,7 +44,6 @@ device fd. It serves one JSON request per line on a Unix socket and answers one 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import mmap
@@ -63,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from compositor.kms.edid import EDID_HEADER
 from compositor.sources.synthetic import (
     check_size,
     draw_background,
@@ -72,7 +72,7 @@ from compositor.sources.synthetic import (
     ink_colour,
     xrgb_view,
 )
-from compositor.sources.vfio import MDEV_DEVICES, VFIO_DEVICE_GET_REGION_INFO, VfioDevice, VfioError
+from compositor.sources.vfio import MDEV_DEVICES, VfioDevice, VfioError
 
 if TYPE_CHECKING:
     from compositor.sources.framesocket import FrameSocketClient
@@ -81,7 +81,6 @@ log = logging.getLogger("directflip.vgpu_guest")
 
 MDEV_BUS = Path("/sys/class/mdev_bus")
 EDID_BLOCK = 128
-EDID_HEADER = b"\x00\xff\xff\xff\xff\xff\xff\x00"
 DRM_FORMAT_XRGB8888 = 0x34325258  # 'XR24'
 
 # PCI regions (VFIO_PCI_*_REGION_INDEX)
@@ -141,20 +140,6 @@ def remove_mdev(uuid: str) -> None:
 
 # ------------------------------------------------------------------------------------------ guests
 
-def region_span(device: VfioDevice, index: int) -> tuple[int, int]:
-    """(size, file offset) of a device region: the plain 32-byte struct vfio_region_info, no capability
-    chain. A guest driver needs no more, and mbochs answers EINVAL to any argsz above its own 48-byte
-    struct (VfioDevice.region asks with room for capabilities)."""
-    buf = bytearray(struct.pack("<IIIIQQ", 32, 0, index, 0, 0, 0))
-    try:
-        fcntl.ioctl(device.fd, VFIO_DEVICE_GET_REGION_INFO, buf, True)
-    except OSError as exc:
-        raise VfioError(exc.errno, f"VFIO_DEVICE_GET_REGION_INFO {index} ({device.name}): "
-                        f"{exc.strerror}") from None
-    size, offset = struct.unpack_from("<QQ", buf, 16)
-    return size, offset
-
-
 class _Guest:
     """What both guests share: a device, a framebuffer mapping, and drawing synthetic frames."""
 
@@ -167,7 +152,8 @@ class _Guest:
         self._background: tuple[tuple[str, int, int], np.ndarray, tuple[int, int, int]] | None = None
 
     def _map(self, index: int) -> mmap.mmap:
-        size, offset = region_span(self.device, index)
+        region = self.device.region(index)
+        size, offset = region.size, region.offset
         try:
             mapping = mmap.mmap(self.device.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                                 offset=offset)
@@ -231,7 +217,7 @@ class BochsGuest(_Guest):
     def __init__(self, device: VfioDevice, *, close_device: bool = True) -> None:
         super().__init__(device, close_device=close_device)
         try:
-            self._mmio = region_span(device, BAR2)[1]
+            self._mmio = device.region(BAR2).offset
             ident = self._read_dispi(DISPI_ID)
             if ident != DISPI_ID5:
                 raise VgpuGuestError(f"{device.name} is not a bochs display: dispi ID reads {ident:#06x}, "
@@ -308,7 +294,7 @@ class MdpyGuest(_Guest):
     def __init__(self, device: VfioDevice, *, close_device: bool = True) -> None:
         super().__init__(device, close_device=close_device)
         try:
-            config = region_span(device, CONFIG)[1]
+            config = device.region(CONFIG).offset
             cap_id = os.pread(device.fd, 1, config + MDPY_VENDORCAP)[0]
             fmt, width, height = struct.unpack("<III", os.pread(device.fd, 12, config + MDPY_FORMAT))
             if cap_id != 0x09 or fmt != DRM_FORMAT_XRGB8888 or not width or not height:

@@ -43,6 +43,8 @@ from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_
 log = logging.getLogger("directflip.framesocket")
 
 PROTOCOL_VERSION = 1
+RUN_DIR = "/run/directflip"
+DEFAULT_FRAME_SOCKET = f"{RUN_DIR}/frames.sock"  # where `directflip run` listens unless told otherwise
 MAX_MESSAGE = 65536  # bytes of JSON in one message
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet

@@ -47,6 +47,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from compositor.sources.framesocket import DEFAULT_FRAME_SOCKET
+
 if TYPE_CHECKING:
     import mmap
 
@@ -54,7 +56,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("directflip.synthetic")
 
-DEFAULT_FRAME_SOCKET = "/run/directflip/frames.sock"
 
 # Layout of a frame, in buffer pixels.
 BAND_X, BAND_Y = 8, 8                 # top-left of the counter band

@@ -34,10 +34,7 @@ MDEV_DEVICES = Path("/sys/bus/mdev/devices")
 
 # _IO(';', 100 + n)
 _VFIO_BASE = ord(";") << 8
-VFIO_GET_API_VERSION = _VFIO_BASE | 100
-VFIO_CHECK_EXTENSION = _VFIO_BASE | 101
 VFIO_SET_IOMMU = _VFIO_BASE | 102
-VFIO_GROUP_GET_STATUS = _VFIO_BASE | 103
 VFIO_GROUP_SET_CONTAINER = _VFIO_BASE | 104
 VFIO_GROUP_GET_DEVICE_FD = _VFIO_BASE | 106
 VFIO_DEVICE_GET_INFO = _VFIO_BASE | 107
@@ -52,7 +49,6 @@ VFIO_REGION_INFO_FLAG_CAPS = 1 << 3
 VFIO_REGION_INFO_CAP_TYPE = 2  # (1 is SPARSE_MMAP)
 VFIO_REGION_TYPE_GFX, VFIO_REGION_SUBTYPE_GFX_EDID = 1, 1
 VFIO_DEVICE_GFX_LINK_STATE_UP, VFIO_DEVICE_GFX_LINK_STATE_DOWN = 1, 2
-NO_HOTSPOT = 0xFFFFFFFF
 
 PLANE_INFO_SIZE = 64
 _PLANE = struct.Struct("<IIIIQIIIIIIIIII")  # argsz..y_hot, then the region_index/dmabuf_id union, reserved
@@ -123,10 +119,6 @@ class GfxPlane:
     @property
     def enabled(self) -> bool:
         return bool(self.fourcc and self.width and self.height and self.size)
-
-    @property
-    def hotspot(self) -> tuple[int, int] | None:
-        return None if NO_HOTSPOT in (self.x_hot, self.y_hot) else (self.x_hot, self.y_hot)
 
     def plane_info(self, offset: int = 0) -> PlaneInfo:
         return PlaneInfo(self.fourcc, self.width, self.height, self.stride, offset, self.modifier)

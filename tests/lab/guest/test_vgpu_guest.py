@@ -8,7 +8,6 @@ import asyncio
 import mmap
 import os
 import queue
-import struct
 import subprocess
 import sys
 import threading
@@ -27,13 +26,11 @@ from compositor.lab.vgpu_guest import (
     VgpuGuestControl,
     VgpuGuestError,
     create_mdev,
-    region_span,
     remove_mdev,
 )
 from compositor.sources.synthetic import decode_counter, guest_colour
 from compositor.sources.vfio import (
     DRM_PLANE_TYPE_PRIMARY,
-    VFIO_DEVICE_GFX_LINK_STATE_DOWN,
     VFIO_DEVICE_GFX_LINK_STATE_UP,
     VFIO_GFX_PLANE_TYPE_DMABUF,
     VFIO_GFX_PLANE_TYPE_REGION,
@@ -43,23 +40,6 @@ from compositor.sources.vfio import (
 
 REPO = Path(compositor.__file__).resolve().parents[1]
 XR24 = 0x34325258
-MBOCHS_EDID_REGION = 9  # VFIO_PCI_NUM_REGIONS: the region after the PCI ones
-
-
-def host_writes_edid(device: VfioDevice, edid: bytes | None) -> None:
-    """What a VMM does with the EDID region (struct vfio_region_gfx_edid: edid_offset, edid_max_size,
-    edid_size at 8, link_state at 20): link down, blob, size, link up. Written here with the plain
-    region info so the guest's side is tested whatever VfioDevice.write_edid does."""
-    base = region_span(device, MBOCHS_EDID_REGION)[1]
-    blob_offset, _max = struct.unpack("<II", os.pread(device.fd, 8, base))
-    os.pwrite(device.fd, struct.pack("<I", VFIO_DEVICE_GFX_LINK_STATE_DOWN), base + 20)
-    if edid is None:
-        return
-    os.pwrite(device.fd, edid, base + blob_offset)
-    os.pwrite(device.fd, struct.pack("<I", len(edid)), base + 8)
-    os.pwrite(device.fd, struct.pack("<I", VFIO_DEVICE_GFX_LINK_STATE_UP), base + 20)
-
-
 @contextmanager
 def mdev(parent: str, type_glob: str) -> Iterator[str]:
     uuid = create_mdev(parent, type_glob)
@@ -134,25 +114,12 @@ def test_bochs_guest_modes_show_in_the_plane_query():
             guest.close()
 
 
-def test_bochs_guest_sees_the_edid_the_host_writes():
-    edid = build_edid("DFL", 0x1234, 42, name="vgpu lab")
-    with mdev("mbochs", "mbochs-small") as uuid:
-        guest = BochsGuest(VfioDevice.open(uuid))
-        try:
-            assert guest.read_edid_as_guest() == b"", "a fresh mbochs has its link down"
-            host_writes_edid(guest.device, edid)
-            assert guest.read_edid_as_guest() == edid
-            host_writes_edid(guest.device, None)  # link down: the guest sees zeros again
-            assert guest.read_edid_as_guest() == b""
-        finally:
-            guest.close()
-
-
 def test_vfio_device_edid_reaches_the_guest():
     edid = build_edid("DFL", 0x4321, 7, name="passthrough")
     with mdev("mbochs", "mbochs-small") as uuid:
         guest = BochsGuest(VfioDevice.open(uuid))
         try:
+            assert guest.read_edid_as_guest() == b"", "a fresh mbochs has its link down"
             guest.device.write_edid(edid)
             assert guest.read_edid_as_guest() == edid
             assert guest.device.read_edid() == (edid, VFIO_DEVICE_GFX_LINK_STATE_UP)
@@ -219,7 +186,7 @@ def test_control_server_drives_a_guest_launched_with_the_device_fd(tmp_path):
                 assert_shows(dmabuf_rgb(device, plane), "remote", 42)
                 assert ctl.info()["enabled"] is True
 
-                host_writes_edid(device, edid)
+                device.write_edid(edid)
                 assert ctl.edid() == edid
 
                 ctl.disable()
