@@ -144,9 +144,15 @@ def format_status(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _control_path(args: argparse.Namespace) -> str:
+    from compositor.daemon import socket_paths
+
+    return args.control or socket_paths(args.seat)[1]
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
-        doc = request(args.control, {"cmd": "status"})
+        doc = request(_control_path(args), {"cmd": "status"})
     except (ConnectionError, RuntimeError, OSError) as exc:
         print(f"directflip status: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +163,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _capture(args: argparse.Namespace) -> int:
     try:
-        answer = request(args.control, {"cmd": "capture", "monitor": args.monitor,
+        answer = request(_control_path(args), {"cmd": "capture", "monitor": args.monitor,
                                         "path": os.path.abspath(args.file)}, timeout=30)
     except (ConnectionError, RuntimeError, OSError) as exc:
         print(f"directflip capture: {exc}", file=sys.stderr)
@@ -167,7 +173,12 @@ def _capture(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from compositor.daemon import DEFAULT_CONTROL_SOCKET
+    from compositor.daemon import DEFAULT_CONTROL_SOCKET, RUN_DIR
+
+    def where(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--seat", metavar="NAME",
+                       help=f"ask the instance for this seat ({RUN_DIR}/NAME/control.sock)")
+        p.add_argument("--control", help=f"control socket (default: {DEFAULT_CONTROL_SOCKET})")
 
     p = sub.add_parser("status", help="what each monitor shows, how (zero-copy, copy, slate) and how fast",
                        description="Ask the running compositor what each output shows: the guest, the path "
@@ -176,7 +187,7 @@ def register(sub) -> None:
                        "second over the last second, flip latency p50/p99 (from the guest's flip to the "
                        "kernel's flip timestamp) and frames dropped because a newer one arrived first.")
     p.add_argument("--json", action="store_true", help="the status document (schema directflip.status/1)")
-    p.add_argument("--control", default=DEFAULT_CONTROL_SOCKET, help="control socket (default: %(default)s)")
+    where(p)
     p.set_defaults(func=_status)
 
     c = sub.add_parser("capture", help="save what a monitor scans out as PNG (needs a writeback connector)",
@@ -185,5 +196,5 @@ def register(sub) -> None:
                        "connector that can reach the monitor's CRTC (vkms, many SoC display engines).")
     c.add_argument("monitor", help="the policy's monitor name")
     c.add_argument("file", help="PNG file to write (the compositor writes it, as its own user)")
-    c.add_argument("--control", default=DEFAULT_CONTROL_SOCKET, help="control socket (default: %(default)s)")
+    where(c)
     c.set_defaults(func=_capture)

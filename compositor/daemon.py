@@ -32,10 +32,12 @@ from pathlib import Path
 from compositor import planner, topology
 from compositor.kms import Card, DeviceError, KmsError, list_cards
 from compositor.kms.fourcc import fourcc_name, modifier_name
+from compositor.notify import NOTIFY_ENV, Notifier
 from compositor.planner import Assignment, Guest, OutputAssignment
 from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
+from compositor.session import DirectSession, LogindSession, Session, SessionError, make_session
 from compositor.sources.frame import BadPlane, Buffer, Frame
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
@@ -44,13 +46,26 @@ from compositor.sources.framesocket import (
     GuestConnection,
     Peer,
     Refused,
+    socket_paths,
 )
 from compositor.sources.vfio import VFIO_GFX_PLANE_TYPE_DMABUF, VfioDevice, VfioError, VfioGuest
 from compositor.watch import PolicyWatcher
 
 log = logging.getLogger("directflip.daemon")
 
-DEFAULT_CONTROL_SOCKET = f"{RUN_DIR}/control.sock"
+DEFAULT_CONTROL_SOCKET = socket_paths(None)[1]
+
+
+def card_seat(path: str) -> str:
+    """The logind seat a card belongs to: udev's ID_SEAT, seat0 when it has none."""
+    import pyudev
+
+    try:
+        dev = pyudev.Devices.from_device_file(pyudev.Context(), path)
+    except (pyudev.DeviceNotFoundError, OSError, ValueError) as exc:
+        log.debug("%s: no udev record (%s): taking it as seat0", path, exc)
+        return topology.DEFAULT_SEAT
+    return dev.properties.get("ID_SEAT") or topology.DEFAULT_SEAT
 
 
 @dataclass(eq=False)
@@ -67,8 +82,13 @@ class GuestState:
 class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
-                 native: bool = True) -> None:
+                 native: bool = True, seat: str | None = None, session: Session | None = None) -> None:
         self.policy_path = Path(policy_path)
+        self.seat = seat
+        self.session = session if session is not None else DirectSession(None)
+        self.session.on_pause = self._pause_card
+        self.session.on_resume = self._resume_card
+        self.card_seats: dict[str, str] = {}
         self.frame_socket_path = frame_socket
         self.control_socket_path = control_socket
         self.card_paths = cards
@@ -97,6 +117,7 @@ class Daemon:
         self.hotplug = None
         self.hotplugs = 0  # re-probes done for udev events
         self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
+        self.notifier: Notifier | None = None
 
     @property
     def policy(self) -> Policy:
@@ -104,47 +125,49 @@ class Daemon:
 
     # --- start and stop ---------------------------------------------------------------------------
 
-    def open_cards(self) -> None:
+    async def open_cards(self) -> None:
+        """Open the display cards of this instance's seat (every seat without --seat) through the
+        session. A card that is not a display card is skipped; one that cannot become master stops
+        the start (another display server owns it)."""
         paths = self.card_paths if self.card_paths is not None else list_cards()
         for path in paths:
+            seat = card_seat(path)
+            if self.seat is not None and seat != self.seat:
+                log.info("%s: belongs to %s, not %s: not touched", path, seat, self.seat)
+                continue
             try:
-                try:
-                    card = Card(path, writeback=True)
-                except DeviceError as exc:
-                    if "writeback" not in str(exc):
-                        raise
-                    card = Card(path)
-            except (DeviceError, KmsError) as exc:
+                if isinstance(self.session, LogindSession):
+                    card = await self.session.take(path)
+                else:
+                    card = self.session.open_card(path)
+            except (DeviceError, KmsError, SessionError) as exc:
+                if "cannot become DRM master" in str(exc):
+                    raise
                 log.info("%s: not used: %s", path, exc)
                 continue
-            if not card.crtcs or not card.planes:
-                log.info("%s (%s): no CRTCs or planes, not a display card", path, card.driver)
-                card.close()
-                continue
-            try:
-                card.become_master()
-            except KmsError as exc:
-                card.close()
-                raise DeviceError(f"{path}: cannot become DRM master ({exc}); is another display server "
-                                  f"running on it?") from None
+            self.card_seats[path] = seat
             self.cards[path] = card
             self.caches[path] = FramebufferCache(card)
             card.flip_handlers.append(lambda ev, path=path: self._flip_event(path, ev))
             log.info("%s (%s): %d connectors, %d CRTCs, %d planes", path, card.driver,
                      len(card.connectors), len(card.crtcs), len(card.planes))
         if not self.cards:
-            raise DeviceError("no display card with CRTCs and planes under /dev/dri")
+            where = f" of {self.seat}" if self.seat is not None else ""
+            raise DeviceError(f"no display card{where} with CRTCs and planes under /dev/dri")
 
     def read_topology(self) -> topology.Topology:
         for card in self.cards.values():
             card.refresh()
-        doc = {"schema": SCHEMA, "cards": [probe_card(card) for card in self.cards.values()]}
+        doc = {"schema": SCHEMA, "cards": [{**probe_card(card), "seat": self.card_seats.get(path)}
+                                           for path, card in self.cards.items()]}
         return topology.from_probe(doc, "the live cards")
 
-    def reset_outputs(self) -> None:
-        """The first commit after gaining master: every plane, CRTC and connector off, so nothing
-        another program left on screen (fbcon, a crashed compositor) stays visible."""
-        for card in self.cards.values():
+    def reset_outputs(self, cards: list[Card] | None = None) -> None:
+        """The first commit after gaining master ("reset the world"): every plane, CRTC and connector
+        off, so nothing another program left on screen (fbcon, a crashed compositor) stays visible."""
+        for card in cards if cards is not None else self.cards.values():
+            if card.path in self.session.paused:
+                continue
             req = card.atomic()
             for plane in card.planes:
                 req.add_plane(plane, None, None)
@@ -162,7 +185,16 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self.open_cards()
+        try:
+            self.notifier = Notifier.from_env()   # a bad $NOTIFY_SOCKET or $WATCHDOG_USEC stops us early
+        except ValueError as exc:
+            raise SessionError(f"the service manager's environment: {exc}") from None
+        await self.session.start()
+        try:
+            await self.open_cards()
+        except BaseException:
+            await self.session.close()
+            raise
         for card in self.cards.values():
             card.attach(loop)
         self.topology = self.read_topology()
@@ -185,6 +217,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopped.set)
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
         await self.apply(self.plan())
+        await self.session.activate()
+        self.notifier.ready(f"{len(self.pipelines)} output(s) lit, {len(self.guests)} guest(s)")
+        self.notifier.start_watchdog(loop)
         log.info("serving: frame socket %s, control socket %s, policy %s", self.frame_socket_path,
                  self.control_socket_path, self.policy_path)
         print(f"directflip: running (policy {self.policy_path}, frame socket {self.frame_socket_path}, "
@@ -203,6 +238,9 @@ class Daemon:
         and buffer freed, master dropped (the console comes back when the fd closes)."""
         log.info("shutting down")
         self._stopping = True
+        if self.notifier is not None:
+            self.notifier.stopping()
+            self.notifier.stop_watchdog()
         self.watcher.stop()
         if self.hotplug is not None:
             self.hotplug.stop()
@@ -211,7 +249,7 @@ class Daemon:
         async with self._apply_lock:
             for key, pipe in list(self.pipelines.items()):
                 await self._idle(pipe)
-                pipe.stop()
+                pipe.stop(commit=not pipe.suspended)
                 del self.pipelines[key]
         if self.frames is not None:
             self.frames.close()
@@ -227,13 +265,9 @@ class Daemon:
             self._free_guest(gs)
         self.guests.clear()
         self.departed.clear()
-        for path, card in self.cards.items():
+        for path in self.cards:
             self.caches[path].clear()
-            try:
-                card.drop_master()
-            except KmsError:
-                pass
-            card.close()
+        await self.session.close()   # drops master, closes the cards, gives the VT back
         self.cards.clear()
 
     # --- planning -------------------------------------------------------------------------------
@@ -271,8 +305,10 @@ class Daemon:
     async def apply(self, assignment: Assignment) -> None:
         """Make the screens show `assignment`, touching only outputs whose assignment changed."""
         async with self._apply_lock:
-            new = {(o.card, o.connector): o for o in assignment.outputs}
-            old_keys = set(self.pipelines)
+            # Outputs of a paused card are left as they are: resuming re-takes them all.
+            paused = self.session.paused
+            new = {(o.card, o.connector): o for o in assignment.outputs if o.card not in paused}
+            old_keys = {key for key in self.pipelines if key[0] not in paused}
             changed = 0
             for key in old_keys - set(new):
                 pipe = self.pipelines.pop(key)
@@ -489,6 +525,9 @@ class Daemon:
             lit = ", ".join(sorted(p.out.monitor for p in self.pipelines.values())) or "none"
             raise ValueError(f"monitor {monitor!r} is not lit (lit: {lit})")
         card = pipe.card
+        if card.path in self.session.paused:
+            raise ValueError(f"{card.path} is paused ({self.session.paused[card.path]}): nothing is "
+                             f"scanned out by directflip now")
         wb = next((c for c in card.connectors
                    if c.is_writeback and pipe.out.crtc_id in [x.id for x in c.possible_crtcs]), None)
         if wb is None:
@@ -516,6 +555,40 @@ class Daemon:
         return {"path": path, "width": w, "height": h, "monitor": monitor, "guest": pipe.out.guest,
                 "frame": pipe.status()["on_screen"]}
 
+    # --- session: VT switches and logind pauses ---------------------------------------------------
+
+    async def _pause_card(self, path: str, reason: str) -> None:
+        """The session is about to lose `path` (VT switch away, logind pause): stop committing to it
+        and wait for its flips in flight, so master can be dropped with nothing pending."""
+        async with self._apply_lock:
+            for pipe in self.pipelines.values():
+                if pipe.card.path == path:
+                    pipe.suspended = True
+                    await self._idle(pipe)
+        log.info("%s: not committing (%s)", path, reason)
+
+    async def _resume_card(self, path: str) -> None:
+        """`path` is ours again: reset the world on it (everything off), forget what its outputs
+        showed, re-probe (monitors may have changed meanwhile) and light them again from the plan."""
+        async with self._apply_lock:
+            card = self.cards.get(path)
+            if card is None:
+                return
+            self.reset_outputs([card])
+            for key, pipe in list(self.pipelines.items()):
+                if pipe.card is card:
+                    pipe.stop(commit=False)
+                    del self.pipelines[key]
+            for key in [k for k in self.failed if k[0] == path]:
+                del self.failed[key]
+            try:
+                self.topology = self.read_topology()
+            except (KmsError, DeviceError) as exc:
+                log.error("re-probing %s after the session resumed failed: %s", path, exc)
+        log.info("%s: resumed; restoring its outputs", path)
+        if not self._stopping:
+            await self.apply(self.plan())
+
     # --- hotplug --------------------------------------------------------------------------------------
 
     def _hotplug(self, changes) -> None:
@@ -529,7 +602,9 @@ class Daemon:
         for gs in list(self.guests.values()):
             if isinstance(gs.conn, VfioGuest) and gs.conn.uuid in changes.mdevs_removed:
                 self._guest_gone(gs, "vGPU removed")
-        if changes.drm_cards and not self._stopping:
+        # Only our own cards: another seat's card is another instance's business.
+        mine = [node for node in changes.drm_cards if node == "*" or node in self.cards]
+        if mine and not self._stopping:
             asyncio.get_running_loop().create_task(self._rescan())
 
     async def _rescan(self) -> None:
@@ -572,7 +647,8 @@ class Daemon:
         fd = device.dup()
         try:
             argv = shlex.split(template.replace("{fd}", str(fd)))
-            env = {**os.environ, "DIRECTFLIP_VFIO_FD": str(fd), "DIRECTFLIP_GUEST": name}
+            env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV}  # systemd talks to us only
+            env |= {"DIRECTFLIP_VFIO_FD": str(fd), "DIRECTFLIP_GUEST": name}
             proc = subprocess.Popen(argv, pass_fds=(fd,), env=env)
         except OSError as exc:
             log.error("guest %s: cannot launch %r: %s", name, template, exc)
@@ -649,8 +725,8 @@ class Daemon:
 
     async def _blank_output(self, pipe: ScanoutPipeline, reason: str) -> None:
         async with self._apply_lock:
-            if self.pipelines.get((pipe.out.card, pipe.out.connector)) is not pipe:
-                return
+            if self.pipelines.get((pipe.out.card, pipe.out.connector)) is not pipe or pipe.suspended:
+                return  # a suspended output is re-taken with the guest's state when the session resumes
             pipe.paused = True
             try:
                 await self._idle(pipe)
@@ -693,6 +769,10 @@ class Daemon:
             outputs.append({"card": card, "connector": conn, "path": "failed", "reason": reason})
         return {
             "schema": "directflip.status/1",
+            "seat": self.seat,
+            "session": self.session.status(),
+            "cards": [{"path": path, "driver": card.driver, "seat": self.card_seats.get(path),
+                       "master": card.is_master} for path, card in self.cards.items()],
             "hotplugs": self.hotplugs,
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
                        "last_error": self.watcher.last_error,
@@ -720,8 +800,15 @@ def _run(args) -> int:
     from compositor.policy import PolicyError
 
     try:
-        daemon = Daemon(args.policy, frame_socket=args.socket, control_socket=args.control,
-                        cards=args.device or None, native=not args.pure_python)
+        frame_socket, control_socket = socket_paths(args.seat)
+        session = make_session(args.session, args.vt)
+    except (SessionError, ValueError) as exc:
+        print(f"directflip run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        daemon = Daemon(args.policy, frame_socket=args.socket or frame_socket,
+                        control_socket=args.control or control_socket, cards=args.device or None,
+                        native=not args.pure_python, seat=args.seat, session=session)
     except PolicyError as exc:
         print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
         return 1
@@ -730,7 +817,7 @@ def _run(args) -> int:
         return 2
     try:
         asyncio.run(daemon.run())
-    except DeviceError as exc:
+    except (DeviceError, SessionError) as exc:
         print(f"directflip run: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -751,12 +838,39 @@ the monitors whose assignment changed; an invalid edit is logged with its errors
 policy stays. SIGHUP reloads it too. SIGTERM or Ctrl-C turn every output off, free every buffer
 and give the console back.
 
-Ask a running compositor with `directflip status`.""",
-        epilog="example: directflip run --policy policies/demo.yaml")
+Session (--session): `direct` is root on the bare console: directflip opens the cards, takes DRM
+master itself and, given a VT (--vt), holds it in graphics mode. Switching to another VT (Ctrl-Alt-Fn,
+chvt) stops every commit, waits for the flips in flight, drops master and lets the console show;
+switching back takes master again, turns every output off once ("reset the world") and shows every
+guest again. `logind` runs inside a systemd-logind session (TakeControl/TakeDevice): logind hands over
+the cards and pauses/resumes them on VT switches the same way. `auto` is logind when $XDG_SESSION_ID
+is set, else direct.
+
+Seats (--seat): an instance for one logind seat uses only the cards udev puts on that seat
+(ID_SEAT, seat0 when unset) and its own sockets under /run/directflip/SEAT/, so instances for
+different seats never touch each other's monitors. Policy seats then split that card's monitors
+between guests. Units and udev rules for kiosks and multi-seat rooms are in udev/ (README: Kiosk).
+
+Under systemd (Type=notify) it sends READY=1 once the monitors are lit and WATCHDOG=1 from its
+event loop when WatchdogSec is set.
+
+Ask a running compositor with `directflip status` (`--seat NAME` for a seat instance).""",
+        epilog="examples:\n  directflip run --policy policies/demo.yaml\n"
+               "  directflip run --policy /etc/directflip/policy.yaml --vt 7\n"
+               "  directflip run --seat seat1 --session logind --policy /etc/directflip/seat1.yaml")
     p.add_argument("--policy", required=True, help="policy YAML file (see policies/README.md)")
-    p.add_argument("--socket", default=DEFAULT_FRAME_SOCKET, help="frame socket path (default: %(default)s)")
-    p.add_argument("--control", default=DEFAULT_CONTROL_SOCKET,
-                   help="control socket path, mode 0600 (default: %(default)s)")
+    p.add_argument("--seat", metavar="NAME",
+                   help="run for this logind seat only: its cards (udev ID_SEAT) and sockets under "
+                   f"{RUN_DIR}/NAME/ (default: every card, sockets in {RUN_DIR}/)")
+    p.add_argument("--session", choices=("auto", "direct", "logind"), default="auto",
+                   help="how the screens are held (see above; default: %(default)s)")
+    p.add_argument("--vt", default="auto", metavar="N|auto|none",
+                   help="direct session: the VT to hold and switch to (auto: the VT on stdin, if it is "
+                   "one; none: no VT handling, e.g. on a box with no console; default: %(default)s)")
+    p.add_argument("--socket", help=f"frame socket path (default: {DEFAULT_FRAME_SOCKET}, or "
+                   f"{RUN_DIR}/SEAT/frames.sock with --seat)")
+    p.add_argument("--control", help=f"control socket path, mode 0600 (default: {DEFAULT_CONTROL_SOCKET}, "
+                   f"or {RUN_DIR}/SEAT/control.sock with --seat)")
     p.add_argument("--device", action="append", metavar="PATH",
                    help="use only this card (repeatable; default: every /dev/dri/card*)")
     p.add_argument("--pure-python", action="store_true",

@@ -294,6 +294,7 @@ class ScanoutPipeline:
         self._lit = False
         self.dead_end = False
         self.paused = False  # set by the daemon while it reconfigures: frames wait as `pending`
+        self.suspended = False  # the session paused the card (VT switched away): nothing is committed
         self.configurations = 0  # how often the output was (re)configured: status shows it
         self._bind(out)
 
@@ -479,12 +480,16 @@ class ScanoutPipeline:
             self.release(self.pending)
         self.pending = frame
         self.metrics.max_pending = max(self.metrics.max_pending, int(self.pending is not None))
-        if self.in_flight is None and not self.paused:
+        if self.in_flight is None and self.may_commit:
             self._commit_pending()
+
+    @property
+    def may_commit(self) -> bool:
+        return not (self.paused or self.suspended)
 
     def resume(self) -> None:
         """Commit the pending frame, if any, now that nothing is in flight."""
-        if self.in_flight is None and not self.paused and self.pending is not None:
+        if self.in_flight is None and self.may_commit and self.pending is not None:
             self._commit_pending()
 
     def _commit_pending(self) -> None:
@@ -543,7 +548,7 @@ class ScanoutPipeline:
             if event.timestamp_ns:
                 m.latencies_ns.append(max(0, event.timestamp_ns - commit.frame.received_ns))
             self.present(commit.frame, event)
-        if self.pending is not None and not self.paused:
+        if self.pending is not None and self.may_commit:
             self._commit_pending()
 
     def _replace_on_screen(self, commit: _Commit) -> None:
@@ -557,9 +562,10 @@ class ScanoutPipeline:
         if self.copy is not None:
             self.copy.forget(key)
 
-    def stop(self) -> None:
-        """Turn the output off (blocking) and free what the pipeline owns."""
-        if self._lit:
+    def stop(self, *, commit: bool = True) -> None:
+        """Turn the output off (blocking) and free what the pipeline owns. `commit=False` when the
+        card is not ours to commit to (the session is paused; a reset commit turned it off)."""
+        if self._lit and commit:
             req = self.card.atomic().add_plane(self.plane, None, None)
             req.add_output(self.connector, self.crtc, None)
             try:

@@ -17,7 +17,7 @@ import select
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from .. import _native
 from .edid import EdidError, EdidIdentity, parse_edid
@@ -390,10 +390,13 @@ class FlipEvent:
 class Card:
     """An open DRM device. `kms=False` opens a card only for buffers (vgem, a render-only driver)."""
 
-    def __init__(self, path: str, *, kms: bool = True, writeback: bool = False) -> None:
+    def __init__(self, path: str, *, kms: bool = True, writeback: bool | Literal["try"] = False,
+                 fd: int | None = None) -> None:
+        """Open `path`, or adopt `fd` (an open descriptor of `path` handed over by logind; the Card
+        owns it from then on). `writeback="try"` asks for writeback connectors where the driver has them."""
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+            self.fd = fd if fd is not None else os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise DeviceError(f"no DRM device at {path}") from None
         except PermissionError:
@@ -433,7 +436,7 @@ class Card:
         finally:
             lib.drmFreeVersion(v)
 
-    def _set_kms_caps(self, writeback: bool) -> None:
+    def _set_kms_caps(self, writeback: bool | str) -> None:
         if lib.drmSetClientCap(self.fd, lib.DRM_CLIENT_CAP_UNIVERSAL_PLANES, 1) != 0:
             raise DeviceError(f"{self.path} ({self.driver}) has no universal planes "
                               f"({os.strerror(ffi.errno)}): not a modesetting driver")
@@ -443,6 +446,8 @@ class Card:
         self.has_atomic = True
         if writeback:
             if lib.drmSetClientCap(self.fd, lib.DRM_CLIENT_CAP_WRITEBACK_CONNECTORS, 1) != 0:
+                if writeback == "try":
+                    return
                 raise DeviceError(f"{self.path} ({self.driver}) has no writeback connectors "
                                   f"({os.strerror(ffi.errno)})")
             self.writeback = True

@@ -45,6 +45,18 @@ log = logging.getLogger("directflip.framesocket")
 PROTOCOL_VERSION = 1
 RUN_DIR = "/run/directflip"
 DEFAULT_FRAME_SOCKET = f"{RUN_DIR}/frames.sock"  # where `directflip run` listens unless told otherwise
+SEAT_NAME = re.compile(r"seat[A-Za-z0-9_-]+")  # logind's rule for seat names
+
+
+def socket_paths(seat: str | None) -> tuple[str, str]:
+    """Default (frame socket, control socket) of the instance for `seat` (None: the one instance that
+    serves every seat). One directory per seat, so instances for different seats never share one."""
+    if seat is None:
+        return DEFAULT_FRAME_SOCKET, f"{RUN_DIR}/control.sock"
+    if not SEAT_NAME.fullmatch(seat):
+        raise ValueError(f"{seat!r} is not a seat name: logind seats are `seat` followed by letters, "
+                         f"digits, `_` or `-` (seat0, seat1, seat-kiosk)")
+    return f"{RUN_DIR}/{seat}/frames.sock", f"{RUN_DIR}/{seat}/control.sock"
 MAX_MESSAGE = 65536  # bytes of JSON in one message
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compositor.sources.framesocket import DEFAULT_FRAME_SOCKET
+from compositor.sources.framesocket import DEFAULT_FRAME_SOCKET, RUN_DIR, socket_paths
 
 if TYPE_CHECKING:
     import mmap
@@ -705,7 +705,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", type=_name, required=True,
                    help="the guest's name (policies match it; it also picks the colour)")
-    p.add_argument("--socket", default=DEFAULT_FRAME_SOCKET, metavar="PATH",
+    p.add_argument("--seat", metavar="NAME",
+                   help=f"connect to the compositor instance for this seat ({RUN_DIR}/NAME/frames.sock)")
+    p.add_argument("--socket", metavar="PATH",
                    help=f"the compositor's frame socket (default {DEFAULT_FRAME_SOCKET})")
     p.add_argument("--on", default="display", metavar="{display,vgem,PATH}",
                    help="where to allocate the buffers: the first display card, vgem, or a "
@@ -736,6 +738,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
     from .framesocket import ServerError
     width, height = args.size
+    if args.socket is None:
+        try:
+            args.socket = socket_paths(args.seat)[0]
+        except ValueError as exc:
+            print(f"{prog}: error: --seat: {exc}", file=sys.stderr)
+            return 2
     try:
         card_path = find_card(args.on)
         guest = SyntheticGuest(args.name, args.socket, card_path, width, height, args.rate,

@@ -274,10 +274,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def test_socket_paths_per_seat():
+    assert syn.socket_paths(None)[0] == syn.DEFAULT_FRAME_SOCKET
+    assert syn.socket_paths("seat1") == ("/run/directflip/seat1/frames.sock",
+                                         "/run/directflip/seat1/control.sock")
+    for bad in ("../x", "seat", "seat1/..", "kiosk", "seat 1", ""):
+        with pytest.raises(ValueError, match="not a seat name"):
+            syn.socket_paths(bad)
+
+
 def test_cli_defaults_and_options():
     args = parser().parse_args(["guest", "--name", "office"])
-    assert (args.socket, args.on, args.size, args.rate, args.buffers) == \
-        (syn.DEFAULT_FRAME_SOCKET, "display", (1024, 768), 60.0, 3)
+    assert (args.socket, args.seat, args.on, args.size, args.rate, args.buffers) == \
+        (None, None, "display", (1024, 768), 60.0, 3)  # None: socket_paths(seat) decides
     assert args.func is syn.run_cli
     args = parser().parse_args(["guest", "--name", "m", "--on", "vgem", "--size", "800x600", "--rate", "0",
                                 "--frames", "60", "--then-paint", "#FF00ff", "--hold", "5"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from compositor.control import request
 
@@ -26,12 +27,15 @@ class Compositor:
         self.proc: subprocess.Popen | None = None
         self.guests: list[subprocess.Popen] = []
 
-    def start(self, text: str) -> None:
+    def start(self, text: str, *args: str, env: dict[str, str] | None = None,
+              prefix: tuple[str, ...] = ()) -> None:
+        """Start `directflip run` with this policy text and extra `args`; `prefix` runs it under
+        another command (a session launcher), `env` adds to the environment."""
         self.policy.write_text(text)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
-             "--socket", self.socket, "--control", self.control],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+            [*prefix, sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
+             "--socket", self.socket, "--control", self.control, *args],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
@@ -47,6 +51,11 @@ class Compositor:
 
     def status(self) -> dict:
         return request(self.control, {"cmd": "status"})
+
+    def capture(self, monitor: str, path) -> np.ndarray:
+        """What `monitor` scans out, read back through its card's writeback connector."""
+        request(self.control, {"cmd": "capture", "monitor": monitor, "path": str(path)})
+        return np.asarray(Image.open(path).convert("RGB"))
 
     def output(self, monitor: str) -> dict:
         st = self.status()
@@ -122,6 +131,18 @@ class Compositor:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=30)
+
+
+def wait_for(what: str, check, timeout: float = 30):
+    """Until check() returns something other than None or False; that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def colour_share(rgb: np.ndarray, colour: tuple[int, int, int], tol: int = 4) -> float:

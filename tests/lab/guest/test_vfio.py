@@ -14,8 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from labkit import Compositor, colour_share
-from PIL import Image
+from labkit import Compositor, colour_share, wait_for
 
 from compositor.kms import Card
 from compositor.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
@@ -88,24 +87,6 @@ def lab(cards, tmp_path_factory):
         remove_mdev(vgpu)
 
 
-def capture(comp: Compositor, monitor: str, path) -> np.ndarray:
-    from compositor.control import request
-
-    request(comp.control, {"cmd": "capture", "monitor": monitor, "path": str(path)})
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
-def wait_for(what: str, check, timeout: float = 30):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value is not None and value is not False:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def shown(comp: Compositor, monitor: str, guest: str, mode: str | None = None, path: str | None = None):
     def check():
         out = next((o for o in comp.status()["outputs"] if o.get("monitor") == monitor), {})
@@ -121,7 +102,7 @@ def test_mbochs_on_vkms_zero_copy_follows_the_guests_mode(lab, tmp_path):
     lab.office.mode(640, 480)
     lab.office.draw("office", 1)
     out = shown(lab, "wb", "office", "640x480", "zero-copy")
-    rgb = capture(lab, "wb", tmp_path / "a.png")
+    rgb = lab.capture("wb", tmp_path / "a.png")
     assert rgb.shape == (480, 640, 3)
     assert (rgb == expected("office", 1, 640, 480)).all(), "the writeback is not the guest's framebuffer"
     print(f"wb: office 640x480 {out['path']}, writeback pixel-exact")
@@ -130,7 +111,7 @@ def test_mbochs_on_vkms_zero_copy_follows_the_guests_mode(lab, tmp_path):
     lab.office.draw("office", 2)
     out = shown(lab, "wb", "office", "800x600", "zero-copy")
     rgb = wait_for("the 800x600 frame in the writeback", lambda: (
-        r if decode_counter(r := capture(lab, "wb", tmp_path / "b.png")) == 2 else None))
+        r if decode_counter(r := lab.capture("wb", tmp_path / "b.png")) == 2 else None))
     assert (rgb == expected("office", 2, 800, 600)).all(), "writeback differs after the mode change"
     print(f"wb: office followed to 800x600 ({out['mode']}), writeback pixel-exact")
 

@@ -1,0 +1,492 @@
+"""How the compositor holds the screens: its session.
+
+A display server may commit to a card only while it is DRM master, and on a console it must give
+the screens back when the user switches virtual terminals. Two ways to arrange that:
+
+- **direct** (`DirectSession`): root on the bare console. Cards are opened here and master taken
+  with DRM_IOCTL_SET_MASTER. With a VT (`--vt N`, or the VT on stdin) the VT is put in graphics mode
+  (so the console does not draw over the planes) and in process mode (`VT_SETMODE`/`VT_PROCESS`):
+  the kernel then asks before switching away (SIGUSR1) and says when the VT is ours again (SIGUSR2).
+  On the first, the compositor stops committing, waits for the flips in flight, drops master and
+  only then lets the switch happen (`VT_RELDISP 1`), so the console gets a card nobody commits to.
+  On the second it takes master back and the daemon re-takes every output with a "reset the world"
+  commit before restoring them.
+- **logind** (`LogindSession`): inside a systemd-logind session (`$XDG_SESSION_ID`). logind owns
+  the VT and master: `TakeControl`, then `TakeDevice` for each card hands over an fd that is master
+  while the session is active. `PauseDevice` ("pause": stop, then `PauseDeviceComplete`; "force":
+  master is gone already; "gone": the card was removed) and `ResumeDevice` drive the same daemon
+  callbacks as the VT signals do.
+
+The daemon gives two coroutines: `on_pause(card_path, reason)` returns once nothing is in flight on
+that card and nothing more will be committed; `on_resume(card_path)` re-takes its outputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import stat
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from compositor.kms import Card, DeviceError, KmsError
+
+log = logging.getLogger(__name__)
+
+# linux/vt.h and linux/kd.h
+VT_GETMODE = 0x5601
+VT_SETMODE = 0x5602
+VT_GETSTATE = 0x5603
+VT_RELDISP = 0x5605
+VT_ACTIVATE = 0x5606
+VT_WAITACTIVE = 0x5607
+VT_AUTO, VT_PROCESS, VT_ACKACQ = 0, 1, 2
+KDSETMODE = 0x4B3A
+KDGETMODE = 0x4B3B
+KD_TEXT, KD_GRAPHICS = 0, 1
+TTY_MAJOR = 4          # /dev/ttyN, N in 1..63, are the virtual terminals
+MAX_VT = 63
+_VT_MODE = "bbhhh"     # struct vt_mode: mode, waitv, relsig, acqsig, frsig
+_VT_STAT = "HHH"       # struct vt_stat: v_active, v_signal, v_state
+ACQUIRE_TIMEOUT = 10.0  # seconds from VT_ACTIVATE to the acquire signal before giving up
+
+LOGIND = "org.freedesktop.login1"
+LOGIND_PATH = "/org/freedesktop/login1"
+MANAGER_IFACE = "org.freedesktop.login1.Manager"
+SESSION_IFACE = "org.freedesktop.login1.Session"
+
+PauseCallback = Callable[[str, str], Awaitable[None]]
+ResumeCallback = Callable[[str], Awaitable[None]]
+
+
+class SessionError(Exception):
+    """The session cannot be set up (no such VT, no logind session, ...): the message says why."""
+
+
+# ------------------------------------------------------------------------------------- VT helpers
+
+def vt_of_fd(fd: int) -> int | None:
+    """The VT number if `fd` is a virtual terminal (/dev/ttyN), else None."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    if not stat.S_ISCHR(st.st_mode) or os.major(st.st_rdev) != TTY_MAJOR:
+        return None
+    minor = os.minor(st.st_rdev)
+    return minor if 1 <= minor <= MAX_VT else None
+
+
+def active_vt() -> int:
+    """The foreground VT, from sysfs (needs no open tty)."""
+    with open("/sys/class/tty/tty0/active") as f:
+        return int(f.read().strip().removeprefix("tty"))
+
+
+def activate_vt(number: int, wait: bool = True) -> None:
+    """Switch the console to VT `number` (what `chvt` does); wait for the switch unless told not to."""
+    fd = os.open("/dev/tty0", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, VT_ACTIVATE, number)
+        if wait:
+            fcntl.ioctl(fd, VT_WAITACTIVE, number)
+    finally:
+        os.close(fd)
+
+
+def resolve_vt(spec: str) -> int | None:
+    """`--vt`: a number, `none`, or `auto` (the VT on stdin, if stdin is one)."""
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return vt_of_fd(0)
+    try:
+        number = int(spec)
+    except ValueError:
+        raise SessionError(f"--vt must be a VT number, `auto` or `none`, not {spec!r}") from None
+    if not 1 <= number <= MAX_VT:
+        raise SessionError(f"--vt {number}: VTs are numbered 1..{MAX_VT}")
+    return number
+
+
+class VirtualTerminal:
+    """One VT held in graphics and process mode; restored to text and auto mode on close."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        path = f"/dev/tty{number}"
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SessionError(f"cannot open {path} ({exc.strerror}): VT handling needs root on a "
+                               f"machine with virtual terminals (or run with --vt none)") from None
+        try:
+            self._saved_kd = struct.unpack("i", fcntl.ioctl(self.fd, KDGETMODE, b"\0" * 4))[0]
+        except OSError as exc:
+            os.close(self.fd)
+            raise SessionError(f"{path} is not a virtual terminal ({exc.strerror})") from None
+        self.held = False
+
+    def hold(self, relsig: int, acqsig: int) -> None:
+        """Graphics mode (the console stops drawing) and process mode (switches ask us first)."""
+        fcntl.ioctl(self.fd, KDSETMODE, KD_GRAPHICS)
+        fcntl.ioctl(self.fd, VT_SETMODE, struct.pack(_VT_MODE, VT_PROCESS, 0, relsig, acqsig, 0))
+        self.held = True
+
+    @property
+    def active(self) -> bool:
+        v_active = struct.unpack(_VT_STAT, fcntl.ioctl(self.fd, VT_GETSTATE, b"\0" * 6))[0]
+        return v_active == self.number
+
+    def activate(self) -> None:
+        fcntl.ioctl(self.fd, VT_ACTIVATE, self.number)
+        fcntl.ioctl(self.fd, VT_WAITACTIVE, self.number)
+
+    def release(self) -> None:
+        """Let a pending switch away happen."""
+        fcntl.ioctl(self.fd, VT_RELDISP, 1)
+
+    def acknowledge(self) -> None:
+        fcntl.ioctl(self.fd, VT_RELDISP, VT_ACKACQ)
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        if self.held:
+            try:
+                fcntl.ioctl(self.fd, VT_SETMODE, struct.pack(_VT_MODE, VT_AUTO, 0, 0, 0, 0))
+                fcntl.ioctl(self.fd, KDSETMODE, KD_TEXT if self._saved_kd == KD_GRAPHICS else self._saved_kd)
+            except OSError as exc:
+                log.error("tty%d: restoring text mode failed: %s", self.number, exc)
+        os.close(self.fd)
+        self.fd = -1
+
+
+# ---------------------------------------------------------------------------------------- sessions
+
+class Session:
+    """What the daemon needs from a session; see the module docstring."""
+
+    kind = "none"
+
+    def __init__(self) -> None:
+        self.cards: dict[str, Card] = {}
+        self.paused: dict[str, str] = {}     # card path → why it may not be committed to now
+        self.on_pause: PauseCallback | None = None
+        self.on_resume: ResumeCallback | None = None
+        self.switches = 0                   # pauses and resumes seen, for status
+        self._lock = asyncio.Lock()         # one pause or resume at a time
+
+    async def start(self) -> None:
+        """Connect (logind) or take the VT (direct). Cards are opened afterwards with open_card."""
+
+    def open_card(self, path: str) -> Card:
+        raise NotImplementedError
+
+    async def activate(self) -> None:
+        """After the cards are open and the daemon is ready: take the screens (switch to our VT)."""
+
+    async def close(self) -> None:
+        for card in self.cards.values():
+            card.close()
+        self.cards.clear()
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": self.kind, "paused": dict(self.paused), "switches": self.switches}
+
+    @staticmethod
+    def _open(path: str, fd: int | None = None) -> Card:
+        card = Card(path, writeback="try", fd=fd)
+        if not card.crtcs or not card.planes:
+            card.close()
+            raise DeviceError(f"{path} ({card.driver}): no CRTCs or planes, not a display card")
+        return card
+
+    async def _pause(self, path: str, reason: str) -> None:
+        self.paused[path] = reason
+        self.switches += 1
+        log.info("%s: paused (%s)", path, reason)
+        if self.on_pause is not None:
+            await self.on_pause(path, reason)
+
+    async def _resume(self, path: str) -> None:
+        self.paused.pop(path, None)
+        self.switches += 1
+        log.info("%s: resumed", path)
+        if self.on_resume is not None:
+            await self.on_resume(path)
+
+
+class DirectSession(Session):
+    """Root on the console: master by ioctl, VT switches by signal (when `vt` is given)."""
+
+    kind = "direct"
+
+    def __init__(self, vt: int | None) -> None:
+        super().__init__()
+        self.vt_number = vt
+        self.vt: VirtualTerminal | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._acquired = asyncio.Event()   # set while the VT is ours (after the acquire signal)
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.vt_number is None:
+            log.info("no VT: VT switches are not handled (direct session)")
+            return
+        self.vt = VirtualTerminal(self.vt_number)
+        self._loop.add_signal_handler(signal.SIGUSR1, self._signalled, "release")
+        self._loop.add_signal_handler(signal.SIGUSR2, self._signalled, "acquire")
+        try:
+            self.vt.hold(signal.SIGUSR1, signal.SIGUSR2)
+        except OSError as exc:
+            raise SessionError(f"tty{self.vt_number}: cannot take the VT ({exc.strerror})") from None
+
+    def open_card(self, path: str) -> Card:
+        card = self._open(path)
+        if self.vt is not None and not self.vt.active:
+            # Not our turn yet: take master when the VT is switched to (activate() does that). The
+            # kernel makes the first opener of a card master; give that back so the console that is
+            # in the foreground keeps its screen until the switch.
+            try:
+                card.drop_master()
+            except KmsError:
+                pass
+            self.paused[path] = f"VT {self.vt_number} is not in the foreground"
+            self.cards[path] = card
+            return card
+        try:
+            card.become_master()
+        except KmsError as exc:
+            card.close()
+            raise DeviceError(f"{path}: cannot become DRM master ({exc}); is another display server "
+                              f"running on it?") from None
+        self.cards[path] = card
+        return card
+
+    async def activate(self) -> None:
+        if self.vt is None or self.vt.active:
+            return
+        log.info("switching to VT %d", self.vt_number)
+        await asyncio.to_thread(self.vt.activate)
+        # The kernel signals the acquisition (SIGUSR2); the cards are lit once that is handled.
+        try:
+            await asyncio.wait_for(self._acquired.wait(), ACQUIRE_TIMEOUT)
+        except TimeoutError:
+            raise SessionError(f"tty{self.vt_number} is in the foreground but its acquire signal did not "
+                               f"come within {ACQUIRE_TIMEOUT:.0f} s") from None
+
+    def _signalled(self, what: str) -> None:
+        assert self._loop is not None
+        self._loop.create_task(self._switch(what))
+
+    async def _switch(self, what: str) -> None:
+        async with self._lock:
+            vt = self.vt
+            if vt is None:
+                return
+            if what == "release":
+                self._acquired.clear()
+                for path, card in self.cards.items():
+                    if path in self.paused:
+                        continue
+                    await self._pause(path, f"VT {self.vt_number} switched away")
+                    try:
+                        card.drop_master()
+                    except KmsError as exc:
+                        log.error("%s: dropping master failed: %s", path, exc)
+                try:
+                    vt.release()
+                except OSError as exc:
+                    log.error("tty%d: releasing the VT failed: %s", self.vt_number, exc)
+                return
+            try:
+                vt.acknowledge()
+            except OSError as exc:  # EINVAL when the kernel did not wait for it; harmless
+                log.debug("tty%d: VT_RELDISP VT_ACKACQ: %s", self.vt_number, exc)
+            for path, card in self.cards.items():
+                if path not in self.paused:
+                    continue
+                try:
+                    card.become_master()
+                except KmsError as exc:
+                    log.error("%s: VT %d is back but master is not: %s", path, self.vt_number, exc)
+                    self.paused[path] = f"not DRM master: {exc}"
+                    continue
+                await self._resume(path)
+            self._acquired.set()
+
+    async def close(self) -> None:
+        for card in self.cards.values():
+            try:
+                card.drop_master()
+            except KmsError:
+                pass
+        await super().close()
+        if self.vt is not None:
+            if self._loop is not None:
+                self._loop.remove_signal_handler(signal.SIGUSR1)
+                self._loop.remove_signal_handler(signal.SIGUSR2)
+            self.vt.close()
+            self.vt = None
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "vt": self.vt_number}
+
+
+class LogindSession(Session):
+    """A systemd-logind session: devices and pauses come from logind over the system bus."""
+
+    kind = "logind"
+
+    def __init__(self, session_id: str | None = None) -> None:
+        super().__init__()
+        self.session_id = session_id if session_id is not None else os.environ.get("XDG_SESSION_ID")
+        self.session_path: str | None = None
+        self.bus = None
+        self.devices: dict[tuple[int, int], str] = {}   # (major, minor) → card path
+        self.active: bool | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def _call(self, path: str, interface: str, member: str, signature: str = "", body=()):
+        from dbus_fast import Message, MessageType
+
+        reply = await self.bus.call(Message(destination=LOGIND, path=path, interface=interface,
+                                            member=member, signature=signature, body=list(body)))
+        if reply.message_type == MessageType.ERROR:
+            detail = reply.body[0] if reply.body else ""
+            raise SessionError(f"logind {member}: {reply.error_name}: {detail}")
+        return reply
+
+    async def start(self) -> None:
+        from dbus_fast import BusType
+        from dbus_fast.aio import MessageBus
+
+        try:
+            self.bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
+        except (OSError, Exception) as exc:  # dbus-fast raises its own errors for auth failures
+            raise SessionError(f"cannot reach the system bus for logind ({exc})") from None
+        if self.session_id:
+            reply = await self._call(LOGIND_PATH, MANAGER_IFACE, "GetSession", "s", [self.session_id])
+        else:
+            try:
+                reply = await self._call(LOGIND_PATH, MANAGER_IFACE, "GetSessionByPID", "u", [os.getpid()])
+            except SessionError as exc:
+                raise SessionError(f"not in a logind session ({exc}); run from a login session, set "
+                                   f"XDG_SESSION_ID, or use --session direct") from None
+        self.session_path = reply.body[0]
+        await self.bus.call(self._match(f"type='signal',sender='{LOGIND}',path='{self.session_path}'"))
+        self.bus.add_message_handler(self._message)
+        await self._call(self.session_path, SESSION_IFACE, "TakeControl", "b", [False])
+        self.active = await self._active()
+        log.info("logind session %s (%s): control taken, %s", self.session_id or "of this process",
+                 self.session_path, "active" if self.active else "inactive")
+
+    @staticmethod
+    def _match(rule: str):
+        from dbus_fast import Message
+
+        return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                       interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule])
+
+    async def _active(self) -> bool:
+        reply = await self._call(self.session_path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                 [SESSION_IFACE, "Active"])
+        return bool(reply.body[0].value)
+
+    async def take(self, path: str) -> Card:
+        st = os.stat(path)
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        reply = await self._call(self.session_path, SESSION_IFACE, "TakeDevice", "uu", [major, minor])
+        fd = reply.unix_fds[reply.body[0]]
+        inactive = bool(reply.body[1])
+        for extra in reply.unix_fds:
+            if extra != fd:
+                os.close(extra)
+        try:
+            card = self._open(path, fd=fd)
+        except DeviceError:
+            await self._release_device(major, minor)
+            raise
+        self.devices[(major, minor)] = path
+        self.cards[path] = card
+        if inactive:
+            self.paused[path] = "the logind session is not active"
+        return card
+
+    def open_card(self, path: str) -> Card:
+        raise SessionError("a logind session opens cards with `await take(path)`")
+
+    async def _release_device(self, major: int, minor: int) -> None:
+        try:
+            await self._call(self.session_path, SESSION_IFACE, "ReleaseDevice", "uu", [major, minor])
+        except SessionError as exc:
+            log.debug("%s", exc)
+
+    def _message(self, msg) -> bool:
+        if msg.path != self.session_path or msg.interface != SESSION_IFACE:
+            return False
+        if msg.member in ("PauseDevice", "ResumeDevice"):
+            task = asyncio.get_running_loop().create_task(self._device_signal(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _device_signal(self, msg) -> None:
+        async with self._lock:
+            major, minor = msg.body[0], msg.body[1]
+            path = self.devices.get((major, minor))
+            if msg.member == "ResumeDevice":
+                # For DRM, logind hands back a duplicate of the same open file: keep ours.
+                for fd in msg.unix_fds:
+                    os.close(fd)
+                if path is None or path not in self.paused:
+                    return
+                await self._resume(path)
+                return
+            kind = msg.body[2]
+            if path is None:
+                return
+            if path not in self.paused:
+                await self._pause(path, f"logind paused the device ({kind})")
+            if kind == "pause":
+                try:
+                    await self._call(self.session_path, SESSION_IFACE, "PauseDeviceComplete", "uu",
+                                     [major, minor])
+                except SessionError as exc:
+                    log.error("%s", exc)
+            elif kind == "gone":
+                self.paused[path] = "the card was removed"
+
+    async def close(self) -> None:
+        await super().close()
+        if self.bus is not None:
+            for major, minor in list(self.devices):
+                await self._release_device(major, minor)
+            self.devices.clear()
+            try:
+                await self._call(self.session_path, SESSION_IFACE, "ReleaseControl")
+            except SessionError as exc:
+                log.debug("%s", exc)
+            self.bus.disconnect()
+            self.bus = None
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "session_id": self.session_id, "session_path": self.session_path}
+
+
+def make_session(kind: str, vt: str) -> Session:
+    """`--session auto|direct|logind` and `--vt`: auto means logind when $XDG_SESSION_ID is set."""
+    if kind == "auto":
+        kind = "logind" if os.environ.get("XDG_SESSION_ID") else "direct"
+    if kind == "logind":
+        if vt not in ("auto", "none"):
+            raise SessionError("--vt is for direct sessions: under logind the session's VT is logind's")
+        return LogindSession()
+    if kind == "direct":
+        return DirectSession(resolve_vt(vt))
+    raise SessionError(f"--session must be auto, direct or logind, not {kind!r}")
