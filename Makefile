@@ -5,7 +5,7 @@
 
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon
+APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86
 
 .PHONY: deps lab-setup test unit lab demo lint bench clean
 

@@ -48,6 +48,7 @@ from compositor.sources.framesocket import (
     Refused,
     socket_paths,
 )
+from compositor.sources.qemu_dbus import QemuDisplaySource, QemuFrame, QemuTarget
 from compositor.sources.vfio import VFIO_GFX_PLANE_TYPE_DMABUF, VfioDevice, VfioError, VfioGuest
 from compositor.watch import PolicyWatcher
 
@@ -213,6 +214,7 @@ class Daemon:
         except OSError as exc:
             log.error("no udev monitor (%s): monitors plugged or unplugged will not be noticed", exc)
         self.open_vfio_guests()
+        self.open_qemu_guests()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
@@ -260,7 +262,7 @@ class Daemon:
                 log.info("stopping %s's launched process (pid %d)", name, proc.pid)
                 proc.terminate()
         for gs in list(self.guests.values()) + self.departed:
-            if isinstance(gs.conn, VfioGuest):
+            if isinstance(gs.conn, VfioGuest | QemuDisplaySource):
                 gs.conn.close()
             self._free_guest(gs)
         self.guests.clear()
@@ -300,6 +302,7 @@ class Daemon:
         self.loaded_ns = time.monotonic_ns()
         log.info("policy generation %d: re-planning", self.watcher.generation)
         self.open_vfio_guests()
+        self.open_qemu_guests()
         self.replan()
 
     async def apply(self, assignment: Assignment) -> None:
@@ -709,6 +712,50 @@ class Daemon:
                 continue  # the plane reads the guest's memory itself: nothing to flip
             self.on_flip(vg, frame)
 
+    # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
+
+    def open_qemu_guests(self) -> None:
+        """Connect to the display of every `kind: qemu-dbus` guest with a `display` (the source keeps
+        reconnecting while the VM is away); close those whose rule is gone or changed."""
+        wanted = {r.pattern.pattern: r for r in self.policy.guests
+                  if r.kind == "qemu-dbus" and r.display is not None and r.pattern.literal}
+        for name, gs in list(self.guests.items()):
+            if isinstance(gs.conn, QemuDisplaySource):
+                rule = wanted.get(name)
+                target = None if rule is None else QemuTarget.parse(rule.display, rule.console)
+                if target is None or target.describe() != gs.conn.target.describe():
+                    gs.conn.close("its policy entry changed" if rule else "no longer in the policy")
+        for name, rule in wanted.items():
+            if name in self.guests:
+                if not isinstance(self.guests[name].conn, QemuDisplaySource):
+                    log.error("guest %s: a %s guest of that name is connected; not connecting to the "
+                              "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
+                continue
+            source = QemuDisplaySource(name, QemuTarget.parse(rule.display, rule.console), self,
+                                       uuid=rule.uuid)
+            self.guests[name] = GuestState(source, Guest(name, "qemu-dbus", rule.uuid))
+            log.info("guest %s: QEMU display at %s", name, source.target.describe())
+            source.start()
+        self.replan()
+
+    def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
+        gs = self.guests.get(source.name)
+        if gs is None or gs.conn is not source:
+            return
+        gs.blanked = False
+        if gs.latest is not None and frame.buffer is gs.latest.buffer and self._scanned_directly(source.name):
+            return  # a dma-buf on the plane: the display engine reads the guest's update itself
+        self.on_flip(source, frame)
+
+    def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
+        gs = self.guests.get(source.name)
+        if gs is not None and gs.conn is source and not gs.blanked:
+            self._blank(gs, reason)
+
+    def on_cursor(self, source: QemuDisplaySource) -> None:
+        log.debug("guest %s: cursor %s at %s (no cursor plane use yet)", source.name, source.cursor,
+                  source.pointer)
+
     def _scanned_directly(self, name: str) -> bool:
         showing = self._showing(name)
         return bool(showing) and all(p.path == "zero-copy" and p.on_screen is not None
@@ -784,8 +831,11 @@ class Daemon:
                      for d in self.assignment.dark],
             "unplaced": [{"guest": u.guest, "reason": u.reason, "monitor": u.monitor}
                          for u in self.assignment.unplaced],
-            "guests": [{"name": name, "kind": gs.guest.kind, "pid": gs.conn.peer.pid, "uid": gs.conn.peer.uid,
+            "guests": [{"name": name, "kind": gs.guest.kind,
+                        "pid": gs.conn.peer.pid if gs.conn.peer else None,
+                        "uid": gs.conn.peer.uid if gs.conn.peer else None,
                         **(self._vfio_status(gs.conn) if isinstance(gs.conn, VfioGuest) else {}),
+                        **({"qemu": gs.conn.status()} if isinstance(gs.conn, QemuDisplaySource) else {}),
                         "buffers": len(gs.conn.buffers), "flips": gs.flips,
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),

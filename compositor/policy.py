@@ -198,6 +198,9 @@ class GuestRule:
     # kind vfio: a command to start with a duplicate of the vGPU's device fd ({fd} in it is replaced
     # by the fd's number; DIRECTFLIP_VFIO_FD says it too), e.g. the VMM that runs the guest.
     launch: str | None = None
+    # kind qemu-dbus: where the VM's display is (qmp:PATH or dbus:ADDRESS) and which console of it.
+    display: str | None = None
+    console: int = 0
 
     def matches(self, name: str, kind: str | None, uuid: str | None) -> bool:
         """Whether the rule takes this guest; kind None: whatever its kind (credentials go by name)."""
@@ -271,7 +274,7 @@ _DEFAULT_KEYS = ("mode", "scaling", "slate")
 _MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate")
 _MATCH_KEYS = ("connector", "edid", "port")
 _EDID_KEYS = ("manufacturer", "product", "serial", "serial_string", "name", "identity")
-_GUEST_KEYS = ("name", "uuid", "kind", "users", "launch")
+_GUEST_KEYS = ("name", "uuid", "kind", "users", "launch", "display", "console")
 _SEAT_KEYS = ("monitors", "logind")
 _PLACEMENT_KEYS = ("guest", "monitor", "failover", "mirror", "priority", "seats")
 _SLATE_KEYS = ("text", "colour", "color")
@@ -592,7 +595,38 @@ class _Validator:
             if launch is not None and (kind != "vfio" or uuid is None):
                 self.error(vnode, "`launch` needs `kind: vfio` and the vGPU's `uuid`",
                            "directflip opens the vGPU and starts the command with its device fd")
-        return GuestRule(name, line, pattern, uuid, kind, uids, launch)
+        display, console = None, 0
+        if "display" in keys:
+            vnode = keys["display"][1]
+            display = self.string(vnode, "`display`")
+            if display is not None and kind != "qemu-dbus":
+                self.error(vnode, "`display` needs `kind: qemu-dbus`",
+                           "it says where a QEMU VM started with -display dbus shows its picture")
+            elif display is not None and not pattern.literal:
+                self.error(vnode, f"guest `{name}` names one VM's display, so its `name` cannot be a "
+                           f"pattern (`{pattern}`)", "give the VM's guest name, or drop `name`")
+            elif display is not None:
+                from compositor.sources.qemu_dbus import QemuTarget
+
+                try:
+                    QemuTarget.parse(display)
+                except ValueError as exc:
+                    self.error(vnode, str(exc))
+        elif kind == "qemu-dbus":
+            self.warn(knode, f"guest `{name}` has `kind: qemu-dbus` but no `display`: directflip does "
+                      "not know where to connect, so it never runs",
+                      "add `display: qmp:/path/to/qmp.sock` (QEMU with -display dbus,p2p=yes) or "
+                       "`display: dbus:unix:path=/path/to/bus` (-display dbus,addr=...)")
+        if "console" in keys:
+            vnode = keys["console"][1]
+            if kind != "qemu-dbus":
+                self.error(vnode, "`console` needs `kind: qemu-dbus`")
+            elif not (isinstance(vnode, yaml.ScalarNode) and vnode.value.isdigit()):
+                shown = vnode.value if isinstance(vnode, yaml.ScalarNode) else "..."
+                self.error(vnode, f"`console` must be a console number (0, 1, ...), not `{shown}`")
+            else:
+                console = int(vnode.value)
+        return GuestRule(name, line, pattern, uuid, kind, uids, launch, display, console)
 
     def user_names(self, node: yaml.Node) -> list[tuple[str, yaml.Node]]:
         if isinstance(node, yaml.ScalarNode):

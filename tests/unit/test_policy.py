@@ -204,3 +204,20 @@ def test_mangled_policies_give_messages_not_tracebacks(data: st.DataObject) -> N
         policy.parse(text, "m.yaml")
     except PolicyError as exc:
         assert exc.errors and all(str(e).startswith("m.yaml:") for e in exc.errors)
+
+
+def test_qemu_dbus_display_and_console() -> None:
+    base = "monitors: {left: Virtual-1}\nplacements: [{guest: vm, monitor: left}]\nguests:\n"
+    p = policy.parse(base + "  vm: {kind: qemu-dbus, display: 'qmp:/run/vm/vm.qmp', console: 1}\n", "p.yaml")
+    rule = p.guests[0]
+    assert (rule.kind, rule.display, rule.console) == ("qemu-dbus", "qmp:/run/vm/vm.qmp", 1)
+    assert policy.parse(base + "  vm: {kind: qemu-dbus, display: 'dbus:unix:path=/b'}\n").guests[0].console == 0
+    for bad, why in (("{kind: qemu-dbus, display: '/run/vm/vm.qmp'}", "write qmp:PATH"),
+                     ("{kind: socket, display: 'qmp:/x'}", "`display` needs `kind: qemu-dbus`"),
+                     ("{kind: qemu-dbus, display: 'qmp:/x', console: -1}", "console number"),
+                     ("{kind: qemu-dbus, display: 'qmp:/x', console: one}", "console number"),
+                     ("{name: 'vm-*', kind: qemu-dbus, display: 'qmp:/x'}", "cannot be a pattern")):
+        with pytest.raises(PolicyError, match=why):
+            policy.parse(base + f"  vm: {bad}\n", "p.yaml")
+    p = policy.parse(base + "  vm: {kind: qemu-dbus}\n", "p.yaml")   # allowed, but it never runs: said so
+    assert any("no `display`" in w.message for w in p.warnings)

@@ -1,0 +1,1262 @@
+"""QEMU's D-Bus display (`-display dbus`) as a guest source: any VM QEMU can show, zero copy where QEMU
+hands out dma-bufs.
+
+How QEMU's display speaks (interface description: QEMU's ui/dbus-display1.xml):
+
+- The *display connection* reaches QEMU's objects: `/org/qemu/Display1/VM` (org.qemu.Display1.VM: Name,
+  UUID, ConsoleIDs) and `/org/qemu/Display1/Console_N` (org.qemu.Display1.Console: Type, Width,
+  Height, RegisterListener). It is either a private bus QEMU joined as `org.qemu`
+  (`-display dbus,addr=ADDRESS`), or peer to peer (`-display dbus,p2p=yes`): a socket pair whose other
+  end is handed to QEMU over QMP (`getfd`, then `add_client protocol=@dbus-display`). A p2p connection
+  has no bus: no Hello, no names, no match rules (signals simply arrive).
+- `RegisterListener(h)` takes one end of a second socket pair. On it QEMU is the D-Bus
+  *authentication server* (G_DBUS_CONNECTION_FLAGS_AUTHENTICATION_SERVER, with a GUID) and the caller:
+  we authenticate as client (EXTERNAL, NEGOTIATE_UNIX_FD) and serve `/org/qemu/Display1/Listener`.
+  QEMU first reads the listener's properties (GetAll: `Interfaces`), and newer QEMUs use
+  org.qemu.Display1.Listener.Unix.Map when it is listed there.
+- QEMU then calls the listener. `ScanoutDMABUF(h, ...)` hands over a dma-buf (zero copy); after it,
+  `UpdateDMABUF(x, y, w, h)` says the buffer changed, and QEMU blocks the guest's GL until we reply —
+  so the reply is sent from the handler itself, before anything else, and its latency is measured.
+  `ScanoutMap(h, offset, ...)` shares QEMU's surface memory (a memfd; QEMU versions with
+  org.qemu.Display1.Listener.Unix.Map, not 7.2) and `UpdateMap` says what changed (QEMU waits for the
+  ScanoutMap reply too). `Scanout` / `Update` carry the pixels themselves;
+  they are written into a memfd of ours that the scanout pipeline copies from. `Disable` turns the
+  display off (the slate); `CursorDefine` / `MouseSet` describe the pointer.
+- A resize on the pixel path comes without a Scanout: QEMU only switches its surface and sends
+  `Update`s of the new size, in bands (VGA text mode after SeaBIOS: 720x400 in 16-row bands). The new
+  size is the console's Width/Height: the source follows the console's PropertiesChanged signal and,
+  when an Update does not fit before that signal came, asks for Width/Height and holds the update
+  until the answer.
+
+Buffer identity: a dma-buf (or shared memfd) is known by its inode. QEMU sends a new fd with every
+ScanoutDMABUF, also for a buffer it sent before (a guest flipping between two buffers); a known inode
+with the same layout is the same Buffer (same id: the framebuffer cache imports it once) and the new
+fd is closed. A few recent buffers are kept; older ones are handed back through `on_forget`.
+
+Connection lifetime: `QemuDisplaySource.start()` runs a loop — connect, register, serve until either
+connection closes (the VM went away: `on_blank` and `on_forget` for every buffer), then try again with
+a growing delay. A source given an already connected socket cannot reconnect: it ends with `on_close`.
+
+The D-Bus library is dbus-fast (asyncio, fd passing). Its MessageBus only connects to bus addresses and
+always greets a bus with Hello; `PeerBus` runs it over an already connected socket instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import socket
+import struct
+import time
+import uuid as uuid_mod
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+import numpy as np
+from dbus_fast import DBusError, Message, MessageType, Variant
+from dbus_fast.aio import MessageBus
+from dbus_fast.aio.message_bus import _MessageWriter
+from dbus_fast.aio.message_reader import build_message_reader
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusBytes,
+    DBusInt32,
+    DBusSignature,
+    DBusUInt32,
+    DBusUInt64,
+    DBusUnixFd,
+)
+from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
+
+from compositor.kms.fourcc import ARGB8888, FORMATS, fourcc, fourcc_name
+from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
+from compositor.sources.framesocket import Peer
+
+log = logging.getLogger("directflip.qemu_dbus")
+
+DBusStrings = Annotated[list[str], DBusSignature("as")]
+
+BUS_NAME = "org.qemu"  # the name QEMU owns on a bus (-display dbus,addr=...)
+ROOT = "/org/qemu/Display1"
+VM_PATH = f"{ROOT}/VM"
+LISTENER_PATH = f"{ROOT}/Listener"
+VM_IFACE = "org.qemu.Display1.VM"
+CONSOLE_IFACE = "org.qemu.Display1.Console"
+LISTENER_IFACE = "org.qemu.Display1.Listener"
+MAP_IFACE = "org.qemu.Display1.Listener.Unix.Map"
+PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
+# QEMU's own error names (ui/dbus.h: DBUS_DISPLAY_ERROR)
+ERROR_FAILED = "org.qemu.Display1.Error.Failed"
+ERROR_INVALID = "org.qemu.Display1.Error.Invalid"
+ERROR_UNSUPPORTED = "org.qemu.Display1.Error.Unsupported"
+
+MAX_KEPT_BUFFERS = 4  # dma-bufs / maps not scanned out lately are handed back beyond this many
+MAX_CURSOR = 512  # pixels per side; QEMU's cursors are 64x64
+MAX_HELD_UPDATE_BYTES = 64 << 20  # pixel updates held while a resize's size is asked for
+CALL_TIMEOUT = 10.0  # seconds for any call we make to QEMU
+LATENCY_WINDOW = 4096  # reply latencies kept per method
+
+
+def console_path(index: int) -> str:
+    return f"{ROOT}/Console_{index}"
+
+
+# --------------------------------------------------------------------------------- pixel formats
+
+def _pixman(bpp: int, kind: int, a: int, r: int, g: int, b: int) -> int:
+    """pixman.h's PIXMAN_FORMAT(bpp, type, a, r, g, b)."""
+    return (bpp << 24) | (kind << 16) | (a << 12) | (r << 8) | (g << 4) | b
+
+
+_ARGB, _ABGR, _BGRA, _RGBA = 2, 3, 8, 9  # PIXMAN_TYPE_*
+
+# pixman format → DRM fourcc, for the formats whose memory layout is the same on a little-endian host
+# (pixman names a native-endian word from its most significant bits, DRM a little-endian one: the same
+# layout). QEMU's surfaces are x8r8g8b8 for 32-bit guest modes, r5g6b5 / x1r5g5b5 for 16 / 15-bit
+# ones, r8g8b8 for 24-bit and b8g8r8x8 for big-endian guests.
+PIXMAN_TO_DRM: dict[int, tuple[str, int]] = {
+    _pixman(32, _ARGB, 8, 8, 8, 8): ("a8r8g8b8", fourcc("AR24")),
+    _pixman(32, _ARGB, 0, 8, 8, 8): ("x8r8g8b8", fourcc("XR24")),
+    _pixman(32, _ABGR, 8, 8, 8, 8): ("a8b8g8r8", fourcc("AB24")),
+    _pixman(32, _ABGR, 0, 8, 8, 8): ("x8b8g8r8", fourcc("XB24")),
+    _pixman(32, _BGRA, 8, 8, 8, 8): ("b8g8r8a8", fourcc("BA24")),
+    _pixman(32, _BGRA, 0, 8, 8, 8): ("b8g8r8x8", fourcc("BX24")),
+    _pixman(32, _RGBA, 8, 8, 8, 8): ("r8g8b8a8", fourcc("RA24")),
+    _pixman(32, _RGBA, 0, 8, 8, 8): ("r8g8b8x8", fourcc("RX24")),
+    _pixman(32, _ARGB, 2, 10, 10, 10): ("a2r10g10b10", fourcc("AR30")),
+    _pixman(32, _ARGB, 0, 10, 10, 10): ("x2r10g10b10", fourcc("XR30")),
+    _pixman(32, _ABGR, 2, 10, 10, 10): ("a2b10g10r10", fourcc("AB30")),
+    _pixman(32, _ABGR, 0, 10, 10, 10): ("x2b10g10r10", fourcc("XB30")),
+    _pixman(24, _ARGB, 0, 8, 8, 8): ("r8g8b8", fourcc("RG24")),
+    _pixman(24, _ABGR, 0, 8, 8, 8): ("b8g8r8", fourcc("BG24")),
+    _pixman(16, _ARGB, 0, 5, 6, 5): ("r5g6b5", fourcc("RG16")),
+    _pixman(16, _ABGR, 0, 5, 6, 5): ("b5g6r5", fourcc("BG16")),
+    _pixman(16, _ARGB, 1, 5, 5, 5): ("a1r5g5b5", fourcc("AR15")),
+    _pixman(16, _ARGB, 0, 5, 5, 5): ("x1r5g5b5", fourcc("XR15")),
+}
+PIXMAN_X8R8G8B8 = _pixman(32, _ARGB, 0, 8, 8, 8)
+PIXMAN_A8R8G8B8 = _pixman(32, _ARGB, 8, 8, 8, 8)
+
+
+class UnsupportedFormat(BadPlane):
+    """A pixel format QEMU named that directflip cannot show; the message names the value."""
+
+
+def pixman_to_fourcc(code: int) -> int:
+    """The DRM fourcc of a pixman format code QEMU sent; UnsupportedFormat names an unknown or
+    unshowable one."""
+    known = PIXMAN_TO_DRM.get(code)
+    if known is None:
+        raise UnsupportedFormat(
+            f"pixman format 0x{code:08x} is unknown to directflip (known: "
+            + ", ".join(f"{name} 0x{value:08x}" for value, (name, _) in sorted(PIXMAN_TO_DRM.items()))
+            + ")")
+    name, drm = known
+    if drm not in FORMATS:
+        raise UnsupportedFormat(f"pixman format {name} (0x{code:08x}) is DRM {fourcc_name(drm)}, which "
+                                f"directflip cannot show")
+    return drm
+
+
+# --------------------------------------------------------------------------------- what comes out
+
+@dataclass(eq=False)
+class QemuFrame(Frame):
+    """A Frame from QEMU: also what changed and which way up the picture is."""
+
+    damage: tuple[int, int, int, int] | None = None  # x, y, width, height that changed; None: all
+    y0_top: bool = True  # False: QEMU's buffer is bottom-up (a GL texture); shown as it is
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The guest's pointer image: ARGB8888 rows of width * 4 bytes, the hot spot in it. `serial`
+    changes with every CursorDefine, so a cursor plane can tell a new image from the same one."""
+
+    width: int
+    height: int
+    hot_x: int
+    hot_y: int
+    pixels: bytes
+    serial: int
+    fourcc: int = ARGB8888
+
+
+@dataclass(frozen=True)
+class Pointer:
+    x: int
+    y: int
+    visible: bool
+
+
+def _percentile(values, q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class DisplayStats:
+    """Counters of one source, and how long the replies QEMU waits for took (ns, from the handler's
+    start to the reply being handed to the connection's writer)."""
+
+    calls: dict[str, int] = field(default_factory=dict)  # listener method → calls
+    frames: int = 0
+    pixel_bytes: int = 0  # bytes of pixels that came over the socket (Scanout / Update)
+    errors: int = 0  # calls answered with an error
+    ignored: int = 0  # calls that had nothing to act on (an update with no scanout)
+    connects: int = 0
+    replies: dict[str, deque[int]] = field(default_factory=dict)
+
+    def count(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+
+    def reply(self, method: str, ns: int) -> None:
+        window = self.replies.get(method)
+        if window is None:
+            window = self.replies[method] = deque(maxlen=LATENCY_WINDOW)
+        window.append(ns)
+
+    def reply_us(self, method: str, q: float = 0.5) -> float | None:
+        value = _percentile(self.replies.get(method, ()), q)
+        return None if value is None else value / 1000
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"calls": dict(self.calls), "frames": self.frames, "pixel_bytes": self.pixel_bytes,
+                "errors": self.errors, "ignored": self.ignored, "connects": self.connects,
+                "reply_us": {m: {"p50": self.reply_us(m, 0.5), "p99": self.reply_us(m, 0.99),
+                                 "n": len(w)} for m, w in self.replies.items()}}
+
+
+class QemuDisplayHandler(Protocol):
+    """What the daemon does with a QEMU display. Callbacks run on the event loop, must not block and
+    must not raise (an exception is logged; QEMU still gets its reply)."""
+
+    def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
+        """Show frame.buffer (one of source.buffers) now."""
+
+    def on_forget(self, source: QemuDisplaySource, buffer: Buffer) -> None:
+        """The source dropped `buffer`: it left source.buffers and the handler owns it; close it once
+        it is off screen."""
+
+    def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
+        """Nothing to show (Disable, or the VM went away and the source is waiting for it): the slate."""
+
+    def on_cursor(self, source: QemuDisplaySource) -> None:
+        """source.cursor or source.pointer changed."""
+
+    def on_close(self, source: QemuDisplaySource, reason: str) -> None:
+        """The source stopped for good (closed, or a handed-over connection ended). The handler owns
+        every buffer still in source.buffers."""
+
+
+# --------------------------------------------------------------------------------- p2p D-Bus
+
+_UNUSED_ADDRESS = "unix:abstract=directflip-peer-to-peer"  # parsed by the base class, never connected
+
+
+class DisplayBus(MessageBus):
+    """dbus-fast's MessageBus, minus one kind of noise: replies and signals are sent with futures nobody
+    awaits, and the connection's end is a future nobody need await; when the peer goes, errors land in
+    them, and asyncio would log each "exception was never retrieved" from a finalizer at some later
+    moment. Whoever awaits one of them still gets its exception."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._disconnect_future.add_done_callback(_retrieve)
+
+    def send(self, msg: Message) -> asyncio.Future:
+        if self._disconnected or self._user_disconnect:
+            # A reply to a call that was being handled when the connection was closed (shutdown, the
+            # VM gone): there is no one left to send it to.
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(ConnectionError("the D-Bus connection is closed"))
+            future.add_done_callback(_retrieve)
+            return future
+        future = super().send(msg)
+        future.add_done_callback(_retrieve)
+        return future
+
+
+class PeerBus(DisplayBus):
+    """A dbus-fast asyncio MessageBus over an already connected socket, peer to peer: no bus, no Hello,
+    file descriptors negotiated.
+
+    dbus-fast connects only to bus addresses and always sends Hello, which a peer answers with an
+    error. This runs its own writer and reader on the given socket instead (dbus-fast 5's internals:
+    `_sock`, `_stream`, `_fd`, `_writer`, `_authenticate`, `build_message_reader`). `start()`
+    authenticates as the client (what QEMU expects on both its connections); `start(server_guid=...)`
+    answers as the server (EXTERNAL, checked against the socket's peer credentials), for stand-ins of
+    QEMU. The bus owns the socket from then on."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(bus_address=_UNUSED_ADDRESS, negotiate_unix_fd=True)
+        self._peer_socket = sock
+
+    async def start(self, *, server_guid: str | None = None, timeout: float = CALL_TIMEOUT) -> PeerBus:
+        sock = self._peer_socket
+        sock.setblocking(False)
+        self._sock = sock
+        self._stream = sock.makefile("rwb")
+        self._fd = sock.fileno()
+        self._writer = _MessageWriter(self)
+        try:
+            async with asyncio.timeout(timeout):
+                if server_guid is None:
+                    await self._authenticate()
+                else:
+                    await _serve_auth(sock, server_guid)
+        except BaseException:
+            self._stream.close()
+            sock.close()
+            raise
+        # The writer sends only once the connection has a name; a peer connection has none to get.
+        self.unique_name = ":peer"
+        self._loop.add_reader(self._fd, build_message_reader(self._sock, self._process_message,
+                                                             self._finalize, True))
+        self._writer.schedule_write()
+        return self
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        pass  # ObjectManager signals are for bus clients; nobody on a peer connection asked for them
+
+
+async def _read_line(sock: socket.socket, limit: int = 16384) -> str:
+    """One CRLF-terminated line of the SASL exchange, leaving every byte after it in the socket (the
+    client may send its first message right behind BEGIN)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            peek = sock.recv(limit, socket.MSG_PEEK)
+        except BlockingIOError:
+            peek = None
+        if peek == b"":
+            raise EOFError("the peer closed during authentication")
+        if peek is not None:
+            end = peek.find(b"\r\n")
+            if end >= 0:
+                return sock.recv(end + 2)[:-2].decode("ascii", "replace")
+            if len(peek) >= limit:
+                raise ConnectionError("authentication line too long")
+        ready = loop.create_future()
+        loop.add_reader(sock.fileno(), ready.set_result, None)
+        try:
+            await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+
+
+async def _serve_auth(sock: socket.socket, guid: str) -> None:
+    """The server's half of the D-Bus SASL exchange: EXTERNAL only, the claimed uid must be the socket
+    peer's; unix fds agreed when asked."""
+    loop = asyncio.get_running_loop()
+    nul = await loop.sock_recv(sock, 1)
+    if nul != b"\0":
+        raise ConnectionError(f"the D-Bus client sent {nul!r} instead of its credentials byte")
+    _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    authenticated = False
+    while True:
+        line = await _read_line(sock)
+        words = line.split(" ")
+        if words[0] == "AUTH" and len(words) >= 2 and words[1] == "EXTERNAL":
+            claimed = bytes.fromhex(words[2]).decode() if len(words) > 2 else str(uid)
+            if claimed == str(uid):
+                authenticated = True
+                reply = f"OK {guid}"
+            else:
+                reply = "REJECTED EXTERNAL"
+        elif words[0] == "AUTH":
+            reply = "REJECTED EXTERNAL"
+        elif words[0] == "NEGOTIATE_UNIX_FD" and authenticated:
+            reply = "AGREE_UNIX_FD"
+        elif words[0] == "BEGIN" and authenticated:
+            return
+        elif words[0] == "CANCEL":
+            authenticated, reply = False, "REJECTED EXTERNAL"
+        else:
+            reply = "ERROR"
+        await loop.sock_sendall(sock, f"{reply}\r\n".encode())
+
+
+# --------------------------------------------------------------------------------- where the VM is
+
+@dataclass
+class QemuTarget:
+    """Where a VM's display is. Exactly one of:
+
+    - `bus`: a D-Bus address QEMU joined with `-display dbus,addr=ADDRESS` (it owns `bus_name` there);
+    - `qmp`: QEMU's QMP socket, the VM started with `-display dbus,p2p=yes`: the source hands QEMU one
+      end of a socket pair (getfd + add_client) and talks peer to peer;
+    - `sock`: an already connected peer-to-peer socket to QEMU's display (a launcher did the QMP part);
+      used once, no reconnection.
+    """
+
+    bus: str | None = None
+    qmp: str | None = None
+    sock: socket.socket | None = None
+    console: int = 0
+    bus_name: str = BUS_NAME
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("bus", "qmp", "sock") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a QEMU display target needs exactly one of bus, qmp, sock (got "
+                             f"{', '.join(given) or 'none'})")
+        if self.console < 0:
+            raise ValueError(f"console {self.console} is negative")
+
+    @classmethod
+    def parse(cls, spec: str, console: int = 0) -> QemuTarget:
+        """`qmp:/run/vm/qmp.sock` or `dbus:unix:path=/run/vm/bus` (a D-Bus address)."""
+        kind, sep, rest = spec.partition(":")
+        if sep and rest and kind == "qmp":
+            return cls(qmp=rest, console=console)
+        if sep and rest and kind == "dbus":
+            return cls(bus=rest, console=console)
+        raise ValueError(f"{spec!r} is not a QEMU display: write qmp:PATH (QMP socket of a VM started "
+                         f"with -display dbus,p2p=yes) or dbus:ADDRESS (-display dbus,addr=ADDRESS)")
+
+    @property
+    def reconnects(self) -> bool:
+        return self.sock is None
+
+    def describe(self) -> str:
+        where = (f"bus {self.bus}" if self.bus is not None else f"QMP {self.qmp}" if self.qmp is not None
+                 else "a handed-over socket")
+        return f"{where}, console {self.console}"
+
+
+# --------------------------------------------------------------------------------- the listener
+
+class _ListenerPart(ServiceInterface):
+    """One interface of the listener object, tied to the listener connection it was exported on."""
+
+    def __init__(self, name: str, source: QemuDisplaySource) -> None:
+        super().__init__(name)
+        self.source = source
+        self.generation = source._generation
+
+    def _do(self, method: str, fn: Callable[..., None], *args: Any, fd: int | None = None) -> None:
+        self.source._call(self.generation, method, fn, *args, fd=fd)
+
+
+class ListenerInterface(_ListenerPart):
+    """org.qemu.Display1.Listener: the D-Bus face of a QemuDisplaySource (argument types and replies;
+    the source does the work)."""
+
+    def __init__(self, source: QemuDisplaySource) -> None:
+        super().__init__(LISTENER_IFACE, source)
+
+    @dbus_method(name="Scanout")
+    def scanout(self, width: DBusUInt32, height: DBusUInt32, stride: DBusUInt32, pixman_format: DBusUInt32,
+                data: DBusBytes):
+        self._do("Scanout", self.source._scanout_pixels, width, height, stride, pixman_format, data)
+
+    @dbus_method(name="Update")
+    def update(self, x: DBusInt32, y: DBusInt32, width: DBusInt32, height: DBusInt32, stride: DBusUInt32,
+               pixman_format: DBusUInt32, data: DBusBytes):
+        self._do("Update", self.source._update_pixels, x, y, width, height, stride, pixman_format, data)
+
+    @dbus_method(name="ScanoutDMABUF")
+    def scanout_dmabuf(self, dmabuf: DBusUnixFd, width: DBusUInt32, height: DBusUInt32, stride: DBusUInt32,
+                       fourcc: DBusUInt32, modifier: DBusUInt64, y0_top: DBusBool):
+        self._do("ScanoutDMABUF", self.source._scanout_dmabuf, dmabuf, width, height, stride, fourcc,
+                 modifier, y0_top, fd=dmabuf)
+
+    @dbus_method(name="UpdateDMABUF")
+    def update_dmabuf(self, x: DBusInt32, y: DBusInt32, width: DBusInt32, height: DBusInt32):
+        self._do("UpdateDMABUF", self.source._update_current, "dmabuf", x, y, width, height)
+
+    @dbus_method(name="Disable")
+    def disable(self):
+        self._do("Disable", self.source._disable)
+
+    @dbus_method(name="MouseSet")
+    def mouse_set(self, x: DBusInt32, y: DBusInt32, on: DBusInt32):
+        self._do("MouseSet", self.source._mouse_set, x, y, on)
+
+    @dbus_method(name="CursorDefine")
+    def cursor_define(self, width: DBusInt32, height: DBusInt32, hot_x: DBusInt32, hot_y: DBusInt32,
+                      data: DBusBytes):
+        self._do("CursorDefine", self.source._cursor_define, width, height, hot_x, hot_y, data)
+
+    @dbus_property(access=PropertyAccess.READ, name="Interfaces")
+    def interfaces(self) -> DBusStrings:
+        return [MAP_IFACE] if self.source.offer_map else []
+
+
+class ListenerMapInterface(_ListenerPart):
+    """org.qemu.Display1.Listener.Unix.Map: QEMU's surface shared as a memfd."""
+
+    def __init__(self, source: QemuDisplaySource) -> None:
+        super().__init__(MAP_IFACE, source)
+
+    @dbus_method(name="ScanoutMap")
+    def scanout_map(self, handle: DBusUnixFd, offset: DBusUInt32, width: DBusUInt32, height: DBusUInt32,
+                    stride: DBusUInt32, pixman_format: DBusUInt32):
+        self._do("ScanoutMap", self.source._scanout_map, handle, offset, width, height, stride, pixman_format,
+                 fd=handle)
+
+    @dbus_method(name="UpdateMap")
+    def update_map(self, x: DBusInt32, y: DBusInt32, width: DBusInt32, height: DBusInt32):
+        self._do("UpdateMap", self.source._update_current, "map", x, y, width, height)
+
+
+# --------------------------------------------------------------------------------- the source
+
+@dataclass
+class _Surface:
+    """Our copy of QEMU's surface for the pixel path: a memfd the daemon copies from, mapped here."""
+
+    buffer: Buffer
+    map: mmap.mmap
+    pixman: int
+
+    @property
+    def info(self) -> PlaneInfo:
+        return self.buffer.info
+
+    def rows(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        info = self.info
+        bpp = info.bytes_per_pixel
+        return np.ndarray((height, width * bpp), np.uint8, buffer=self.map,
+                          offset=info.offset + y * info.stride + x * bpp, strides=(info.stride, 1))
+
+
+@dataclass
+class _Scanout:
+    kind: str  # dmabuf | map | pixels
+    buffer: Buffer
+    y0_top: bool = True
+
+
+@dataclass
+class _HeldUpdate:
+    x: int
+    y: int
+    width: int
+    height: int
+    stride: int
+    pixman: int
+    data: bytes
+
+
+class QemuDisplaySource:
+    """One console of one QEMU VM as a guest source.
+
+    The daemon-facing side looks like the other sources' (a frame-socket GuestConnection, a VfioGuest):
+    `name`, `uuid`, `peer`, `buffers`, `closed`, `released()`, `presented()`, `close()`; frames and
+    events go to `handler` (QemuDisplayHandler). `cursor` / `pointer` hold the guest's pointer for a
+    cursor plane; `stats` and `status()` what happened."""
+
+    kind = "qemu-dbus"
+
+    def __init__(self, name: str, target: QemuTarget, handler: QemuDisplayHandler, *,
+                 uuid: str | None = None, offer_map: bool = True, retry_initial: float = 0.25,
+                 retry_max: float = 5.0) -> None:
+        self.name = name
+        self.target = target
+        self.handler = handler
+        self.uuid = uuid
+        self.offer_map = offer_map  # list Unix.Map in the listener's Interfaces
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.peer: Peer | None = None  # QEMU's process, once connected peer to peer
+        self.buffers: dict[int, Buffer] = {}
+        self.closed = False
+        self.state = "idle"  # idle | connecting | connected | waiting | closed
+        self.last_error: str | None = None
+        self.vm_name: str | None = None
+        self.vm_uuid: str | None = None
+        self.console_label: str | None = None
+        self.cursor: Cursor | None = None
+        self.pointer: Pointer | None = None
+        self.stats = DisplayStats()
+        self.connected = asyncio.Event()  # set while a listener is registered
+        self._scanout: _Scanout | None = None
+        self._surface: _Surface | None = None
+        self._console_size: tuple[int, int] | None = None
+        self._held: list[_HeldUpdate] = []
+        self._held_bytes = 0
+        self._size_query: asyncio.Task | None = None
+        self._identity: dict[tuple, int] = {}  # (dev, ino, offset, layout) → buffer id
+        self._order: list[int] = []  # buffer ids, least recently scanned out first
+        self._next_id = 1
+        self._seq = 0
+        self._cursor_serial = 0
+        self._main: MessageBus | None = None
+        self._listener: PeerBus | None = None
+        self._dest: str | None = None
+        self._task: asyncio.Task | None = None
+        self._handed = target.sock  # a handed-over socket serves one connection
+        self._told_bottom_up = False
+        self._generation = 0  # of the listener connection; calls from an older one are stale
+
+    def __repr__(self) -> str:
+        return f"<QemuDisplaySource {self.name} ({self.target.describe()}) {self.state}>"
+
+    # --- the daemon's side ---------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        """Connect (and keep reconnecting) on the running loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"qemu-dbus {self.name}")
+        return self._task
+
+    def released(self, buffer_id: int) -> None:  # QEMU has no release: its buffers stay its own
+        pass
+
+    def presented(self, buffer_id: int, frame: int, timestamp_ns: int, sequence: int) -> None:
+        pass
+
+    def close(self, reason: str = "closed") -> None:
+        """Stop for good: disconnect, and hand every buffer to the handler through on_close."""
+        if self.closed:
+            return
+        self.closed = True
+        self.state = "closed"
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+        self._disconnect()
+        self._drop_scanout_state()
+        log.info("%s: QEMU display source closed (%s)", self.name, reason)
+        self._notify("on_close", reason)
+
+    def status(self) -> dict[str, Any]:
+        scan = self._scanout
+        return {"target": self.target.describe(), "state": self.state, "vm": self.vm_name,
+                "vm_uuid": self.vm_uuid, "console": self.console_label,
+                "path": scan.kind if scan is not None else None,
+                "plane": scan.buffer.info.describe() if scan is not None else None,
+                "cursor": None if self.cursor is None else f"{self.cursor.width}x{self.cursor.height}",
+                "pointer": None if self.pointer is None else [self.pointer.x, self.pointer.y,
+                                                               self.pointer.visible],
+                "error": self.last_error, **self.stats.as_dict()}
+
+    # --- connection lifetime -----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self.retry_initial
+        reported: str | None = None
+        try:
+            while not self.closed:
+                self.state = "connecting"
+                try:
+                    await self._connect()
+                    started = time.monotonic()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # every way a VM can be absent or broken: retried
+                    reason = _describe_error(exc)
+                    self._disconnect()
+                    if not self.target.reconnects:
+                        self.close(f"cannot reach QEMU's display: {reason}")
+                        return
+                    if reason != reported:
+                        log.info("%s: QEMU display at %s not reachable (%s); retrying", self.name,
+                                 self.target.describe(), reason)
+                        reported = reason
+                    self.last_error = reason
+                else:
+                    reported = None
+                    reason = await self._serve()
+                    self._disconnect()
+                    self._gone(reason)
+                    if not self.target.reconnects:
+                        self.close(reason)
+                        return
+                    # Back quickly after a VM that ran (a restart), slowly after one that keeps dying.
+                    delay = self.retry_initial if time.monotonic() - started > 1.0 else delay
+                self.state = "waiting"
+                await asyncio.sleep(delay)
+                delay = min(self.retry_max, delay * 2)
+        except asyncio.CancelledError:
+            self._disconnect()
+            raise
+
+    async def _connect(self) -> None:
+        target = self.target
+        if target.bus is not None:
+            main: MessageBus = await asyncio.wait_for(
+                DisplayBus(bus_address=target.bus, negotiate_unix_fd=True).connect(), CALL_TIMEOUT)
+            self._main, self._dest = main, target.bus_name
+            self.peer = await self._bus_peer(main, target.bus_name)
+        else:
+            if target.qmp is not None:
+                sock, self.peer = await _qmp_add_client(target.qmp)
+            else:
+                sock, self._handed = self._handed, None
+                if sock is None:
+                    raise ConnectionError("the handed-over display socket was used up")
+            main = PeerBus(sock)
+            self._main, self._dest = main, None
+            await main.start()
+        main.add_message_handler(self._on_signal)
+        if self._dest is not None:
+            await self._call_main(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                body=[f"type='signal',sender='{self._dest}',path='{console_path(target.console)}',"
+                      f"interface='{PROPERTIES_IFACE}',member='PropertiesChanged'"]))
+        vm = await self._get_all(VM_PATH, VM_IFACE)
+        self.vm_name = _value(vm.get("Name"))
+        self.vm_uuid = _value(vm.get("UUID"))
+        consoles = _value(vm.get("ConsoleIDs"))
+        if consoles is not None and target.console not in consoles:
+            raise LookupError(f"VM {self.vm_name!r} has consoles {sorted(consoles)}, not {target.console}")
+        console = await self._get_all(console_path(target.console), CONSOLE_IFACE)
+        self.console_label = _value(console.get("Label"))
+        kind = _value(console.get("Type"))
+        if kind not in (None, "Graphic"):
+            raise LookupError(f"console {target.console} of VM {self.vm_name!r} is a {kind} console, "
+                              f"not a graphic one")
+        width, height = _value(console.get("Width")), _value(console.get("Height"))
+        if width and height:
+            self._console_size = (int(width), int(height))
+        await self._register_listener()
+        self.stats.connects += 1
+        self.state = "connected"
+        self.last_error = None
+        self.connected.set()
+        log.info("%s: showing console %d (%s) of VM %r over %s%s", self.name, target.console,
+                 self.console_label, self.vm_name, target.describe(),
+                 f" (QEMU pid {self.peer.pid})" if self.peer else "")
+
+    async def _bus_peer(self, bus: MessageBus, name: str) -> Peer | None:
+        """Who owns `name` on the bus (QEMU's pid and uid), for status; None if the bus will not say."""
+        ids = []
+        for member in ("GetConnectionUnixProcessID", "GetConnectionUnixUser"):
+            try:
+                reply = await asyncio.wait_for(bus.call(Message(
+                    destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                    interface="org.freedesktop.DBus", member=member, signature="s", body=[name])),
+                    CALL_TIMEOUT)
+            except (TimeoutError, OSError, EOFError):
+                return None
+            if reply.message_type != MessageType.METHOD_RETURN:
+                return None  # not there (yet): RegisterListener will say so
+            ids.append(int(reply.body[0]))
+        return Peer(ids[0], ids[1], -1)
+
+    async def _register_listener(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = PeerBus(ours)
+        listener.export(LISTENER_PATH, ListenerInterface(self))
+        if self.offer_map:
+            listener.export(LISTENER_PATH, ListenerMapInterface(self))
+        self._listener = listener
+        # QEMU answers RegisterListener and only then runs the handshake on the new socket, blocking its
+        # main loop until it completes: authenticate concurrently with waiting for the answer.
+        handshake = asyncio.get_running_loop().create_task(listener.start())
+        try:
+            await self._call_main(Message(
+                destination=self._dest, path=console_path(self.target.console), interface=CONSOLE_IFACE,
+                member="RegisterListener", signature="h", body=[0], unix_fds=[theirs.fileno()]))
+        except BaseException:
+            handshake.cancel()
+            raise
+        finally:
+            theirs.close()
+        await handshake
+
+    async def _serve(self) -> str:
+        """Until either connection ends; the reason."""
+        assert self._main is not None and self._listener is not None
+        waits = {asyncio.ensure_future(self._main.wait_for_disconnect()): "display connection",
+                 asyncio.ensure_future(self._listener.wait_for_disconnect()): "listener connection"}
+        for task in waits:
+            # An exception nobody retrieves is logged from the task's finalizer, at any later time.
+            task.add_done_callback(_retrieve)
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        task = next(iter(done))
+        exc = None if task.cancelled() else task.exception()
+        detail = f": {_describe_error(exc)}" if exc is not None and not isinstance(exc, EOFError) else ""
+        return f"QEMU closed the {waits[task]}{detail} (the VM stopped?)"
+
+    def _disconnect(self) -> None:
+        self.connected.clear()
+        self._generation += 1
+        if self._size_query is not None:
+            self._size_query.cancel()
+            self._size_query = None
+        for bus in (self._listener, self._main):
+            if bus is not None and bus.connected:
+                try:
+                    bus.disconnect()
+                except OSError:
+                    pass
+        self._listener = self._main = None
+
+    def _gone(self, reason: str) -> None:
+        log.info("%s: %s", self.name, reason)
+        self.last_error = reason
+        self.peer = None
+        self._drop_scanout_state()
+        self._notify("on_blank", reason)
+        for buffer in self._take_all_buffers():
+            self._notify("on_forget", buffer)
+
+    def _drop_scanout_state(self) -> None:
+        self._scanout = None
+        self._console_size = None
+        self._held.clear()
+        self._held_bytes = 0
+        if self._surface is not None:
+            self._surface.map.close()
+            self._surface = None
+
+    def _take_all_buffers(self) -> list[Buffer]:
+        out = list(self.buffers.values())
+        self.buffers.clear()
+        self._order.clear()
+        self._identity.clear()
+        return out
+
+    async def _call_main(self, msg: Message) -> Message:
+        assert self._main is not None
+        reply = await asyncio.wait_for(self._main.call(msg), CALL_TIMEOUT)
+        if reply.message_type == MessageType.ERROR:
+            raise DBusError(reply.error_name, reply.body[0] if reply.body else "")
+        return reply
+
+    async def _get_all(self, path: str, iface: str) -> dict[str, Variant]:
+        reply = await self._call_main(Message(destination=self._dest, path=path, interface=PROPERTIES_IFACE,
+                                              member="GetAll", signature="s", body=[iface]))
+        return reply.body[0]
+
+    def _on_signal(self, msg: Message) -> bool:
+        if (msg.message_type == MessageType.SIGNAL and msg.member == "PropertiesChanged"
+                and msg.path == console_path(self.target.console) and msg.body
+                and msg.body[0] == CONSOLE_IFACE):
+            changed = msg.body[1]
+            if "Width" in changed or "Height" in changed:
+                width = _value(changed.get("Width"))
+                height = _value(changed.get("Height"))
+                old = self._console_size or (0, 0)
+                self._console_size = (int(width if width is not None else old[0]),
+                                      int(height if height is not None else old[1]))
+                self._follow_console_size()
+        return False
+
+    # --- listener calls ----------------------------------------------------------------------------
+
+    def _call(self, generation: int, method: str, fn: Callable[..., None], *args: Any,
+              fd: int | None = None) -> None:
+        """Run a listener method: count it, time it, turn a refusal into QEMU's error reply (never into
+        a broken connection), close a handed fd nobody took. A call still queued on a listener
+        connection that was torn down is answered and ignored."""
+        if generation != self._generation or self.closed:
+            if fd is not None:
+                _close_quietly(fd)
+            return
+        start = time.perf_counter_ns()
+        self.stats.count(method)
+        try:
+            fn(*args)
+        except BadPlane as exc:
+            self._refuse(method, ERROR_UNSUPPORTED if isinstance(exc, UnsupportedFormat) else ERROR_INVALID,
+                         str(exc), fd)
+        except OSError as exc:
+            self._refuse(method, ERROR_FAILED, f"{exc.strerror or exc}", fd)
+        finally:
+            self.stats.reply(method, time.perf_counter_ns() - start)
+
+    def _refuse(self, method: str, name: str, text: str, fd: int | None) -> None:
+        if fd is not None:
+            _close_quietly(fd)
+        self.stats.errors += 1
+        message = f"{method}: {text}"
+        if message != self.last_error:
+            log.warning("%s: refused QEMU's %s", self.name, message)
+        self.last_error = message
+        raise DBusError(name, message)
+
+    def _scanout_dmabuf(self, fd: int, width: int, height: int, stride: int, drm_fourcc: int, modifier: int,
+                        y0_top: bool) -> None:
+        info = PlaneInfo(drm_fourcc, width, height, stride, 0, modifier)
+        info.validate(dmabuf_size(fd))
+        buffer = self._buffer_for(fd, 0, info, copy_only=None)
+        if not y0_top and not self._told_bottom_up:
+            self._told_bottom_up = True
+            log.info("%s: QEMU's dma-buf is bottom-up (y0_top false): shown as it is", self.name)
+        self._show(_Scanout("dmabuf", buffer, y0_top), None)
+
+    def _scanout_map(self, fd: int, offset: int, width: int, height: int, stride: int, pixman: int) -> None:
+        base = offset - offset % mmap.ALLOCATIONGRANULARITY  # mmap wants a page-aligned file offset
+        info = PlaneInfo(pixman_to_fourcc(pixman), width, height, stride, offset - base)
+        size = os.fstat(fd).st_size
+        info.validate()
+        if info.span > size - base:
+            need = base + info.span
+            raise BadPlane(f"the plane ({info.describe()}) at offset {offset} needs {need} bytes but QEMU's "
+                           f"shared memory has {size}")
+        buffer = self._buffer_for(fd, base, info, copy_only="QEMU shares this console's memory (ScanoutMap), "
+                                                            "not a dma-buf")
+        self._show(_Scanout("map", buffer), None)
+
+    def _update_current(self, kind: str, x: int, y: int, width: int, height: int) -> None:
+        scan = self._scanout
+        if scan is None or scan.kind != kind:
+            self.stats.ignored += 1
+            return
+        info = scan.buffer.info
+        damage = _clip(x, y, width, height, info.width, info.height)
+        if damage is None:  # nothing of the picture changed
+            self.stats.ignored += 1
+            return
+        self._emit(scan, damage)
+
+    def _scanout_pixels(self, width: int, height: int, stride: int, pixman: int, data: bytes) -> None:
+        drm = pixman_to_fourcc(pixman)
+        info = PlaneInfo(drm, width, height, stride)
+        info.validate()
+        if info.span > len(data):
+            raise BadPlane(f"scanout {info.describe()} needs {info.span} bytes of pixels, QEMU sent "
+                           f"{len(data)}")
+        self.stats.pixel_bytes += len(data)
+        surface = self._surface
+        if surface is None or (surface.info.width, surface.info.height, surface.pixman) != (width, height,
+                                                                                          pixman):
+            surface = self._new_surface(width, height, pixman, carry=False)
+        dst = surface.rows(0, 0, width, height)
+        dst[:] = _source_rows(data, stride, width * info.bytes_per_pixel, height)
+        self._console_size = (width, height)
+        self._drop_held()
+        self._show(_Scanout("pixels", surface.buffer), None)
+
+    def _update_pixels(self, x: int, y: int, width: int, height: int, stride: int, pixman: int,
+                       data: bytes) -> None:
+        drm = pixman_to_fourcc(pixman)
+        if width <= 0 or height <= 0 or x < 0 or y < 0:
+            raise BadPlane(f"update rectangle {width}x{height}+{x}+{y} is empty or negative")
+        row = width * FORMATS[drm].bpp // 8
+        if stride < row or len(data) < stride * (height - 1) + row:
+            raise BadPlane(f"update {width}x{height} with stride {stride} needs "
+                           f"{stride * (height - 1) + row} bytes of pixels, QEMU sent {len(data)}")
+        self.stats.pixel_bytes += len(data)
+        update = _HeldUpdate(x, y, width, height, stride, pixman, data)
+        surface = self._surface
+        if (surface is None or surface.pixman != pixman or x + width > surface.info.width
+                or y + height > surface.info.height):
+            self._hold(update)
+            return
+        self._apply(surface, update)
+        if self._scanout is not None and self._scanout.buffer is surface.buffer:
+            self._emit(self._scanout, (x, y, width, height))
+        else:  # back from a dma-buf or map scanout to the pixel surface
+            self._show(_Scanout("pixels", surface.buffer), (x, y, width, height))
+
+    def _disable(self) -> None:
+        if self._scanout is None:
+            self.stats.ignored += 1
+            return
+        self._scanout = None
+        for buffer in self._take_all_buffers():  # QEMU releases its dma-bufs with Disable
+            self._notify("on_forget", buffer)
+        if self._surface is not None:
+            self._surface.map.close()
+            self._surface = None
+        log.info("%s: QEMU disabled the display", self.name)
+        self._notify("on_blank", f"{self.name}'s display is off")
+
+    def _mouse_set(self, x: int, y: int, on: int) -> None:
+        self.pointer = Pointer(x, y, bool(on))
+        self._notify("on_cursor")
+
+    def _cursor_define(self, width: int, height: int, hot_x: int, hot_y: int, data: bytes) -> None:
+        if not (0 < width <= MAX_CURSOR and 0 < height <= MAX_CURSOR):
+            raise BadPlane(f"cursor {width}x{height} is outside 1..{MAX_CURSOR} per side")
+        if not (0 <= hot_x < width and 0 <= hot_y < height):
+            raise BadPlane(f"cursor hot spot ({hot_x}, {hot_y}) lies outside its {width}x{height} image")
+        size = width * height * 4
+        if len(data) < size:
+            raise BadPlane(f"cursor {width}x{height} ARGB needs {size} bytes, QEMU sent {len(data)}")
+        self._cursor_serial += 1
+        self.cursor = Cursor(width, height, hot_x, hot_y, bytes(data[:size]), self._cursor_serial)
+        self._notify("on_cursor")
+
+    # --- buffers and frames ------------------------------------------------------------------------
+
+    def _buffer_for(self, fd: int, file_offset: int, info: PlaneInfo, copy_only: str | None) -> Buffer:
+        """The Buffer for a handed fd: a known one (same inode, same layout; the new fd is closed) or a
+        new one that owns `fd`."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, file_offset, info)
+        known = self._identity.get(key)
+        if known is not None and known in self.buffers:
+            os.close(fd)
+            self._touch(known)
+            return self.buffers[known]
+        os.set_inheritable(fd, False)
+        buffer = Buffer(self.name, self._new_id(), info, fd, mmap_offset=file_offset, copy_only=copy_only)
+        self.buffers[buffer.id] = buffer
+        self._identity[key] = buffer.id
+        self._touch(buffer.id)
+        log.info("%s: new %s %s (buffer %d)", self.name, "dma-buf" if copy_only is None else "shared map",
+                 info.describe(), buffer.id)
+        return buffer
+
+    def _new_id(self) -> int:
+        ident = self._next_id
+        self._next_id += 1
+        return ident
+
+    def _touch(self, ident: int) -> None:
+        if ident in self._order:
+            self._order.remove(ident)
+        self._order.append(ident)
+        while len(self._order) > MAX_KEPT_BUFFERS:
+            self._evict(self._order[0])
+
+    def _evict(self, ident: int) -> None:
+        if ident in self._order:
+            self._order.remove(ident)
+        buffer = self.buffers.pop(ident, None)
+        if buffer is None:
+            return
+        for key in [k for k, v in self._identity.items() if v == ident]:
+            del self._identity[key]
+        if self._surface is not None and self._surface.buffer is buffer:
+            self._surface.map.close()
+            self._surface = None
+        if self._scanout is not None and self._scanout.buffer is buffer:
+            self._scanout = None
+        self._notify("on_forget", buffer)
+
+    def _new_surface(self, width: int, height: int, pixman: int, carry: bool = True) -> _Surface:
+        """A fresh memfd surface; the old one's overlap is carried over unless a whole picture follows
+        (a resize keeps what the updates since the switch drew); the old buffer is handed back."""
+        drm = pixman_to_fourcc(pixman)
+        bpp = FORMATS[drm].bpp // 8
+        stride = (width * bpp + 63) & ~63
+        info = PlaneInfo(drm, width, height, stride)
+        info.validate()
+        fd = os.memfd_create(f"directflip-{self.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, max(stride * height, 1))
+            mem = mmap.mmap(fd, stride * height, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        buffer = Buffer(self.name, self._new_id(), info, fd,
+                        copy_only="QEMU sends this console's pixels over D-Bus (Scanout/Update), "
+                                  "not as a dma-buf")
+        surface = _Surface(buffer, mem, pixman)
+        old = self._surface
+        if carry and old is not None and old.pixman == pixman:
+            w, h = min(width, old.info.width), min(height, old.info.height)
+            surface.rows(0, 0, w, h)[:] = old.rows(0, 0, w, h)
+        self.buffers[buffer.id] = buffer
+        if old is not None:
+            self._evict(old.buffer.id)
+        self._surface = surface
+        self._touch(buffer.id)
+        log.info("%s: pixel surface %s (buffer %d)", self.name, info.describe(), buffer.id)
+        return surface
+
+    def _show(self, scan: _Scanout, damage: tuple[int, int, int, int] | None) -> None:
+        self._scanout = scan
+        self._touch(scan.buffer.id)
+        self._emit(scan, damage)
+
+    def _emit(self, scan: _Scanout, damage: tuple[int, int, int, int] | None) -> None:
+        self._seq += 1
+        self.stats.frames += 1
+        self._notify("on_frame", QemuFrame(scan.buffer, self._seq, damage=damage, y0_top=scan.y0_top))
+
+    def _notify(self, callback: str, *args: Any) -> None:
+        fn = getattr(self.handler, callback, None)
+        if fn is None:
+            return
+        try:
+            fn(self, *args)
+        except Exception:
+            log.exception("%s: the handler's %s failed", self.name, callback)
+
+    # --- pixel updates that wait for a resize --------------------------------------------------------
+
+    def _apply(self, surface: _Surface, update: _HeldUpdate) -> None:
+        bpp = surface.info.bytes_per_pixel
+        surface.rows(update.x, update.y, update.width, update.height)[:] = _source_rows(
+            update.data, update.stride, update.width * bpp, update.height)
+
+    def _hold(self, update: _HeldUpdate) -> None:
+        """An update that does not fit the surface: QEMU switched surfaces (a resize, a format change)
+        without a Scanout. Keep it until the new size is known."""
+        self._held.append(update)
+        self._held_bytes += len(update.data)
+        while self._held_bytes > MAX_HELD_UPDATE_BYTES and self._held:
+            self._held_bytes -= len(self._held.pop(0).data)
+        if self._console_size is not None and self._fits_console(update):
+            self._follow_console_size()
+        elif self._size_query is None and self._main is not None:
+            self._size_query = asyncio.get_running_loop().create_task(self._query_console_size())
+
+    def _fits_console(self, update: _HeldUpdate) -> bool:
+        width, height = self._console_size or (0, 0)
+        surface = self._surface
+        differs = surface is None or (surface.info.width, surface.info.height) != (width, height)
+        return differs and update.x + update.width <= width and update.y + update.height <= height
+
+    async def _query_console_size(self) -> None:
+        try:
+            path = console_path(self.target.console)
+            sizes = []
+            for prop in ("Width", "Height"):
+                reply = await self._call_main(Message(
+                    destination=self._dest, path=path, interface=PROPERTIES_IFACE, member="Get",
+                    signature="ss", body=[CONSOLE_IFACE, prop]))
+                sizes.append(int(_value(reply.body[0])))
+            self._console_size = (sizes[0], sizes[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            level = logging.WARNING if self.state == "connected" else logging.DEBUG
+            log.log(level, "%s: asking QEMU for the console's size: %s", self.name, _describe_error(exc))
+            return
+        finally:
+            self._size_query = None
+        self._follow_console_size(drop_misfits=True)
+
+    def _follow_console_size(self, drop_misfits: bool = False) -> None:
+        """Resize the pixel surface to the console's size, then apply the held updates that fit it."""
+        if self._console_size is None:
+            return
+        if self._scanout is not None and self._scanout.kind != "pixels" and not self._held:
+            return  # a dma-buf or a map is shown: its size is its own
+        width, height = self._console_size
+        if width <= 0 or height <= 0:
+            return
+        surface = self._surface
+        pixman = self._held[-1].pixman if self._held else surface.pixman if surface else None
+        if pixman is None:
+            return
+        changed = surface is None or (surface.info.width, surface.info.height, surface.pixman) != (
+            width, height, pixman)
+        if changed:
+            surface = self._new_surface(width, height, pixman)
+        assert surface is not None
+        kept: list[_HeldUpdate] = []
+        for update in self._held:
+            if (update.pixman == pixman and update.x + update.width <= width
+                    and update.y + update.height <= height):
+                self._apply(surface, update)
+            elif not drop_misfits:
+                kept.append(update)
+            else:
+                log.warning("%s: QEMU sent an update %dx%d+%d+%d outside its %dx%d console; dropped",
+                            self.name, update.width, update.height, update.x, update.y, width, height)
+        applied = len(self._held) - len(kept)
+        self._held = kept
+        self._held_bytes = sum(len(u.data) for u in kept)
+        if changed or applied:
+            self._show(_Scanout("pixels", surface.buffer), None)
+
+    def _drop_held(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+
+
+# --------------------------------------------------------------------------------- helpers
+
+def _source_rows(data: bytes, stride: int, row: int, height: int) -> np.ndarray:
+    src = np.frombuffer(data, np.uint8)
+    return np.lib.stride_tricks.as_strided(src, (height, row), (stride, 1), writeable=False)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _clip(x: int, y: int, width: int, height: int, limit_w: int, limit_h: int
+          ) -> tuple[int, int, int, int] | None:
+    x0, y0 = max(0, x), max(0, y)
+    x1, y1 = min(limit_w, x + width), min(limit_h, y + height)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, Variant) else v
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _describe_error(exc: BaseException) -> str:
+    if isinstance(exc, DBusError):
+        return f"{exc.type}: {exc.text}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "QEMU did not answer in time"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return str(exc) or type(exc).__name__
+
+
+async def _qmp_add_client(path: str | None) -> tuple[socket.socket, Peer | None]:
+    """Hand QEMU one end of a socket pair as a D-Bus display client (QMP getfd + add_client): our end,
+    and QEMU's credentials from the QMP socket (a socket pair's own say who created it: us). Needs the
+    VM started with -display dbus,p2p=yes."""
+    from qemu.qmp import QMPClient  # the QMP client is only needed for this mode
+
+    assert path is not None
+    # Connect first ourselves: a VM that is not there yet is the normal case while waiting for it,
+    # not something for QMPClient to log as an error on every retry.
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(conn, path), CALL_TIMEOUT)
+    except BaseException:
+        conn.close()
+        raise
+    peer = _peer_of(conn)
+    qmp = QMPClient("directflip")
+    await asyncio.wait_for(qmp.connect(conn), CALL_TIMEOUT)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    fdname = f"directflip-{uuid_mod.uuid4().hex[:12]}"
+    try:
+        qmp.send_fd_scm(theirs.fileno())
+        await asyncio.wait_for(qmp.execute("getfd", {"fdname": fdname}), CALL_TIMEOUT)
+        await asyncio.wait_for(qmp.execute("add_client", {"protocol": "@dbus-display", "fdname": fdname}),
+                               CALL_TIMEOUT)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        await qmp.disconnect()
+    return ours, peer
+
+
+def _peer_of(sock: socket.socket) -> Peer | None:
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return None
+    return Peer(pid, uid, gid)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float, poll: float = 0.01) -> bool:
+    """Wait until predicate() is true (tests and tools)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
