@@ -211,7 +211,8 @@ def test_qemu_dbus_display_and_console() -> None:
     p = policy.parse(base + "  vm: {kind: qemu-dbus, display: 'qmp:/run/vm/vm.qmp', console: 1}\n", "p.yaml")
     rule = p.guests[0]
     assert (rule.kind, rule.display, rule.console) == ("qemu-dbus", "qmp:/run/vm/vm.qmp", 1)
-    assert policy.parse(base + "  vm: {kind: qemu-dbus, display: 'dbus:unix:path=/b'}\n").guests[0].console == 0
+    on_bus = policy.parse(base + "  vm: {kind: qemu-dbus, display: 'dbus:unix:path=/b'}\n").guests[0]
+    assert on_bus.console == 0
     for bad, why in (("{kind: qemu-dbus, display: '/run/vm/vm.qmp'}", "write qmp:PATH"),
                      ("{kind: socket, display: 'qmp:/x'}", "`display` needs `kind: qemu-dbus`"),
                      ("{kind: qemu-dbus, display: 'qmp:/x', console: -1}", "console number"),
