@@ -221,9 +221,7 @@ class LabVM:
             await self._stop(proc)
 
     async def _plug_at_boot(self, services: _Services) -> None:
-        # Head 0 too, though it is connected at boot: until its VNC display has been sized once, an
-        # unplug (size 0x0) of head 0 is accepted but leaves the connector connected.
-        for head in range(HEADS):
+        for head in range(1, HEADS):
             width, height = self.options.head_sizes[head]
             try:
                 await services.set_size(head, width, height)

@@ -46,6 +46,8 @@ class Compositor:
             except (ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
+                self.proc.kill()   # it must not hold DRM master over the next test
+                self.proc.wait(timeout=10)
                 pytest.fail(f"the compositor did not answer within 60 s:\n{self.log.read_text()}")
             time.sleep(0.2)
 

@@ -51,6 +51,12 @@ placements:
 """
 
 
+def size_head0(host) -> None:
+    """Until head 0's VNC display has been sized once, QEMU accepts an unplug (0x0) of it but leaves
+    the connector connected: size it at its boot size before a test unplugs it."""
+    host.plug(0, 1024, 768)
+
+
 def unplaced(comp: Compositor, guest: str) -> str | None:
     """Why `guest` is shown nowhere, or None while it is shown."""
     return next((u["reason"] for u in comp.status()["unplaced"] if u["guest"] == guest), None)
@@ -84,6 +90,7 @@ def seat1(cards):
 
 
 def test_two_seat_instances_never_touch_each_others_monitors(seat1, cards, host, tmp_path_factory):
+    size_head0(host)
     seat0 = Compositor(tmp_path_factory.mktemp("seat0"))
     other = Compositor(tmp_path_factory.mktemp("seat1"))
     try:
@@ -125,6 +132,7 @@ def test_two_seat_instances_never_touch_each_others_monitors(seat1, cards, host,
 
 
 def test_policy_seats_keep_guests_on_their_seats_monitors(cards, host, tmp_path_factory):
+    size_head0(host)
     comp = Compositor(tmp_path_factory.mktemp("desks"))
     try:
         comp.start(DESKS, "--vt", "none", "--device", cards["virtio_gpu"])
