@@ -339,24 +339,51 @@ class DirectSession(Session):
 
 
 class LogindSession(Session):
-    """A systemd-logind session: devices and pauses come from logind over the system bus."""
+    """A systemd-logind session: devices and pauses come from logind over the system bus.
+
+    logind holds DRM master for the session. `TakeDevice` opens the card in logind and hands over a
+    descriptor of that open file; logind makes the file master while the session is in front and drops
+    master when it is not, so a card taken while the session is in the background comes back inactive
+    (paused here until logind resumes it). On a switch away (another VT, or another session on a seat
+    without VTs) logind drops master and then sends `PauseDevice` "force"; "pause", which asks first
+    and waits for `PauseDeviceComplete`, is answered once nothing is in flight, though logind (252)
+    does not send it to a session being switched away from. On a switch back logind sets master again
+    and sends `ResumeDevice` with another descriptor of the same open file, which is closed: ours is
+    master again already. Both signals are sent to the session's controller alone, and are accepted
+    only from logind itself (its unique name on the bus). `activate` asks logind to bring the session
+    to the front (on seat0 that switches to its VT), as the direct session switches to its VT.
+    """
 
     kind = "logind"
+    CALL_TIMEOUT = 10.0   # seconds for logind to answer a call
 
     def __init__(self, session_id: str | None = None) -> None:
         super().__init__()
         self.session_id = session_id if session_id is not None else os.environ.get("XDG_SESSION_ID")
         self.session_path: str | None = None
         self.bus = None
+        self.logind_owner: str | None = None             # logind's unique bus name
         self.devices: dict[tuple[int, int], str] = {}   # (major, minor) → card path
         self.active: bool | None = None
+        self._front = asyncio.Event()                    # set while no card is paused
         self._tasks: set[asyncio.Task] = set()
+        self._closing = False
 
-    async def _call(self, path: str, interface: str, member: str, signature: str = "", body=()):
+    async def _call(self, path: str, interface: str, member: str, signature: str = "", body=(),
+                    destination: str = LOGIND):
         from dbus_fast import Message, MessageType
 
-        reply = await self.bus.call(Message(destination=LOGIND, path=path, interface=interface,
-                                            member=member, signature=signature, body=list(body)))
+        if self.bus is None:
+            raise SessionError(f"logind {member}: not connected to the system bus")
+        try:
+            reply = await asyncio.wait_for(
+                self.bus.call(Message(destination=destination, path=path, interface=interface,
+                                      member=member, signature=signature, body=list(body))),
+                self.CALL_TIMEOUT)
+        except TimeoutError:
+            raise SessionError(f"logind {member}: no answer within {self.CALL_TIMEOUT:.0f} s") from None
+        except Exception as exc:  # dbus-fast's own errors when the bus went away
+            raise SessionError(f"logind {member}: {exc}") from None
         if reply.message_type == MessageType.ERROR:
             detail = reply.body[0] if reply.body else ""
             raise SessionError(f"logind {member}: {reply.error_name}: {detail}")
@@ -368,8 +395,15 @@ class LogindSession(Session):
 
         try:
             self.bus = await MessageBus(bus_type=BusType.SYSTEM, negotiate_unix_fd=True).connect()
-        except (OSError, Exception) as exc:  # dbus-fast raises its own errors for auth failures
+        except Exception as exc:  # OSError, or dbus-fast's errors for auth failures
             raise SessionError(f"cannot reach the system bus for logind ({exc})") from None
+        try:
+            reply = await self._call("/org/freedesktop/DBus", "org.freedesktop.DBus", "GetNameOwner", "s",
+                                     [LOGIND], destination="org.freedesktop.DBus")
+        except SessionError:
+            raise SessionError(f"systemd-logind is not running ({LOGIND} has no owner on the system bus); "
+                               f"use --session direct") from None
+        self.logind_owner = reply.body[0]
         if self.session_id:
             reply = await self._call(LOGIND_PATH, MANAGER_IFACE, "GetSession", "s", [self.session_id])
         else:
@@ -379,26 +413,32 @@ class LogindSession(Session):
                 raise SessionError(f"not in a logind session ({exc}); run from a login session, set "
                                    f"XDG_SESSION_ID, or use --session direct") from None
         self.session_path = reply.body[0]
-        await self.bus.call(self._match(f"type='signal',sender='{LOGIND}',path='{self.session_path}'"))
+        if not self.session_id:
+            self.session_id = str(await self._property("Id"))
+        # PauseDevice and ResumeDevice are sent to the controller alone and arrive without a match;
+        # the match is for the session's PropertiesChanged (Active).
+        await self._call("/org/freedesktop/DBus", "org.freedesktop.DBus", "AddMatch", "s",
+                         [f"type='signal',sender='{LOGIND}',path='{self.session_path}'"],
+                         destination="org.freedesktop.DBus")
         self.bus.add_message_handler(self._message)
         await self._call(self.session_path, SESSION_IFACE, "TakeControl", "b", [False])
-        self.active = await self._active()
-        log.info("logind session %s (%s): control taken, %s", self.session_id or "of this process",
-                 self.session_path, "active" if self.active else "inactive")
+        self.active = bool(await self._property("Active"))
+        log.info("logind session %s (%s): control taken, %s", self.session_id, self.session_path,
+                 "in front" if self.active else "in the background")
 
-    @staticmethod
-    def _match(rule: str):
-        from dbus_fast import Message
-
-        return Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
-                       interface="org.freedesktop.DBus", member="AddMatch", signature="s", body=[rule])
-
-    async def _active(self) -> bool:
+    async def _property(self, name: str):
         reply = await self._call(self.session_path, "org.freedesktop.DBus.Properties", "Get", "ss",
-                                 [SESSION_IFACE, "Active"])
-        return bool(reply.body[0].value)
+                                 [SESSION_IFACE, name])
+        return reply.body[0].value
+
+    def _update_front(self) -> None:
+        if self.paused:
+            self._front.clear()
+        else:
+            self._front.set()
 
     async def take(self, path: str) -> Card:
+        """The card at `path` from logind (TakeDevice); paused at once if the session is not in front."""
         st = os.stat(path)
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
         reply = await self._call(self.session_path, SESSION_IFACE, "TakeDevice", "uu", [major, minor])
@@ -407,19 +447,35 @@ class LogindSession(Session):
         for extra in reply.unix_fds:
             if extra != fd:
                 os.close(extra)
+        os.set_inheritable(fd, False)   # descriptors received over the bus are not close-on-exec
         try:
             card = self._open(path, fd=fd)
-        except DeviceError:
+        except (DeviceError, KmsError):
             await self._release_device(major, minor)
             raise
         self.devices[(major, minor)] = path
         self.cards[path] = card
         if inactive:
-            self.paused[path] = "the logind session is not active"
+            self.paused[path] = "the logind session is not in front"
+        self._update_front()
         return card
 
     def open_card(self, path: str) -> Card:
         raise SessionError("a logind session opens cards with `await take(path)`")
+
+    async def activate(self) -> None:
+        """Bring the session to the front (logind switches to its VT) and wait until logind has resumed
+        every card."""
+        if not self.paused:
+            return
+        if not await self._property("Active"):
+            log.info("asking logind to bring session %s to the front", self.session_id)
+            await self._call(self.session_path, SESSION_IFACE, "Activate")
+        try:
+            await asyncio.wait_for(self._front.wait(), ACQUIRE_TIMEOUT)
+        except TimeoutError:
+            raise SessionError(f"session {self.session_id} was activated but logind did not resume "
+                               f"{', '.join(sorted(self.paused))} within {ACQUIRE_TIMEOUT:.0f} s") from None
 
     async def _release_device(self, major: int, minor: int) -> None:
         try:
@@ -428,55 +484,92 @@ class LogindSession(Session):
             log.debug("%s", exc)
 
     def _message(self, msg) -> bool:
-        if msg.path != self.session_path or msg.interface != SESSION_IFACE:
+        from dbus_fast import MessageType
+
+        if msg.message_type != MessageType.SIGNAL or msg.path != self.session_path:
             return False
-        if msg.member in ("PauseDevice", "ResumeDevice"):
-            task = asyncio.get_running_loop().create_task(self._device_signal(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        if msg.sender != self.logind_owner:
+            for fd in msg.unix_fds:
+                os.close(fd)
+            return False
+        if msg.interface == SESSION_IFACE and msg.member in ("PauseDevice", "ResumeDevice"):
+            # ResumeDevice's descriptor refers to the open file we hold already (see the class doc).
+            for fd in msg.unix_fds:
+                os.close(fd)
+            if not self._closing:   # releasing a device makes logind say "gone": not news then
+                self._spawn(self._device_signal(msg.member, list(msg.body)))
+        elif (msg.interface == "org.freedesktop.DBus.Properties" and msg.member == "PropertiesChanged"
+              and msg.body[0] == SESSION_IFACE):
+            if "Active" in msg.body[1]:
+                self.active = bool(msg.body[1]["Active"].value)
+            elif "Active" in msg.body[2]:
+                self._spawn(self._refresh_active())
         return False
 
-    async def _device_signal(self, msg) -> None:
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_active(self) -> None:
+        try:
+            self.active = bool(await self._property("Active"))
+        except SessionError as exc:
+            log.debug("%s", exc)
+
+    async def _device_signal(self, member: str, body: list) -> None:
         async with self._lock:
-            major, minor = msg.body[0], msg.body[1]
+            major, minor = body[0], body[1]
             path = self.devices.get((major, minor))
-            if msg.member == "ResumeDevice":
-                # For DRM, logind hands back a duplicate of the same open file: keep ours.
-                for fd in msg.unix_fds:
-                    os.close(fd)
+            if member == "ResumeDevice":
                 if path is None or path not in self.paused:
                     return
+                card = self.cards.get(path)
+                if card is not None and not card.is_master:
+                    log.error("%s: logind resumed it but the descriptor is not DRM master", path)
+                    self.paused[path] = "logind resumed the card without DRM master"
+                    return
                 await self._resume(path)
+                self._update_front()
                 return
-            kind = msg.body[2]
-            if path is None:
-                return
-            if path not in self.paused:
-                await self._pause(path, f"logind paused the device ({kind})")
+            kind = body[2]
+            if path is not None:
+                reason = ("the card was removed" if kind == "gone"
+                          else f"logind paused the card ({kind}): the session is not in front")
+                if path not in self.paused:
+                    await self._pause(path, reason)
+                else:
+                    self.paused[path] = reason
+                self._update_front()
             if kind == "pause":
+                # logind waits for this before it drops master: nothing is in flight any more.
                 try:
                     await self._call(self.session_path, SESSION_IFACE, "PauseDeviceComplete", "uu",
                                      [major, minor])
                 except SessionError as exc:
                     log.error("%s", exc)
-            elif kind == "gone":
-                self.paused[path] = "the card was removed"
 
     async def close(self) -> None:
-        await super().close()
-        if self.bus is not None:
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self.bus is not None and self.session_path is not None:
             for major, minor in list(self.devices):
                 await self._release_device(major, minor)
-            self.devices.clear()
-            try:
-                await self._call(self.session_path, SESSION_IFACE, "ReleaseControl")
-            except SessionError as exc:
-                log.debug("%s", exc)
+        self.devices.clear()
+        await super().close()
+        if self.bus is not None:
+            if self.session_path is not None:
+                try:   # logind puts the VT back in text mode
+                    await self._call(self.session_path, SESSION_IFACE, "ReleaseControl")
+                except SessionError as exc:
+                    log.debug("%s", exc)
             self.bus.disconnect()
             self.bus = None
 
     def status(self) -> dict[str, Any]:
-        return {**super().status(), "session_id": self.session_id, "session_path": self.session_path}
+        return {**super().status(), "session_id": self.session_id, "session_path": self.session_path,
+                "active": self.active}
 
 
 def make_session(kind: str, vt: str) -> Session:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-connect-all", action="store_true",
                        help="leave virtio-gpu heads 1 and 2 disconnected at boot (default: all three "
                             "monitors connected)")
-        p.add_argument("--timeout", type=float, default=1200.0, metavar="S",
+        p.add_argument("--timeout", type=float, default=1200.0 if name == "run" else 2700.0, metavar="S",
                        help="stop the VM after S seconds (default: %(default)s)")
         if name == "run":
             p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

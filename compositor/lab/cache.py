@@ -52,6 +52,8 @@ APT_PACKAGES = (
     "gcc",
     "patch",
     "xz-utils",
+    "systemd",            # systemd-logind and busctl for the logind session tests
+    "dbus",               # dbus-daemon and the system bus configuration
 )
 
 # Files taken from linux-source: (tar pattern, module that needs it).

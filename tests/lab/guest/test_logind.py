@@ -1,0 +1,247 @@
+"""The compositor in a systemd-logind session (`--session logind`): logind hands over the cards
+(TakeControl, TakeDevice), brings the session's VT to the front, pauses every card when the console
+is switched away (PauseDevice, master dropped by logind) and resumes them when it is switched back
+(ResumeDevice). Pixels from QEMU screendumps.
+
+The lab guest has no systemd as PID 1: `python -m compositor.lab.logind session --vt 3 -- CMD` starts
+a system bus, a stand-in for the parts of systemd's manager that logind calls, and the real
+systemd-logind, then creates a session on seat0 / VT 3 with the compositor as its leader."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from labkit import Compositor, colour_share, wait_for
+from test_session import (
+    CONSOLE_GREY,
+    DRM_IOCTL_DROP_MASTER,
+    DRM_IOCTL_SET_MASTER,
+    POLICY,
+    SHOWN,
+    console_text,
+)
+
+from compositor.daemon import card_seat
+from compositor.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
+from compositor.session import KD_TEXT, KDGETMODE, VT_AUTO, VT_GETMODE, activate_vt, active_vt
+from compositor.sources.synthetic import decode_counter, guest_colour
+
+OUR_VT = 3
+LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--vt", str(OUR_VT), "--")
+SEAT1_LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--seat", "seat1", "--")
+SEAT1_RULE = Path("/etc/udev/rules.d/72-directflip-lab-logind-seat1.rules")
+SEAT1_POLICY = """version: 1
+monitors:
+  wb: {connector: "Virtual-*", driver: vkms}
+guests:
+  kiosk: {kind: socket}
+placements:
+  - {guest: kiosk, monitor: wb}
+"""
+
+
+def logind_session(session_id: str) -> dict:
+    """The session's properties as logind tells them (busctl, over the session's own system bus)."""
+    path = f"/org/freedesktop/login1/session/{session_id}"
+    out = {}
+    for name in ("Active", "Leader", "Seat", "VTNr", "Type", "Class", "Scope", "Service"):
+        proc = subprocess.run(["busctl", "--json=short", "get-property", "org.freedesktop.login1", path,
+                               "org.freedesktop.login1.Session", name],
+                              capture_output=True, text=True, timeout=20)
+        assert proc.returncode == 0, f"busctl get-property {name}: {proc.stderr}"
+        out[name] = json.loads(proc.stdout)["data"]
+    return out
+
+
+def set_master_works(path: str) -> None:
+    """Become master of `path` from a new descriptor and drop it again: raises (EBUSY) while another
+    open file of the card is master."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, DRM_IOCTL_SET_MASTER)
+        fcntl.ioctl(fd, DRM_IOCTL_DROP_MASTER)
+    finally:
+        os.close(fd)
+
+
+def vt_modes(number: int) -> tuple[int, int]:
+    """(KD mode, VT mode) of /dev/ttyN: text/auto once nobody holds it."""
+    fd = os.open(f"/dev/tty{number}", os.O_RDWR | os.O_NOCTTY)
+    try:
+        kd = struct.unpack("i", fcntl.ioctl(fd, KDGETMODE, b"\0" * 4))[0]
+        vt = struct.unpack("bbhhh", fcntl.ioctl(fd, VT_GETMODE, b"\0" * 8))[0]
+        return kd, vt
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def comp(cards, host, tmp_path_factory):
+    activate_vt(1)
+    console_text()
+    c = Compositor(tmp_path_factory.mktemp("logind"))
+    c.start(POLICY, "--session", "logind", prefix=LAUNCHER)
+    for _, name, _ in SHOWN:
+        c.guest("--name", name, "--on", "display", "--size", "640x480", "--rate", "30", "--duration", "600")
+    for monitor, name, _ in SHOWN:
+        c.wait_shown(monitor, name)
+    yield c
+    code = c.stop()
+    print(c.tail(30))
+    assert code == 0
+    activate_vt(1)
+
+
+def test_logind_hands_over_every_card_and_brings_the_session_to_the_front(comp, host):
+    st = comp.status()
+    session = st["session"]
+    assert session["kind"] == "logind", session
+    assert session["session_id"] and session["session_path"].endswith(session["session_id"])
+    assert session["paused"] == {} and session["active"] is True
+    assert active_vt() == OUR_VT           # the session was on VT 3 in the background; logind switched
+    assert {c["driver"] for c in st["cards"]} == {"virtio_gpu", "vkms"}
+    assert all(c["master"] for c in st["cards"]), st["cards"]
+    for _, name, head in SHOWN:
+        assert colour_share(host.screendump(head), guest_colour(name)) > 0.2, f"head {head} lacks {name}"
+    comp.wait_shown("wb", "office")     # the mirror on the vkms card
+
+    # logind's view: the compositor leads an active tty session on seat0 / VT 3, inside its scope.
+    props = logind_session(session["session_id"])
+    assert props["Active"] is True and props["Seat"][0] == "seat0" and props["VTNr"] == OUR_VT, props
+    assert (props["Type"], props["Class"], props["Service"]) == ("tty", "user", "directflip"), props
+    leader = props["Leader"]
+    assert "compositor.cli" in Path(f"/proc/{leader}/cmdline").read_bytes().decode()
+    assert Path(f"/proc/{leader}/cgroup").read_text().strip().endswith(f"/{props['Scope']}")
+
+
+def test_switching_away_pauses_every_card_and_holds_no_master(comp, host):
+    activate_vt(1)
+    st = wait_for("every card paused", lambda: (s := comp.status())["session"]["paused"].keys()
+                  == {c["path"] for c in s["cards"]} and s, timeout=20)
+    assert not any(c["master"] for c in st["cards"]), st["cards"]
+    assert all("logind paused" in why for why in st["session"]["paused"].values()), st["session"]
+    wait_for("the session inactive", lambda: comp.status()["session"]["active"] is False)
+    assert logind_session(st["session"]["session_id"])["Active"] is False
+
+    def console_on_screen():
+        rgb = host.screendump(0)
+        grey, guest = colour_share(rgb, CONSOLE_GREY, tol=8), colour_share(rgb, guest_colour("office"))
+        return grey > 0.05 and guest < 0.001
+
+    wait_for("the console on head 0 (screendump)", console_on_screen)
+    # No master held: another program may become master of every card directflip uses.
+    for card in st["cards"]:
+        set_master_works(card["path"])
+    # Nothing is committed while away: the frame counters on the status stand still.
+    before = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
+    time.sleep(1.0)
+    after = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
+    assert before == after
+
+
+def test_switching_back_resumes_every_card_and_guest(comp, host):
+    activate_vt(OUR_VT)
+    wait_for("every card resumed", lambda: comp.status()["session"]["paused"] == {}, timeout=20)
+    for monitor, name, head in SHOWN:
+        comp.wait_shown(monitor, name, timeout=30)
+        wait_for(f"{name} on head {head} (screendump)",
+                 lambda head=head, name=name: colour_share(host.screendump(head), guest_colour(name)) > 0.2)
+    comp.wait_shown("wb", "office", timeout=30)
+    first = decode_counter(host.screendump(2))     # build fills head 2 (640x480), counter at its corner
+    assert first is not None
+    wait_for("build's counter moving", lambda: decode_counter(host.screendump(2)) not in (None, first))
+    st = comp.status()
+    assert all(c["master"] for c in st["cards"]), st["cards"]
+    assert st["session"]["active"] is True
+    assert st["session"]["switches"] >= 4      # a pause and a resume per card
+
+
+def test_stopping_ends_the_session_and_gives_the_vt_back(comp):
+    session_id = comp.status()["session"]["session_id"]
+    code = comp.stop()
+    log = comp.log.read_text()
+    print("\n".join(line for line in log.splitlines() if "logind" in line or "paused" in line
+                    or "resumed" in line))
+    assert code == 0, comp.tail(40)
+    assert f"session {session_id} on seat0 VT {OUR_VT}" in log
+    assert active_vt() == OUR_VT            # stopping does not switch VTs
+    assert vt_modes(OUR_VT) == (KD_TEXT, VT_AUTO)   # logind restored the VT on ReleaseControl
+    # The launcher stopped what it started: no bus, no session scope left.
+    assert not bus_listening() and not os.path.exists(SYSTEM_BUS)
+    assert not list(CGROUP_ROOT.glob(f"user.slice/*/session-{session_id}.scope"))
+
+
+def udev(*args: str) -> None:
+    subprocess.run(["udevadm", *args], check=True, timeout=60)
+
+
+@pytest.fixture
+def seat1(cards):
+    """The vkms card on seat1 (a udev rule setting ID_SEAT), before logind starts."""
+    SEAT1_RULE.write_text('SUBSYSTEM=="drm", KERNEL=="card[0-9]*", KERNELS=="vkms", '
+                          'ENV{ID_SEAT}="seat1", TAG+="seat"\n')
+    udev("control", "--reload")
+    udev("trigger", "--subsystem-match=drm", "--action=change")
+    udev("settle")
+    assert card_seat(cards["vkms"]) == "seat1", "the udev rule did not put the vkms card on seat1"
+    yield cards["vkms"]
+    SEAT1_RULE.unlink()
+    udev("control", "--reload")
+    udev("trigger", "--subsystem-match=drm", "--action=change")
+    udev("settle")
+    assert card_seat(cards["vkms"]) == "seat0"
+
+
+def test_on_a_seat_without_vts_logind_switches_sessions_itself(seat1, tmp_path_factory):
+    """seat1 has no VTs: logind makes each new session the seat's active one and switches sessions on
+    Activate. The compositor's session is in front from the start; a second login on seat1 takes the
+    seat (PauseDevice), activating the compositor's session gives it back (ResumeDevice)."""
+    work = tmp_path_factory.mktemp("logind-seat1")
+    comp = Compositor(work)
+    other = None
+    try:
+        comp.start(SEAT1_POLICY, "--seat", "seat1", "--session", "logind", prefix=SEAT1_LAUNCHER)
+        comp.guest("--name", "kiosk", "--on", "vgem", "--size", "640x480", "--rate", "20",
+                   "--duration", "300")
+        comp.wait_shown("wb", "kiosk")
+        st = comp.status()
+        session = st["session"]
+        assert session["active"] is True and session["paused"] == {}, session
+        assert [(c["path"], c["seat"], c["master"]) for c in st["cards"]] == [(seat1, "seat1", True)]
+        props = logind_session(session["session_id"])
+        assert props["Seat"][0] == "seat1" and props["VTNr"] == 0 and props["Active"] is True, props
+        assert colour_share(comp.capture("wb", work / "before.png"), guest_colour("kiosk")) > 0.2
+
+        other = subprocess.Popen([*SEAT1_LAUNCHER, "sleep", "600"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        st = wait_for("the card paused by the second login",
+                      lambda: (s := comp.status())["session"]["paused"] != {} and s, timeout=30)
+        assert "logind paused" in st["session"]["paused"][seat1], st["session"]
+        assert not st["cards"][0]["master"]
+        set_master_works(seat1)
+        assert logind_session(session["session_id"])["Active"] is False
+
+        subprocess.run(["busctl", "call", "org.freedesktop.login1", session["session_path"],
+                        "org.freedesktop.login1.Session", "Activate"], check=True, timeout=20)
+        wait_for("the card resumed", lambda: comp.status()["session"]["paused"] == {}, timeout=20)
+        comp.wait_shown("wb", "kiosk", timeout=30)
+        first = comp.output("wb")["on_screen"]["frame"]
+        wait_for("kiosk's frames moving", lambda: comp.output("wb")["on_screen"]["frame"] != first)
+        st = comp.status()
+        assert st["cards"][0]["master"] and st["session"]["active"] is True
+        assert colour_share(comp.capture("wb", work / "after.png"), guest_colour("kiosk")) > 0.2
+    finally:
+        if other is not None:
+            other.terminate()
+            print("--- second login", other.communicate(timeout=30)[0], sep="\n")
+        code = comp.stop()
+        print("--- compositor", comp.tail(30), sep="\n")
+    assert code == 0
