@@ -145,7 +145,7 @@ def format_status(doc: dict) -> str:
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    from compositor.daemon import socket_paths
+    from compositor.sources.framesocket import socket_paths
 
     return args.control or socket_paths(args.seat)[1]
 

@@ -37,7 +37,7 @@ from compositor.planner import Assignment, Guest, OutputAssignment
 from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
-from compositor.session import DirectSession, LogindSession, Session, SessionError, make_session
+from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
 from compositor.sources.frame import BadPlane, Buffer, Frame
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
@@ -137,13 +137,10 @@ class Daemon:
                 log.info("%s: belongs to %s, not %s: not touched", path, seat, self.seat)
                 continue
             try:
-                if isinstance(self.session, LogindSession):
-                    card = await self.session.take(path)
-                else:
-                    card = self.session.open_card(path)
+                card = await self.session.open_card(path)
+            except MasterTaken:
+                raise
             except (DeviceError, KmsError, SessionError) as exc:
-                if "cannot become DRM master" in str(exc):
-                    raise
                 log.info("%s: not used: %s", path, exc)
                 continue
             self.card_seats[path] = seat
@@ -704,35 +701,30 @@ class Daemon:
             for buffer in vg.evicted():
                 self.on_forget(vg, buffer)
             if frame is None:
-                if not gs.blanked:
-                    self._blank(gs, reason)
-                continue
-            gs.blanked = False
-            if gs.latest is not None and frame.buffer is gs.latest.buffer and self._scanned_directly(vg.name):
-                continue  # the plane reads the guest's memory itself: nothing to flip
-            self.on_flip(vg, frame)
+                self._blank(gs, reason)
+            else:
+                self._guest_frame(gs, frame)
 
     # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
 
     def open_qemu_guests(self) -> None:
         """Connect to the display of every `kind: qemu-dbus` guest with a `display` (the source keeps
         reconnecting while the VM is away); close those whose rule is gone or changed."""
-        wanted = {r.pattern.pattern: r for r in self.policy.guests
-                  if r.kind == "qemu-dbus" and r.display is not None and r.pattern.literal}
+        # The policy allows `display` only with a literal name: the pattern is the guest's name.
+        wanted = {r.pattern.pattern: (r, QemuTarget.parse(r.display, r.console)) for r in self.policy.guests
+                  if r.kind == "qemu-dbus" and r.display is not None}
         for name, gs in list(self.guests.items()):
             if isinstance(gs.conn, QemuDisplaySource):
-                rule = wanted.get(name)
-                target = None if rule is None else QemuTarget.parse(rule.display, rule.console)
-                if target is None or target.describe() != gs.conn.target.describe():
+                rule, target = wanted.get(name, (None, None))
+                if target != gs.conn.target:
                     gs.conn.close("its policy entry changed" if rule else "no longer in the policy")
-        for name, rule in wanted.items():
+        for name, (rule, target) in wanted.items():
             if name in self.guests:
                 if not isinstance(self.guests[name].conn, QemuDisplaySource):
                     log.error("guest %s: a %s guest of that name is connected; not connecting to the "
                               "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
                 continue
-            source = QemuDisplaySource(name, QemuTarget.parse(rule.display, rule.console), self,
-                                       uuid=rule.uuid)
+            source = QemuDisplaySource(name, target, self, uuid=rule.uuid)
             self.guests[name] = GuestState(source, Guest(name, "qemu-dbus", rule.uuid))
             log.info("guest %s: QEMU display at %s", name, source.target.describe())
             source.start()
@@ -740,21 +732,25 @@ class Daemon:
 
     def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
         gs = self.guests.get(source.name)
-        if gs is None or gs.conn is not source:
-            return
-        gs.blanked = False
-        if gs.latest is not None and frame.buffer is gs.latest.buffer and self._scanned_directly(source.name):
-            return  # a dma-buf on the plane: the display engine reads the guest's update itself
-        self.on_flip(source, frame)
+        if gs is not None and gs.conn is source:
+            self._guest_frame(gs, frame)
 
     def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
         gs = self.guests.get(source.name)
-        if gs is not None and gs.conn is source and not gs.blanked:
+        if gs is not None and gs.conn is source:
             self._blank(gs, reason)
 
     def on_cursor(self, source: QemuDisplaySource) -> None:
         log.debug("guest %s: cursor %s at %s (no cursor plane use yet)", source.name, source.cursor,
                   source.pointer)
+
+    def _guest_frame(self, gs: GuestState, frame: Frame) -> None:
+        """A frame from a source that shows its buffers in place (a polled vGPU, a QEMU display)."""
+        gs.blanked = False
+        same = gs.latest is not None and frame.buffer is gs.latest.buffer
+        if same and self._scanned_directly(gs.conn.name):
+            return  # the plane reads the guest's memory itself: nothing to flip
+        self.on_flip(gs.conn, frame)
 
     def _scanned_directly(self, name: str) -> bool:
         showing = self._showing(name)
@@ -762,6 +758,8 @@ class Daemon:
                                      and p.on_screen.frame is not None for p in showing)
 
     def _blank(self, gs: GuestState, reason: str) -> None:
+        if gs.blanked:
+            return
         gs.blanked = True
         log.info("guest %s: display off (%s)", gs.conn.name, reason)
         if gs.latest is not None:

@@ -43,6 +43,7 @@ from compositor.kms.errors import kms_error
 from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.planner import OutputAssignment, Rect
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
+from compositor.stats import percentile
 
 log = logging.getLogger("directflip.scanout")
 
@@ -236,10 +237,8 @@ class Metrics:
         return sum(1 for t in self.present_times if t >= cutoff) / window
 
     def latency_ms(self, q: float) -> float | None:
-        if not self.latencies_ns:
-            return None
-        data = sorted(self.latencies_ns)
-        return data[min(len(data) - 1, int(q * len(data)))] / 1e6
+        value = percentile(self.latencies_ns, q)
+        return None if value is None else value / 1e6
 
 
 @dataclass

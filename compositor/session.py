@@ -67,6 +67,10 @@ class SessionError(Exception):
     """The session cannot be set up (no such VT, no logind session, ...): the message says why."""
 
 
+class MasterTaken(DeviceError):
+    """Another process is DRM master of a card: another display server owns it."""
+
+
 # ------------------------------------------------------------------------------------- VT helpers
 
 def vt_of_fd(fd: int) -> int | None:
@@ -184,7 +188,9 @@ class Session:
     async def start(self) -> None:
         """Connect (logind) or take the VT (direct). Cards are opened afterwards with open_card."""
 
-    def open_card(self, path: str) -> Card:
+    async def open_card(self, path: str) -> Card:
+        """Open the display card at `path` for this session; paused at once when the session is not in
+        front. Raises DeviceError (not a display card), MasterTaken, or SessionError."""
         raise NotImplementedError
 
     async def activate(self) -> None:
@@ -246,7 +252,7 @@ class DirectSession(Session):
         except OSError as exc:
             raise SessionError(f"tty{self.vt_number}: cannot take the VT ({exc.strerror})") from None
 
-    def open_card(self, path: str) -> Card:
+    async def open_card(self, path: str) -> Card:
         card = self._open(path)
         if self.vt is not None and not self.vt.active:
             # Not our turn yet: take master when the VT is switched to (activate() does that). The
@@ -263,7 +269,7 @@ class DirectSession(Session):
             card.become_master()
         except KmsError as exc:
             card.close()
-            raise DeviceError(f"{path}: cannot become DRM master ({exc}); is another display server "
+            raise MasterTaken(f"{path}: cannot become DRM master ({exc}); is another display server "
                               f"running on it?") from None
         self.cards[path] = card
         return card
@@ -437,7 +443,7 @@ class LogindSession(Session):
         else:
             self._front.set()
 
-    async def take(self, path: str) -> Card:
+    async def open_card(self, path: str) -> Card:
         """The card at `path` from logind (TakeDevice); paused at once if the session is not in front."""
         st = os.stat(path)
         major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
@@ -459,9 +465,6 @@ class LogindSession(Session):
             self.paused[path] = "the logind session is not in front"
         self._update_front()
         return card
-
-    def open_card(self, path: str) -> Card:
-        raise SessionError("a logind session opens cards with `await take(path)`")
 
     async def activate(self) -> None:
         """Bring the session to the front (logind switches to its VT) and wait until logind has resumed

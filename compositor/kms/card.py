@@ -436,7 +436,7 @@ class Card:
         finally:
             lib.drmFreeVersion(v)
 
-    def _set_kms_caps(self, writeback: bool | str) -> None:
+    def _set_kms_caps(self, writeback: bool | Literal["try"]) -> None:
         if lib.drmSetClientCap(self.fd, lib.DRM_CLIENT_CAP_UNIVERSAL_PLANES, 1) != 0:
             raise DeviceError(f"{self.path} ({self.driver}) has no universal planes "
                               f"({os.strerror(ffi.errno)}): not a modesetting driver")

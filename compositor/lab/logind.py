@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compositor.session import LOGIND, LOGIND_PATH, MANAGER_IFACE, MAX_VT
+
 SYSTEM_BUS = "/run/dbus/system_bus_socket"
 LOGIND_BINARIES = ("/lib/systemd/systemd-logind", "/usr/lib/systemd/systemd-logind")
-LOGIND = "org.freedesktop.login1"
-LOGIND_PATH = "/org/freedesktop/login1"
-LOGIND_MANAGER = "org.freedesktop.login1.Manager"
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 SYSTEMD_MANAGER = "org.freedesktop.systemd1.Manager"
@@ -537,7 +536,7 @@ async def create_session(services: Services, leader: int, vt: int | None, seat: 
     """logind's CreateSession as pam_systemd calls it for a root login on a text console (`vt`), or
     for a service on a seat without VTs (no `vt`)."""
     async def seat_known():
-        reply = await services.call(LOGIND, LOGIND_PATH, LOGIND_MANAGER, "GetSeat", "s", [seat], check=False)
+        reply = await services.call(LOGIND, LOGIND_PATH, MANAGER_IFACE, "GetSeat", "s", [seat], check=False)
         return reply.error_name is None
 
     try:
@@ -546,7 +545,7 @@ async def create_session(services: Services, leader: int, vt: int | None, seat: 
         raise LogindSetupError(f"logind has no {seat}: no DRM card is tagged master-of-seat by udev "
                                f"(udevadm info /dev/dri/card0 | grep TAGS)") from None
     reply = await services.call(
-        LOGIND, LOGIND_PATH, LOGIND_MANAGER, "CreateSession", "uusssssussbssa(sv)",
+        LOGIND, LOGIND_PATH, MANAGER_IFACE, "CreateSession", "uusssssussbssa(sv)",
         [0, leader, "directflip", session_type(vt), "user", "", seat, vt or 0, f"tty{vt}" if vt else "",
          "", False, "", "", []])
     sid, path, runtime, fd_index, uid, got_seat, vtnr, existing = reply.body
@@ -559,7 +558,7 @@ async def create_session(services: Services, leader: int, vt: int | None, seat: 
 
 
 async def session_gone(services: Services, sid: str) -> bool:
-    reply = await services.call(LOGIND, LOGIND_PATH, LOGIND_MANAGER, "GetSession", "s", [sid], check=False)
+    reply = await services.call(LOGIND, LOGIND_PATH, MANAGER_IFACE, "GetSession", "s", [sid], check=False)
     return reply.error_name is not None
 
 
@@ -625,7 +624,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Run a command in a systemd-logind session (lab guest).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("session", help="create a logind session on a VT and run CMD in it")
-    p.add_argument("--vt", type=int, help="the session's VT (1..63); seat0 needs one, other seats have none")
+    p.add_argument("--vt", type=int,
+                   help=f"the session's VT (1..{MAX_VT}); seat0 needs one, other seats have none")
     p.add_argument("--seat", default="seat0")
     p.add_argument("--debug", action="store_true", help="logind's debug log and every stand-in call")
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
@@ -633,8 +633,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not cmd:
         parser.error("session needs a command: session --vt N -- CMD [ARGS...]")
-    if args.vt is not None and not 1 <= args.vt <= 63:
-        parser.error("--vt: VTs are numbered 1..63")
+    if args.vt is not None and not 1 <= args.vt <= MAX_VT:
+        parser.error(f"--vt: VTs are numbered 1..{MAX_VT}")
     try:
         return asyncio.run(run_session(cmd, args.vt, args.seat, args.debug))
     except LogindSetupError as exc:

@@ -75,6 +75,7 @@ from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbu
 from compositor.kms.fourcc import ARGB8888, FORMATS, fourcc, fourcc_name
 from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
 from compositor.sources.framesocket import Peer
+from compositor.stats import percentile
 
 log = logging.getLogger("directflip.qemu_dbus")
 
@@ -193,13 +194,6 @@ class Pointer:
     visible: bool
 
 
-def _percentile(values, q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 @dataclass
 class DisplayStats:
     """Counters of one source, and how long the replies QEMU waits for took (ns, from the handler's
@@ -223,7 +217,7 @@ class DisplayStats:
         window.append(ns)
 
     def reply_us(self, method: str, q: float = 0.5) -> float | None:
-        value = _percentile(self.replies.get(method, ()), q)
+        value = percentile(self.replies.get(method, ()), q)
         return None if value is None else value / 1000
 
     def as_dict(self) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from typing import Annotated, Any
 import numpy as np
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusSignature, DBusStr, DBusUInt32, DBusUnixFd
+from dbus_fast.annotations import DBusInt32, DBusSignature, DBusStr, DBusUInt16, DBusUInt32, DBusUnixFd
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from compositor.kms.fourcc import XRGB8888
@@ -51,17 +51,16 @@ from compositor.sources.qemu_dbus import (
     PROPERTIES_IFACE,
     VM_IFACE,
     VM_PATH,
+    DBusStrings,
     DisplayBus,
     PeerBus,
     console_path,
 )
+from compositor.stats import percentile
 
 log = logging.getLogger("directflip.qemu_dbus_peer")
 
 DBusUInts = Annotated[list[int], DBusSignature("au")]
-DBusStrings = Annotated[list[str], DBusSignature("as")]
-DBusUInt16 = Annotated[int, DBusSignature("q")]
-DBusInt32 = Annotated[int, DBusSignature("i")]
 
 PEER_UUID = "5f3c0a4e-2b1d-4c6e-9f8a-7d2e1b0c9a34"
 
@@ -393,12 +392,10 @@ async def _bench_child(fd: int, calls: int, width: int, height: int) -> dict[str
     for _ in range(min(100, calls)):  # warm up
         await listener.update_dmabuf(0, 0, width, height)
     times = [await listener.update_dmabuf(0, 0, width, height) for _ in range(calls)]
-    times.sort()
     peer.close()
     buf.close()
     return {"calls": calls, "median_us": statistics.median(times) / 1000,
-            "p99_us": times[min(len(times) - 1, int(0.99 * len(times)))] / 1000,
-            "min_us": times[0] / 1000}
+            "p99_us": percentile(times, 0.99) / 1000, "min_us": min(times) / 1000}
 
 
 async def _bench(args: argparse.Namespace) -> int:

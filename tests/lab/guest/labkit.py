@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -15,6 +17,13 @@ import pytest
 from PIL import Image
 
 from compositor.control import request
+from compositor.daemon import card_seat
+from compositor.session import activate_vt
+from compositor.sources.synthetic import decode_counter, guest_colour
+
+CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
+DRM_IOCTL_SET_MASTER = 0x641E
+DRM_IOCTL_DROP_MASTER = 0x641F
 
 
 class Compositor:
@@ -156,3 +165,98 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> str:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, f"guest exited {proc.returncode}:\n{out}"
     return out
+
+
+# --- VT switches -----------------------------------------------------------------------------------
+
+def console_text() -> None:
+    """Fill tty1 with '#': the console's picture, easy to tell from any guest's."""
+    fd = os.open("/dev/tty1", os.O_WRONLY | os.O_NOCTTY)
+    try:
+        os.write(fd, b"\033[H\033[2J" + (b"#" * 120 + b"\r\n") * 40)
+    finally:
+        os.close(fd)
+
+
+def set_master_works(path: str) -> None:
+    """Become master of `path` from a new descriptor and drop it again: raises (EBUSY) while another
+    open file of the card is master."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, DRM_IOCTL_SET_MASTER)
+        fcntl.ioctl(fd, DRM_IOCTL_DROP_MASTER)
+    finally:
+        os.close(fd)
+
+
+def frames_on_screen(comp: Compositor) -> dict:
+    return {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
+
+
+def switch_away(comp: Compositor, host) -> dict:
+    """Switch to VT 1 (tty1, with console_text on it) and check the compositor let go: every card
+    paused, no master held (another descriptor can take it), the console on head 0, no commits while
+    away. Returns the status with every card paused."""
+    activate_vt(1)
+    st = wait_for("every card paused", lambda: (s := comp.status())["session"]["paused"].keys()
+                  == {c["path"] for c in s["cards"]} and s, timeout=20)
+    assert not any(c["master"] for c in st["cards"]), st["cards"]
+
+    def console_on_screen():
+        rgb = host.screendump(0)
+        grey, guest = colour_share(rgb, CONSOLE_GREY, tol=8), colour_share(rgb, guest_colour("office"))
+        return grey > 0.05 and guest < 0.001
+
+    wait_for("the console on head 0 (screendump)", console_on_screen)
+    for card in st["cards"]:
+        set_master_works(card["path"])
+    before = frames_on_screen(comp)
+    time.sleep(1.0)
+    assert frames_on_screen(comp) == before
+    return st
+
+
+def switch_back(comp: Compositor, host, vt: int, shown) -> dict:
+    """Switch back to `vt` and check every guest of `shown` ((monitor, guest, head), ...) is on its
+    head again (screendumps), the vkms mirror too, and frames move. Returns the status."""
+    activate_vt(vt)
+    wait_for("every card resumed", lambda: comp.status()["session"]["paused"] == {}, timeout=20)
+    for monitor, name, head in shown:
+        comp.wait_shown(monitor, name, timeout=30)
+        wait_for(f"{name} on head {head} (screendump)",
+                 lambda head=head, name=name: colour_share(host.screendump(head), guest_colour(name)) > 0.2)
+    comp.wait_shown("wb", "office", timeout=30)
+    first = decode_counter(host.screendump(2))     # build fills head 2 (640x480), counter at its corner
+    assert first is not None
+    wait_for("build's counter moving", lambda: decode_counter(host.screendump(2)) not in (None, first))
+    st = comp.status()
+    assert all(c["master"] for c in st["cards"]), st["cards"]
+    assert st["session"]["switches"] >= 4      # a pause and a resume per card
+    return st
+
+
+# --- seats -----------------------------------------------------------------------------------------
+
+def udev(*args: str) -> None:
+    subprocess.run(["udevadm", *args], check=True, timeout=60)
+
+
+@contextlib.contextmanager
+def vkms_on_seat1(cards: dict[str, str], rule: Path):
+    """The vkms card on seat1 while inside, the way `loginctl attach` does it: a udev rule setting
+    ID_SEAT. Yields the card's path."""
+    vkms = cards["vkms"]
+    rule.write_text('SUBSYSTEM=="drm", KERNEL=="card[0-9]*", KERNELS=="vkms", '
+                    'ENV{ID_SEAT}="seat1", TAG+="seat"\n')
+    udev("control", "--reload")
+    udev("trigger", "--subsystem-match=drm", "--action=change")
+    udev("settle")
+    assert card_seat(vkms) == "seat1", "the udev rule did not put the vkms card on seat1"
+    try:
+        yield vkms
+    finally:
+        rule.unlink()
+        udev("control", "--reload")
+        udev("trigger", "--subsystem-match=drm", "--action=change")
+        udev("settle")
+    assert card_seat(vkms) == "seat0"

@@ -15,24 +15,24 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from labkit import Compositor, colour_share, wait_for
-from test_session import (
-    CONSOLE_GREY,
-    DRM_IOCTL_DROP_MASTER,
-    DRM_IOCTL_SET_MASTER,
-    POLICY,
-    SHOWN,
+from labkit import (
+    Compositor,
+    colour_share,
     console_text,
+    set_master_works,
+    switch_away,
+    switch_back,
+    vkms_on_seat1,
+    wait_for,
 )
+from test_session import POLICY, SHOWN, start_guests
 
-from compositor.daemon import card_seat
 from compositor.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
 from compositor.session import KD_TEXT, KDGETMODE, VT_AUTO, VT_GETMODE, activate_vt, active_vt
-from compositor.sources.synthetic import decode_counter, guest_colour
+from compositor.sources.synthetic import guest_colour
 
 OUR_VT = 3
 LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--vt", str(OUR_VT), "--")
@@ -61,17 +61,6 @@ def logind_session(session_id: str) -> dict:
     return out
 
 
-def set_master_works(path: str) -> None:
-    """Become master of `path` from a new descriptor and drop it again: raises (EBUSY) while another
-    open file of the card is master."""
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, DRM_IOCTL_SET_MASTER)
-        fcntl.ioctl(fd, DRM_IOCTL_DROP_MASTER)
-    finally:
-        os.close(fd)
-
-
 def vt_modes(number: int) -> tuple[int, int]:
     """(KD mode, VT mode) of /dev/ttyN: text/auto once nobody holds it."""
     fd = os.open(f"/dev/tty{number}", os.O_RDWR | os.O_NOCTTY)
@@ -89,10 +78,7 @@ def comp(cards, host, tmp_path_factory):
     console_text()
     c = Compositor(tmp_path_factory.mktemp("logind"))
     c.start(POLICY, "--session", "logind", prefix=LAUNCHER)
-    for _, name, _ in SHOWN:
-        c.guest("--name", name, "--on", "display", "--size", "640x480", "--rate", "30", "--duration", "600")
-    for monitor, name, _ in SHOWN:
-        c.wait_shown(monitor, name)
+    start_guests(c)
     yield c
     code = c.stop()
     print(c.tail(30))
@@ -123,45 +109,15 @@ def test_logind_hands_over_every_card_and_brings_the_session_to_the_front(comp, 
 
 
 def test_switching_away_pauses_every_card_and_holds_no_master(comp, host):
-    activate_vt(1)
-    st = wait_for("every card paused", lambda: (s := comp.status())["session"]["paused"].keys()
-                  == {c["path"] for c in s["cards"]} and s, timeout=20)
-    assert not any(c["master"] for c in st["cards"]), st["cards"]
+    st = switch_away(comp, host)
     assert all("logind paused" in why for why in st["session"]["paused"].values()), st["session"]
     wait_for("the session inactive", lambda: comp.status()["session"]["active"] is False)
     assert logind_session(st["session"]["session_id"])["Active"] is False
 
-    def console_on_screen():
-        rgb = host.screendump(0)
-        grey, guest = colour_share(rgb, CONSOLE_GREY, tol=8), colour_share(rgb, guest_colour("office"))
-        return grey > 0.05 and guest < 0.001
-
-    wait_for("the console on head 0 (screendump)", console_on_screen)
-    # No master held: another program may become master of every card directflip uses.
-    for card in st["cards"]:
-        set_master_works(card["path"])
-    # Nothing is committed while away: the frame counters on the status stand still.
-    before = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
-    time.sleep(1.0)
-    after = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
-    assert before == after
-
 
 def test_switching_back_resumes_every_card_and_guest(comp, host):
-    activate_vt(OUR_VT)
-    wait_for("every card resumed", lambda: comp.status()["session"]["paused"] == {}, timeout=20)
-    for monitor, name, head in SHOWN:
-        comp.wait_shown(monitor, name, timeout=30)
-        wait_for(f"{name} on head {head} (screendump)",
-                 lambda head=head, name=name: colour_share(host.screendump(head), guest_colour(name)) > 0.2)
-    comp.wait_shown("wb", "office", timeout=30)
-    first = decode_counter(host.screendump(2))     # build fills head 2 (640x480), counter at its corner
-    assert first is not None
-    wait_for("build's counter moving", lambda: decode_counter(host.screendump(2)) not in (None, first))
-    st = comp.status()
-    assert all(c["master"] for c in st["cards"]), st["cards"]
+    st = switch_back(comp, host, OUR_VT, SHOWN)
     assert st["session"]["active"] is True
-    assert st["session"]["switches"] >= 4      # a pause and a resume per card
 
 
 def test_stopping_ends_the_session_and_gives_the_vt_back(comp):
@@ -179,25 +135,11 @@ def test_stopping_ends_the_session_and_gives_the_vt_back(comp):
     assert not list(CGROUP_ROOT.glob(f"user.slice/*/session-{session_id}.scope"))
 
 
-def udev(*args: str) -> None:
-    subprocess.run(["udevadm", *args], check=True, timeout=60)
-
-
 @pytest.fixture
 def seat1(cards):
-    """The vkms card on seat1 (a udev rule setting ID_SEAT), before logind starts."""
-    SEAT1_RULE.write_text('SUBSYSTEM=="drm", KERNEL=="card[0-9]*", KERNELS=="vkms", '
-                          'ENV{ID_SEAT}="seat1", TAG+="seat"\n')
-    udev("control", "--reload")
-    udev("trigger", "--subsystem-match=drm", "--action=change")
-    udev("settle")
-    assert card_seat(cards["vkms"]) == "seat1", "the udev rule did not put the vkms card on seat1"
-    yield cards["vkms"]
-    SEAT1_RULE.unlink()
-    udev("control", "--reload")
-    udev("trigger", "--subsystem-match=drm", "--action=change")
-    udev("settle")
-    assert card_seat(cards["vkms"]) == "seat0"
+    """The vkms card on seat1, before logind starts."""
+    with vkms_on_seat1(cards, SEAT1_RULE) as vkms:
+        yield vkms
 
 
 def test_on_a_seat_without_vts_logind_switches_sessions_itself(seat1, tmp_path_factory):

@@ -7,12 +7,11 @@ free. Pixels from QEMU screendumps (virtio-gpu) and vkms writeback."""
 
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from labkit import Compositor, colour_share, wait_for
+from labkit import Compositor, colour_share, vkms_on_seat1, wait_for
 
 from compositor.daemon import card_seat
 from compositor.sources.synthetic import guest_colour
@@ -66,27 +65,11 @@ def run_guest(comp: Compositor, name: str) -> None:
     comp.guest("--name", name, "--on", "vgem", "--size", "640x480", "--rate", "20", "--duration", "300")
 
 
-def udev(*args: str) -> None:
-    subprocess.run(["udevadm", *args], check=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def seat1(cards):
-    """The vkms card on seat1, the way `loginctl attach` does it: a udev rule setting ID_SEAT."""
-    vkms = cards["vkms"]
-    RULE.write_text('SUBSYSTEM=="drm", KERNEL=="card[0-9]*", KERNELS=="vkms", '
-                    'ENV{ID_SEAT}="seat1", TAG+="seat"\n')
-    udev("control", "--reload")
-    udev("trigger", "--subsystem-match=drm", "--action=change")
-    udev("settle")
-    assert card_seat(vkms) == "seat1", "the udev rule did not put the vkms card on seat1"
-    assert card_seat(cards["virtio_gpu"]) == "seat0"
-    yield vkms
-    RULE.unlink()
-    udev("control", "--reload")
-    udev("trigger", "--subsystem-match=drm", "--action=change")
-    udev("settle")
-    assert card_seat(vkms) == "seat0"
+    with vkms_on_seat1(cards, RULE) as vkms:
+        assert card_seat(cards["virtio_gpu"]) == "seat0"
+        yield vkms
 
 
 def test_two_seat_instances_never_touch_each_others_monitors(seat1, cards, host, tmp_path_factory):

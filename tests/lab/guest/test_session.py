@@ -5,16 +5,14 @@ The lab kernel has VTs and fbcon on virtio-gpu's fbdev (tty1 in the foreground a
 
 from __future__ import annotations
 
-import fcntl
-import os
 import socket
 import time
 
 import pytest
-from labkit import Compositor, colour_share, wait_for
+from labkit import Compositor, colour_share, console_text, switch_away, switch_back
 
 from compositor.session import activate_vt, active_vt
-from compositor.sources.synthetic import decode_counter, guest_colour
+from compositor.sources.synthetic import guest_colour
 
 POLICY = """version: 1
 monitors:
@@ -32,19 +30,16 @@ placements:
   - {guest: build, monitor: right}
 """
 SHOWN = (("left", "office", 0), ("centre", "media", 1), ("right", "build", 2))
-CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
-DRM_IOCTL_SET_MASTER = 0x641E
-DRM_IOCTL_DROP_MASTER = 0x641F
 OUR_VT = 2
 
 
-def console_text() -> None:
-    """Fill tty1 with '#': the console's picture, easy to tell from any guest's."""
-    fd = os.open("/dev/tty1", os.O_WRONLY | os.O_NOCTTY)
-    try:
-        os.write(fd, b"\033[H\033[2J" + (b"#" * 120 + b"\r\n") * 40)
-    finally:
-        os.close(fd)
+def start_guests(comp: Compositor) -> None:
+    """The three guests of SHOWN, each on its head."""
+    for _, name, _ in SHOWN:
+        comp.guest("--name", name, "--on", "display", "--size", "640x480", "--rate", "30",
+                   "--duration", "600")
+    for monitor, name, _ in SHOWN:
+        comp.wait_shown(monitor, name)
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +68,7 @@ def comp(cards, host, tmp_path_factory, notify_socket):
     console_text()
     c = Compositor(tmp_path_factory.mktemp("session"))
     c.start(POLICY, "--vt", str(OUR_VT), env={"NOTIFY_SOCKET": notify_socket[1], "WATCHDOG_USEC": "400000"})
-    for _, name, _ in SHOWN:
-        c.guest("--name", name, "--on", "display", "--size", "640x480", "--rate", "30", "--duration", "600")
-    for monitor, name, _ in SHOWN:
-        c.wait_shown(monitor, name)
+    start_guests(c)
     yield c
     code = c.stop()
     print(c.tail(15))
@@ -107,45 +99,10 @@ def test_ready_and_watchdog_reach_the_notify_socket(comp, notify_socket):
     assert "3 guest" in status or "output" in status, status
 
 
-def test_switching_away_shows_the_console_and_holds_no_master(comp, host, cards):
-    activate_vt(1)
-    st = wait_for("every card paused", lambda: (s := comp.status())["session"]["paused"].keys()
-                  == {c["path"] for c in s["cards"]} and s, timeout=20)
-    assert not any(c["master"] for c in st["cards"]), st["cards"]
+def test_switching_away_shows_the_console_and_holds_no_master(comp, host):
+    st = switch_away(comp, host)
     assert "switched away" in next(iter(st["session"]["paused"].values()))
-
-    def console_on_screen():
-        rgb = host.screendump(0)
-        grey, guest = colour_share(rgb, CONSOLE_GREY, tol=8), colour_share(rgb, guest_colour("office"))
-        return grey > 0.05 and guest < 0.001
-
-    wait_for("the console on head 0 (screendump)", console_on_screen)
-    # No master held: another program may become master of every card directflip uses.
-    for card in st["cards"]:
-        fd = os.open(card["path"], os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.ioctl(fd, DRM_IOCTL_SET_MASTER)   # raises (EBUSY) if directflip still held it
-            fcntl.ioctl(fd, DRM_IOCTL_DROP_MASTER)
-        finally:
-            os.close(fd)
-    # Nothing is committed while away: the frame counters on the status stand still.
-    before = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
-    time.sleep(1.0)
-    after = {o["monitor"]: (o.get("on_screen") or {}).get("frame") for o in comp.status()["outputs"]}
-    assert before == after
 
 
 def test_switching_back_restores_every_guest(comp, host):
-    activate_vt(OUR_VT)
-    wait_for("every card resumed", lambda: comp.status()["session"]["paused"] == {}, timeout=20)
-    for monitor, name, head in SHOWN:
-        comp.wait_shown(monitor, name, timeout=30)
-        wait_for(f"{name} on head {head} (screendump)",
-                 lambda head=head, name=name: colour_share(host.screendump(head), guest_colour(name)) > 0.2)
-    comp.wait_shown("wb", "office", timeout=30)
-    first = decode_counter(host.screendump(2))     # build fills head 2 (640x480), counter at its corner
-    assert first is not None
-    wait_for("build's counter moving", lambda: decode_counter(host.screendump(2)) not in (None, first))
-    st = comp.status()
-    assert all(c["master"] for c in st["cards"]), st["cards"]
-    assert st["session"]["switches"] >= 4      # a pause and a resume per card
+    switch_back(comp, host, OUR_VT, SHOWN)
