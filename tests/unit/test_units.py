@@ -1,6 +1,6 @@
 """The deployment files in udev/: systemd units checked by `systemd-analyze verify`, udev rules by a
-structural parser and, where the machine allows, by udev's own parser. Each check is also shown a
-broken copy, so a check that cannot fail would be noticed."""
+structural parser and by udev's own parser (`udevadm test`, as root, in a private mount namespace).
+Each check is also shown a broken copy, so a check that cannot fail would be noticed."""
 
 from __future__ import annotations
 
