@@ -38,6 +38,7 @@ from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
+from compositor.sources import vfio
 from compositor.sources.frame import BadPlane, Buffer, Frame
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
@@ -601,6 +602,11 @@ class Daemon:
             self.open_vfio_guests()
         for gs in list(self.guests.values()):
             if isinstance(gs.conn, VfioGuest) and gs.conn.uuid in changes.mdevs_removed:
+                if (vfio.MDEV_DEVICES / gs.conn.uuid).exists():
+                    # A `remove` written to the uevent file, or one replayed: the vGPU is still there.
+                    log.warning("udev said vGPU %s was removed, but it is still present; ignored",
+                                gs.conn.uuid)
+                    continue
                 self._guest_gone(gs, "vGPU removed")
         # Only our own cards: another seat's card is another instance's business.
         mine = [node for node in changes.drm_cards if node == "*" or node in self.cards]
@@ -819,6 +825,7 @@ class Daemon:
             "cards": [{"path": path, "driver": card.driver, "seat": self.card_seats.get(path),
                        "master": card.is_master} for path, card in self.cards.items()],
             "hotplugs": self.hotplugs,
+            "udev_events": self.hotplug.events if self.hotplug is not None else 0,
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
                        "last_error": self.watcher.last_error,
                        # CLOCK_MONOTONIC ns when the screens started showing this generation's plan

@@ -7,6 +7,8 @@ import sys
 
 from compositor.lab import cache, vm
 
+LAB_TESTS = ["tests/lab/guest", "tests/reliability/lab"]   # what `test` runs unless tests are named
+
 DESCRIPTION = """\
 The real-kernel lab: a Debian kernel booted under QEMU (TCG) with a three-head virtio-gpu, vkms
 (overlays, cursor, writeback), vgem and mbochs (VFIO mdev). Inside, tests reach host services
@@ -17,6 +19,7 @@ EPILOG = """\
 examples:
   python -m compositor.lab setup                      prepare the cache (kernel, modules, packages)
   python -m compositor.lab test -x -k hotplug         run the guest tests, extra args go to pytest
+  python -m compositor.lab test tests/reliability/lab/test_faults.py     one file of them
   python -m compositor.lab run -- modetest -M vkms    any command in the guest, exit code passed back
   python -m compositor.lab run --no-connect-all -- sh -c 'cat /sys/class/drm/*/status'
 
@@ -36,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
                    description="Install the apt packages, fetch the current bookworm kernel, its headers "
                                "and sources, and build vkms/mbochs/mdpy with the lab's patches.")
     for name, help_text in (("run", "boot the lab and run a command in the guest"),
-                            ("test", "boot the lab and run pytest on tests/lab/guest in the guest")):
+                            ("test", "boot the lab and run pytest in the guest on tests/lab/guest and "
+                                     "tests/reliability/lab (or the tests named)")):
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--no-connect-all", action="store_true",
                        help="leave virtio-gpu heads 1 and 2 disconnected at boot (default: all three "
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             # Default to the whole guest suite unless the arguments name tests themselves.
             named = [a for a in extra if not a.startswith("-") and (vm.REPO / a.split("::")[0]).exists()]
             cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                   *([] if named else ["tests/lab/guest"]), *extra]
+                   *([] if named else LAB_TESTS), *extra]
         return vm.run(cmd, _vm_options(args), manifest)
     except cache.LabError as exc:
         print(f"lab: error: {exc}", file=sys.stderr)

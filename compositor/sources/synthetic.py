@@ -348,17 +348,20 @@ class GuestStats:
     elapsed: float = 0.0         # seconds spent flipping (first tick to the end of the last)
     server_error: str | None = None   # why the compositor closed the connection, if it did
     painted_buffer: int | None = None  # the buffer paint_on_screen wrote into
+    reconnects: int = 0          # --reconnect: connections made again after the compositor went away
 
     def summary(self, name: str) -> str:
         rate = self.frames_flipped / self.elapsed if self.elapsed > 0 else 0.0
         last = "-" if self.last_frame is None else str(self.last_frame)
         return (f"guest {name}: flipped {self.frames_flipped} frames in {self.elapsed:.2f} s "
-                f"({rate:.1f}/s), presented {self.presented}, last frame {last}, stalled {self.stalled}")
+                f"({rate:.1f}/s), presented {self.presented}, last frame {last}, stalled {self.stalled}"
+                + (f", reconnected {self.reconnects} times" if self.reconnects else ""))
 
 
 SETTLE_SECONDS = 0.5       # after the last flip, wait this long for its Presented
 PRESENT_TIMEOUT = 5.0      # --then-paint: how long the last frame may take to be presented
 _POLL_SLICE = 0.1          # longest single wait, so a signal is acted on promptly
+RECONNECT_INTERVAL = 0.05  # --reconnect: how often to try while no compositor listens
 
 
 class SyntheticGuest:
@@ -366,10 +369,11 @@ class SyntheticGuest:
     per second (0 or inf: as fast as buffers come back)."""
 
     def __init__(self, name: str, socket_path: str, card_path: str, width: int, height: int,
-                 rate: float, buffers: int = 3, uuid: str | None = None) -> None:
+                 rate: float, buffers: int = 3, uuid: str | None = None, reconnect: bool = False) -> None:
         check_size(width, height)
         self.name, self.socket_path, self.card_path = name, socket_path, card_path
         self.width, self.height, self.rate, self.buffers, self.uuid = width, height, rate, buffers, uuid
+        self.reconnect = reconnect  # the compositor going away: wait for the next one, keep flipping
         self.stats = GuestStats()
         self.next_frame = 0
         self.on_screen: int | None = None     # the slot flipped last
@@ -384,18 +388,47 @@ class SyntheticGuest:
         OSError (no compositor listening) or framesocket.ServerError (the compositor said no)."""
         from compositor.kms import Card
 
-        from .framesocket import FrameSocketClient
         try:
             self.card = Card(self.card_path, kms=False)
             self.swapchain = Swapchain(self.card, self.width, self.height, self.buffers, name=self.name)
             log.info("guest %s: %d buffers %dx%d on %s (%s)", self.name, self.buffers, self.width,
                      self.height, self.card_path, self.card.driver)
-            self.client = FrameSocketClient(self.socket_path, self.name, self.uuid)
-            for slot in self.swapchain.slots.values():
-                self.client.announce(slot.id, slot.fd, "XR24", self.width, self.height, slot.pitch, 0, 0)
+            self._connect()
         except BaseException:
             self.close()
             raise
+
+    def _connect(self) -> None:
+        """Connect and announce every buffer; each starts out ours (not flipped)."""
+        from .framesocket import FrameSocketClient
+        self.client = FrameSocketClient(self.socket_path, self.name, self.uuid)
+        for slot in self.swapchain.slots.values():
+            slot.busy = False
+            self.client.announce(slot.id, slot.fd, "XR24", self.width, self.height, slot.pitch, 0, 0)
+
+    def _reconnect(self, why: str) -> bool:
+        """The connection is lost: with `reconnect`, connect again as soon as a compositor listens
+        (every RECONNECT_INTERVAL) and go on flipping; True once connected, False when stopped."""
+        log.warning("guest %s: %s; reconnecting", self.name, why)
+        if self.client is not None:
+            try:
+                self.client.close()
+            except OSError:
+                pass
+            self.client = None
+        while not self._stop:
+            try:
+                self._connect()
+                self.stats.reconnects += 1
+                log.info("guest %s: connected again", self.name)
+                return True
+            except OSError as exc:  # nothing listening yet, or it went away mid-hello
+                log.debug("guest %s: connect: %s", self.name, exc)
+                if self.client is not None:
+                    self.client.close()
+                    self.client = None
+            time.sleep(RECONNECT_INTERVAL)
+        return False
 
     def close(self) -> None:
         if self.client is not None:
@@ -439,7 +472,7 @@ class SyntheticGuest:
             if self.client is None:
                 self.open()
             try:
-                self.flip_frames(duration, frames)
+                self._flip_reconnecting(duration, frames)
                 if then_paint is not None and not self._stop:
                     self._paint_when_presented(then_paint)
                 elif not self._stop and self.stats.last_frame is not None:
@@ -457,6 +490,23 @@ class SyntheticGuest:
             restore()
             self.close()
         return self.stats
+
+    def _flip_reconnecting(self, duration: float | None, frames: int | None) -> None:
+        """flip_frames, and with `reconnect`, through any number of compositor restarts."""
+        from .framesocket import ServerError
+        end = time.monotonic() + duration if duration is not None else None
+        while True:
+            done = self.stats.frames_flipped
+            left = None if frames is None else frames - done
+            try:
+                self.flip_frames(None if end is None else max(0.0, end - time.monotonic()), left)
+                return
+            except (ServerError, OSError) as exc:
+                if not self.reconnect:
+                    raise
+                why = str(getattr(exc, "reason", None) or exc)
+            if self._stop or not self._reconnect(f"the compositor went away ({why})"):
+                return
 
     def flip_frames(self, duration: float | None = None, frames: int | None = None) -> None:
         """Flip at self.rate with absolute deadlines (tick k starts at start + k/rate: no drift; a
@@ -726,6 +776,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="after the last frame (and the paint), keep the connection open S seconds so "
                    "the compositor keeps showing the buffer")
     p.add_argument("--uuid", help="the guest's UUID, for policies that match on it")
+    p.add_argument("--reconnect", action="store_true",
+                   help="when the compositor goes away (restarted, killed), connect again as soon as "
+                   "one listens, announce the buffers again and keep flipping (default: exit with 3)")
     p.set_defaults(func=run_cli)
 
 
@@ -747,7 +800,7 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         card_path = find_card(args.on)
         guest = SyntheticGuest(args.name, args.socket, card_path, width, height, args.rate,
-                               buffers=args.buffers, uuid=args.uuid)
+                               buffers=args.buffers, uuid=args.uuid, reconnect=args.reconnect)
         guest.open()
     except (DeviceError, KmsError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -508,3 +508,45 @@ def test_guest_stops_cleanly_on_sigterm(fake_socket_module):
     timer.join()
     assert guest.stopped and stats.elapsed < 1 and client.closed
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_guest_reconnects_and_announces_again_when_the_compositor_comes_back(fake_socket_module,
+                                                                            monkeypatch):
+    """--reconnect: the compositor dies after 3 flips (holding every buffer); the first two connection
+    attempts find nothing listening; the third gets a new compositor, to which every buffer is announced
+    again (all of them free: the dead compositor's holds are void) and the remaining frames are
+    flipped."""
+    attempts: list[str] = []
+    clients: list[FakeClient] = []
+
+    class Reconnecting(FakeClient):
+        def __init__(self, path: str, name: str, uuid=None) -> None:
+            attempts.append(path)
+            if len(attempts) <= 2:
+                raise ConnectionRefusedError(111, "nothing listens")
+            super().__init__()
+            self.announced: list[int] = []
+            clients.append(self)
+
+        def announce(self, buffer_id, fd, *args) -> None:
+            self.announced.append(buffer_id)
+
+    monkeypatch.setattr(sys.modules["compositor.sources.framesocket"], "FrameSocketClient", Reconnecting,
+                        raising=False)
+    monkeypatch.setattr(syn, "RECONNECT_INTERVAL", 0.01)
+    first = FakeClient(releases=False, fail_after=3)
+    guest, _ = fake_guest(first)
+    guest.reconnect = True
+    stats = guest.run(frames=12)
+    assert first.closed and len(attempts) == 3
+    assert stats.reconnects == 1 and stats.server_error is None
+    assert sorted(clients[0].announced) == [1, 2, 3]
+    assert [f for _, f in first.flips] == [0, 1, 2]          # three buffers, none ever released
+    assert [f for _, f in clients[0].flips] == list(range(3, 12))
+    assert "reconnected 1 times" in stats.summary("office")
+
+
+def test_without_reconnect_a_lost_compositor_ends_the_guest(fake_socket_module):
+    guest, _ = fake_guest(FakeClient(fail_after=2))
+    stats = guest.run(frames=10)
+    assert stats.server_error == "output unplugged" and stats.reconnects == 0
