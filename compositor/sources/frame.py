@@ -10,7 +10,9 @@ may ever be scanned out.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 
@@ -70,7 +72,10 @@ class PlaneInfo:
 
 
 def dmabuf_size(fd: int) -> int:
-    """A dma-buf's size: seeking to its end is the kernel's documented way to ask."""
+    """A dma-buf's size: seeking to its end is the kernel's documented way to ask. A directory seeks
+    too (to 2**63 - 1 on ext4) but holds no pixels: IsADirectoryError."""
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
     size = os.lseek(fd, 0, os.SEEK_END)
     os.lseek(fd, 0, os.SEEK_SET)
     return size

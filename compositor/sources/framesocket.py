@@ -567,6 +567,10 @@ class FrameSocketServer:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.setblocking(False)
+            # bind() gives the socket file the mode of the socket's own inode (less the umask): set it
+            # first, so the file is never more open than `mode`, whatever the umask. Then chmod for
+            # the bits the umask took away.
+            os.fchmod(listener.fileno(), self.mode)
             listener.bind(self.path)
             os.chmod(self.path, self.mode)
             listener.listen(16)
