@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
@@ -38,9 +38,12 @@ DEFAULT_SLATE_TEXT = "no signal"
 DEFAULT_SLATE_COLOUR = "#101018"
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_MODE = re.compile(r"^(\d+)x(\d+)(?:@(\d+(?:\.\d+)?))?$")
+_MODE = re.compile(r"^(\d{1,9})x(\d{1,9})(?:@(\d+(?:\.\d+)?))?$")  # bounded: int() refuses 4300+ digits
 _COLOUR = re.compile(r"^#[0-9a-fA-F]{6}$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_CONSOLE = re.compile(r"[0-9]{1,9}")  # ASCII digits: int() also takes `١`, and refuses 4300+ digits
+_MAX_UID = 2**32 - 2  # (uid_t)-1 means "no user"
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts lines by
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -65,7 +68,15 @@ class Diagnostic:
     def __str__(self) -> str:
         kind = "warning: " if self.warning else ""
         hint = f" ({self.hint})" if self.hint else ""
-        return f"{self.file}:{self.line}:{self.column}: {kind}{self.message}{hint}"
+        return _one_line(f"{self.file}:{self.line}:{self.column}: {kind}{self.message}{hint}")
+
+
+def _one_line(text: str) -> str:
+    """Escape what would break a diagnostic's line (a key such as "a\\nb", a control character): each
+    diagnostic stays one `file:line:column:` line in `check` output and in the log."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
 class PolicyError(ValueError):
@@ -621,7 +632,7 @@ class _Validator:
             vnode = keys["console"][1]
             if kind != "qemu-dbus":
                 self.error(vnode, "`console` needs `kind: qemu-dbus`")
-            elif not (isinstance(vnode, yaml.ScalarNode) and vnode.value.isdigit()):
+            elif not (isinstance(vnode, yaml.ScalarNode) and _CONSOLE.fullmatch(vnode.value)):
                 shown = vnode.value if isinstance(vnode, yaml.ScalarNode) else "..."
                 self.error(vnode, f"`console` must be a console number (0, 1, ...), not `{shown}`")
             else:
@@ -642,11 +653,14 @@ class _Validator:
         reported then, not when the guest is refused."""
         import pwd
 
-        if value.isdigit():
+        if value.isascii() and value.isdigit():
+            if len(value) > 10 or int(value) > _MAX_UID:
+                self.error(node, f"uid {value[:20]} is out of range", f"uids go from 0 to {_MAX_UID}")
+                return None
             return int(value)
         try:
             return pwd.getpwnam(value).pw_uid
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL in the name
             self.error(node, f"no user `{value}` on this machine", "give a user name or a numeric uid")
             return None
 
@@ -762,6 +776,15 @@ class _Validator:
         try:
             self.loader = yaml.SafeLoader(text)
             root = self.loader.get_single_node()
+        except RecursionError:
+            self.too_deep()
+        except yaml.reader.ReaderError as exc:  # a character YAML does not allow; no mark, a position
+            breaks = list(_LINE_BREAK.finditer(text, 0, exc.position))
+            line, col = len(breaks) + 1, exc.position - (breaks[-1].end() if breaks else 0) + 1
+            self.errors.append(Diagnostic(self.source, line, col, f"YAML: character #x{exc.character:04x} "
+                                          "is not allowed in YAML", "remove it, or write it as an escape "
+                                          "in a double-quoted string"))
+            raise PolicyError(self.errors) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -779,8 +802,17 @@ class _Validator:
                 self.error(None, "the policy is empty", "start from policies/demo.yaml")
                 raise PolicyError(self.errors)
             return self.document(root)
+        except RecursionError:
+            self.too_deep()
         finally:
             self.loader.dispose()
+
+    def too_deep(self) -> NoReturn:
+        assert self.loader is not None
+        mark = self.loader.get_mark()
+        self.errors.append(Diagnostic(self.source, mark.line + 1, mark.column + 1,
+                                      "the policy is nested too deeply", "a policy is a few levels deep"))
+        raise PolicyError(self.errors) from None
 
     def document(self, root: yaml.Node) -> Policy:
         top = self.mapping(root, "the policy", _TOP_KEYS)
