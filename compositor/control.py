@@ -6,8 +6,10 @@ request per line, one answer per line, both JSON objects:
     {"cmd": "status"}                               → the status document (schema directflip.status/1)
     {"cmd": "capture", "monitor": M, "path": P}     → {"ok": true, "path": P, "width": W, "height": H}
                                                       a writeback of what monitor M scans out, as PNG
+                                                      (P absolute, in a directory that exists)
 
-Errors come back as {"ok": false, "error": "..."}; the connection stays usable.
+Errors come back as {"ok": false, "error": "..."}; the connection stays usable, except after a
+request longer than MAX_REQUEST bytes, which is answered with the error and then closed.
 """
 
 from __future__ import annotations
@@ -53,20 +55,31 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            while line := await reader.readline():
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # over the limit: the rest of that line cannot be told from a request
+                    writer.write(_answer({"ok": False, "error": f"bad request: longer than {MAX_REQUEST} "
+                                          "bytes; closing the connection"}))
+                    await writer.drain()
+                    return
+                if not line:
+                    return
                 try:
                     request = json.loads(line)
                     if not isinstance(request, dict):
                         raise ValueError("a request is a JSON object")
                     answer = await self.handle(request)
+                except RecursionError:
+                    answer = {"ok": False, "error": "bad request: nested too deeply"}
                 except (ValueError, KeyError, TypeError) as exc:
                     answer = {"ok": False, "error": f"bad request: {exc}"}
                 except Exception as exc:  # noqa: BLE001 — report it to the caller; the daemon goes on
                     log.exception("control request %r failed", line[:200])
                     answer = {"ok": False, "error": str(exc)}
-                writer.write(json.dumps(answer).encode() + b"\n")
+                writer.write(_answer(answer))
                 await writer.drain()
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError):
+        except ConnectionError:
             pass
         finally:
             writer.close()
@@ -76,8 +89,25 @@ class ControlServer:
         if cmd == "status":
             return {"ok": True, **self.daemon.status()}
         if cmd == "capture":
-            return {"ok": True, **await self.daemon.capture(str(request["monitor"]), str(request["path"]))}
+            monitor, path = _string(request, "monitor"), _string(request, "path")
+            # The compositor writes the file after the writeback: refuse what cannot be written first.
+            if not os.path.isabs(path) or not os.path.isdir(os.path.dirname(path)) or os.path.isdir(path):
+                raise ValueError(f'capture: "path" {path!r} is not a file in an existing directory '
+                                 "(give an absolute path)")
+            return {"ok": True, **await self.daemon.capture(monitor, path)}
         raise ValueError(f"unknown command {cmd!r} (status, capture)")
+
+
+def _string(request: dict, key: str) -> str:
+    value = request.get(key)
+    if not isinstance(value, str):
+        what = f"must be a string, not {type(value).__name__}" if key in request else "is missing"
+        raise ValueError(f'{request["cmd"]}: "{key}" {what}')
+    return value
+
+
+def _answer(answer: dict) -> bytes:
+    return json.dumps(answer).encode() + b"\n"
 
 
 # ----------------------------------------------------------------------------------------- client
