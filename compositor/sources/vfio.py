@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -286,6 +287,11 @@ class VfioDevice:
         region = self.region(plane.ident)
         info = plane.plane_info()
         info.validate(region.size)
+        # The copy maps [offset, offset + span) of the device fd: mmap takes only page-aligned offsets
+        # below 2**63 (beyond, Python raises OverflowError, which no copy path expects).
+        if region.offset % mmap.ALLOCATIONGRANULARITY or region.offset + info.span >= 2**63:
+            raise VfioError(errno.EINVAL, f"{self.name}: region {plane.ident} at offset {region.offset:#x} "
+                            "cannot be mapped (not page-aligned, or past the largest file offset)")
         return self.fd, info, region.offset
 
     # --- EDID --------------------------------------------------------------------------------------
