@@ -422,11 +422,24 @@ class Daemon:
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
-        rule = next((r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)), None)
-        allowed = rule.uids if rule is not None and rule.uids is not None else (0, os.getuid())
+        rules = [r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)]
+        rule = rules[0] if rules else None
+        own = next((r for r in self.policy.guests if r.pattern.matches(conn.name) and (
+            (r.kind == "vfio" and r.uuid is not None) or (r.kind == "qemu-dbus" and r.display is not None))),
+            None)
+        if own is not None:
+            # The daemon opens this guest itself; a client by that name would only keep it out.
+            what = f"vGPU {own.uuid}" if own.kind == "vfio" else f"QEMU display {own.display}"
+            raise Refused(f"guest {conn.name} is the {what}, which directflip opens itself; it cannot "
+                          f"connect over the frame socket")
+        # Every rule that matches the name must admit the uid, not just the first.
+        allowed = {0, os.getuid()}
+        if rules:
+            allowed = set.intersection(*(set(r.uids) if r.uids is not None else {0, os.getuid()}
+                                         for r in rules))
         if conn.peer.uid not in allowed:
             raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
-                          f"uid {', '.join(map(str, sorted(set(allowed))))})")
+                          f"uid {', '.join(map(str, sorted(allowed))) or 'none'})")
         if conn.name in self.guests:
             other = self.guests[conn.name].conn
             raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")

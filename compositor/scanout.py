@@ -26,9 +26,12 @@ path, done by native/kms_helpers.c (or, for comparison, the same through AtomicR
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import mmap
+import os
+import stat
 import struct
 import time
 from collections import deque
@@ -144,9 +147,10 @@ class CopyBuffers:
         """Copy the buffer's pixels into a slot that is not `on_screen`; returns its framebuffer."""
         src_map = self._maps.get(buffer.key)
         if src_map is None:
-            src_map = mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ,
-                                offset=buffer.mmap_offset)
+            src_map = _source(buffer)
             self._maps[buffer.key] = src_map
+        if isinstance(src_map, bytearray):
+            _read_file(buffer, src_map)
         dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
         dst_map = dst_buf.map()
         info, src, dst = buffer.info, self.src, self.dst
@@ -166,12 +170,13 @@ class CopyBuffers:
 
     def forget(self, key: tuple[str, int]) -> None:
         m = self._maps.pop(key, None)
-        if m is not None:
+        if isinstance(m, mmap.mmap):
             m.close()
 
     def close(self) -> None:
         for m in self._maps.values():
-            m.close()
+            if isinstance(m, mmap.mmap):
+                m.close()
         self._maps.clear()
         for buf, fb in self.slots:
             try:
@@ -180,6 +185,29 @@ class CopyBuffers:
                 log.warning("removing copy framebuffer: %s", exc)
             buf.destroy()
         self.slots.clear()
+
+
+def _source(buffer: Buffer) -> mmap.mmap | bytearray:
+    """What a copy reads the buffer from. A dma-buf or a device region has a fixed size and is mapped.
+    A memfd (or any file) can be shrunk by the guest after it was checked, and reading a mapping past
+    the new end kills the reader with SIGBUS: unless it is sealed against shrinking, it is read with
+    pread into a buffer of ours on every copy, which a shrunk file only makes short."""
+    if stat.S_ISREG(os.fstat(buffer.fd).st_mode):
+        try:
+            sealed = fcntl.fcntl(buffer.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        except OSError:   # a file that cannot be sealed (not a memfd)
+            sealed = 0
+        if not sealed:
+            return bytearray(buffer.info.span)
+    return mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ,
+                     offset=buffer.mmap_offset)
+
+
+def _read_file(buffer: Buffer, into: bytearray) -> None:
+    got = os.preadv(buffer.fd, [into], buffer.mmap_offset)
+    if got < len(into):
+        raise OSError(errno.EIO, f"the guest's buffer {buffer.id} holds {got} bytes but its plane needs "
+                      f"{len(into)}: it was shrunk after it was announced")
 
 
 def _rows(memory, start: int, pitch: int, height: int, width: int) -> np.ndarray:
@@ -217,7 +245,9 @@ def render_slate(width: int, height: int, text: str, colour: str, reason: str) -
 @dataclass
 class Metrics:
     """What status reports for one output. Latency: from the moment the source learnt of a frame to
-    the kernel's timestamp of the flip that showed it (both CLOCK_MONOTONIC)."""
+    the kernel's timestamp of the flip that showed it (both CLOCK_MONOTONIC). Commit delay: from that
+    same moment to the return of the frame's nonblocking commit (the import or copy included): the
+    compositor's own cost per frame, plus any wait for the previous flip while the frame was pending."""
 
     frames: int = 0          # frames handed to the pipeline
     presented: int = 0       # frames that reached the screen (flip events)
@@ -230,6 +260,7 @@ class Metrics:
     errors: int = 0
     latencies_ns: deque = field(default_factory=lambda: deque(maxlen=2000))
     present_times: deque = field(default_factory=lambda: deque(maxlen=4000))
+    commit_delays_ns: deque = field(default_factory=lambda: deque(maxlen=4000))
 
     def flips_per_second(self, now_ns: int | None = None, window: float = 1.0) -> float:
         now_ns = now_ns or time.monotonic_ns()
@@ -239,6 +270,10 @@ class Metrics:
     def latency_ms(self, q: float) -> float | None:
         value = percentile(self.latencies_ns, q)
         return None if value is None else value / 1e6
+
+    def commit_delay_us(self, q: float) -> float | None:
+        value = percentile(self.commit_delays_ns, q)
+        return None if value is None else round(value / 1e3, 1)
 
 
 @dataclass
@@ -505,6 +540,7 @@ class ScanoutPipeline:
         ScanoutPipeline._tokens += 1
         try:
             commit = self._commit_frame(frame, token=ScanoutPipeline._tokens)
+            done_ns = time.monotonic_ns()
         except KmsError as exc:
             self.metrics.errors += 1
             self.metrics.busy += isinstance(exc, Busy)
@@ -520,6 +556,7 @@ class ScanoutPipeline:
         self.in_flight = commit
         self._outstanding.add(commit.token)
         self.metrics.commits += 1
+        self.metrics.commit_delays_ns.append(done_ns - frame.received_ns)
         self.metrics.max_in_flight = max(self.metrics.max_in_flight, len(self._outstanding))
 
     def _flip(self, fb: Framebuffer, token: int) -> None:
@@ -624,6 +661,7 @@ class ScanoutPipeline:
             "flips_per_s": round(m.flips_per_second(), 1),
             "latency_ms": {"p50": None if p50 is None else round(p50, 2),
                            "p99": None if p99 is None else round(p99, 2)},
+            "commit_delay_us": {"p50": m.commit_delay_us(0.5), "p99": m.commit_delay_us(0.99)},
             "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
             "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
             "busy": m.busy, "errors": m.errors, "configurations": self.configurations,

@@ -44,6 +44,7 @@ always greets a bus with Hello; `PeerBus` runs it over an already connected sock
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import mmap
 import os
@@ -1034,9 +1035,11 @@ class QemuDisplaySource:
         stride = (width * bpp + 63) & ~63
         info = PlaneInfo(drm, width, height, stride)
         info.validate()
-        fd = os.memfd_create(f"directflip-{self.name}", os.MFD_CLOEXEC)
+        fd = os.memfd_create(f"directflip-{self.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, max(stride * height, 1))
+            # Sealed at its size: the copy path may then map it rather than read it on every copy.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             mem = mmap.mmap(fd, stride * height, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)

@@ -815,9 +815,6 @@ def shrink_then_copy() -> None:
     print("survived")
 
 
-@pytest.mark.xfail(strict=True, reason="scanout.CopyBuffers keeps a mapping of a memfd the guest can "
-                   "still shrink; the next copy reads past its end (SIGBUS). Reported, not fixed: "
-                   "scanout.py is outside this suite's files")
 def test_a_guest_shrinking_its_memfd_cannot_crash_the_copy():
     child = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                             "import test_bad_input; test_bad_input.shrink_then_copy()", str(HERE)],

@@ -282,9 +282,6 @@ def test_without_the_sockets_group_nobody_cannot_even_connect(tmp_path, reachabl
         loop.close()
 
 
-@pytest.mark.xfail(strict=True, reason="reported: Daemon.on_hello checks the uids of the first rule "
-                   "whose name pattern matches, whatever its kind, so a user allowed `build-*` is "
-                   "admitted as build-gpu, the name of a vGPU the daemon opens itself, and holds it")
 def test_a_user_cannot_take_the_name_of_a_guest_the_daemon_opens_itself(tmp_path, reachable, monkeypatch):
     opened: list[str] = []
 
