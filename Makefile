@@ -1,6 +1,7 @@
 # directflip — the two commands a fresh Debian machine needs:
 #   make demo   the main job (on a machine without a KMS device it boots the virtual lab)
-#   make test   unit tests on the host, then the real-kernel lab tests
+#   make test   unit and bad-input tests on the host, then the real-kernel lab tests (tests/lab,
+#               tests/reliability/lab)
 # Both install what they need themselves (apt packages, pip packages, the lab's kernel and modules).
 
 PYTHON ?= python3
@@ -21,7 +22,7 @@ lab-setup: deps
 	$(PYTHON) -m compositor.lab setup
 
 unit: deps
-	$(PYTHON) -m pytest -q tests/unit
+	$(PYTHON) -m pytest -q tests/unit tests/reliability --ignore=tests/reliability/lab
 
 lab: lab-setup
 	$(PYTHON) -m compositor.lab test -q
@@ -35,8 +36,10 @@ lint: deps
 	$(PYTHON) -m ruff check compositor native tests bench
 
 bench: lab-setup
+	@echo "make bench: $$(date -u '+%Y-%m-%d %H:%M UTC'); host: $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $$(nproc) CPUs, load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 	$(PYTHON) bench/bench_planner.py
-	$(PYTHON) -m compositor.lab run -- $(PYTHON) $(CURDIR)/bench/bench_flip.py
+	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
+	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 
 clean:
 	rm -rf build *.egg-info compositor/_native*.so out

@@ -1,0 +1,100 @@
+"""Soak: 100 000 guest flips across three monitors, with one guest restarted along the way so buffers
+are imported and dropped, not just reused. At the end the compositor holds as many descriptors and
+framebuffers (the kernel's count, from DRM debugfs) as after warm-up, and its resident memory has not
+grown. DIRECTFLIP_SOAK_FLIPS sets the count (default 100 000); `make test` runs the default."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from labkit import Compositor
+from reliakit import HEADS, SIZES, dri_debugfs, moving, sample, shows, total
+
+FLIPS = int(os.environ.get("DIRECTFLIP_SOAK_FLIPS", "100000"))
+RATE = 60           # flips per second per guest, about what the lab's heads present under TCG
+RESTARTS = 4        # times soak-c is killed and started again during the soak
+RSS_GROWTH_KIB = 1024
+
+POLICY = """version: 1
+monitors:
+  left:   {connector: Virtual-1, driver: virtio_gpu}
+  centre: {connector: Virtual-2, driver: virtio_gpu}
+  right:  {connector: Virtual-3, driver: virtio_gpu}
+guests:
+  soak-a: {kind: socket}
+  soak-b: {kind: socket}
+  soak-c: {kind: socket}
+placements:
+  - {guest: soak-a, monitor: left}
+  - {guest: soak-b, monitor: centre}
+  - {guest: soak-c, monitor: right}
+"""
+PLACED = {"left": "soak-a", "centre": "soak-b", "right": "soak-c"}
+
+
+def start_guest(comp: Compositor, monitor: str):
+    w, h = SIZES[monitor]
+    return comp.guest("--name", PLACED[monitor], "--on", "display", "--size", f"{w}x{h}",
+                      "--rate", str(RATE), "--duration", "3600")
+
+
+def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugfs, tmp_path):
+    dri = dri_debugfs(debugfs, "virtio_gpu")
+    comp = Compositor(tmp_path)
+    comp.start(POLICY)
+    try:
+        procs = {m: start_guest(comp, m) for m in PLACED}
+        for monitor, guest in PLACED.items():
+            comp.wait_shown(monitor, guest)
+        warm = max(3000, FLIPS // 20)
+        t0 = time.monotonic()
+        while total(comp.status(), "frames") < warm:
+            time.sleep(0.5)
+        base = sample(comp.proc.pid, dri)
+        base_flips = total(comp.status(), "frames")
+        print(f"after warm-up ({base_flips} flips): {base}")
+
+        restart_at = [FLIPS * (k + 1) // (RESTARTS + 1) for k in range(RESTARTS)]
+        samples = []
+        while (flips := total(st := comp.status(), "frames")) < FLIPS:
+            assert comp.proc.poll() is None, comp.tail()
+            if restart_at and flips >= restart_at[0]:
+                restart_at.pop(0)
+                procs["right"].send_signal(signal.SIGKILL)
+                procs["right"].wait(timeout=10)
+                procs["right"] = start_guest(comp, "right")
+                comp.wait_shown("right", "soak-c", timeout=60)
+                samples.append(sample(comp.proc.pid, dri))
+            assert all(p.poll() is None for p in procs.values()), "a guest exited during the soak"
+            time.sleep(1.0)
+        elapsed = time.monotonic() - t0
+        time.sleep(1.0)
+        end = sample(comp.proc.pid, dri)
+        st = comp.status()
+        outs = [o for o in st["outputs"] if o.get("guest")]
+        presented, dropped = total(st, "presented"), total(st, "dropped")
+        print(f"soak: {flips} flips in {elapsed:.0f} s across {len(outs)} monitors, presented {presented}, "
+              f"dropped {dropped}, soak-c restarted {RESTARTS} times")
+        print(f"  after warm-up: {base}\n  at the end:    {end}")
+        print(f"  RSS growth {end.rss_kib - base.rss_kib} KiB over {flips - base_flips} flips; "
+              f"after each restart: {', '.join(str(s.rss_kib) for s in samples)} KiB")
+        assert flips >= FLIPS and len(outs) == 3
+        for o in outs:
+            assert (o["errors"], o["busy"], o["max_in_flight"], o["max_pending"]) == (0, 0, 1, 1), o
+            assert o["presented"] + o["dropped"] + int(o["in_flight"]) <= o["frames"], o
+        assert end.fds == base.fds, f"descriptors {base.fds} -> {end.fds}"
+        assert end.framebuffers == base.framebuffers, \
+            f"the kernel lists {base.framebuffers} -> {end.framebuffers} framebuffers"
+        assert end.rss_kib - base.rss_kib <= RSS_GROWTH_KIB, f"RSS {base.rss_kib} -> {end.rss_kib} KiB"
+        for monitor, guest in PLACED.items():
+            assert shows(host, HEADS[monitor], guest), f"{monitor} does not show {guest} after the soak"
+            moving(host, HEADS[monitor])
+    finally:
+        code = comp.stop()
+        print(comp.tail(8))
+    assert code == 0
+    if comp.proc.returncode != 0:
+        pytest.fail(comp.tail())
