@@ -150,16 +150,18 @@ def format_status(doc: dict) -> str:
     if pol.get("last_error"):
         lines.append("  last edit REJECTED, the previous policy stays in force:")
         lines += ["    " + line for line in pol["last_error"].splitlines()]
-    header = ("monitor", "connector", "guest", "path", "mode", "flips/s", "p50 ms", "p99 ms", "dropped",
-              "note")
+    header = ("monitor", "connector", "guest", "path", "mode", "flips/s", "p50 ms", "p99 ms", "commit us",
+              "dropped", "note")
     rows = []
     for o in doc["outputs"]:
         lat = o.get("latency_ms") or {}
+        delay = o.get("commit_delay_us") or {}
         rows.append((o.get("monitor") or "-", o["connector"], o.get("guest") or "-", o["path"],
                      o.get("mode", "-"), _num(o.get("flips_per_s")), _num(lat.get("p50"), "{:.2f}"),
-                     _num(lat.get("p99"), "{:.2f}"), str(o.get("dropped", "-")), o.get("reason") or ""))
+                     _num(lat.get("p99"), "{:.2f}"), _num(delay.get("p50"), "{:.0f}"),
+                     str(o.get("dropped", "-")), o.get("reason") or ""))
     for d in doc.get("dark", []):
-        rows.append((d.get("monitor") or "-", d["connector"], "-", "dark", "-", "-", "-", "-", "-",
+        rows.append((d.get("monitor") or "-", d["connector"], "-", "dark", "-", "-", "-", "-", "-", "-",
                      d["reason"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for r in [header, *rows]:
@@ -215,7 +217,9 @@ def register(sub) -> None:
                        "(zero-copy: the guest's buffer is on the plane; copy: the card refused it and "
                        "directflip copies each frame; slate: nothing to show, with the reason), flips per "
                        "second over the last second, flip latency p50/p99 (from the guest's flip to the "
-                       "kernel's flip timestamp) and frames dropped because a newer one arrived first.")
+                       "kernel's flip timestamp), the commit delay p50 in microseconds (from the guest's "
+                       "flip to directflip's commit ioctl returning: its own cost per frame) and frames "
+                       "dropped because a newer one arrived first.")
     p.add_argument("--json", action="store_true", help="the status document (schema directflip.status/1)")
     where(p)
     p.set_defaults(func=_status)

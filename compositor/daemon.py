@@ -311,9 +311,15 @@ class Daemon:
             new = {(o.card, o.connector): o for o in assignment.outputs if o.card not in paused}
             old_keys = {key for key in self.pipelines if key[0] not in paused}
             changed = 0
+            present = {(o.card.path, o.connector.name) for o in self.topology.outputs()}
             for key in old_keys - set(new):
                 pipe = self.pipelines.pop(key)
-                await self._idle(pipe)
+                if key in present:
+                    await self._idle(pipe)
+                else:
+                    # Unplugged: a flip in flight on a connector that is gone may never complete
+                    # (virtio-gpu drops it); waiting for it would only hold up the failover.
+                    pipe.abandon_in_flight()
                 pipe.stop()
                 log.info("%s: off", pipe.name)
                 changed += 1

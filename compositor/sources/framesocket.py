@@ -86,6 +86,9 @@ class ServerError(Exception):
     """The compositor sent error(reason) or closed the connection; str(exc) is the reason."""
 
 
+CLOSED = "the compositor closed the connection"  # a ServerError's text when no reason was sent
+
+
 # ------------------------------------------------------------------------------------------ framing
 
 def encode(msg: dict[str, Any]) -> bytes:
@@ -810,7 +813,7 @@ class FrameSocketClient:
             if not data:
                 for msg in messages:  # its error message, if it sent one, says why
                     self._event(msg)
-                self._die("the compositor closed the connection")
+                self._die(CLOSED)
 
     def _die(self, reason: str) -> None:
         if self._error is None:
@@ -848,6 +851,6 @@ class FrameSocketClient:
                 continue
             except (BrokenPipeError, ConnectionResetError):
                 self._drain()  # raises with the compositor's reason when it sent one
-                self._die("the compositor closed the connection")
+                self._die(CLOSED)
             data = data[sent:]
             ancillary = []  # the descriptor went with the first bytes

@@ -416,13 +416,18 @@ class SyntheticGuest:
             except OSError:
                 pass
             self.client = None
+        from .framesocket import CLOSED, ServerError
         while not self._stop:
             try:
                 self._connect()
                 self.stats.reconnects += 1
                 log.info("guest %s: connected again", self.name)
                 return True
-            except OSError as exc:  # nothing listening yet, or it went away mid-hello
+            except (OSError, ServerError) as exc:
+                # Nothing listening yet, or a dying compositor's backlog took the connection and closed
+                # it: try again. A compositor that says why it refuses is final.
+                if isinstance(exc, ServerError) and str(exc) != CLOSED:
+                    raise
                 log.debug("guest %s: connect: %s", self.name, exc)
                 if self.client is not None:
                     self.client.close()

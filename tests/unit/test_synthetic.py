@@ -403,6 +403,7 @@ class FakeClient:
 def fake_socket_module(monkeypatch):
     module = types.ModuleType("compositor.sources.framesocket")
     module.Released, module.Presented, module.ServerError = Released, Presented, ServerError
+    module.CLOSED = "the compositor closed the connection"
     monkeypatch.setitem(sys.modules, "compositor.sources.framesocket", module)
 
 
@@ -512,18 +513,20 @@ def test_guest_stops_cleanly_on_sigterm(fake_socket_module):
 
 def test_guest_reconnects_and_announces_again_when_the_compositor_comes_back(fake_socket_module,
                                                                             monkeypatch):
-    """--reconnect: the compositor dies after 3 flips (holding every buffer); the first two connection
-    attempts find nothing listening; the third gets a new compositor, to which every buffer is announced
-    again (all of them free: the dead compositor's holds are void) and the remaining frames are
-    flipped."""
+    """--reconnect: the compositor dies after 3 flips (holding every buffer); the first connection
+    attempt finds nothing listening, the second is closed unanswered; the third gets a new
+    compositor, to which every buffer is announced again (all of them free: the dead compositor's
+    holds are void) and the remaining frames are flipped."""
     attempts: list[str] = []
     clients: list[FakeClient] = []
 
     class Reconnecting(FakeClient):
         def __init__(self, path: str, name: str, uuid=None) -> None:
             attempts.append(path)
-            if len(attempts) <= 2:
+            if len(attempts) == 1:
                 raise ConnectionRefusedError(111, "nothing listens")
+            if len(attempts) == 2:    # a dying compositor's backlog: accepted, then closed unanswered
+                raise ServerError("the compositor closed the connection")
             super().__init__()
             self.announced: list[int] = []
             clients.append(self)
@@ -550,3 +553,16 @@ def test_without_reconnect_a_lost_compositor_ends_the_guest(fake_socket_module):
     guest, _ = fake_guest(FakeClient(fail_after=2))
     stats = guest.run(frames=10)
     assert stats.server_error == "output unplugged" and stats.reconnects == 0
+
+
+def test_a_reason_from_the_new_compositor_ends_the_reconnecting_guest(fake_socket_module, monkeypatch):
+    class Refusing(FakeClient):
+        def __init__(self, *args) -> None:
+            raise ServerError("uid 0 may not connect as guest office")
+
+    monkeypatch.setattr(sys.modules["compositor.sources.framesocket"], "FrameSocketClient", Refusing,
+                        raising=False)
+    guest, _ = fake_guest(FakeClient(fail_after=2))
+    guest.reconnect = True
+    stats = guest.run(frames=10)
+    assert stats.server_error == "uid 0 may not connect as guest office" and stats.reconnects == 0
