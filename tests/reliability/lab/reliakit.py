@@ -43,13 +43,26 @@ def framebuffers(dri: Path) -> int:
     return len(re.findall(r"^framebuffer\[\d+\]:", (dri / "framebuffer").read_text(), re.M))
 
 
+def open_fds(proc: Path) -> int:
+    """The process's descriptors, once two counts 0.2 s apart agree: a control-socket connection of a
+    status request just made may still be open on its side for a moment."""
+    count = len(os.listdir(proc / "fd"))
+    for _ in range(50):
+        time.sleep(0.2)
+        again = len(os.listdir(proc / "fd"))
+        if again == count:
+            return count
+        count = again
+    return count
+
+
 def sample(pid: int, dri: Path) -> Sample:
     proc = Path(f"/proc/{pid}")
     rss = next(int(line.split()[1]) for line in (proc / "status").read_text().splitlines()
                if line.startswith("VmRSS:"))
     fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICK   # utime, stime
-    return Sample(len(os.listdir(proc / "fd")), rss, framebuffers(dri), cpu)
+    return Sample(open_fds(proc), rss, framebuffers(dri), cpu)
 
 
 def total(status: dict, key: str) -> int:
