@@ -48,6 +48,7 @@ from compositor.sources import vfio
 from compositor.sources.frame import MAX_DIMENSION, BadPlane, Buffer, Frame, PlaneInfo
 from compositor.sources.framesocket import (
     MAX_MESSAGE,
+    MAX_PENDING_FDS,
     Decoder,
     FrameSocketClient,
     FrameSocketServer,
@@ -579,6 +580,11 @@ def test_any_number_of_descriptors_on_any_message_is_an_error_and_none_leaks(are
         cause = {"eof": f"{extra} file descriptor(s) sent that no buffer message claimed",
                  "flip": f"{extra} file descriptor(s) came with bytes before this message",
                  "buffer": f"{extra} file descriptor(s) came with bytes before this message"}[then]
+    causes = [cause]
+    if then == "buffer" and count + 1 > MAX_PENDING_FDS:
+        # When one read takes in both sends, the following buffer's descriptor joins the stray ones
+        # and their number is over the limit before either message is looked at.
+        causes.append(f"{count + 1} file descriptors sent ahead of their buffer messages")
     body = {"buffer": BUFFER, "flip": {"type": "flip", "id": 1}, "hello": HELLO}[carrier]
     follow = {"eof": [], "flip": [{"type": "flip", "id": 1}], "buffer": [dict(BUFFER, id=2)]}[then]
 
@@ -593,7 +599,8 @@ def test_any_number_of_descriptors_on_any_message_is_an_error_and_none_leaks(are
             sends.append((encode(msg), [shared] if msg["type"] == "buffer" else []))
         return hostile(arena, sends, hello=carrier != "hello")
 
-    assert_closed_with(survive(arena, scenario), cause)
+    reason = assert_closed_with(survive(arena, scenario))
+    assert any(c in reason for c in causes), f"none of {causes} in the reason {reason!r}"
 
 
 # --- framing
