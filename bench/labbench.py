@@ -29,7 +29,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from compositor.control import request  # noqa: E402
-from compositor.stats import percentile  # noqa: E402
 
 TCG_LABEL = "QEMU TCG (emulated CPU)"
 
@@ -105,10 +104,6 @@ def script(main, name: str) -> None:
         sys.exit(1)
 
 
-def pct(values, q: float) -> float | None:
-    return percentile(values, q)
-
-
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -140,13 +135,11 @@ def host():
 
 def cards() -> dict[str, str]:
     """DRM driver → /dev/dri/cardN; the lab has virtio_gpu, vkms and vgem."""
-    from compositor.lab.guest import drm_cards
-    found = drm_cards()
-    missing = [d for d in ("virtio_gpu", "vkms", "vgem") if d not in found]
-    if missing:
-        raise BenchError(f"DRM cards missing: {', '.join(missing)} (found {found}): run this in the lab, "
-                         "python -m compositor.lab run -- python bench/...")
-    return found
+    from compositor.lab.guest import lab_cards
+    try:
+        return lab_cards()
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def plug(head: int, width: int, height: int, card: str) -> None:

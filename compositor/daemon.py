@@ -428,28 +428,24 @@ class Daemon:
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
-        rules = [r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)]
-        rule = rules[0] if rules else None
-        own = next((r for r in self.policy.guests if r.pattern.matches(conn.name) and (
-            (r.kind == "vfio" and r.uuid is not None) or (r.kind == "qemu-dbus" and r.display is not None))),
-            None)
+        own = next((r.opened_here for r in self.policy.guests
+                    if r.opened_here and r.pattern.matches(conn.name)), None)
         if own is not None:
             # The daemon opens this guest itself; a client by that name would only keep it out.
-            what = f"vGPU {own.uuid}" if own.kind == "vfio" else f"QEMU display {own.display}"
-            raise Refused(f"guest {conn.name} is the {what}, which directflip opens itself; it cannot "
+            raise Refused(f"guest {conn.name} is the {own}, which directflip opens itself; it cannot "
                           f"connect over the frame socket")
         # Every rule that matches the name must admit the uid, not just the first.
-        allowed = {0, os.getuid()}
-        if rules:
-            allowed = set.intersection(*(set(r.uids) if r.uids is not None else {0, os.getuid()}
-                                         for r in rules))
+        rules = [r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)]
+        default = {0, os.getuid()}   # a rule without `users`, or no rule at all
+        allowed = set.intersection(*(default if r.uids is None else set(r.uids) for r in rules)) \
+            if rules else default
         if conn.peer.uid not in allowed:
             raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
                           f"uid {', '.join(map(str, sorted(allowed))) or 'none'})")
         if conn.name in self.guests:
             other = self.guests[conn.name].conn
             raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
-        if rule is None:
+        if not rules:
             log.warning("guest %s connected, but no guest rule of the policy matches it: it is not shown",
                         conn.name)
         self.guests[conn.name] = GuestState(conn, Guest(conn.name, "socket", conn.uuid))
@@ -655,7 +651,7 @@ class Daemon:
         with a duplicate of the device fd when the rule says `launch`. A vGPU that cannot be opened is
         reported and skipped: the others are served."""
         for rule in self.policy.guests:
-            if rule.kind != "vfio" or rule.uuid is None or rule.name in self.guests:
+            if rule.kind != "vfio" or not rule.opened_here or rule.name in self.guests:
                 continue
             try:
                 device = VfioDevice.open(rule.uuid)
@@ -737,7 +733,7 @@ class Daemon:
         reconnecting while the VM is away); close those whose rule is gone or changed."""
         # The policy allows `display` only with a literal name: the pattern is the guest's name.
         wanted = {r.pattern.pattern: (r, QemuTarget.parse(r.display, r.console)) for r in self.policy.guests
-                  if r.kind == "qemu-dbus" and r.display is not None}
+                  if r.kind == "qemu-dbus" and r.opened_here}
         for name, gs in list(self.guests.items()):
             if isinstance(gs.conn, QemuDisplaySource):
                 rule, target = wanted.get(name, (None, None))

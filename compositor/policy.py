@@ -213,6 +213,16 @@ class GuestRule:
     display: str | None = None
     console: int = 0
 
+    @property
+    def opened_here(self) -> str | None:
+        """What directflip opens itself for this guest (a vGPU by its UUID, a QEMU display), or None
+        for a guest that comes to it over the frame socket."""
+        if self.kind == "vfio" and self.uuid is not None:
+            return f"vGPU {self.uuid}"
+        if self.kind == "qemu-dbus" and self.display is not None:
+            return f"QEMU display {self.display}"
+        return None
+
     def matches(self, name: str, kind: str | None, uuid: str | None) -> bool:
         """Whether the rule takes this guest; kind None: whatever its kind (credentials go by name)."""
         if kind is not None and self.kind is not None and kind != self.kind:

@@ -273,7 +273,7 @@ class Metrics:
 
     def commit_delay_us(self, q: float) -> float | None:
         value = percentile(self.commit_delays_ns, q)
-        return None if value is None else round(value / 1e3, 1)
+        return None if value is None else value / 1e3
 
 
 @dataclass
@@ -652,16 +652,14 @@ class ScanoutPipeline:
 
     def status(self) -> dict:
         m = self.metrics
-        p50, p99 = m.latency_ms(0.5), m.latency_ms(0.99)
         return {
             "monitor": self.out.monitor, "card": self.out.card, "connector": self.out.connector,
             "crtc": self.out.crtc_id, "plane": self.out.plane_id, "mode": self.mode.label(),
             "guest": self.out.guest, "mirror": self.out.mirror, "path": self.path, "reason": self.reason,
             "fallbacks": list(self.fallbacks),
             "flips_per_s": round(m.flips_per_second(), 1),
-            "latency_ms": {"p50": None if p50 is None else round(p50, 2),
-                           "p99": None if p99 is None else round(p99, 2)},
-            "commit_delay_us": {"p50": m.commit_delay_us(0.5), "p99": m.commit_delay_us(0.99)},
+            "latency_ms": _p50_p99(m.latency_ms, 2),
+            "commit_delay_us": _p50_p99(m.commit_delay_us, 1),
             "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
             "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
             "busy": m.busy, "errors": m.errors, "configurations": self.configurations,
@@ -674,3 +672,8 @@ class ScanoutPipeline:
 
 __all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "render_slate", "live_mode",
            "ZERO_COPY", "COPY", "SLATE"]
+
+
+def _p50_p99(quantile: Callable[[float], float | None], digits: int) -> dict[str, float | None]:
+    values = {"p50": quantile(0.5), "p99": quantile(0.99)}
+    return {k: None if v is None else round(v, digits) for k, v in values.items()}

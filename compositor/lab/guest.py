@@ -49,6 +49,20 @@ def drm_driver_name(node: str) -> str:
         raise OSError(str(exc)) from None
 
 
+LAB_DRIVERS = ("virtio_gpu", "vkms", "vgem")  # the cards every boot of the lab has
+
+
+def lab_cards() -> dict[str, str]:
+    """drm_cards(), checked to hold every card of LAB_DRIVERS; RuntimeError naming what is missing
+    (outside the lab, all of them)."""
+    found = drm_cards()
+    missing = [d for d in LAB_DRIVERS if d not in found]
+    if missing:
+        raise RuntimeError(f"DRM cards missing: {', '.join(missing)} (found {found}); this runs inside the "
+                           "lab: python -m compositor.lab test | run -- ...")
+    return found
+
+
 def drm_cards() -> dict[str, str]:
     """Driver name -> primary node (``/dev/dri/cardN``) for every card present."""
     cards: dict[str, str] = {}

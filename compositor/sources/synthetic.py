@@ -410,12 +410,7 @@ class SyntheticGuest:
         """The connection is lost: with `reconnect`, connect again as soon as a compositor listens
         (every RECONNECT_INTERVAL) and go on flipping; True once connected, False when stopped."""
         log.warning("guest %s: %s; reconnecting", self.name, why)
-        if self.client is not None:
-            try:
-                self.client.close()
-            except OSError:
-                pass
-            self.client = None
+        self._drop_client()
         from .framesocket import CLOSED, ServerError
         while not self._stop:
             try:
@@ -429,19 +424,20 @@ class SyntheticGuest:
                 if isinstance(exc, ServerError) and str(exc) != CLOSED:
                     raise
                 log.debug("guest %s: connect: %s", self.name, exc)
-                if self.client is not None:
-                    self.client.close()
-                    self.client = None
+                self._drop_client()
             time.sleep(RECONNECT_INTERVAL)
         return False
 
-    def close(self) -> None:
+    def _drop_client(self) -> None:
         if self.client is not None:
             try:
                 self.client.close()
             except Exception as exc:  # noqa: BLE001 — cleanup: the server may already be gone
                 log.debug("closing the frame socket: %s", exc)
             self.client = None
+
+    def close(self) -> None:
+        self._drop_client()
         if self.swapchain is not None:
             self.swapchain.close()
             self.swapchain = None
@@ -501,15 +497,14 @@ class SyntheticGuest:
         from .framesocket import ServerError
         end = time.monotonic() + duration if duration is not None else None
         while True:
-            done = self.stats.frames_flipped
-            left = None if frames is None else frames - done
+            left = None if frames is None else frames - self.stats.frames_flipped
             try:
                 self.flip_frames(None if end is None else max(0.0, end - time.monotonic()), left)
                 return
             except (ServerError, OSError) as exc:
                 if not self.reconnect:
                     raise
-                why = str(getattr(exc, "reason", None) or exc)
+                why = exc
             if self._stop or not self._reconnect(f"the compositor went away ({why})"):
                 return
 

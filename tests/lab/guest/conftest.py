@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from compositor.lab.channel import HostChannel
-from compositor.lab.guest import drm_cards
+from compositor.lab.guest import lab_cards
 from compositor.lab.vm import DEFAULT_HEAD_SIZES
 
 
@@ -100,12 +100,10 @@ def host() -> Host:
 
 @pytest.fixture(scope="session")
 def cards() -> dict[str, str]:
-    found = drm_cards()
-    missing = [d for d in ("virtio_gpu", "vkms", "vgem") if d not in found]
-    if missing:
-        pytest.fail(f"DRM cards missing: {', '.join(missing)} (found {found}); these tests run inside "
-                    "the lab: python -m compositor.lab test", pytrace=False)
-    return found
+    try:
+        return lab_cards()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -41,24 +41,36 @@ class Compositor:
         """Start `directflip run` with this policy text and extra `args`; `prefix` runs it under
         another command (a session launcher), `env` adds to the environment."""
         self.policy.write_text(text)
-        self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
-             "--socket", self.socket, "--control", self.control, *args],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        self.launch(*args, env=env, prefix=prefix)
         deadline = time.monotonic() + 60
         while True:
             if self.proc.poll() is not None:
                 pytest.fail(f"the compositor exited ({self.proc.returncode}):\n{self.log.read_text()}")
-            try:
-                self.status()
+            if self.answers():
                 return
-            except (ConnectionError, OSError):
-                pass
             if time.monotonic() > deadline:
                 self.proc.kill()   # it must not hold DRM master over the next test
                 self.proc.wait(timeout=10)
                 pytest.fail(f"the compositor did not answer within 60 s:\n{self.log.read_text()}")
             time.sleep(0.2)
+
+    def launch(self, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+               append: bool = False) -> None:
+        """Spawn `directflip run` on the policy file as it is, without waiting for it; `append` keeps
+        the log of an earlier process."""
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
+             "--socket", self.socket, "--control", self.control, *args],
+            stdout=self.log.open("a" if append else "w"), stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})})
+
+    def answers(self) -> bool:
+        """Whether its control socket answers."""
+        try:
+            self.status()
+            return True
+        except (ConnectionError, OSError):
+            return False
 
     def status(self) -> dict:
         return request(self.control, {"cmd": "status"})

@@ -15,7 +15,21 @@ from compositor.sources.synthetic import decode_counter, guest_colour
 
 HEADS = {"left": 0, "centre": 1, "right": 2}
 SIZES = {"left": (1024, 768), "centre": (800, 600), "right": (640, 480)}   # the heads' boot sizes
+RATE = 60            # flips per second per guest, about what the lab's heads present under TCG
+MONITORS = """version: 1
+monitors:
+  left:   {connector: Virtual-1, driver: virtio_gpu}
+  centre: {connector: Virtual-2, driver: virtio_gpu}
+  right:  {connector: Virtual-3, driver: virtio_gpu}
+"""
 CLOCK_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def start_guest(comp: Compositor, monitor: str, name: str, *args: str):
+    """A synthetic guest the size of `monitor`'s head, flipping at RATE for up to an hour."""
+    w, h = SIZES[monitor]
+    return comp.guest("--name", name, "--on", "display", "--size", f"{w}x{h}", "--rate", str(RATE),
+                      "--duration", "3600", *args)
 
 
 @dataclass(frozen=True)

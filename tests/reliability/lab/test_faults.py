@@ -8,11 +8,11 @@ The guests run with --reconnect, as a VMM launcher would, so a restarted composi
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,21 +20,27 @@ from pathlib import Path
 import pytest
 import pyudev
 from labkit import Compositor, colour_share, wait_for
-from reliakit import HEADS, SIZES, all_back, counter, dri_debugfs, moving, sample, shows, wait_until
+from reliakit import (
+    HEADS,
+    MONITORS,
+    SIZES,
+    all_back,
+    counter,
+    dri_debugfs,
+    moving,
+    sample,
+    shows,
+    start_guest,
+    wait_until,
+)
 
 from compositor.session import activate_vt
 from compositor.sources.synthetic import guest_colour
 
-RATE = 60
 OUR_VT = 2          # the compositor holds VT 2 (VT switches pause and resume it)
 BACK_WITHIN = 2.0   # seconds: every output back after a fault
 
-POLICY = """version: 1
-monitors:
-  left:   {connector: Virtual-1, driver: virtio_gpu}
-  centre: {connector: Virtual-2, driver: virtio_gpu}
-  right:  {connector: Virtual-3, driver: virtio_gpu}
-guests:
+POLICY = MONITORS + """guests:
   office: {kind: socket}
   media:  {kind: socket}
   build:  {kind: socket}
@@ -48,10 +54,9 @@ SWAPPED = POLICY.replace("{guest: office, monitor: left}", "{guest: office, moni
                 .replace("{guest: media, monitor: centre}", "{guest: media, monitor: left}")
 
 
-def start_guest(comp: Compositor, monitor: str, guest: str | None = None):
-    w, h = SIZES[monitor]
-    return comp.guest("--name", guest or PLACED[monitor], "--on", "display", "--size", f"{w}x{h}",
-                      "--rate", str(RATE), "--duration", "3600", "--reconnect")
+def start_placed(comp: Compositor, monitor: str):
+    """The guest PLACED on `monitor`, reconnecting (as a VMM launcher would) across restarts."""
+    return start_guest(comp, monitor, PLACED[monitor], "--reconnect")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +65,7 @@ def comp(cards, host, tmp_path_factory):
     activate_vt(OUR_VT)
     c.start(POLICY, "--vt", str(OUR_VT))
     for monitor in PLACED:
-        start_guest(c, monitor)
+        start_placed(c, monitor)
     for monitor, guest in PLACED.items():
         c.wait_shown(monitor, guest)
     yield c
@@ -179,57 +184,43 @@ def test_a_thousand_udev_events_change_nothing_and_hide_no_real_hotplug(comp, ho
     cpu0 = sample(comp.proc.pid, dri).cpu_s
     left = counter(host, 0)
     files = uevent_files()
-    done = {}
     real = HotplugWitness()
-    noise = threading.Thread(target=lambda: done.setdefault("took", storm(files, 1000, real.written)))
-    with udevd_paused():
-        noise.start()
-        time.sleep(0.3)
-        host.unplug(2)                # a real hotplug in the middle of the noise
-        unplugged = time.monotonic()
-        failover = wait_until(lambda: (o := comp.output("centre")).get("guest") == "build"
-                              and o.get("on_screen") is not None, 10)
-        shown_at = time.monotonic()
-        during = noise.is_alive()
-        noise.join()
-        real.stop()
     try:
-        # The kernel sends the unplug's uevent only once its virtio-gpu work has run, which on the
-        # saturated emulated CPUs (the storm, udevd handling it) can take seconds: the 2 s are the
-        # compositor's, from that uevent (seen by a listener of our own) to the failover on screen.
-        # Our listener may itself lag behind the storm: its lag (read vs written, for the synthetic
-        # event before the real one) is taken off the uevent's time, which only lengthens the figure.
+        with udevd_paused(), concurrent.futures.ThreadPoolExecutor(1) as pool:
+            noise = pool.submit(storm, files, 1000, real.written)
+            time.sleep(0.3)
+            host.unplug(2)            # a real hotplug in the middle of the noise
+            moved = wait_until(lambda: (o := comp.output("centre")).get("guest") == "build"
+                               and o.get("on_screen") is not None, 10)
+            shown_at, during = time.monotonic(), not noise.done()
+            took = noise.result()
+        real.stop()
+        got = wait_for("the storm's events counted", lambda: (s := comp.status())["udev_events"]
+                       - before["udev_events"] >= 1000 and s, timeout=30)
+        cpu = sample(comp.proc.pid, dri).cpu_s - cpu0
+        assert moved is not None, f"the real unplug was lost in the noise: {comp.output('centre')}"
+        # The 2 s are the compositor's: from the unplug's uevent (seen by a listener of our own, whose
+        # lag behind the storm is taken off its time, which only lengthens the figure) to the picture.
         assert real.at is not None, "the kernel sent no HOTPLUG uevent for the unplug (or we lost it)"
-        sent = real.at - real.lag
-        print(f"the unplug's HOTPLUG uevent came {sent - unplugged:.2f} s after the unplug returned "
-              f"(our listener {real.lag:.2f} s behind); build on centre {shown_at - sent:.2f} s after it")
-        failover = shown_at - sent if failover is not None else None
-        storm_checks(comp, host, dri, before, cpu0, left, files, done, failover, during)
+        failover = shown_at - (real.at - real.lag)
+        print(f"udev storm: 1000 synthetic uevents over {len(files)} drm devices written in {took:.2f} s, "
+              f"a real unplug of head 2 among them: {got['udev_events'] - before['udev_events']} events "
+              f"received, {got['hotplugs'] - before['hotplugs']} re-probes; build on centre {failover:.2f} s "
+              f"after the unplug's uevent ({'while' if during else 'after'} the storm went on; our "
+              f"listener {real.lag:.2f} s behind); compositor CPU {cpu:.2f} s meanwhile (TCG)")
+        assert got["hotplugs"] - before["hotplugs"] <= 60, "bursts were not coalesced"
+        assert comp.proc.poll() is None
+        after = counter(host, 0)
+        assert after is not None and after > (left or 0), "left stalled in the storm"
+        assert shows(host, 1, "build")
+        assert failover <= BACK_WITHIN, failover
     finally:
+        real.stop()
         host.plug(2, *SIZES["right"])
     back = wait_until(lambda: all_back(comp, PLACED), 20)
     assert back is not None, comp.status()["outputs"]
     all_live(comp, host)
     assert back <= BACK_WITHIN, back
-
-
-def storm_checks(comp, host, dri, before, cpu0, left, files, done, failover, during) -> None:
-    got = wait_for("the storm's events counted", lambda: (s := comp.status())["udev_events"]
-                   - before["udev_events"] >= 1000 and s, timeout=30)
-    cpu = sample(comp.proc.pid, dri).cpu_s - cpu0
-    print(f"udev storm: 1000 synthetic uevents over {len(files)} drm devices written in "
-          f"{done['took']:.2f} s, a real unplug of head 2 among them: "
-          f"{got['udev_events'] - before['udev_events']} events received, "
-          f"{got['hotplugs'] - before['hotplugs']} re-probes, build on centre {failover} s after the "
-          f"unplug's uevent ({'while' if during else 'after'} the storm went on); compositor CPU "
-          f"{cpu:.2f} s meanwhile (TCG)")
-    assert failover is not None, f"the real unplug was lost in the noise: {comp.output('centre')}"
-    assert got["hotplugs"] - before["hotplugs"] <= 60, "bursts were not coalesced"
-    assert comp.proc.poll() is None
-    after = counter(host, 0)
-    assert after is not None and after > (left or 0), "left stalled in the storm"
-    assert shows(host, 1, "build")
-    assert failover <= BACK_WITHIN, failover
 
 
 # ------------------------------------------------------------------------------------- policy
@@ -307,7 +298,7 @@ def test_a_guest_killed_mid_flip_leaves_the_others_alone_and_leaks_nothing(comp,
     for monitor, value in others.items():
         assert (counter(host, HEADS[monitor]) or 0) > (value or 0), f"{monitor} stalled"
     gone = sample(comp.proc.pid, dri)
-    start_guest(comp, "centre")
+    start_placed(comp, "centre")
     # The guest's own start (Python, numpy, its buffers) is not the compositor's: time from its hello.
     wait_for("media connected again", lambda: any(g["name"] == "media" for g in comp.status()["guests"]),
              timeout=60)
@@ -381,11 +372,8 @@ def test_directflip_sigkilled_and_restarted_has_every_output_back_within_2_s_of_
     old.send_signal(signal.SIGKILL)
     old.wait(timeout=10)
     t0 = time.monotonic()
-    comp.proc = subprocess.Popen(
-        [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(comp.policy),
-         "--socket", comp.socket, "--control", comp.control, "--vt", str(OUR_VT)],
-        stdout=comp.log.open("a"), stderr=subprocess.STDOUT)
-    started = wait_until(lambda: _answers(comp), 120, step=0.01)
+    comp.launch("--vt", str(OUR_VT), append=True)
+    started = wait_until(comp.answers, 120, step=0.01)
     assert started is not None, comp.tail()
     back = wait_until(lambda: all_back(comp, PLACED), 30, step=0.01)
     if back is None:
@@ -405,10 +393,3 @@ def test_directflip_sigkilled_and_restarted_has_every_output_back_within_2_s_of_
     assert back <= BACK_WITHIN, f"outputs back only {back:.2f} s after the new process served"
     assert time.monotonic() - t0 < 180
 
-
-def _answers(comp: Compositor) -> bool:
-    try:
-        comp.status()
-        return True
-    except (ConnectionError, OSError):
-        return False

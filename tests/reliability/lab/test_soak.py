@@ -12,19 +12,13 @@ import time
 
 import pytest
 from labkit import Compositor
-from reliakit import HEADS, SIZES, dri_debugfs, moving, sample, shows, total
+from reliakit import HEADS, MONITORS, dri_debugfs, moving, sample, shows, start_guest, total
 
 FLIPS = int(os.environ.get("DIRECTFLIP_SOAK_FLIPS", "100000"))
-RATE = 60           # flips per second per guest, about what the lab's heads present under TCG
 RESTARTS = 4        # times soak-c is killed and started again during the soak
 RSS_GROWTH_KIB = 1024
 
-POLICY = """version: 1
-monitors:
-  left:   {connector: Virtual-1, driver: virtio_gpu}
-  centre: {connector: Virtual-2, driver: virtio_gpu}
-  right:  {connector: Virtual-3, driver: virtio_gpu}
-guests:
+POLICY = MONITORS + """guests:
   soak-a: {kind: socket}
   soak-b: {kind: socket}
   soak-c: {kind: socket}
@@ -36,18 +30,12 @@ placements:
 PLACED = {"left": "soak-a", "centre": "soak-b", "right": "soak-c"}
 
 
-def start_guest(comp: Compositor, monitor: str):
-    w, h = SIZES[monitor]
-    return comp.guest("--name", PLACED[monitor], "--on", "display", "--size", f"{w}x{h}",
-                      "--rate", str(RATE), "--duration", "3600")
-
-
 def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugfs, tmp_path):
     dri = dri_debugfs(debugfs, "virtio_gpu")
     comp = Compositor(tmp_path)
     comp.start(POLICY)
     try:
-        procs = {m: start_guest(comp, m) for m in PLACED}
+        procs = {m: start_guest(comp, m, g) for m, g in PLACED.items()}
         for monitor, guest in PLACED.items():
             comp.wait_shown(monitor, guest)
         first = max(3000, FLIPS // 20)
@@ -66,7 +54,7 @@ def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugf
                 restart_at.pop(0)
                 procs["right"].send_signal(signal.SIGKILL)
                 procs["right"].wait(timeout=10)
-                procs["right"] = start_guest(comp, "right")
+                procs["right"] = start_guest(comp, "right", PLACED["right"])
                 comp.wait_shown("right", "soak-c", timeout=60)
                 samples.append(sample(comp.proc.pid, dri))
                 if base is None:
