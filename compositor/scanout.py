@@ -276,6 +276,11 @@ class Metrics:
         return None if value is None else value / 1e3
 
 
+def _p50_p99(quantile: Callable[[float], float | None], digits: int) -> dict[str, float | None]:
+    values = {"p50": quantile(0.5), "p99": quantile(0.99)}
+    return {k: None if v is None else round(v, digits) for k, v in values.items()}
+
+
 @dataclass
 class _SlateBuffer:
     buffer: DumbBuffer
@@ -672,8 +677,3 @@ class ScanoutPipeline:
 
 __all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "render_slate", "live_mode",
            "ZERO_COPY", "COPY", "SLATE"]
-
-
-def _p50_p99(quantile: Callable[[float], float | None], digits: int) -> dict[str, float | None]:
-    values = {"p50": quantile(0.5), "p99": quantile(0.99)}
-    return {k: None if v is None else round(v, digits) for k, v in values.items()}

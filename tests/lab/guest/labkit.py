@@ -156,15 +156,16 @@ class Compositor:
         return self.proc.wait(timeout=30)
 
 
-def wait_for(what: str, check, timeout: float = 30):
-    """Until check() returns something other than None or False; that value."""
+def wait_for(what: str, check, timeout: float = 30, why=None):
+    """Until check() returns something other than None or False; that value. On timeout the failure
+    says what was awaited and, with `why`, why() (what the last check saw)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value is not None and value is not False:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
+            pytest.fail(f"timed out waiting for {what}" + (f": {why()}" if why is not None else ""))
         time.sleep(0.2)
 
 

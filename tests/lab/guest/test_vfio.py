@@ -42,27 +42,26 @@ def expected(name: str, n: int, w: int, h: int) -> np.ndarray:
     return view[..., 2::-1][..., :3].copy()
 
 
-def whole(what: str, grab, name: str, n: int, w: int, h: int, timeout: float = 30) -> np.ndarray:
+def whole(what: str, grab, name: str, n: int, w: int, h: int) -> None:
     """Until grab() returns exactly frame n of `name`. A vGPU has no flip signal: the guest draws in
     place while the compositor polls, so one read may catch a frame half drawn (the counter new, the
     bar not yet); the next refresh shows it whole. On timeout, how far the last read was."""
     want = expected(name, n, w, h)
     last: list[np.ndarray] = []
 
-    def check():
-        rgb = grab()
-        last[:] = [rgb]
-        return rgb if rgb.shape == want.shape and (rgb == want).all() else None
+    def check() -> bool:
+        last[:] = [grab()]
+        return last[0].shape == want.shape and bool((last[0] == want).all())
 
-    try:
-        return wait_for(what, check, timeout)
-    except pytest.fail.Exception:
-        rgb = last[0] if last else None
-        if rgb is None or rgb.shape != want.shape:
-            raise
+    def why() -> str:
+        rgb = last[0]
+        if rgb.shape != want.shape:
+            return f"the last read is {rgb.shape[1]}x{rgb.shape[0]}, not {w}x{h}"
         off = float(np.mean(np.any(rgb != want, axis=-1)))
-        pytest.fail(f"timed out waiting for {what}: the last read shows frame {decode_counter(rgb)}, "
-                    f"{off:.4f} of its pixels differ from frame {n}")
+        return (f"the last read shows frame {decode_counter(rgb)}, {off:.4f} of its pixels differ from "
+                f"frame {n}")
+
+    wait_for(what, check, why=why)
 
 
 def policy(vgpu: str, control: str, placements: dict[str, str]) -> str:

@@ -194,7 +194,6 @@ def test_a_thousand_udev_events_change_nothing_and_hide_no_real_hotplug(comp, ho
                                and o.get("on_screen") is not None, 10)
             shown_at, during = time.monotonic(), not noise.done()
             took = noise.result()
-        real.stop()
         got = wait_for("the storm's events counted", lambda: (s := comp.status())["udev_events"]
                        - before["udev_events"] >= 1000 and s, timeout=30)
         cpu = sample(comp.proc.pid, dri).cpu_s - cpu0
