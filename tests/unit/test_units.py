@@ -278,14 +278,15 @@ def test_the_rule_check_rejects_broken_rules(rule: str) -> None:
 
 def udevadm_test(rules_dir: Path) -> list[str]:
     """Load every rules file with udev's own parser: `udevadm test` on /dev/null, in a private mount
-    namespace whose /etc/udev/rules.d is `rules_dir` and whose /dev and /run/udev are empty tmpfs, so
-    nothing of the machine is touched. Returns the lines that name our files, minus the expected
+    namespace whose /etc/udev/rules.d is `rules_dir` and whose /dev and /run are empty tmpfs (with the
+    /run/udev it needs made there: a machine where udevd never ran has none), so nothing of the
+    machine is touched. Returns the lines that name our files, minus the expected
     "Unknown group 'directflip'" where the group has not been created (README: groupadd)."""
     udevadm, unshare = shutil.which("udevadm"), shutil.which("unshare")
     if udevadm is None or unshare is None or os.geteuid() != 0 or not Path("/sys/class/mem/null").exists():
         pytest.fail("needs root, udevadm (Debian: udev), unshare and /sys/class/mem/null; `make unit` "
                     "installs udev")
-    script = (f"mount -t tmpfs tmpfs /run/udev && mount -t tmpfs tmpfs /dev && "
+    script = (f"mount -t tmpfs tmpfs /run && mkdir /run/udev && mount -t tmpfs tmpfs /dev && "
               f"mount --bind {shlex.quote(str(rules_dir))} /etc/udev/rules.d && "
               f"exec {udevadm} test /sys/class/mem/null")
     run = subprocess.run([unshare, "--mount", "--propagation", "private", "sh", "-c", script],
