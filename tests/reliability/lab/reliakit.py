@@ -107,7 +107,7 @@ def all_back(comp: Compositor, placements: dict[str, str]) -> bool:
     return True
 
 
-def moving(host, head: int, timeout: float = 10) -> tuple[int, int]:
+def moving(host, head: int, timeout: float = 30) -> tuple[int, int]:
     """Two counters read from head `head`, the second later and higher: the picture is live."""
     first = wait_for(f"a frame counter on head {head}", lambda: counter(host, head), timeout=timeout)
     second = wait_for(f"head {head}'s counter moving past {first}",
