@@ -1,8 +1,9 @@
 """`directflip check POLICY`: validate a policy file and show the plan it gives.
 
-Exit status: 0 the policy is valid (and was planned); 1 the policy, or the topology file given with
-`--topology`, is invalid; 2 usage: bad arguments, a file that cannot be read, no KMS device to probe
-without `--topology`, or `--render` without Pillow.
+Exit status: 0 the policy is valid and lights at least one monitor of the topology; 1 the policy, or
+the topology file given with `--topology`, is invalid, or the policy lights no monitor there; 2 usage:
+bad arguments, a file that cannot be read, no KMS device to probe without `--topology`, or `--render`
+without Pillow.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -23,19 +25,25 @@ mode, through which CRTC and plane, and with which source and destination rectan
 
 The plan is made for the live KMS topology (as `directflip probe` sees it), or for a saved
 `directflip probe --json` given with --topology. Guests are imagined from the policy (one running
-guest per guest rule, framebuffer size unknown) unless described with --guest."""
+guest per guest rule, shown by its name or pattern, framebuffer size unknown) unless described with
+--guest. The PATH column predicts the scanout path: zero-copy, or copy where the card is known to
+refuse the planned placement (the compositor then copies each frame into a screen-sized buffer).
+
+A monitor of the policy that matches no connected output is a warning; a policy that lights no
+monitor at all is an error (exit 1): `directflip init` writes one for the monitors plugged in."""
 
 _EPILOG = """\
 --guest SPEC describes one running guest: NAME[,kind=vfio|qemu-dbus|socket][,size=WxH]
-[,format=FOURCC][,modifier=MOD][,uuid=UUID]. Repeat it for each guest; when given, only these run.
+[,format=FOURCC][,modifier=MOD][,uuid=UUID] (no kind: any kind). Repeat it for each guest; when
+given, only these run.
 
 examples:
-  directflip check policies/demo.yaml --topology lab.json
-  directflip check kiosk.yaml --guest kiosk-a,size=1920x1080 --unplug HDMI-A-2
-  directflip check multiseat.yaml --topology lab.json --render layout.png
+  directflip check policies/desk.yaml
+  directflip check kiosk.yaml --guest signage,size=1920x1080 --unplug HDMI-A-1
+  directflip check multiseat.yaml --topology probe.json --render layout.png
 
-exit status: 0 valid, 1 invalid (policy or topology file), 2 usage (bad arguments, unreadable
-file, no KMS device without --topology, --render without Pillow)"""
+exit status: 0 valid, 1 invalid (policy or topology file) or lights no monitor, 2 usage (bad
+arguments, unreadable file, no KMS device without --topology, --render without Pillow)"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,24 +83,37 @@ def parse_guest(spec: str) -> planner.Guest:
         if not (x and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
             raise ValueError(f"--guest {spec!r}: size must be WIDTHxHEIGHT, e.g. 1920x1080")
         width, height = int(w), int(h)
-    kind = values.get("kind", "vfio")
-    if kind not in policy.GUEST_KINDS:
+    kind = values.get("kind")
+    if kind is not None and kind not in policy.GUEST_KINDS:
         raise ValueError(f"--guest {spec!r}: kind must be one of {', '.join(policy.GUEST_KINDS)}")
     return planner.Guest(name, kind, values.get("uuid"), width, height, values.get("format"),
                          values.get("modifier"))
 
 
-def imagined_guests(pol: policy.Policy) -> list[planner.Guest]:
-    """One running guest per guest rule, named so that its rule matches it."""
-    guests = []
+def imagined_guests(pol: policy.Policy) -> tuple[list[planner.Guest], dict[str, str]]:
+    """One running guest per guest rule, of the rule's kind (None: any), and the labels to show for
+    them. A guest is named by the rule's pattern where the pattern matches its own text (`build-*`,
+    `brav?`); otherwise (`kiosk-[ab]`) by a name the pattern matches, shown as the pattern."""
+    guests, labels = [], {}
     for rule in pol.guests:
-        name = rule.pattern.pattern
-        if not rule.pattern.literal:
-            name = _instance_of(name, rule.name)
+        pattern = rule.pattern.pattern
+        name = pattern
+        if not rule.pattern.matches(name):
+            name = _instance_of(pattern, rule.name)
             if not rule.pattern.matches(name):
                 name = rule.name
-        guests.append(planner.Guest(name, rule.kind or "vfio", rule.uuid))
-    return guests
+            labels[name] = pattern
+        guests.append(planner.Guest(name, rule.kind, rule.uuid))
+    return guests, labels
+
+
+def relabel(a: planner.Assignment, labels: dict[str, str]) -> planner.Assignment:
+    """The assignment with guests shown by their labels (the patterns they were imagined from)."""
+    if not labels:
+        return a
+    return replace(a, outputs=tuple(replace(o, guest=labels.get(o.guest, o.guest)) if o.guest else o
+                                    for o in a.outputs),
+                   unplaced=tuple(replace(u, guest=labels.get(u.guest, u.guest)) for u in a.unplaced))
 
 
 def _instance_of(pattern: str, filler: str) -> str:
@@ -179,10 +200,17 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         topo = topo.without(set(args.unplug))
 
     imagined = not guests
+    labels: dict[str, str] = {}
     if imagined:
-        guests = imagined_guests(pol)
+        guests, labels = imagined_guests(pol)
     outputs = topo.outputs()
-    assignment = planner.plan(pol, outputs, guests)
+    assignment = relabel(planner.plan(pol, outputs, guests), labels)
+    guests = [replace(g, name=labels.get(g.name, g.name)) for g in guests]
+    bound = {o.monitor for o in assignment.outputs} | {d.monitor for d in assignment.dark if d.monitor}
+    for rule in pol.monitors:
+        if rule.name not in bound:
+            print(f"{args.policy}:{rule.line}: warning: monitor `{rule.name}` matches no connected output "
+                  f"of {args.topology or 'this machine'}", file=err)
 
     source = args.topology or "live devices"
     counts = f"{_count(topo.cards, 'card')}, {_count(outputs, 'monitor')} present"
@@ -190,13 +218,19 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     for card in topo.cards:
         if card.error:
             print(f"  {card.path}: not probed: {card.error}", file=out)
-    guest_list = ", ".join(f"{g.name} ({g.kind}{_size(g)})" for g in guests) or "none"
+    guest_list = ", ".join(f"{g.name} ({g.kind or 'any kind'}{_size(g)})" for g in guests) or "none"
     suffix = " [one per guest rule; describe real ones with --guest]" if imagined else ""
     print(f"guests: {guest_list}{suffix}", file=out)
     if args.unplug:
         print(f"unplugged: {', '.join(args.unplug)}", file=out)
     print(file=out)
     print(format_plan(assignment), file=out)
+    if not assignment.outputs:
+        present = ", ".join(f"{_short(o.card.path)} {o.connector.name}" for o in outputs) or "none"
+        print(f"{args.policy}: lights no monitor on {source}: none of its {_count(pol.monitors, 'monitor')} "
+              f"matches a connected output (connected: {present}); `directflip init` writes a policy for "
+              "the monitors plugged in", file=err)
+        return EXIT_INVALID
 
     if args.render:
         from compositor import render
@@ -225,7 +259,8 @@ def _short(card: str) -> str:
 
 def format_plan(a: planner.Assignment) -> str:
     """The assignment as a table, then notes, dark outputs and guests not shown."""
-    header = ("MONITOR", "OUTPUT", "CRTC", "PLANE", "MODE", "SHOWS", "SCALING", "SOURCE -> DESTINATION")
+    header = ("MONITOR", "OUTPUT", "CRTC", "PLANE", "MODE", "SHOWS", "SCALING", "PATH",
+              "SOURCE -> DESTINATION")
     rows = []
     for o in a.outputs:
         if o.guest is not None:
@@ -235,8 +270,9 @@ def format_plan(a: planner.Assignment) -> str:
             assert o.slate is not None
             shows = f'slate "{o.slate.text}"'
             rects = o.slate.reason
+        path = "-" if o.guest is None else "zero-copy" if o.zero_copy else "copy"
         rows.append((o.monitor, f"{_short(o.card)} {o.connector}", str(o.crtc_id), str(o.plane_id),
-                     str(o.mode), shows, o.scaling if o.guest else "-", rects))
+                     str(o.mode), shows, o.scaling if o.guest else "-", path, rects))
     lines = []
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]

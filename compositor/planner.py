@@ -66,7 +66,7 @@ class Guest:
     """A running guest as the planner sees it. The framebuffer fields are None until known."""
 
     name: str
-    kind: str  # vfio | qemu-dbus | socket
+    kind: str | None  # vfio | qemu-dbus | socket; None: not known (`check` imagining a guest)
     uuid: str | None = None
     width: int | None = None
     height: int | None = None
@@ -74,7 +74,7 @@ class Guest:
     modifier: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in GUEST_KINDS:
+        if self.kind is not None and self.kind not in GUEST_KINDS:
             raise ValueError(f"guest kind must be one of {', '.join(GUEST_KINDS)}, not {self.kind!r}")
         if (self.width is None) != (self.height is None):
             raise ValueError("give both framebuffer width and height, or neither")
@@ -122,6 +122,10 @@ class OutputAssignment:
     scaling: str  # what the rectangles do: none | fit | fill | integer
     mirror: bool = False  # shown through the placement's `mirror` list
     notes: tuple[str, ...] = ()
+    # What the plan expects of the scanout ladder: False where the plane is known to refuse this
+    # placement (a primary plane that must cover the CRTC, given a smaller rectangle), so the frame
+    # will be copied into a screen-sized buffer. The ladder still test-commits zero copy first.
+    zero_copy: bool = True
 
 
 @dataclass(frozen=True)
@@ -331,7 +335,7 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> 
                 break
 
     # 2. guest rules -> running guests
-    running = sorted(guests, key=lambda g: (g.name, g.uuid or "", g.kind))
+    running = sorted(guests, key=lambda g: (g.name, g.uuid or "", g.kind or ""))
     by_name: dict[str, list[int]] = {}
     for i, g in enumerate(running):
         by_name.setdefault(g.name, []).append(i)
@@ -471,6 +475,7 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> 
         mode, mode_notes = choose_mode(rule, out, buffer)
         notes = list(mode_notes)
         slate = None
+        zero_copy = True
         if guest is None:
             src = dst = Rect(0, 0, mode.width, mode.height)
             scaling, slate = "none", Slate(slate_reason, rule.slate.text, rule.slate.colour)
@@ -482,11 +487,17 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> 
             src, dst, scaling, place_notes = place(rule.scaling, buffer, (mode.width, mode.height),
                                                    plane.can_scale)
             notes += place_notes
+            if plane.must_cover and dst != Rect(0, 0, mode.width, mode.height):
+                zero_copy = False
+                notes.append(f"{out.card.driver}'s primary plane must cover the whole screen, so a "
+                             f"{dst.w}x{dst.h} picture on {mode.width}x{mode.height} is copied (no zero "
+                             "copy); a guest buffer of the mode's size or `mode: match-guest` avoids it")
         lit[k] = OutputAssignment(
             card=out.card.path, connector=out.connector.name, connector_id=out.connector.id,
             monitor=s.monitor, crtc_id=crtc_of[k], plane_id=plane_of[k], mode=mode,
             guest=guest.name if guest is not None else None, slate=slate, src=src, dst=dst,
-            scaling=scaling, mirror=s.mirror and guest is not None, notes=tuple(notes))
+            scaling=scaling, mirror=s.mirror and guest is not None, notes=tuple(notes),
+            zero_copy=zero_copy)
 
     result, dark = [], []
     for out in outputs:

@@ -809,7 +809,8 @@ class _Validator:
             raise PolicyError(self.errors) from None
         try:
             if root is None:
-                self.error(None, "the policy is empty", "start from policies/demo.yaml")
+                self.error(None, "the policy is empty",
+                           "`directflip init` writes one for the monitors plugged in")
                 raise PolicyError(self.errors)
             return self.document(root)
         except RecursionError:
@@ -827,6 +828,10 @@ class _Validator:
     def document(self, root: yaml.Node) -> Policy:
         top = self.mapping(root, "the policy", _TOP_KEYS)
         if not isinstance(root, yaml.MappingNode):
+            raise PolicyError(self.errors)
+        if self.errors and any(d.message.startswith("duplicate key") for d in self.errors):
+            # A section given twice: only the first is read, so everything said about the sections
+            # (one empty, names the second defines undefined) would follow from this one cause.
             raise PolicyError(self.errors)
         if "version" in top:
             vnode = top["version"][1]

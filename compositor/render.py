@@ -129,7 +129,7 @@ def render(assignment: Assignment, outputs: Sequence[Output], guests: Sequence[G
                 ink = _ink_on(colour)
                 g = kinds.get(a.guest)
                 d.text((box[0] + 10, box[1] + 8), a.guest, fill=ink, font=big)
-                detail = [g.kind if g else ""]
+                detail = [(g.kind or "any kind") if g else ""]
                 if a.mirror:
                     detail.append("mirror")
                 detail.append(f"src {a.src}")

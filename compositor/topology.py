@@ -27,6 +27,12 @@ SCHEMA = "directflip.probe/1"
 SCALING_DRIVERS = frozenset({"i915", "xe", "amdgpu", "radeon", "nouveau", "msm", "rockchip", "vc4",
                              "mediatek"})
 
+# Drivers whose primary plane must cover its whole CRTC (the atomic helpers' check without
+# positioning): a guest buffer placed anywhere else is refused by TEST_ONLY, and the scanout ladder
+# shows it through the copy path instead. Seen on virtio_gpu in the lab; the drivers built on the
+# simple-KMS helper (bochs, cirrus, simpledrm) check the same way.
+FULL_SCREEN_PRIMARY_DRIVERS = frozenset({"virtio_gpu", "bochs", "cirrus", "simpledrm"})
+
 DEFAULT_SEAT = "seat0"
 
 
@@ -88,6 +94,7 @@ class Plane:
     formats: Mapping[str, tuple[str, ...]] = field(hash=False)
     zpos: int | None
     can_scale: bool
+    must_cover: bool = False   # a primary plane that must cover its whole CRTC (see above)
 
     def supports(self, fourcc: str, modifier: str | None = None) -> bool:
         modifiers = self.formats.get(fourcc)
@@ -370,6 +377,7 @@ def _plane(r: _Reader, driver: str, obj: Mapping[str, Any], where: str) -> Plane
         formats=formats,
         zpos=zpos,
         can_scale=ptype != "cursor" and driver in SCALING_DRIVERS,
+        must_cover=ptype == "primary" and driver in FULL_SCREEN_PRIMARY_DRIVERS,
     )
 
 
