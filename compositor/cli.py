@@ -11,7 +11,7 @@ import sys
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = ["compositor.daemon", "compositor.control", "compositor.sources.synthetic", "compositor.probe",
-            "compositor.check", "compositor.demo"]
+            "compositor.init", "compositor.check", "compositor.demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

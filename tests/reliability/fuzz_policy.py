@@ -2,7 +2,7 @@
 every line is `file:line:column: message`, and nothing else escapes. The input is the file's bytes
 (as UTF-8, invalid sequences replaced), so the shipped policies are good seeds:
 
-    python tests/reliability/fuzz_policy.py -seed_inputs=policies/demo.yaml,policies/kiosk.yaml
+    python tests/reliability/fuzz_policy.py -seed_inputs=policies/desk.yaml,policies/kiosk.yaml
 """
 
 from __future__ import annotations

@@ -567,11 +567,11 @@ def test_guest_rejects_bad_fields() -> None:
 
 
 def test_lab_topology_demo() -> None:
-    """The shipped demo policy on the saved lab topology: three guests on the three QEMU monitors."""
+    """The lab's demo policy on the saved lab topology: three guests on the three QEMU monitors."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    pol = policy.load(root / "policies" / "demo.yaml")
+    pol = policy.load(root / "tests" / "data" / "policies" / "lab-demo.yaml")
     topo = topology.load(root / "tests" / "data" / "lab-topology.json")
     a = plan(pol, topo.outputs(), [g("office"), g("media", "qemu-dbus"), g("build-7", "socket")])
     assert [(o.monitor, o.guest) for o in a.outputs] == [("left", "office"), ("centre", "media"),
