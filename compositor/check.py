@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from compositor import planner, policy, topology
+# The planner, the policy parser (YAML) and the topology are imported where they are used, not here:
+# `directflip check --help` and the other subcommands' start-up have no use for them, and together they
+# cost more than the interpreter's own start.
+if TYPE_CHECKING:
+    from compositor import planner, policy, topology
 
 EXIT_VALID, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -67,6 +70,8 @@ class _Usage(Exception):
 
 def parse_guest(spec: str) -> planner.Guest:
     """`office,kind=vfio,size=1920x1080,format=XR24` -> Guest. Raises ValueError with a readable text."""
+    from compositor import planner, policy
+
     name, *fields = [s.strip() for s in spec.split(",")]
     if not name or "=" in name:
         raise ValueError(f"--guest {spec!r}: start with the guest's name")
@@ -94,6 +99,8 @@ def imagined_guests(pol: policy.Policy) -> tuple[list[planner.Guest], dict[str, 
     """One running guest per guest rule, of the rule's kind (None: any), and the labels to show for
     them. A guest is named by the rule's pattern where the pattern matches its own text (`build-*`,
     `brav?`); otherwise (`kiosk-[ab]`) by a name the pattern matches, shown as the pattern."""
+    from compositor import planner
+
     guests, labels = [], {}
     for rule in pol.guests:
         pattern = rule.pattern.pattern
@@ -109,6 +116,8 @@ def imagined_guests(pol: policy.Policy) -> tuple[list[planner.Guest], dict[str, 
 
 def relabel(a: planner.Assignment, labels: dict[str, str]) -> planner.Assignment:
     """The assignment with guests shown by their labels (the patterns they were imagined from)."""
+    from dataclasses import replace
+
     if not labels:
         return a
     return replace(a, outputs=tuple(replace(o, guest=labels.get(o.guest, o.guest)) if o.guest else o
@@ -140,6 +149,8 @@ def _instance_of(pattern: str, filler: str) -> str:
 
 
 def _live_topology() -> topology.Topology:
+    from compositor import topology
+
     try:
         from compositor import probe as probe_module
     except ImportError as exc:
@@ -167,6 +178,10 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 
 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from dataclasses import replace
+
+    from compositor import planner, policy, topology
+
     try:
         guests = [parse_guest(spec) for spec in args.guest]
     except ValueError as exc:
