@@ -38,6 +38,8 @@ lint: deps
 bench: lab-setup
 	@echo "make bench: $$(date -u '+%Y-%m-%d %H:%M UTC'); host: $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $$(nproc) CPUs, load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 	$(PYTHON) bench/bench_planner.py
+	$(PYTHON) bench/bench_startup.py
+	$(PYTHON) bench/bench_copy.py
 	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
 	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 

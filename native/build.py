@@ -185,6 +185,9 @@ int kms_atomic_commit(int fd, uint32_t n, const uint32_t *objects, const uint32_
                       const uint64_t *values, uint32_t flags, uint64_t user_data);
 int kms_flip(int fd, uint32_t plane_id, uint32_t fb_prop_id, uint32_t fb_id, uint64_t user_data);
 int kms_drain_events(int fd, struct kms_flip_event *out, int max, int *dropped);
+int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch,
+                  const void *src, size_t src_len, size_t src_offset, size_t src_pitch,
+                  size_t height, size_t row_bytes);
 extern "Python" void _kms_log_cb(int level, const char *message);
 """
 

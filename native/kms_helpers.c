@@ -106,3 +106,59 @@ int kms_drain_events(int fd, struct kms_flip_event *out, int max, int *dropped)
 		*dropped = drain.dropped;
 	return drain.count;
 }
+
+/* Whether rows 0..height-1 of row_bytes bytes, pitch apart from offset, lie within len bytes: the
+ * last row ends at offset + pitch * (height - 1) + row_bytes, which guest-chosen values can make
+ * wrap around. So nothing is multiplied or added that could: each term is compared with what is
+ * left of the buffer once the earlier terms are taken off (unsigned subtraction of a smaller value,
+ * and one division). Returns 0 or -errno, as kms_copy_rows. */
+static int rows_fit(size_t len, size_t offset, size_t pitch, size_t height, size_t row_bytes)
+{
+	size_t left;
+
+	if (offset > len)
+		return -ERANGE;
+	if (height == 0 || row_bytes == 0)
+		return 0;
+	if (height > 1 && pitch < row_bytes)
+		return -EINVAL;
+	left = len - offset;
+	if (row_bytes > left)
+		return -ERANGE;
+	left -= row_bytes;  /* room for pitch * (height - 1) */
+	if (height > 1 && pitch > left / (height - 1))
+		return -ERANGE;
+	return 0;
+}
+
+int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch,
+		  const void *src, size_t src_len, size_t src_offset, size_t src_pitch,
+		  size_t height, size_t row_bytes)
+{
+	unsigned char *to = dst;
+	const unsigned char *from = src;
+	int ret;
+
+	if ((!dst && dst_len) || (!src && src_len))
+		return -EINVAL;
+	ret = rows_fit(dst_len, dst_offset, dst_pitch, height, row_bytes);
+	if (ret == 0)
+		ret = rows_fit(src_len, src_offset, src_pitch, height, row_bytes);
+	if (ret < 0 || height == 0 || row_bytes == 0)
+		return ret;
+	to += dst_offset;
+	from += src_offset;
+	/* Both pitches equal to the row: the rows are one contiguous block on both sides. */
+	if (dst_pitch == row_bytes && src_pitch == row_bytes) {
+		memmove(to, from, row_bytes * height);  /* <= len by rows_fit: no overflow */
+		return 0;
+	}
+	for (size_t i = 0; i < height; i++) {
+		memmove(to, from, row_bytes);
+		if (i + 1 < height) {  /* a pointer one pitch past the last row may lie past the buffer */
+			to += dst_pitch;
+			from += src_pitch;
+		}
+	}
+	return 0;
+}
