@@ -22,6 +22,10 @@ A pipeline stays on the rung it fell to until it is configured again (the next a
 Every configuration change (a mode, a new plane position, a first frame of a new size) is tried with
 TEST_ONLY first. The per-frame flip, once the plane is configured, only changes FB_ID: that is the hot
 path, done by native/kms_helpers.c (or, for comparison, the same through AtomicRequest).
+
+A configuration that shows a frame is a blocking commit, but it asks for a flip event all the same:
+that frame (a guest's first, or its first of a new size) is reported presented when the event is read,
+exactly as a flipped frame is.
 """
 
 from __future__ import annotations
@@ -38,12 +42,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-
-from compositor.kms import Busy, Card, Framebuffer, KmsError, Mode, Rejected
+from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
 from compositor.kms.card import DumbBuffer, lib
 from compositor.kms.errors import kms_error
 from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
+from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
 from compositor.stats import percentile
@@ -119,9 +122,11 @@ class CopyBuffers:
     So a card that refuses the guest's buffer, or refuses to position a plane (virtio-gpu's primary
     plane must cover the whole CRTC), still shows the picture where the plan puts it. Two buffers,
     so one can be written while the other is on screen (a copy is only made when no commit is in
-    flight). A copy cannot scale: a plan that scales needs a plane that does."""
+    flight). A copy cannot scale: a plan that scales needs a plane that does. `native`: the copy is
+    kms_copy_rows (native/kms_helpers.c), else the pure-Python copy of `--pure-python`."""
 
-    def __init__(self, card: Card, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> None:
+    def __init__(self, card: Card, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect, *,
+                 native: bool = True) -> None:
         if info.modifier not in (DRM_FORMAT_MOD_LINEAR, DRM_FORMAT_MOD_INVALID):
             raise Rejected("copy", 22, "the buffer is tiled (format modifier set); a CPU copy would "
                            "scramble it")
@@ -129,6 +134,7 @@ class CopyBuffers:
             raise Rejected("copy", 22, f"the plan scales {src} to {dst}; a copy cannot scale")
         self.card = card
         self.info, self.size, self.src, self.dst = info, size, src, dst
+        self.native = native
         self.slots: list[tuple[DumbBuffer, Framebuffer]] = []
         bpp = FORMATS[info.fourcc].bpp
         for _ in range(2):
@@ -160,9 +166,11 @@ class CopyBuffers:
         if sync:
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
-            # One strided copy of the planned rectangle, row pitch to row pitch (no Python loop).
-            _rows(dst_map, (dst.y * dst_buf.pitch) + dst.x * bpp, dst_buf.pitch, src.h, row)[:] = \
-                _rows(src_map, info.offset + src.y * info.stride + src.x * bpp, info.stride, src.h, row)
+            # One strided copy of the planned rectangle, row pitch to row pitch, every row checked
+            # against both buffers' sizes (the guest's layout is the guest's to get wrong).
+            copy_rows(dst_map, dst.y * dst_buf.pitch + dst.x * bpp, dst_buf.pitch,
+                      src_map, info.offset + src.y * info.stride + src.x * bpp, info.stride, src.h, row,
+                      native=self.native)
         finally:
             if sync:
                 _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
@@ -208,11 +216,6 @@ def _read_file(buffer: Buffer, into: bytearray) -> None:
     if got < len(into):
         raise OSError(errno.EIO, f"the guest's buffer {buffer.id} holds {got} bytes but its plane needs "
                       f"{len(into)}: it was shrunk after it was announced")
-
-
-def _rows(memory, start: int, pitch: int, height: int, width: int) -> np.ndarray:
-    """`height` rows of `width` bytes of a mapping, `pitch` bytes apart, from byte `start`."""
-    return np.ndarray((height, width), np.uint8, buffer=memory, offset=start, strides=(pitch, 1))
 
 
 def _dmabuf_sync(fd: int, flags: int) -> None:
@@ -299,13 +302,30 @@ class _Commit:
     frame: Frame | None
     fb: Framebuffer
     token: int
+    # The plane's SRC rectangle in fb and its destination on the CRTC, as committed: what a capture
+    # without a writeback connector reads back (None only in commits made before they were recorded).
+    src: Rect | None = None
+    dst: Rect | None = None
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What an output's plane scans out now, for `directflip capture` to read back from the buffer."""
+
+    path: str                # ZERO_COPY (the guest's buffer), COPY or SLATE (a dumb buffer of ours)
+    frame: Frame | None      # the guest's frame on the plane (zero copy) or copied into it; None: slate
+    dumb: DumbBuffer | None  # our buffer on the plane (copy, slate); None when it is the guest's
+    fourcc: int
+    src: Rect                # the plane's SRC rectangle in that buffer
+    dst: Rect                # where the CRTC shows it
 
 
 class ScanoutPipeline:
     """One lit output: connector → CRTC → plane, fed with a guest's frames or a slate.
 
     `release(frame)` is called when the pipeline no longer needs a frame's buffer (dropped, or off
-    screen); `present(frame, event)` when a frame's flip completed. `native` picks the C flip path."""
+    screen); `present(frame, event)` when a frame's flip completed. `native` picks the C flip path and
+    the C copy (kms_copy_rows) for the copy rung and the slate."""
 
     _tokens = 0
 
@@ -325,6 +345,9 @@ class ScanoutPipeline:
         self.pending: Frame | None = None
         self.in_flight: _Commit | None = None
         self._outstanding: set[int] = set()  # nonblocking commits whose flip event has not come yet
+        # Frames a blocking configuration commit put on screen, by the token of that commit's flip
+        # event, with when the commit returned: reported presented when the event is read.
+        self._awaiting_event: dict[int, tuple[Frame, int]] = {}
         self.on_screen: _Commit | None = None
         self.plane_key: tuple | None = None  # the (fb size, format, src, dst) the plane was committed with
         self.copy: CopyBuffers | None = None
@@ -335,6 +358,9 @@ class ScanoutPipeline:
         self.paused = False  # set by the daemon while it reconfigures: frames wait as `pending`
         self.suspended = False  # the session paused the card (VT switched away): nothing is committed
         self.configurations = 0  # how often the output was (re)configured: status shows it
+        # Called when `path` changes (a rung given up, the slate, back to the guest): rare, never per
+        # frame, so the daemon can keep its one-line summary current without looking at every flip.
+        self.on_path_change: Callable[[], None] | None = None
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
@@ -395,27 +421,33 @@ class ScanoutPipeline:
             self._show_slate(problem, modeset, old_plane)
             self.release(frame)
             return
-        commit = self._commit_frame(frame, modeset=modeset, old_plane=old_plane, token=None)
+        ScanoutPipeline._tokens += 1
+        token = ScanoutPipeline._tokens
+        commit = self._commit_frame(frame, modeset=modeset, old_plane=old_plane, token=token, blocking=True)
         if commit is None:
             self.release(frame)
             self.dead_end = True  # later frames go straight back to the guest
             self._show_slate(self.reason or "the guest's buffer cannot be shown", modeset, old_plane)
             return
+        # The commit is done and the frame on screen, so the guest is owed `presented`: a first frame,
+        # or the first of a new size, comes this way and its guest may wait for nothing else. It is
+        # reported when the commit's flip event is read, with the kernel's timestamp and sequence.
+        self._awaiting_event[token] = (frame, time.monotonic_ns())
         self._free_retired()
         self._lit = True
         self._replace_on_screen(commit)
         log.info("%s: %s shown (%s, %s)", self.name, self.out.guest, self.path, frame.buffer.info.describe())
         self.metrics.frames += 1
 
-    def _commit_frame(self, frame: Frame, *, modeset: bool = False, old_plane=None,
-                      token: int | None) -> _Commit | None:
+    def _commit_frame(self, frame: Frame, *, modeset: bool = False, old_plane=None, token: int,
+                      blocking: bool = False) -> _Commit | None:
         """Walk the ladder from the pipeline's rung: the first framebuffer whose configuration the
-        kernel accepts is committed, blocking (token None) or nonblocking with a flip event carrying
-        `token`. None when every rung refused. A frame that keeps the plane's configuration is only
-        an FB_ID flip, the hot path. KmsError from the commit itself propagates."""
+        kernel accepts is committed, blocking or nonblocking, with a flip event carrying `token`
+        either way. None when every rung refused. A nonblocking frame that keeps the plane's
+        configuration is only an FB_ID flip, the hot path. KmsError from the commit propagates."""
         for fb, path, src, dst in self._ladder(frame):
             key = self._plane_key(fb, src, dst)
-            if token is not None and key == self.plane_key:
+            if not blocking and key == self.plane_key:
                 self._flip(fb, token)
             else:
                 req = self._request(fb, src, dst, modeset, old_plane)
@@ -424,17 +456,18 @@ class ScanoutPipeline:
                 except Rejected as exc:
                     self._fall(path, self._refusal(path, dst, exc))
                     continue
-                if token is None:
-                    req.commit(allow_modeset=modeset)
-                else:
-                    req.commit(nonblock=True, event=True, user_data=token)
+                # A blocking commit asks for its event too: it is the frame's presentation time.
+                req.commit(allow_modeset=modeset, nonblock=not blocking, event=True, user_data=token)
                 self.plane_key = key
-            if path != self.path:
+            changed = path != self.path
+            if changed:
                 log.info("%s: %s now shown %s", self.name, self.out.guest, path)
             self.path = path
+            if changed and self.on_path_change is not None:
+                self.on_path_change()
             if path == ZERO_COPY:
                 self.reason = ""
-            return _Commit(frame, fb, token or 0)
+            return _Commit(frame, fb, token, src, dst)
         return None
 
     def _ladder(self, frame: Frame):
@@ -454,7 +487,8 @@ class ScanoutPipeline:
                 if self.copy is None or not self.copy.fits(buffer.info, size, out.src, out.dst):
                     self._retire(self.copy)
                     self.copy = None
-                    self.copy = CopyBuffers(self.card, buffer.info, size, out.src, out.dst)
+                    self.copy = CopyBuffers(self.card, buffer.info, size, out.src, out.dst,
+                                            native=self.native)
                 fb = self.copy.copy(buffer, self.on_screen.fb if self.on_screen else None)
                 self.metrics.copies += 1
                 full = Rect(0, 0, *size)
@@ -484,7 +518,7 @@ class ScanoutPipeline:
         w, h = self.mode.width, self.mode.height
         buf = self.card.create_dumb(w, h, 32)
         pixels = render_slate(w, h, text, colour, reason)
-        _rows(buf.map(), 0, buf.pitch, h, w * 4)[:] = np.frombuffer(pixels, np.uint8).reshape(h, w * 4)
+        copy_rows(buf.map(), 0, buf.pitch, pixels, 0, w * 4, h, w * 4, native=self.native)
         fb = self.card.dumb_framebuffer(buf, XRGB8888)
         self._slate = _SlateBuffer(buf, fb)
         full = Rect(0, 0, w, h)
@@ -493,10 +527,13 @@ class ScanoutPipeline:
         req.commit(allow_modeset=modeset)
         self._free_retired()
         self._lit = True
-        self._replace_on_screen(_Commit(None, fb, 0))
+        self._replace_on_screen(_Commit(None, fb, 0, full, full))
         self.plane_key = None
+        changed = self.path != SLATE
         self.path, self.reason = SLATE, reason
         log.info("%s: slate (%s)", self.name, reason)
+        if changed and self.on_path_change is not None:
+            self.on_path_change()
 
     def _fits(self, frame: Frame) -> str | None:
         info, src = frame.buffer.info, self.out.src
@@ -576,6 +613,12 @@ class ScanoutPipeline:
         """The flip event of this CRTC. A token that is not ours (a commit made before the last
         reconfiguration) is ignored."""
         self._outstanding.discard(event.user_data)
+        shown = self._awaiting_event.pop(event.user_data, None)
+        if shown is not None:
+            # A blocking commit's event: its frame has been on screen since the commit returned, and
+            # nothing else (in flight, pending) depends on it.
+            self._report(shown[0], event)
+            return
         commit = self.in_flight
         if commit is None or event.user_data != commit.token:
             return
@@ -583,14 +626,18 @@ class ScanoutPipeline:
         self._replace_on_screen(commit)
         self._free_retired()
         if commit.frame is not None:
-            m = self.metrics
-            m.presented += 1
-            m.present_times.append(event.timestamp_ns)
-            if event.timestamp_ns:
-                m.latencies_ns.append(max(0, event.timestamp_ns - commit.frame.received_ns))
-            self.present(commit.frame, event)
+            self._report(commit.frame, event)
         if self.pending is not None and self.may_commit:
             self._commit_pending()
+
+    def _report(self, frame: Frame, event) -> None:
+        """`frame`'s flip completed (event: its flip event): count it and tell its source."""
+        m = self.metrics
+        m.presented += 1
+        m.present_times.append(event.timestamp_ns)
+        if event.timestamp_ns:
+            m.latencies_ns.append(max(0, event.timestamp_ns - frame.received_ns))
+        self.present(frame, event)
 
     def _replace_on_screen(self, commit: _Commit) -> None:
         old, self.on_screen = self.on_screen, commit
@@ -614,6 +661,12 @@ class ScanoutPipeline:
             except KmsError as exc:
                 log.error("%s: turning the output off failed: %s", self.name, exc)
         self._lit = False
+        # Blocking commits whose event the loop has not read yet: their frames were shown all the
+        # same, and with this pipeline gone nothing would route the event to them. The time the
+        # commit returned stands in for the event's.
+        for token, (frame, done_ns) in list(self._awaiting_event.items()):
+            self._report(frame, FlipEvent(self.crtc.id, 0, done_ns, token))
+        self._awaiting_event.clear()
         held = [self.pending] + [c.frame for c in (self.in_flight, self.on_screen) if c is not None]
         for frame in held:
             if frame is not None:
@@ -655,6 +708,26 @@ class ScanoutPipeline:
             thing.close()
         self._retired.clear()
 
+    def scanned_out(self) -> Scanned | None:
+        """What the plane scans out now (the commit on screen, not one still in flight), or None
+        when nothing is. The caller reads it at once on the loop (our dumb buffers: the copy rung
+        writes into a slot again once it is off screen) or holds the guest's buffer while it reads."""
+        shown = self.on_screen
+        if shown is None or shown.src is None or shown.dst is None:
+            return None
+        if shown.frame is None:
+            if self._slate is None or self._slate.fb is not shown.fb:
+                return None
+            return Scanned(SLATE, None, self._slate.buffer, shown.fb.format, shown.src, shown.dst)
+        # A copy slot on screen may belong to copy buffers already retired (a new size): they are
+        # freed only once the commit replacing them is done, so look there too.
+        for owner in (self.copy, *self._retired):
+            if isinstance(owner, CopyBuffers):
+                for buf, fb in owner.slots:
+                    if fb is shown.fb:
+                        return Scanned(COPY, shown.frame, buf, fb.format, shown.src, shown.dst)
+        return Scanned(ZERO_COPY, shown.frame, None, shown.fb.format, shown.src, shown.dst)
+
     def status(self) -> dict:
         m = self.metrics
         return {
@@ -675,5 +748,5 @@ class ScanoutPipeline:
         }
 
 
-__all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "render_slate", "live_mode",
-           "ZERO_COPY", "COPY", "SLATE"]
+__all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "Scanned", "render_slate",
+           "live_mode", "ZERO_COPY", "COPY", "SLATE"]

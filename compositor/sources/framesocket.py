@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import fcntl
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import select
 import socket
 import stat
 import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -38,25 +40,15 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
+
+# The socket paths live in compositor.paths, which `directflip status` imports without asyncio and the
+# KMS layer; they are re-exported here, where the daemon and the synthetic guest import them from.
+from compositor.paths import DEFAULT_FRAME_SOCKET, RUN_DIR, socket_paths  # noqa: F401
 from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
 
 log = logging.getLogger("directflip.framesocket")
 
 PROTOCOL_VERSION = 1
-RUN_DIR = "/run/directflip"
-DEFAULT_FRAME_SOCKET = f"{RUN_DIR}/frames.sock"  # where `directflip run` listens unless told otherwise
-SEAT_NAME = re.compile(r"seat[A-Za-z0-9_-]+")  # logind's rule for seat names
-
-
-def socket_paths(seat: str | None) -> tuple[str, str]:
-    """Default (frame socket, control socket) of the instance for `seat` (None: the one instance that
-    serves every seat). One directory per seat, so instances for different seats never share one."""
-    if seat is None:
-        return DEFAULT_FRAME_SOCKET, f"{RUN_DIR}/control.sock"
-    if not SEAT_NAME.fullmatch(seat):
-        raise ValueError(f"{seat!r} is not a seat name: logind seats are `seat` followed by letters, "
-                         f"digits, `_` or `-` (seat0, seat1, seat-kiosk)")
-    return f"{RUN_DIR}/{seat}/frames.sock", f"{RUN_DIR}/{seat}/control.sock"
 MAX_MESSAGE = 65536  # bytes of JSON in one message
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
@@ -276,6 +268,7 @@ class GuestConnection:
         self._out = bytearray()  # bytes the client has not taken yet
         self._writing = False
         self._failing = False
+        self._fail_reason = ""  # why _fail_soon will close it
         self._welcomed = False
 
     def __repr__(self) -> str:
@@ -302,18 +295,23 @@ class GuestConnection:
     # --- reading
 
     def _on_readable(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> int | None:
+        """One recvmsg and every message it completes; the bytes read (0 at the end of the stream),
+        or None when nothing was there or the connection failed."""
         try:
             data, ancdata, flags, _ = self._sock.recvmsg(_RECV_SIZE, _ANCILLARY_SPACE,
                                                          socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
-            return
+            return None
         except ConnectionResetError:
             # The client closed with our messages unread. Linux says so only once every byte it sent
             # has been read, so this is an end of stream like any other.
             data, ancdata, flags = b"", [], 0
         except OSError as exc:
             self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
-            return
+            return None
         since = self._received
         self._received += len(data)
         # Take ownership of every descriptor before anything can fail: from here on _finish closes them.
@@ -330,13 +328,37 @@ class GuestConnection:
                 raise ProtocolError(f"{len(self._fds)} file descriptors sent ahead of their buffer messages")
             if not data and not ancdata:
                 self._on_eof()
-                return
+                return 0
             for msg in self._decoder.feed(data):
                 self._dispatch(msg, self._decoder.start)
                 if self.closed:
-                    return
+                    break
         except ProtocolError as exc:
             self._finish(str(exc), logging.WARNING)
+        return len(data)
+
+    def _catch_up(self) -> None:
+        """Handle what the client had already sent, now rather than when the loop comes round to it:
+        a newcomer claims this connection's name, and a `bye` or hang-up queued here must free the
+        name before that claim is judged. Non-blocking and bounded: it reads the bytes queued when
+        it starts (at most the socket's buffer) plus one recvmsg, never waits for more, so a client
+        that keeps writing cannot hold the loop, and a connection that has not ended stays open."""
+        if self.closed:
+            return
+        if self._failing:  # already doomed (not reading, or gone): it would be closed next round
+            self._finish(self._fail_reason, logging.WARNING)
+            return
+        try:
+            queued = struct.unpack("i", fcntl.ioctl(self._fileno, termios.FIONREAD, b"\0" * 4))[0]
+        except OSError:
+            queued = 0  # unknown: one read still sees a pending end of stream
+        while not self.closed:
+            got = self._read_once()
+            if got is None:
+                return
+            queued -= got
+            if queued < 0:  # past what was queued when the claim came: the loop reads the rest
+                return
 
     def _on_eof(self) -> None:
         if self._fds:
@@ -385,6 +407,11 @@ class GuestConnection:
         if uuid is not None and not isinstance(uuid, str):
             raise ProtocolError(f'hello: "uuid" must be a string or null, not {_json_kind(uuid)}')
         self.name, self.uuid = name, uuid
+        # A guest that said bye (or hung up) and connected again at once: its old connection's end
+        # may still sit unread in that socket, and the handler would find the name taken by it.
+        for other in list(self._server.connections):
+            if other is not self and other._welcomed and other.name == name:
+                other._catch_up()
         if not self._call("on_hello"):
             return
         self._welcomed = True
@@ -510,6 +537,7 @@ class GuestConnection:
     def _fail_soon(self, reason: str) -> None:
         # Called while the handler is answering a flip: closing here would re-enter it with on_close.
         self._failing = True
+        self._fail_reason = reason
         self._loop.call_soon(self._finish, reason, logging.WARNING)
 
     # --- closing

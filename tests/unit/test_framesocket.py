@@ -318,6 +318,125 @@ def test_refused_hello_reaches_the_client_as_server_error(env, caplog):
     assert "no seat for intruder" in caplog.text and f"pid {os.getpid()}" in caplog.text
 
 
+@dataclass
+class OneByName(Recorder):
+    """Refuses a name that an open connection holds, as the daemon does (daemon.on_hello)."""
+
+    holders: dict[str, GuestConnection] = field(default_factory=dict)
+
+    def on_hello(self, conn: GuestConnection) -> None:
+        held = self.holders.get(conn.name)
+        if held is not None:
+            raise Refused(f"a guest named {conn.name} is already connected (pid {held.peer.pid})")
+        super().on_hello(conn)
+        self.holders[conn.name] = conn
+
+    def on_close(self, conn: GuestConnection, reason: str) -> None:
+        if self.holders.get(conn.name) is conn:
+            del self.holders[conn.name]
+        super().on_close(conn, reason)
+
+
+@pytest.fixture
+def one_by_name(env) -> OneByName:
+    env.handler = env.server.handler = OneByName()
+    return env.handler
+
+
+def test_an_immediate_reconnect_is_admitted_after_the_old_connection_ends(env, one_by_name):
+    # 100 quick cycles: announce 8 buffers (each fd-carrying message is a recvmsg of its own, so the
+    # server is far behind), flip each, then end the connection (bye on even cycles, a hang-up
+    # without bye on odd ones) and connect again at once. The old connection's end is still unread
+    # when the new hello arrives; the name must not be found taken by it.
+    cycles, per = 100, 8
+    fd = memfd()
+
+    def run() -> list[str]:
+        refusals = []
+        for cycle in range(cycles):
+            try:
+                client = FrameSocketClient(env.path, "office")
+            except ServerError as exc:
+                refusals.append(f"cycle {cycle}: {exc}")
+                continue
+            for i in range(1, per + 1):
+                client.announce(i, fd, "XR24", W, H, STRIDE)
+                client.flip(i, frame=cycle * per + i)
+            if cycle % 2:
+                client._sock.close()   # hung up without bye
+            else:
+                client.close()
+        return refusals
+
+    try:
+        assert env.run(run) == []
+        env.until(lambda: len(one_by_name.closed) == cycles)
+    finally:
+        os.close(fd)
+    assert len(one_by_name.hellos) == cycles
+    ends = [reason for _, reason in one_by_name.closed]
+    assert ends == ["bye", "client hung up without bye"] * (cycles // 2)
+    # Every message each old connection sent before its end was handled, in order.
+    assert one_by_name.flips_of("office") == list(range(1, cycles * per + 1))
+    assert one_by_name.holders == {} and env.server.connections == []
+
+
+def test_a_live_connection_keeps_its_name(env, one_by_name):
+    # The holder has messages queued but has not ended: a second claim of its name is refused (with
+    # the holder's pid), the queued messages are handled, and the holder goes on unharmed.
+    holder = env.client("office")
+    fd = memfd()
+    try:
+        holder.announce(1, fd, "XR24", W, H, STRIDE)
+        for frame in range(200):
+            holder.flip(1, frame=frame)
+        taken = rf"a guest named office is already connected \(pid {os.getpid()}\)"
+        with pytest.raises(ServerError, match=taken):
+            env.client("office")
+    finally:
+        os.close(fd)
+    conn = one_by_name.holders["office"]
+    assert not conn.closed and one_by_name.closed == []
+    env.until(lambda: len(one_by_name.flips) == 200)
+    assert one_by_name.flips_of("office") == list(range(200))
+    holder.flip(1, frame=200)
+    env.until(lambda: one_by_name.flips_of("office")[-1:] == [200])
+    conn.presented(1, 200, 1, 1)
+    assert holder.poll(timeout=1) == [Presented(1, 200, 1, 1)]
+
+
+class Endless:
+    """A holder's socket that always has one more flip to read: a peer writing as fast as the server
+    reads. It runs dry after `limit` reads, so a server that reads until the holder stops ends
+    (and fails the test) instead of hanging it."""
+
+    def __init__(self, sock: socket.socket, limit: int = 1000) -> None:
+        self.sock, self.limit, self.reads = sock, limit, 0
+
+    def recvmsg(self, *args: Any) -> tuple[bytes, list, int, Any]:
+        if self.reads >= self.limit:
+            raise BlockingIOError
+        self.reads += 1
+        return encode({"type": "flip", "id": 1, "frame": self.reads}), [], 0, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def test_a_claim_never_reads_the_holder_until_it_stops(env, one_by_name, announced):
+    # A holder that keeps writing cannot hold the loop through a newcomer's claim: the claim reads
+    # what was queued when it came (nothing here) and one recvmsg more, then judges the name, which
+    # is still taken.
+    holder = env.conn("office")
+    endless = Endless(holder._sock)
+    holder._sock = endless  # type: ignore[assignment]
+    with pytest.raises(ServerError, match="a guest named office is already connected"):
+        env.client("office")
+    assert endless.reads == 1 and not holder.closed
+    assert one_by_name.flips_of("office") == [1]
+    holder._sock = endless.sock
+
+
 def test_client_without_a_server_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no frame socket at"):
         FrameSocketClient(str(tmp_path / "nothing.sock"), "office")

@@ -179,6 +179,7 @@ class FakeCard:
         self.violations: list[str] = []
         self._ids = itertools.count(1)
         self._sequence = 0
+        self.events: list[FlipEvent] = []  # flip events of blocking commits, not read yet
 
     def crtc_by_id(self, crtc_id: int) -> FakeObject:
         return self.crtcs[crtc_id]
@@ -291,6 +292,11 @@ class FakeCard:
             for crtc in crtcs & set(self.in_flight):
                 self.in_flight[crtc] = (self.in_flight[crtc][0], {})
             self.scanout.update(touched)
+            if event:
+                # It returns once its flip is done, so its event is already waiting to be read.
+                for crtc in sorted(crtcs):
+                    self._sequence += 1
+                    self.events.append(FlipEvent(crtc, self._sequence, time.monotonic_ns(), user_data))
 
     def complete(self, crtc_id: int = CRTC) -> FlipEvent:
         """The flip of the commit in flight on crtc_id is done: its event."""
@@ -398,6 +404,13 @@ class Rig:
         event = self.card.complete(CRTC)
         self.pipe.on_flip(event)
         return event
+
+    def read_events(self) -> list[FlipEvent]:
+        """Hand the pipeline the flip events of blocking commits, as the loop reading the fd would."""
+        events, self.card.events = self.card.events, []
+        for event in events:
+            self.pipe.on_flip(event)
+        return events
 
     def held(self) -> list[Frame]:
         p = self.pipe
@@ -509,7 +522,8 @@ def test_a_refused_flip_hands_the_frame_back_and_counts_busy(new_rig, bufs):
 
 LADDERS = ["zero-copy", "import-refused", "test-refuses-zero-copy", "all-refused"]
 OPS = st.one_of(st.tuples(st.just("submit"), st.integers(0, 3)),
-                st.sampled_from([("flip",), ("flip",), ("stale",), ("pause",), ("resume",), ("busy",)]))
+                st.sampled_from([("flip",), ("flip",), ("stale",), ("pause",), ("resume",), ("busy",),
+                                 ("read",)]))
 
 
 def check_invariants(r: Rig) -> None:
@@ -566,6 +580,8 @@ def test_every_frame_is_released_exactly_once(ladder, native, ops):
                 before = r.snapshot()
                 r.pipe.on_flip(FlipEvent(CRTC, 0, time.monotonic_ns(), done_tokens[-1]))
                 assert r.snapshot() == before
+            elif op[0] == "read":   # the lighting commit's event, once the loop reads it
+                r.read_events()
             elif op[0] == "pause":
                 r.pipe.paused = True
             elif op[0] == "resume":
@@ -592,25 +608,90 @@ def test_present_once_per_presented_frame_and_stale_events_ignored(new_rig, bufs
     r = new_rig()
     f0, f1, f2 = (Frame(bufs(i), received_ns=time.monotonic_ns()) for i in range(3))
     r.pipe.start(f0)
-    assert r.presented == []  # a blocking commit has no flip event: nothing to report
+    # The blocking commit that lit the output asked for a flip event too: f0 is presented once the
+    # event is read, not before.
+    assert r.presented == []
+    (lit,) = r.read_events()
+    assert r.presented == [(f0, lit)]
     r.pipe.submit(f1)
     token = r.pipe.in_flight.token
-    # Events that are not the in-flight commit's (an older commit's token, 0) change nothing.
-    for stale in (token - 1, 0, token + 1):
+    # Events that are not the in-flight commit's (the lighting commit's, read already; 0; a later
+    # token) change nothing.
+    for stale in (lit.user_data, 0, token + 1):
         r.pipe.on_flip(FlipEvent(CRTC, 9, time.monotonic_ns(), stale))
-        assert r.presented == [] and r.pipe.in_flight.frame is f1 and r.pipe.on_screen.frame is f0
+        assert r.presented == [(f0, lit)] and r.pipe.in_flight.frame is f1 and r.pipe.on_screen.frame is f0
         assert r.released == []
     event = r.flip()
-    assert len(r.presented) == 1 and r.presented[0][0] is f1 and r.presented[0][1] is event
+    assert len(r.presented) == 2 and r.presented[1][0] is f1 and r.presented[1][1] is event
     m = r.pipe.metrics
-    assert m.presented == 1 and list(m.present_times) == [event.timestamp_ns]
-    assert list(m.latencies_ns) == [event.timestamp_ns - f1.received_ns]
+    assert m.presented == 2 and list(m.present_times) == [lit.timestamp_ns, event.timestamp_ns]
+    assert list(m.latencies_ns) == [lit.timestamp_ns - f0.received_ns, event.timestamp_ns - f1.received_ns]
     # The same event delivered twice: the second is stale.
     r.pipe.on_flip(event)
-    assert len(r.presented) == 1 and r.count(f0) == 1 and r.count(f1) == 0
+    assert len(r.presented) == 2 and r.count(f0) == 1 and r.count(f1) == 0
     r.pipe.submit(f2)
     event2 = r.flip()
-    assert [(f, e) for f, e in r.presented] == [(f1, event), (f2, event2)]
+    assert [(f, e) for f, e in r.presented] == [(f0, lit), (f1, event), (f2, event2)]
+
+
+def test_a_frame_shown_by_a_configuration_commit_is_presented_once(new_rig, bufs):
+    # A guest's first frame, and its first frame of a new size, reach the screen through the blocking
+    # commit of a (re)configuration, not through a flip. That commit asks for a flip event as a flip
+    # does, and the frame is presented exactly once, when the event is read, with the event's
+    # timestamp and sequence. `released` is unchanged: a frame goes back once, when another replaced it.
+    r = new_rig()
+    f0 = Frame(bufs(0), seq=10)
+    r.pipe.start(f0)
+    lighting = r.card.log[-1]
+    assert (lighting.test_only, lighting.nonblock, lighting.event, lighting.allow_modeset) == \
+        (False, False, True, True)
+    (event0,) = r.read_events()
+    assert event0.user_data == lighting.user_data
+    assert r.presented == [(f0, event0)] and r.released == []
+
+    # A new size: the daemon re-plans and reconfigures the output with the guest's new frame.
+    f1 = Frame(bufs(1, 24, 16), seq=11)
+    r.pipe.reconfigure(assignment(src=Rect(0, 0, 24, 16), dst=Rect(8, 7, 24, 16)), f1)
+    config = r.card.log[-1]
+    assert (config.test_only, config.nonblock, config.event, config.allow_modeset) == \
+        (False, False, True, False)
+    assert r.count(f0) == 1 and len(r.released) == 1   # off screen: back to the guest
+    assert r.presented == [(f0, event0)]               # f1: not before its event is read
+    (event1,) = r.read_events()
+    assert r.presented == [(f0, event0), (f1, event1)]
+    assert r.pipe.status()["presented"] == 2
+    r.pipe.on_flip(event1)                             # the same event again: stale
+    assert len(r.presented) == 2
+
+    # The next frame is an ordinary flip: presented at its event, and f1 goes back then, once.
+    f2 = Frame(bufs(2, 24, 16), seq=12)
+    r.pipe.submit(f2)
+    event2 = r.flip()
+    assert r.presented[-1] == (f2, event2) and len(r.presented) == 3
+    assert (r.count(f0), r.count(f1), r.count(f2)) == (1, 1, 0)
+    assert r.card.violations == [] and r.released_while_busy == []
+
+
+def test_stop_reports_a_configured_frame_whose_event_was_not_read(new_rig, bufs):
+    # The output is turned off (a policy edit, an unplug) before the loop read the event of the
+    # commit that showed f0. f0 was on screen all the same, so stop() reports it presented (at the
+    # time its commit returned; sequence unknown, 0) before handing it back; the late event, which no
+    # pipeline would route any more, cannot report it twice.
+    r = new_rig()
+    order: list[str] = []
+    present, release = r.pipe.present, r.pipe.release
+    r.pipe.present = lambda frame, event: (order.append("presented"), present(frame, event))
+    r.pipe.release = lambda frame: (order.append("released"), release(frame))
+    f0 = Frame(bufs(0))
+    before = time.monotonic_ns()
+    r.pipe.start(f0)
+    after = time.monotonic_ns()
+    r.pipe.stop()
+    ((frame, event),) = r.presented
+    assert frame is f0 and event.sequence == 0 and before <= event.timestamp_ns <= after
+    assert order == ["presented", "released"] and r.count(f0) == 1
+    r.read_events()
+    assert len(r.presented) == 1 and r.pipe.metrics.presented == 1
 
 
 # -------------------------------------------------------------------------------------- 4. ladder
@@ -804,7 +885,8 @@ def test_stop_releases_everything_and_turns_the_output_off(new_rig, bufs, path):
     # With a frame on screen, one in flight and one pending, stop() turns the output off with a
     # blocking modeset (plane off, CRTC off, connector detached) and only then frees its buffers:
     # every held frame goes back exactly once, no framebuffer is removed while scanned out, and the
-    # pipeline's own buffers (copy, slate) are gone. A late flip event is ignored.
+    # pipeline's own buffers (copy, slate) are gone. The frame the lighting commit showed, whose
+    # event was never read, is reported presented by stop(); a late flip event is ignored.
     r = new_rig()
     if path == "copy":
         r.card.refuse_import = lambda fd: True
@@ -827,9 +909,11 @@ def test_stop_releases_everything_and_turns_the_output_off(new_rig, bufs, path):
     assert r.card.dumbs == {}
     assert all(fb.origin == "prime" for fb in r.card.fbs.values())  # only the daemon's cache remains
     assert (r.pipe.pending, r.pipe.in_flight, r.pipe.on_screen) == (None, None, None)
+    assert [f for f, _ in r.presented] == frames[:1]
     if r.card.in_flight:
         r.pipe.on_flip(r.card.complete(CRTC))
-        assert r.presented == [] and [r.count(f) for f in frames] == [1] * len(frames)
+    r.read_events()
+    assert [f for f, _ in r.presented] == frames[:1] and [r.count(f) for f in frames] == [1] * len(frames)
 
 
 # ------------------------------------------------------------------------------- 7. framebuffer cache

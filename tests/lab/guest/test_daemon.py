@@ -34,6 +34,7 @@ guests:
   build:  {kind: socket, name: "build-*"}
   vg:     {kind: socket}
   fast:   {kind: socket}
+  one:    {kind: socket}
 """
 
 
@@ -248,4 +249,78 @@ def test_a_guest_flipping_1000_times_a_second_never_queues(host, guests, cards):
             chain.close()
     time.sleep(1)
     assert not [g for g in guests.status()["guests"] if g["name"] == "fast"], "the guest is gone"
+    guests.set_policy(policy(BASE))
+
+
+# ----------------------------------------------------------------------- frames a re-plan shows
+
+ONE_ON_LEFT = {**{g: m for g, m in BASE.items() if g != "office"}, "one": "left"}
+
+
+def test_a_guest_flipping_one_frame_gets_it_presented(host, guests):
+    """The first frame of a connection is shown by the re-plan it causes (a configuration commit,
+    not a flip) and must be answered `presented` all the same: `--frames 1 --then-paint` waits for
+    it and exits 1 when it never comes."""
+    guests.set_policy(policy(ONE_ON_LEFT))
+    before = guests.output("left")["presented"]
+    w, h = HEAD_SIZES[0]
+    proc = guests.guest("--name", "one", "--on", "display", "--size", f"{w}x{h}", "--frames", "1",
+                        "--then-paint", "ff00ff", "--hold", "1")
+    lines = [""]
+    while "painted" not in lines[-1]:   # printed once frame 0 was presented; EOF ends it too
+        lines.append(proc.stdout.readline())
+        if not lines[-1]:
+            break
+    rgb = host.screendump(0) if "painted" in lines[-1] else None   # during the one-second hold
+    out = finish(proc)   # asserts exit 0: frame 0 was presented, so the guest painted
+    print(out.strip().splitlines()[-1])
+    assert rgb is not None, f"the guest never painted:\n{''.join(lines)}{out}"
+    assert "painted ff00ff into buffer" in lines[-1] and "presented 1," in out, out
+    assert decode_counter(rgb) == 0, "head 0 does not show the guest's frame 0"
+    assert colour_share(rgb, guest_colour("one")) > 0.5
+    # The painted square itself cannot show here: QEMU's virtio-gpu (no blob resources) keeps its
+    # own copy of a resource and takes the guest's pixels only at a commit (TRANSFER_TO_HOST), so a
+    # paint without a flip never reaches the screendump. The writeback of test_vgem_guest_on_vkms
+    # is the zero-copy proof; on this head the square's place shows the frame as flipped.
+    left = guests.output("left")   # the guest has gone: left shows its slate, the count stays
+    assert left["presented"] - before >= 1, left
+    print(f"left: one's single frame presented (status presented {before} → {left['presented']}), "
+          f"frame 0 on head 0")
+    guests.set_policy(policy(BASE))
+
+
+def test_the_first_frame_of_a_new_size_is_presented(host, guests, cards):
+    """A guest whose second frame has a new size: that frame too is shown by a re-plan's
+    configuration commit, and answered `presented`."""
+    from compositor.kms import Card
+    from compositor.sources.framesocket import FrameSocketClient, Presented
+    from compositor.sources.synthetic import Swapchain
+
+    guests.set_policy(policy(ONE_ON_LEFT))
+    (w0, h0), (w1, h1) = HEAD_SIZES[2], HEAD_SIZES[0]   # 640x480, then the head's own 1024x768
+    with Card(cards["virtio_gpu"], kms=False) as card:
+        small = Swapchain(card, w0, h0, count=1, name="one")
+        large = Swapchain(card, w1, h1, count=1, name="one")
+        client = FrameSocketClient(guests.socket, "one")
+        try:
+            for buffer_id, chain, (w, h), frame in ((1, small, (w0, h0), 0), (2, large, (w1, h1), 1)):
+                slot = chain.slots[1]
+                chain.render(slot, frame)
+                client.announce(buffer_id, slot.fd, "XR24", w, h, slot.pitch)
+                client.flip(buffer_id, frame=frame)
+                presented: list[Presented] = []
+                deadline = time.monotonic() + 30
+                while not presented and time.monotonic() < deadline:
+                    presented = [e for e in client.poll(timeout=1) if isinstance(e, Presented)]
+                assert [(e.id, e.frame) for e in presented] == [(buffer_id, frame)], \
+                    f"frame {frame} ({w}x{h}) was not presented within 30 s:\n{guests.tail()}"
+                origin = ((HEAD_SIZES[0][0] - w) // 2, (HEAD_SIZES[0][1] - h) // 2)   # centred
+                rgb = host.screendump(0)
+                assert decode_counter(rgb, origin) == frame, f"head 0 does not show frame {frame}"
+                print(f"frame {frame} ({w}x{h}) presented at {presented[0].timestamp_ns} ns, "
+                      f"sequence {presented[0].sequence}; left: {guests.output('left')['path']}")
+        finally:
+            client.close()
+            small.close()
+            large.close()
     guests.set_policy(policy(BASE))
