@@ -4,9 +4,16 @@ A Unix stream socket, mode 0600 (only the compositor's user, root on a bare cons
 request per line, one answer per line, both JSON objects:
 
     {"cmd": "status"}                               → the status document (schema directflip.status/1)
-    {"cmd": "capture", "monitor": M, "path": P}     → {"ok": true, "path": P, "width": W, "height": H}
-                                                      a writeback of what monitor M scans out, as PNG
-                                                      (P absolute, in a directory that exists)
+    {"cmd": "capture", "monitor": M, "path": P}     → {"ok": true, "path": P, "width": W, "height": H,
+                                                       "monitor", "guest", "frame", "source", "scanout"}
+                                                      what monitor M shows, as PNG (P absolute, in a
+                                                      directory that exists). "source": "writeback"
+                                                      (the card's writeback connector wrote what the
+                                                      CRTC scanned out) or "buffer" (no writeback
+                                                      connector: the buffer on the plane was read,
+                                                      i.e. what was committed); "scanout": zero-copy,
+                                                      copy or slate; "frame": {"buffer", "frame"} of
+                                                      the guest's frame shown, null for the slate
 
 Errors come back as {"ok": false, "error": "..."}; the connection stays usable, except after a
 request longer than MAX_REQUEST bytes, which is answered with the error and then closed.
@@ -15,12 +22,17 @@ request longer than MAX_REQUEST bytes, which is answered with the error and then
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+from compositor.paths import RUN_DIR, socket_paths
+
+if TYPE_CHECKING:  # the server runs inside the daemon, which has asyncio loaded already; `status` needs none
+    import asyncio
 
 log = logging.getLogger("directflip.control")
 
@@ -37,6 +49,8 @@ class ControlServer:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         if os.path.exists(self.path):
             os.unlink(self.path)
+        import asyncio
+
         old = os.umask(0o177)  # the socket is born 0600: no window in which others could connect
         try:
             self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST)
@@ -90,12 +104,29 @@ class ControlServer:
             return {"ok": True, **self.daemon.status()}
         if cmd == "capture":
             monitor, path = _string(request, "monitor"), _string(request, "path")
-            # The compositor writes the file after the writeback: refuse what cannot be written first.
-            if not os.path.isabs(path) or not os.path.isdir(os.path.dirname(path)) or os.path.isdir(path):
-                raise ValueError(f'capture: "path" {path!r} is not a file in an existing directory '
-                                 "(give an absolute path)")
-            return {"ok": True, **await self.daemon.capture(monitor, path)}
+            # The compositor writes the file after reading the picture: refuse what cannot be written
+            # first, saying which part of the path is wrong.
+            problem = _unwritable(path)
+            if problem:
+                raise ValueError(f'capture: "path" {path!r} {problem}')
+            from compositor.capture import CaptureError  # the server side only: it needs numpy
+
+            try:
+                return {"ok": True, **await self.daemon.capture(monitor, path)}
+            except CaptureError as exc:  # a reason for the caller, not a bug worth a traceback
+                return {"ok": False, "error": f"capture: {exc}"}
         raise ValueError(f"unknown command {cmd!r} (status, capture)")
+
+
+def _unwritable(path: str) -> str | None:
+    """Why `path` cannot be the capture's file, or None."""
+    if not os.path.isabs(path):
+        return "is not absolute (give an absolute path)"
+    if os.path.isdir(path):
+        return "is a directory (give a file name in it)"
+    if not os.path.isdir(os.path.dirname(path)):
+        return f"is not a file in an existing directory: {os.path.dirname(path)} does not exist"
+    return None
 
 
 def _string(request: dict, key: str) -> str:
@@ -144,9 +175,71 @@ def _num(value, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _duration(seconds: float) -> str:
+    """An uptime as people read one: the two or three largest units."""
+    rest = int(seconds)
+    days, rest = divmod(rest, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _session_line(doc: dict) -> str | None:
+    """How the screens are held, card by card: active, or paused and why (VT elsewhere, logind)."""
+    session = doc.get("session")
+    if not session:
+        return None
+    where = ""
+    if session.get("vt") is not None:
+        where = f" on VT {session['vt']}"
+    elif session.get("session_id") is not None:
+        where = f" (logind session {session['session_id']})"
+    paused = session.get("paused") or {}
+    # "state" is in each card since it was added to directflip.status/1; paused alone says as much.
+    cards = [(c["path"], c.get("state") or ("paused" if c["path"] in paused else "active"))
+             for c in doc.get("cards", [])]
+    states = [f"{path} paused ({paused[path]})" if state == "paused" and path in paused else f"{path} {state}"
+              for path, state in cards]
+    return f"session {session.get('kind', '?')}{where}: " + (", ".join(states) or "no card")
+
+
+def _qemu_line(qemu: dict) -> str:
+    """A QEMU display's connection: connected (to which VM), waiting for the VM, or the error."""
+    error = qemu.get("error")
+    # "connection" came later than "state": an older compositor's status has only the latter.
+    state = qemu.get("connection") or qemu.get("state") or "?"
+    if state == "connected":
+        text = f"connected to VM {qemu.get('vm')!r}, console {qemu.get('console') or '?'}"
+        if qemu.get("path"):
+            text += f", {qemu['path']}"
+        if error:
+            text += f"; last refused: {error}"
+    elif state == "waiting":
+        text = "waiting for the VM" + (f" ({error})" if error else "")
+    elif state == "error":
+        text = f"error: {error}"
+    else:
+        text = state + (f" ({error})" if error else "")
+    return f"    QEMU display {qemu.get('target', '?')}: {text}"
+
+
 def format_status(doc: dict) -> str:
     pol = doc["policy"]
-    lines = [f"policy {pol['path']} (generation {pol['generation']})"]
+    lines = []
+    if "version" in doc:
+        up = f", up {_duration(doc['uptime_s'])}" if doc.get("uptime_s") is not None else ""
+        seat = f", seat {doc['seat']}" if doc.get("seat") else ""
+        lines.append(f"directflip {doc['version']}{up}{seat}")
+    session = _session_line(doc)
+    if session is not None:
+        lines.append(session)
+    lines.append(f"policy {pol['path']} (generation {pol['generation']})")
     if pol.get("last_error"):
         lines.append("  last edit REJECTED, the previous policy stays in force:")
         lines += ["    " + line for line in pol["last_error"].splitlines()]
@@ -171,14 +264,14 @@ def format_status(doc: dict) -> str:
         for g in doc["guests"]:
             lines.append(f"  {g['name']}: pid {g['pid']} uid {g['uid']}, {g['buffers']} buffers, "
                          f"{g['flips']} flips, framebuffer {g['framebuffer'] or 'unknown yet'}")
+            if g.get("qemu"):
+                lines.append(_qemu_line(g["qemu"]))
     for u in doc.get("unplaced", []):
         lines.append(f"unplaced: {u['guest']}: {u['reason']}")
     return "\n".join(lines)
 
 
 def _control_path(args: argparse.Namespace) -> str:
-    from compositor.sources.framesocket import socket_paths
-
     return args.control or socket_paths(args.seat)[1]
 
 
@@ -200,17 +293,32 @@ def _capture(args: argparse.Namespace) -> int:
     except (ConnectionError, RuntimeError, OSError) as exc:
         print(f"directflip capture: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.monitor}: {answer['width']}x{answer['height']} written to {answer['path']}")
+    print(f"{args.monitor}: {answer['width']}x{answer['height']} written to {answer['path']} "
+          f"({describe_capture(answer)})")
     return 0
 
 
+def describe_capture(answer: dict) -> str:
+    """Where a capture's picture came from, e.g. `buffer: what was committed, guest office frame 17`."""
+    source = answer.get("source", "writeback")
+    what = {"writeback": "what the CRTC scanned out", "buffer": "what was committed"}.get(source, source)
+    frame = answer.get("frame")
+    if frame is None:
+        shown = "the slate"
+    else:
+        shown = f"guest {answer.get('guest')} frame {frame.get('frame')}"
+        if answer.get("scanout") == "copy":
+            shown += " (copied)"
+    return f"{source}: {what}, {shown}"
+
+
 def register(sub) -> None:
-    from compositor.daemon import DEFAULT_CONTROL_SOCKET, RUN_DIR
+    default_control = socket_paths(None)[1]
 
     def where(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seat", metavar="NAME",
                        help=f"ask the instance for this seat ({RUN_DIR}/NAME/control.sock)")
-        p.add_argument("--control", help=f"control socket (default: {DEFAULT_CONTROL_SOCKET})")
+        p.add_argument("--control", help=f"control socket (default: {default_control})")
 
     p = sub.add_parser("status", help="what each monitor shows, how (zero-copy, copy, slate) and how fast",
                        description="Ask the running compositor what each output shows: the guest, the path "
@@ -219,15 +327,33 @@ def register(sub) -> None:
                        "second over the last second, flip latency p50/p99 (from the guest's flip to the "
                        "kernel's flip timestamp), the commit delay p50 in microseconds (from the guest's "
                        "flip to directflip's commit ioctl returning: its own cost per frame) and frames "
-                       "dropped because a newer one arrived first.")
+                       "dropped because a newer one arrived first. Above that: directflip's version and "
+                       "uptime, and the session (each card active, or paused and why: VT switched away, "
+                       "logind paused it); below: the guests, a QEMU display's connection (connected, "
+                       "waiting for the VM, or the error).")
     p.add_argument("--json", action="store_true", help="the status document (schema directflip.status/1)")
     where(p)
     p.set_defaults(func=_status)
 
-    c = sub.add_parser("capture", help="save what a monitor scans out as PNG (needs a writeback connector)",
-                       description="Have the display engine write what MONITOR scans out into a buffer and "
-                       "save it as PNG: a real readback of the screen, available on cards with a writeback "
-                       "connector that can reach the monitor's CRTC (vkms, many SoC display engines).")
+    c = sub.add_parser("capture", help="save what a monitor shows as PNG",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="""Save what MONITOR shows as a PNG of its mode's size.
+
+Where the card has a writeback connector that can reach the monitor's CRTC (vkms, many SoC display
+engines), the display engine writes what the CRTC scans out: a real readback of the screen
+(source: writeback).
+
+Elsewhere (virtio-gpu, most desktop GPUs) directflip reads the buffer on the monitor's plane, i.e.
+what was committed (source: buffer): the guest's dma-buf when it is shown zero copy (mapped
+read-only, DMA_BUF_IOCTL_SYNC around the read, the buffer held so the guest does not draw into it
+meanwhile), or directflip's own copy or slate buffer. The plane's source rectangle is placed where the
+plane shows it, black around it. XRGB8888, ARGB8888 and the other 8-bit RGB formats can be read; a
+dma-buf its exporter will not map, or a tiled one, is refused with the reason.
+
+The line printed says which source was used.""",
+                       epilog="example:\n  $ directflip capture left /root/left.png\n"
+                       "  left: 1024x768 written to /root/left.png (buffer: what was committed, guest office "
+                       "frame 17)")
     c.add_argument("monitor", help="the policy's monitor name")
     c.add_argument("file", help="PNG file to write (the compositor writes it, as its own user)")
     where(c)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import shlex
@@ -26,10 +27,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from compositor import capture as readback
 from compositor import planner, topology
+from compositor.capture import CaptureError
 from compositor.kms import Card, DeviceError, KmsError, list_cards
 from compositor.kms.fourcc import fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
@@ -81,6 +85,48 @@ class GuestState:
     flips: int = 0
 
 
+def status_line(shown: Sequence[tuple[str, str | None, str]], *, failed: Sequence[str] = (),
+                not_shown: Sequence[str] = (), paused: Mapping[str, str] | None = None,
+                limit: int = 6) -> str:
+    """The one-line summary for sd_notify's STATUS= (what `systemctl status` prints) and the log of
+    each plan: `3 lit: office→left zero-copy, media→centre copy, right slate`.
+
+    `shown`: (monitor, guest or None, path) of each lit output of the cards not paused, in plan order;
+    `failed`: monitors that could not be lit; `not_shown`: connected guests on no monitor; `paused`:
+    card → why the session does not let us commit to it. Past `limit` outputs the rest are counted,
+    not named: the line has to fit a terminal row, and `directflip status` has the full story."""
+    items = [f"{guest}→{monitor} {path}" if guest else f"{monitor} {path}" for monitor, guest, path in shown]
+    items += [f"{monitor} failed" for monitor in failed]
+    if len(items) > limit:
+        items = items[:limit] + [f"+{len(items) - limit} more"]
+    parts = []
+    if items:
+        parts.append(f"{len(shown)} lit: " + ", ".join(items))
+    elif not paused:
+        parts.append("nothing lit")
+    if not_shown:
+        parts.append("not shown: " + ", ".join(not_shown))
+    if paused:
+        if items:  # some monitors show, so say which card does not
+            parts.append("paused: " + ", ".join(f"{card} ({reason})" for card, reason in paused.items()))
+        else:  # nothing shows: the reason is the news (the same for every card after a VT switch)
+            parts.append("paused: " + ", ".join(dict.fromkeys(paused.values())))
+    return "; ".join(parts)
+
+
+@functools.cache
+def running_version() -> str:
+    """directflip's version for status: the installed distribution's, else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("directflip")
+    except PackageNotFoundError:  # a checkout run without being installed
+        import compositor
+
+        return str(getattr(compositor, "__version__", "unknown"))
+
+
 class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
@@ -120,6 +166,9 @@ class Daemon:
         self.hotplugs = 0  # re-probes done for udev events
         self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
         self.notifier: Notifier | None = None
+        self.started_ns = time.monotonic_ns()  # CLOCK_MONOTONIC at start, for the uptime in status
+        self.status_text: str | None = None  # the last STATUS= the service manager took
+        self._status_pending = False  # a refresh of STATUS= is scheduled
 
     @property
     def policy(self) -> Policy:
@@ -184,6 +233,7 @@ class Daemon:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self.started_ns = time.monotonic_ns()
         try:
             self.notifier = Notifier.from_env()   # a bad $NOTIFY_SOCKET or $WATCHDOG_USEC stops us early
         except ValueError as exc:
@@ -218,7 +268,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
         await self.apply(self.plan())
         await self.session.activate()
-        self.notifier.ready(f"{len(self.pipelines)} output(s) lit, {len(self.guests)} guest(s)")
+        self.status_text = self.status_line()
+        self.notifier.ready(self.status_text)
         self.notifier.start_watchdog(loop)
         log.info("serving: frame socket %s, control socket %s, policy %s", self.frame_socket_path,
                  self.control_socket_path, self.policy_path)
@@ -335,6 +386,7 @@ class Daemon:
                                                release=self._release, present=self._present,
                                                native=self.native)
                         self.pipelines[key] = pipe
+                        pipe.on_path_change = self._status_changed
                         pipe.paused = True
                         pipe.start(first)
                     else:
@@ -359,12 +411,13 @@ class Daemon:
                 self.applied_generation = self.watcher.generation
                 self.applied_ns = time.monotonic_ns()
             if changed:
-                log.info("applied plan %d: %d output(s) changed, %d lit", self.plans, changed,
-                         len(self.pipelines))
+                # What each monitor shows now, in one line: the journal's record of every plan.
+                log.info("applied plan %d: %d output(s) changed; %s", self.plans, changed, self.status_line())
             for gs in list(self.guests.values()) + self.departed:
                 self._free_forgotten(gs)
             self._pass_edids()
             self.departed = [gs for gs in self.departed if gs.forgotten]
+            self._send_status()
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
         gs = self.guests.get(out.guest) if out.guest else None
@@ -450,6 +503,7 @@ class Daemon:
                         conn.name)
         self.guests[conn.name] = GuestState(conn, Guest(conn.name, "socket", conn.uuid))
         log.info("guest %s connected (pid %d, uid %d)", conn.name, conn.peer.pid, conn.peer.uid)
+        self._status_changed()  # not shown anywhere until its first frame is planned: say so
 
     def on_buffer(self, conn: GuestConnection, buffer: Buffer) -> None:
         log.debug("guest %s: buffer %d: %s", conn.name, buffer.id, buffer.info.describe())
@@ -532,44 +586,135 @@ class Daemon:
     # --- capture ----------------------------------------------------------------------------------
 
     async def capture(self, monitor: str, path: str) -> dict:
-        """Write what `monitor` scans out into a PNG, through the card's writeback connector."""
+        """Write what `monitor` shows into a PNG at `path`. Where a writeback connector of its card
+        reaches its CRTC, the display engine writes what the CRTC scans out (source "writeback");
+        elsewhere the buffer on its plane is read back (source "buffer": what was committed, see
+        compositor/capture.py). Raises CaptureError saying why it cannot."""
+        pipe = self._lit_pipeline(monitor)
+        card = pipe.card
+        if card.path in self.session.paused:
+            raise CaptureError(f"{card.path} is paused ({self.session.paused[card.path]}): nothing is "
+                               f"scanned out by directflip now")
+        wb = next((c for c in card.connectors
+                   if c.is_writeback and pipe.out.crtc_id in [x.id for x in c.possible_crtcs]), None)
+        if wb is not None:
+            source, (image, shown, scanout) = "writeback", await self._capture_writeback(pipe, wb)
+        else:
+            source, (image, shown, scanout) = "buffer", await self._capture_buffer(pipe)
+        await asyncio.get_running_loop().run_in_executor(None, readback.write_png, image, path)
+        height, width = image.shape[:2]
+        return {"path": path, "width": width, "height": height, "monitor": monitor, "guest": pipe.out.guest,
+                "frame": shown, "source": source, "scanout": scanout}
+
+    def _lit_pipeline(self, monitor: str) -> ScanoutPipeline:
+        """The pipeline of `monitor`; CaptureError saying why when it is not lit."""
+        pipe = next((p for p in self.pipelines.values() if p.out.monitor == monitor), None)
+        if pipe is not None:
+            return pipe
+        planned = self.assignment.for_monitor(monitor)
+        dark = next((d for d in self.assignment.dark if d.monitor == monitor), None)
+        if planned is not None and (planned.card, planned.connector) in self.failed:
+            why = f"lighting {planned.connector} failed: {self.failed[(planned.card, planned.connector)]}"
+        elif dark is not None:
+            why = f"{dark.connector} is left dark: {dark.reason}"
+        elif planned is not None:
+            why = "it is being lit; ask again in a moment"
+        elif any(m.name == monitor for m in self.policy.monitors):
+            why = "no connected output matches it now"
+        else:
+            why = "the policy has no monitor of that name"
+        lit = ", ".join(sorted(p.out.monitor for p in self.pipelines.values())) or "none"
+        raise CaptureError(f"monitor {monitor!r} is not lit: {why} (lit: {lit})")
+
+    @staticmethod
+    def _frame_info(frame: Frame | None) -> dict | None:
+        """A captured frame as status shows the one on screen (None: the slate)."""
+        return None if frame is None else {"buffer": frame.buffer.id, "frame": frame.seq}
+
+    async def _capture_writeback(self, pipe: ScanoutPipeline, wb) -> tuple:
+        """(RGB image, frame shown, scanout path) of a one-shot writeback of the pipeline's CRTC."""
         from compositor.kms.fourcc import XRGB8888
         from compositor.kms.writeback import add_writeback
 
-        pipe = next((p for p in self.pipelines.values() if p.out.monitor == monitor), None)
-        if pipe is None:
-            lit = ", ".join(sorted(p.out.monitor for p in self.pipelines.values())) or "none"
-            raise ValueError(f"monitor {monitor!r} is not lit (lit: {lit})")
         card = pipe.card
-        if card.path in self.session.paused:
-            raise ValueError(f"{card.path} is paused ({self.session.paused[card.path]}): nothing is "
-                             f"scanned out by directflip now")
-        wb = next((c for c in card.connectors
-                   if c.is_writeback and pipe.out.crtc_id in [x.id for x in c.possible_crtcs]), None)
-        if wb is None:
-            raise ValueError(f"{card.path} ({card.driver}) has no writeback connector for {monitor}'s CRTC")
         w, h = pipe.mode.width, pipe.mode.height
+        full = planner.Rect(0, 0, w, h)
         buf = card.create_dumb(w, h)
-        fb = card.dumb_framebuffer(buf, XRGB8888)
-        async with self._apply_lock:
-            pipe.paused = True
+        try:
+            fb = card.dumb_framebuffer(buf, XRGB8888)
             try:
-                await self._idle(pipe)
-                req = card.atomic()
-                job = add_writeback(req, wb, pipe.crtc, fb)
-                req.commit(allow_modeset=True)
-                await asyncio.get_running_loop().run_in_executor(None, job.wait, 5.0)
-                card.atomic().add(wb, "CRTC_ID", None).commit(allow_modeset=True)
+                async with self._apply_lock:
+                    pipe.paused = True   # the written-back frame is the one on screen: none follows it
+                    try:
+                        await self._idle(pipe)
+                        scanned = pipe.scanned_out()
+                        req = card.atomic()
+                        job = add_writeback(req, wb, pipe.crtc, fb)
+                        req.commit(allow_modeset=True)
+                        await asyncio.get_running_loop().run_in_executor(None, job.wait, 5.0)
+                        card.atomic().add(wb, "CRTC_ID", None).commit(allow_modeset=True)
+                    finally:
+                        pipe.paused = False
+                        pipe.resume()
+                rows = readback.read_rect(buf.map(), 0, buf.pitch, XRGB8888, full)
             finally:
-                pipe.paused = False
-                pipe.resume()
-        from PIL import Image
-        img = Image.frombuffer("RGB", (w, h), bytes(buf.map()[:buf.pitch * h]), "raw", "BGRX", buf.pitch, 1)
-        img.save(path, "PNG")
-        fb.remove()
-        buf.destroy()
-        return {"path": path, "width": w, "height": h, "monitor": monitor, "guest": pipe.out.guest,
-                "frame": pipe.status()["on_screen"]}
+                fb.remove()
+        finally:
+            buf.destroy()
+        image = await asyncio.get_running_loop().run_in_executor(None, readback.compose, rows, XRGB8888,
+                                                                 full, full, (w, h))
+        frame = scanned.frame if scanned is not None else None
+        return image, self._frame_info(frame), pipe.path
+
+    async def _capture_buffer(self, pipe: ScanoutPipeline) -> tuple:
+        """(RGB image, frame shown, scanout path) read from the buffer on the pipeline's plane: its
+        SRC rectangle placed at its destination on a black mode-sized image."""
+        scanned = pipe.scanned_out()
+        if scanned is None:
+            raise CaptureError(f"monitor {pipe.out.monitor!r} shows nothing directflip could read back "
+                               f"({pipe.path}: {pipe.reason or 'no buffer on screen'})")
+        if scanned.dumb is not None:
+            readback.check_layout(scanned.fourcc)
+            # Our copy slot or slate: read now, on the loop, before any copy can write the slot again.
+            dumb = scanned.dumb
+            rows = readback.read_rect(dumb.map(), 0, dumb.pitch, scanned.fourcc, scanned.src)
+        else:
+            assert scanned.frame is not None
+            rows = await self._read_guest_buffer(scanned.frame, scanned.src)
+        size = (pipe.mode.width, pipe.mode.height)
+        image = await asyncio.get_running_loop().run_in_executor(None, readback.compose, rows, scanned.fourcc,
+                                                                 scanned.src, scanned.dst, size)
+        return image, self._frame_info(scanned.frame), scanned.path
+
+    async def _read_guest_buffer(self, frame: Frame, rect: planner.Rect):
+        """`rect` of the guest's buffer that `frame` shows, read off the loop while the buffer is held."""
+        buffer = frame.buffer
+        readback.check_layout(buffer.info.fourcc, buffer.info.modifier)
+        gs = self._state_of(buffer)
+        if gs is None or buffer.fd < 0:
+            raise CaptureError(f"{buffer.guest}'s buffer {buffer.id} was freed as the capture began (its "
+                               f"guest went away); capture again")
+        # Held as a pipeline holds it: the guest is not told `released`, so it does not draw into the
+        # buffer, until the read has really ended (a request that timed out included).
+        gs.holds[buffer.id] += 1
+        try:
+            own = readback.dup_buffer(buffer)
+        except OSError as exc:
+            self._release(frame)
+            raise CaptureError(f"{buffer.guest}'s buffer {buffer.id}: {exc.strerror}") from None
+        reading = readback.in_thread(readback.read_guest_buffer, own, rect)
+        reading.add_done_callback(lambda done: self._guest_buffer_read(frame, done))
+        try:
+            return await asyncio.wait_for(asyncio.shield(reading), readback.READ_TIMEOUT)
+        except TimeoutError:
+            raise CaptureError(f"{buffer.guest}'s buffer {buffer.id} did not become readable within "
+                               f"{readback.READ_TIMEOUT:g} s (DMA_BUF_IOCTL_SYNC waits for the writes "
+                               f"pending on it)") from None
+
+    def _guest_buffer_read(self, frame: Frame, done: asyncio.Future) -> None:
+        self._release(frame)
+        if not done.cancelled():
+            done.exception()   # retrieved: a read that outlived its request is not an unhandled error
 
     # --- session: VT switches and logind pauses ---------------------------------------------------
 
@@ -582,6 +727,7 @@ class Daemon:
                     pipe.suspended = True
                     await self._idle(pipe)
         log.info("%s: not committing (%s)", path, reason)
+        self._send_status()
 
     async def _resume_card(self, path: str) -> None:
         """`path` is ours again: reset the world on it (everything off), forget what its outputs
@@ -829,16 +975,63 @@ class Daemon:
 
     # --- status -----------------------------------------------------------------------------------
 
+    def status_line(self) -> str:
+        """This instance's `status_line`: built from what the pipelines show now, in plan order."""
+        paused = {path: reason for path, reason in self.session.paused.items() if path in self.cards}
+        shown: list[tuple[str, str | None, str]] = []
+        for out in self.assignment.outputs:
+            pipe = self.pipelines.get((out.card, out.connector))
+            if pipe is not None and out.card not in paused:
+                shown.append((pipe.out.monitor or pipe.out.connector, pipe.out.guest, pipe.path))
+        monitors = {(o.card, o.connector): o.monitor for o in self.assignment.outputs}
+        failed = [monitors.get(key) or key[1] for key in self.failed if key[0] not in paused]
+        on_screen = {guest for _, guest, _ in shown}
+        not_shown = [name for name in self.guests if name not in on_screen]
+        return status_line(shown, failed=failed, not_shown=not_shown, paused=paused)
+
+    def _send_status(self) -> None:
+        """STATUS= to the service manager when the summary changed. Called after each plan is applied,
+        a card paused, and (through _status_changed) a guest connecting or an output changing path:
+        never per frame."""
+        if self.notifier is None or not self.notifier.enabled or self._stopping:
+            return
+        text = self.status_line()
+        if text != self.status_text and self.notifier.status(text):
+            self.status_text = text
+
+    def _status_changed(self) -> None:
+        """Something the status line shows may have changed outside apply(). The refresh waits for the
+        apply lock: an apply under way sends the line itself once every output is configured, and a
+        line from halfway through would only be noise in `systemctl status`."""
+        if self.notifier is None or not self.notifier.enabled or self._status_pending:
+            return
+        self._status_pending = True
+        asyncio.get_running_loop().create_task(self._refresh_status())
+
+    async def _refresh_status(self) -> None:
+        try:
+            async with self._apply_lock:
+                pass
+        finally:
+            self._status_pending = False
+        self._send_status()
+
     def status(self) -> dict:
         outputs = [pipe.status() for pipe in self.pipelines.values()]
         for (card, conn), reason in self.failed.items():
             outputs.append({"card": card, "connector": conn, "path": "failed", "reason": reason})
         return {
             "schema": "directflip.status/1",
+            "version": running_version(),
+            "started_ns": self.started_ns,
+            "uptime_s": round((time.monotonic_ns() - self.started_ns) / 1e9, 1),
+            "summary": self.status_line(),
             "seat": self.seat,
             "session": self.session.status(),
             "cards": [{"path": path, "driver": card.driver, "seat": self.card_seats.get(path),
-                       "master": card.is_master} for path, card in self.cards.items()],
+                       "master": card.is_master,
+                       "state": "paused" if path in self.session.paused else "active"}
+                      for path, card in self.cards.items()],
             "hotplugs": self.hotplugs,
             "udev_events": self.hotplug.events if self.hotplug is not None else 0,
             "policy": {"path": str(self.policy_path), "generation": self.watcher.generation,
@@ -922,10 +1115,13 @@ different seats never touch each other's monitors. Policy seats then split that 
 between guests. Units and udev rules for kiosks and multi-seat rooms are in udev/ (README: Kiosk).
 
 Under systemd (Type=notify) it sends READY=1 once the monitors are lit and WATCHDOG=1 from its
-event loop when WatchdogSec is set.
+event loop when WatchdogSec is set; STATUS= (the line `systemctl status` shows) says what each
+monitor shows, e.g. "3 lit: office→left zero-copy, media→centre copy, right slate", and follows every
+plan and guest change. Logging to the journal ($JOURNAL_STREAM is stderr), each line carries its
+syslog priority and INFO is logged without -v: guests coming and going, each plan, fallbacks, reloads.
 
 Ask a running compositor with `directflip status` (`--seat NAME` for a seat instance).""",
-        epilog="examples:\n  directflip run --policy policies/demo.yaml\n"
+        epilog="examples:\n  directflip init -o policy.yaml && directflip run --policy policy.yaml\n"
                "  directflip run --policy /etc/directflip/policy.yaml --vt 7\n"
                "  directflip run --seat seat1 --session logind --policy /etc/directflip/seat1.yaml")
     p.add_argument("--policy", required=True, help="policy YAML file (see policies/README.md)")
@@ -944,6 +1140,6 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
     p.add_argument("--device", action="append", metavar="PATH",
                    help="use only this card (repeatable; default: every /dev/dri/card*)")
     p.add_argument("--pure-python", action="store_true",
-                   help="flip through the Python atomic path instead of native/kms_helpers.c "
-                   "(for comparison)")
+                   help="flip through the Python atomic path and copy (the copy rung) in Python "
+                   "instead of native/kms_helpers.c (for comparison)")
     p.set_defaults(func=_run)

@@ -57,7 +57,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol
 
-import numpy as np
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.aio.message_bus import _MessageWriter
@@ -74,6 +73,7 @@ from dbus_fast.annotations import (
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from compositor.kms.fourcc import ARGB8888, FORMATS, fourcc, fourcc_name
+from compositor.pixelcopy import copy_rows
 from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
 from compositor.sources.framesocket import Peer
 from compositor.stats import percentile
@@ -516,11 +516,14 @@ class _Surface:
     def info(self) -> PlaneInfo:
         return self.buffer.info
 
-    def rows(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def write(self, x: int, y: int, width: int, height: int, src, stride: int, offset: int = 0) -> None:
+        """Copy width x height pixels of `src` (rows `stride` bytes apart from byte `offset`) to (x, y)
+        of the surface. kms_copy_rows checks both sides' rows against their sizes: QEMU's message says
+        how its bytes are laid out, and a copy past our mapping would crash the daemon."""
         info = self.info
         bpp = info.bytes_per_pixel
-        return np.ndarray((height, width * bpp), np.uint8, buffer=self.map,
-                          offset=info.offset + y * info.stride + x * bpp, strides=(info.stride, 1))
+        copy_rows(self.map, info.offset + y * info.stride + x * bpp, info.stride, src, offset, stride, height,
+                  width * bpp)
 
 
 @dataclass
@@ -566,6 +569,9 @@ class QemuDisplaySource:
         self.closed = False
         self.state = "idle"  # idle | connecting | connected | waiting | closed
         self.last_error: str | None = None
+        # Whether the last failed attempt found no VM at all (not started yet, stopped): that is the
+        # normal wait, where a VM that answers but whose display cannot be used needs someone to look.
+        self.vm_absent = False
         self.vm_name: str | None = None
         self.vm_uuid: str | None = None
         self.console_label: str | None = None
@@ -622,9 +628,20 @@ class QemuDisplaySource:
         log.info("%s: QEMU display source closed (%s)", self.name, reason)
         self._notify("on_close", reason)
 
+    @property
+    def connection(self) -> str:
+        """For operators: connected | connecting | waiting (for the VM to appear) | error (the VM is
+        there but its display cannot be used; `last_error` says why) | closed."""
+        if self.state in ("connected", "closed"):
+            return self.state
+        if self.last_error is None:
+            return "connecting"
+        return "waiting" if self.vm_absent else "error"
+
     def status(self) -> dict[str, Any]:
         scan = self._scanout
-        return {"target": self.target.describe(), "state": self.state, "vm": self.vm_name,
+        return {"target": self.target.describe(), "state": self.state, "connection": self.connection,
+                "vm": self.vm_name,
                 "vm_uuid": self.vm_uuid, "console": self.console_label,
                 "path": scan.kind if scan is not None else None,
                 "plane": scan.buffer.info.describe() if scan is not None else None,
@@ -648,6 +665,7 @@ class QemuDisplaySource:
                     raise
                 except Exception as exc:  # every way a VM can be absent or broken: retried
                     reason = _describe_error(exc)
+                    self.vm_absent = _vm_absent(exc)
                     self._disconnect()
                     if not self.target.reconnects:
                         self.close(f"cannot reach QEMU's display: {reason}")
@@ -661,6 +679,7 @@ class QemuDisplaySource:
                     reported = None
                     reason = await self._serve()
                     self._disconnect()
+                    self.vm_absent = True  # it ran and went away: wait for it to come back
                     self._gone(reason)
                     if not self.target.reconnects:
                         self.close(reason)
@@ -922,8 +941,7 @@ class QemuDisplaySource:
         if surface is None or (surface.info.width, surface.info.height, surface.pixman) != (width, height,
                                                                                           pixman):
             surface = self._new_surface(width, height, pixman, carry=False)
-        dst = surface.rows(0, 0, width, height)
-        dst[:] = _source_rows(data, stride, width * info.bytes_per_pixel, height)
+        surface.write(0, 0, width, height, data, stride)
         self._console_size = (width, height)
         self._drop_held()
         self._show(_Scanout("pixels", surface.buffer), None)
@@ -1051,7 +1069,7 @@ class QemuDisplaySource:
         old = self._surface
         if carry and old is not None and old.pixman == pixman:
             w, h = min(width, old.info.width), min(height, old.info.height)
-            surface.rows(0, 0, w, h)[:] = old.rows(0, 0, w, h)
+            surface.write(0, 0, w, h, old.map, old.info.stride, old.info.offset)
         self.buffers[buffer.id] = buffer
         if old is not None:
             self._evict(old.buffer.id)
@@ -1082,9 +1100,7 @@ class QemuDisplaySource:
     # --- pixel updates that wait for a resize --------------------------------------------------------
 
     def _apply(self, surface: _Surface, update: _HeldUpdate) -> None:
-        bpp = surface.info.bytes_per_pixel
-        surface.rows(update.x, update.y, update.width, update.height)[:] = _source_rows(
-            update.data, update.stride, update.width * bpp, update.height)
+        surface.write(update.x, update.y, update.width, update.height, update.data, update.stride)
 
     def _hold(self, update: _HeldUpdate) -> None:
         """An update that does not fit the surface: QEMU switched surfaces (a resize, a format change)
@@ -1165,11 +1181,6 @@ class QemuDisplaySource:
 
 # --------------------------------------------------------------------------------- helpers
 
-def _source_rows(data: bytes, stride: int, row: int, height: int) -> np.ndarray:
-    src = np.frombuffer(data, np.uint8)
-    return np.lib.stride_tricks.as_strided(src, (height, row), (stride, 1), writeable=False)
-
-
 def _retrieve(task: asyncio.Future) -> None:
     if not task.cancelled():
         task.exception()
@@ -1193,6 +1204,21 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+# A bus with nobody owning QEMU's name on it yet: the VM has not started (or not joined the bus).
+_NO_OWNER = ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner")
+
+
+def _vm_absent(exc: BaseException) -> bool:
+    """Whether a failed connection means there is no VM to talk to: no socket, nobody listening on
+    it, a connection dropped mid-handshake by a VM going down, nobody owning the name on the bus.
+    Anything else (refused access, a console that is not there, a VM without -display dbus, no answer
+    in time) is an error about a VM that is there."""
+    if isinstance(exc, DBusError):
+        return exc.type in _NO_OWNER
+    return isinstance(exc, FileNotFoundError | ConnectionRefusedError | ConnectionResetError
+                      | BrokenPipeError | EOFError)
 
 
 def _describe_error(exc: BaseException) -> str:

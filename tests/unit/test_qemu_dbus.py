@@ -614,3 +614,38 @@ def test_real_qemu_on_a_private_bus(private_bus, tmp_path):
         run(body(), timeout=60)
     finally:
         _stop(proc)
+
+
+def test_connection_tells_a_vm_not_there_yet_from_one_whose_display_is_unusable(private_bus, tmp_path):
+    # `directflip status` shows a QEMU display as connected, waiting for the VM (the normal state of a
+    # VM not started yet, or stopped) or in error (the VM is there, the display cannot be used: that
+    # needs someone to look), with the reason.
+    async def body():
+        rec = Recorder()
+        quick = {"retry_initial": 0.05, "retry_max": 0.1}
+        no_socket = QemuDisplaySource("a", QemuTarget(qmp=str(tmp_path / "no-vm.qmp")), rec, **quick)
+        no_owner = QemuDisplaySource("b", QemuTarget(bus=private_bus), rec, **quick)
+        wrong_console = QemuDisplaySource("c", QemuTarget(bus=private_bus, console=2), rec, **quick)
+        assert no_socket.connection == "connecting"  # before the first attempt
+        sources = (no_socket, no_owner, wrong_console)
+        for source in sources:
+            source.start()
+        assert await wait_for(lambda: no_socket.last_error and no_owner.last_error, 5)
+        assert no_socket.connection == "waiting" and "No such file" in no_socket.last_error
+        assert no_owner.connection == "waiting" and "ServiceUnknown" in no_owner.last_error
+        assert no_socket.status()["connection"] == "waiting"
+
+        peer = QemuDisplayPeer(name="vm-up", width=64, height=32)
+        await peer.serve_bus(private_bus)
+        await peer.listener()
+        assert await wait_for(lambda: no_owner.connection == "connected", 5)
+        assert await wait_for(lambda: wrong_console.connection == "error", 5)
+        assert "not 2" in wrong_console.last_error, wrong_console.last_error
+        assert wrong_console.status()["connection"] == "error"
+
+        peer.close()  # the VM stops: waiting for it again, not an error
+        assert await wait_for(lambda: no_owner.connection == "waiting", 5)
+        for source in sources:
+            source.close()
+        assert {s.connection for s in sources} == {"closed"}
+    run(body())
