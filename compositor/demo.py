@@ -1,13 +1,17 @@
-"""`directflip demo` / `make demo`: the compositor with three synthetic guests under the demo policy.
+"""`directflip demo` / `make demo`: the compositor with synthetic guests on every monitor plugged in.
 
-On a machine with a KMS device it runs `directflip run --policy policies/demo.yaml` there, starts three
-synthetic guests (office and media allocate on the display card: zero copy; build-1 allocates on vgem
-when it is loaded, which a card that refuses foreign buffers shows through the copy path), lets them
-flip for a while, and prints the compositor's status. Without a KMS device it boots the real-kernel
-lab and does the same inside it, then has QEMU take a screendump of every monitor from outside.
+It writes a policy for the monitors connected now (as `directflip init` does: one monitor per
+connected connector, bound by port) with a guest placed on each of the first three, runs `directflip
+run` on it, and starts those guests: office and media allocate on the display card (zero copy);
+build-1 allocates on vgem when it is loaded, which a card that refuses foreign buffers shows through
+the copy path. The guests flip until the demo stops them. The demo waits until every guest is on
+screen (a generous deadline, reported when it runs out), lets them flip a few seconds more, takes a
+screenshot of each monitor and judges it: the guest's colour over its picture and its frame counter.
+Without a KMS device it boots the real-kernel lab and does the same inside it, the screenshots then
+taken by QEMU from outside.
 
-Screenshots (lab: QEMU screendumps; elsewhere: writeback captures where the card has a writeback
-connector), the status table and a pixel verdict per monitor land in out/.
+Screenshots (lab: QEMU screendumps; elsewhere: `directflip capture`), the policy, the status table and
+a verdict per monitor land in ./out (--out).
 """
 
 from __future__ import annotations
@@ -22,26 +26,26 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "out"
-POLICY = ROOT / "policies" / "demo.yaml"
+OUT = Path("out")   # under the current directory, never inside the installed package
 # name, size, where it allocates its buffers (vgem when loaded, to show the copy path)
 GUESTS = [("office", "1024x768", "display"), ("media", "800x600", "display"), ("build-1", "640x480", "vgem")]
+SHOWN_WITHIN = 300.0   # seconds for every guest to be on screen: generous, an emulated CPU is slow
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "compositor.cli", *args]
 
 
-def _rect_origin(rect: str) -> tuple[int, int]:
-    """'640x480+320+272' → (320, 272)."""
-    _, x, y = rect.split("+")
-    return int(x), int(y)
+def _rect(rect: str) -> tuple[int, int, int, int]:
+    """'640x480+320+272' → (320, 272, 640, 480)."""
+    size, x, y = rect.split("+")
+    w, h = size.split("x")
+    return int(x), int(y), int(w), int(h)
 
 
 def verdict(rgb, out: dict) -> str:
-    """Whether a screenshot shows the guest the status says: its colour, and a readable frame counter
-    where the buffer's top-left is on screen."""
+    """Whether a screenshot shows the guest the status says: its colour over the picture's rectangle
+    on screen, and a readable frame counter where the buffer's top-left is on screen 1:1."""
     import numpy as np
 
     from compositor.sources.synthetic import decode_counter, guest_colour
@@ -50,12 +54,32 @@ def verdict(rgb, out: dict) -> str:
     if not guest:
         return f"slate ({out.get('reason')})"
     colour = np.array(guest_colour(guest))
-    share = float(np.mean(np.all(np.abs(rgb[..., :3].astype(int) - colour) <= 4, axis=-1)))
-    src = _rect_origin(out["src"])
-    counter = decode_counter(rgb, _rect_origin(out["dst"])) if src == (0, 0) else None
-    ok = share > 0.2 and (counter is not None or src != (0, 0))
-    what = f"{share:.0%} in {guest}'s colour" + (f", frame counter {counter}" if counter is not None else "")
+    x, y, w, h = _rect(out["dst"])
+    picture = rgb[y:y + h, x:x + w, :3]
+    share = float(np.mean(np.all(np.abs(picture.astype(int) - colour) <= 4, axis=-1))) if picture.size \
+        else 0.0
+    sx, sy, sw, sh = _rect(out["src"])
+    readable = (sx, sy) == (0, 0) and (sw, sh) == (w, h)   # the counter is drawn at the buffer's origin
+    counter = decode_counter(rgb, (x, y)) if readable else None
+    ok = share > 0.5 and (counter is not None or not readable)
+    what = f"{share:.0%} of its {w}x{h} picture in {guest}'s colour"
+    if counter is not None:
+        what += f", frame counter {counter}"
     return ("shows " if ok else "MISMATCH: ") + what
+
+
+def demo_policy(out_dir: Path) -> tuple[Path, list[tuple[str, str, str]]]:
+    """A policy for the monitors connected now, with a demo guest on each of the first three; written
+    to out_dir/policy.yaml. Returns its path and the guests to start."""
+    from compositor import init, probe, topology
+
+    topo = topology.from_probe(probe.probe_all(), "live probe")
+    monitors = [o for o in topo.outputs() if o.card.error is None]
+    guests = GUESTS[:max(1, min(len(GUESTS), len(monitors)))]
+    text = init.generate(topo, f"this machine ({len(monitors)} connected)", [g[0] for g in guests])
+    path = out_dir / "policy.yaml"
+    path.write_text(text)
+    return path, guests
 
 
 def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
@@ -64,10 +88,16 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
 
     for old in out_dir.glob("*.png"):   # screenshots of an earlier run would mislead
         old.unlink()
+    try:
+        policy, demo_guests = demo_policy(out_dir)
+    except ValueError as exc:
+        print(f"demo: {exc}: plug a monitor in", file=sys.stderr)
+        return 1
+    print(f"demo: policy for the monitors connected now: {policy}")
     work = Path(tempfile.mkdtemp(prefix="directflip-demo-"))
     control, frames = str(work / "control.sock"), str(work / "frames.sock")
     log = (out_dir / "compositor.log").open("w")
-    daemon = subprocess.Popen(_cli("-v", "run", "--policy", str(POLICY), "--socket", frames,
+    daemon = subprocess.Popen(_cli("-v", "run", "--policy", str(policy), "--socket", frames,
                                    "--control", control), stdout=log, stderr=subprocess.STDOUT)
     guests: list[subprocess.Popen] = []
     try:
@@ -87,17 +117,28 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
         for path in list_cards():
             with Card(path, kms=False) as card:
                 drivers.add(card.driver)
-        for name, size, where in GUESTS:
+        # The guests flip until the demo stops them: how long each takes to start and connect depends
+        # on the machine, and none may be gone before the last one is on screen.
+        t0 = time.monotonic()
+        for name, size, where in demo_guests:
             where = where if where != "vgem" or "vgem" in drivers else "display"
             guests.append(subprocess.Popen(_cli("guest", "--name", name, "--socket", frames, "--on", where,
-                                                "--size", size, "--rate", "60",
-                                                "--duration", str(seconds + 30)),
+                                                "--size", size, "--rate", "60"),
                                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        deadline = time.monotonic() + 90
+        names = {name for name, _, _ in demo_guests}
         while True:
             status = request(control, {"cmd": "status"})
-            shown = [o for o in status["outputs"] if o.get("guest") and o.get("on_screen")]
-            if len(shown) == len(GUESTS) or time.monotonic() > deadline:
+            shown = {o["guest"] for o in status["outputs"] if o.get("guest") and o.get("on_screen")
+                     and o.get("presented")}
+            if names <= shown:
+                print(f"demo: every guest on screen {time.monotonic() - t0:.1f} s after they were started")
+                break
+            ended = [p for p in guests if p.poll() is not None]
+            if ended or time.monotonic() - t0 > SHOWN_WITHIN:
+                why = (f"guest {ended[0].args[ended[0].args.index('--name') + 1]} exited "
+                       f"{ended[0].returncode}" if ended else f"the deadline of {SHOWN_WITHIN:.0f} s ran out")
+                print(f"demo: {why} with {', '.join(sorted(names - shown))} not on screen; taking the "
+                      "screenshots anyway", file=sys.stderr)
                 break
             time.sleep(0.3)
         time.sleep(seconds)
@@ -120,7 +161,10 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
             failures += text.startswith("MISMATCH")
             lines.append(f"{o['monitor']} ({o['connector']}, {o['mode']}): {where}: {text}")
         shown = {o.get("guest") for o in status["outputs"]}
-        failures += sum(1 for name, _, _ in GUESTS if name not in shown)
+        missing = sorted(names - shown)
+        if missing:
+            failures += len(missing)
+            lines.append(f"not on any monitor: {', '.join(missing)}")
         for line in lines[4:]:
             print(line)
         (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
@@ -133,11 +177,12 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
                 proc.send_signal(signal.SIGTERM)
         for proc in guests:
             try:
-                text = proc.communicate(timeout=30)[0].strip()
+                text = proc.communicate(timeout=60)[0].strip()
                 if text:
                     print(text.splitlines()[-1])
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         daemon.send_signal(signal.SIGTERM)
         try:
             daemon.wait(timeout=30)
@@ -161,7 +206,7 @@ def in_lab(out: Path, seconds: float) -> int:
 
     def screenshot(o: dict, control: str):
         if o["card"] not in virtio:
-            return None, "not a QEMU head"
+            return capture(out, o, control)   # vkms: its writeback connector
         head = int(o["connector"].split("-")[1]) - 1
         dump = host.screendump(head, "png")
         target = out / f"{o['monitor']}-{o['connector']}.png"
@@ -171,22 +216,24 @@ def in_lab(out: Path, seconds: float) -> int:
     return run_demo(out, seconds, screenshot)
 
 
-def on_hardware(out: Path, seconds: float) -> int:
+def capture(out: Path, o: dict, control: str):
+    """`directflip capture` of one monitor: what its card's writeback connector reads back where it has
+    one, else the buffer on the monitor's plane (what was committed)."""
     import numpy as np
     from PIL import Image
 
     from compositor.control import request
 
-    def screenshot(o: dict, control: str):
-        # A writeback capture where the card has one; real monitors cannot be read back otherwise.
-        target = out / f"{o['monitor']}-{o['connector']}.png"
-        try:
-            request(control, {"cmd": "capture", "monitor": o["monitor"], "path": str(target)})
-        except RuntimeError as exc:
-            return None, f"no screenshot: {exc}"
-        return np.asarray(Image.open(target).convert("RGB")), target.name
+    target = out / f"{o['monitor']}-{o['connector']}.png"
+    try:
+        request(control, {"cmd": "capture", "monitor": o["monitor"], "path": str(target)})
+    except RuntimeError as exc:
+        return None, f"no screenshot: {exc}"
+    return np.asarray(Image.open(target).convert("RGB")), target.name
 
-    return run_demo(out, seconds, screenshot)
+
+def on_hardware(out: Path, seconds: float) -> int:
+    return run_demo(out, seconds, lambda o, control: capture(out, o, control))
 
 
 def main(argv: list[str] | None = None) -> int:
