@@ -22,6 +22,10 @@ from compositor.session import activate_vt
 from compositor.sources.synthetic import decode_counter, guest_colour
 
 CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
+# Deadlines, not promises: the lab's CPU is emulated on a machine that may be busy with other work, and
+# a Python process (a compositor, a guest) takes seconds to start there; how long things took is
+# printed by the tests and measured by bench/.
+START_WITHIN = 180.0
 DRM_IOCTL_SET_MASTER = 0x641E
 DRM_IOCTL_DROP_MASTER = 0x641F
 
@@ -42,7 +46,7 @@ class Compositor:
         another command (a session launcher), `env` adds to the environment."""
         self.policy.write_text(text)
         self.launch(*args, env=env, prefix=prefix)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + START_WITHIN
         while True:
             if self.proc.poll() is not None:
                 pytest.fail(f"the compositor exited ({self.proc.returncode}):\n{self.log.read_text()}")
@@ -51,7 +55,8 @@ class Compositor:
             if time.monotonic() > deadline:
                 self.proc.kill()   # it must not hold DRM master over the next test
                 self.proc.wait(timeout=10)
-                pytest.fail(f"the compositor did not answer within 60 s:\n{self.log.read_text()}")
+                pytest.fail(f"the compositor did not answer within {START_WITHIN:.0f} s:\n"
+                            f"{self.log.read_text()}")
             time.sleep(0.2)
 
     def launch(self, *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
@@ -110,7 +115,7 @@ class Compositor:
         self.guests.append(proc)
         return proc
 
-    def wait_shown(self, monitor: str, guest: str, timeout: float = 60, path: str | None = None) -> dict:
+    def wait_shown(self, monitor: str, guest: str, timeout: float = 180, path: str | None = None) -> dict:
         """Until `monitor` shows frames of `guest` (presented ones)."""
         deadline = time.monotonic() + timeout
         out: dict = {}
@@ -123,7 +128,7 @@ class Compositor:
             time.sleep(0.2)
         pytest.fail(f"{monitor} does not show {guest}: {out}\n{self.tail()}")
 
-    def wait_frame(self, monitor: str, frame: int, timeout: float = 30) -> dict:
+    def wait_frame(self, monitor: str, frame: int, timeout: float = 120) -> dict:
         """Until `monitor` has the guest's frame number `frame` on screen (its flip completed)."""
         deadline = time.monotonic() + timeout
         out: dict = {}
@@ -156,7 +161,7 @@ class Compositor:
         return self.proc.wait(timeout=30)
 
 
-def wait_for(what: str, check, timeout: float = 30, why=None):
+def wait_for(what: str, check, timeout: float = 90, why=None):
     """Until check() returns something other than None or False; that value. On timeout the failure
     says what was awaited and, with `why`, why() (what the last check saw)."""
     deadline = time.monotonic() + timeout
