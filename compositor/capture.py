@@ -55,7 +55,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-READ_TIMEOUT = 5.0  # seconds a guest's buffer may take to become readable (its pending writes)
+# Seconds a guest's buffer may take to become readable (its pending writes) and be read: generous,
+# since the read runs off the loop and a busy or emulated CPU is slow, yet bounded, so a guest that
+# never lets go costs one capture an error, not the compositor anything.
+READ_TIMEOUT = 30.0
 
 # Byte positions of red, green and blue in a pixel of each format that has 8 bits per channel (DRM
 # formats are little-endian words: XRGB8888 is the bytes B, G, R, X). Alpha is dropped: the plane's

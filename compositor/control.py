@@ -289,7 +289,7 @@ def _status(args: argparse.Namespace) -> int:
 def _capture(args: argparse.Namespace) -> int:
     try:
         answer = request(_control_path(args), {"cmd": "capture", "monitor": args.monitor,
-                                        "path": os.path.abspath(args.file)}, timeout=30)
+                                        "path": os.path.abspath(args.file)}, timeout=120)
     except (ConnectionError, RuntimeError, OSError) as exc:
         print(f"directflip capture: {exc}", file=sys.stderr)
         return 2

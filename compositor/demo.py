@@ -226,7 +226,7 @@ def capture(out: Path, o: dict, control: str):
 
     target = out / f"{o['monitor']}-{o['connector']}.png"
     try:
-        request(control, {"cmd": "capture", "monitor": o["monitor"], "path": str(target)})
+        request(control, {"cmd": "capture", "monitor": o["monitor"], "path": str(target)}, timeout=120)
     except RuntimeError as exc:
         return None, f"no screenshot: {exc}"
     return np.asarray(Image.open(target).convert("RGB")), target.name

@@ -26,6 +26,7 @@ CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
 # a Python process (a compositor, a guest) takes seconds to start there; how long things took is
 # printed by the tests and measured by bench/.
 START_WITHIN = 180.0
+CAPTURE_WITHIN = 120.0   # a capture reads, composes and encodes a PNG in the emulated CPU
 DRM_IOCTL_SET_MASTER = 0x641E
 DRM_IOCTL_DROP_MASTER = 0x641F
 
@@ -82,7 +83,8 @@ class Compositor:
 
     def capture(self, monitor: str, path) -> np.ndarray:
         """What `monitor` scans out, read back through its card's writeback connector."""
-        request(self.control, {"cmd": "capture", "monitor": monitor, "path": str(path)})
+        request(self.control, {"cmd": "capture", "monitor": monitor, "path": str(path)},
+                timeout=CAPTURE_WITHIN)
         return np.asarray(Image.open(path).convert("RGB"))
 
     def output(self, monitor: str) -> dict:

@@ -118,7 +118,7 @@ def test_vgem_guest_on_vkms_is_zero_copy(guests, tmp_path):
     out = guests.output("wb")
     assert out["guest"] == "vg" and out["path"] == "zero-copy", out
     shot = tmp_path / "wb.png"
-    answer = request(guests.control, {"cmd": "capture", "monitor": "wb", "path": str(shot)})
+    answer = request(guests.control, {"cmd": "capture", "monitor": "wb", "path": str(shot)}, timeout=120)
     rgb = np.asarray(Image.open(shot).convert("RGB"))
     x, y, pw, ph = PAINT_RECT
     square = rgb[y:y + ph, x:x + pw]
