@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         summary("unplug returned → output off (poll)", [p["off"] for p in plugs]),
         summary("unplug returned → c presenting on failover (poll)", [p["failover"] for p in plugs]),
         summary("plug returned → compositor re-probed (poll)", [p["probed"] for p in plugs]),
-        summary("plug returned → guest on screen (poll)", [p["picture"] for p in plugs]),
+        summary("plug returned → c and b on screen (poll)", [p["picture"] for p in plugs]),
         summary("plug returned → guest's first flip event", [p["flip"] for p in plugs]),
     ]
     print(lb.table(["from → to", "n", "median", "p95", "max", "min"], rows))
