@@ -25,6 +25,13 @@ CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
 # Deadlines, not promises: the lab's CPU is emulated on a machine that may be busy with other work, and
 # a Python process (a compositor, a guest) takes seconds to start there; how long things took is
 # printed by the tests and measured by bench/.
+# The lab's four monitors as the lab tests name them: the three virtio-gpu heads and vkms' output.
+LAB_MONITORS = """monitors:
+  left:   {connector: Virtual-1, driver: virtio_gpu}
+  centre: {connector: Virtual-2, driver: virtio_gpu}
+  right:  {connector: Virtual-3, driver: virtio_gpu}
+  wb:     {connector: "Virtual-*", driver: vkms}
+"""
 START_WITHIN = 180.0
 CAPTURE_WITHIN = 120.0   # a capture reads, composes and encodes a PNG in the emulated CPU
 DRM_IOCTL_SET_MASTER = 0x641E

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 import pytest
-from labkit import Compositor, colour_share, wait_for
+from labkit import LAB_MONITORS, Compositor, colour_share, wait_for
 from PIL import Image
 
 from compositor.control import request
@@ -27,12 +27,7 @@ from compositor.sources.synthetic import decode_counter
 POLICY = """version: 1
 defaults:
   slate: {text: "no signal", colour: "#101018"}
-monitors:
-  left:   {connector: Virtual-1, driver: virtio_gpu}
-  centre: {connector: Virtual-2, driver: virtio_gpu}
-  right:  {connector: Virtual-3, driver: virtio_gpu}
-  wb:     {connector: "Virtual-*", driver: vkms}
-guests:
+""" + LAB_MONITORS + """guests:
   office: {kind: socket}
   media:  {kind: socket}
   vg:     {kind: socket}

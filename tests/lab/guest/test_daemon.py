@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from labkit import Compositor, colour_share, finish
+from labkit import LAB_MONITORS, Compositor, colour_share, finish
 from PIL import Image
 
 from compositor.control import request
@@ -23,12 +23,7 @@ VKMS_SIZE = (1024, 768)                               # vkms' preferred mode
 POLICY_HEAD = """version: 1
 defaults:
   slate: {text: "no signal", colour: "#101018"}
-monitors:
-  left:   {connector: Virtual-1, driver: virtio_gpu}
-  centre: {connector: Virtual-2, driver: virtio_gpu}
-  right:  {connector: Virtual-3, driver: virtio_gpu}
-  wb:     {connector: "Virtual-*", driver: vkms}
-guests:
+""" + LAB_MONITORS + """guests:
   office: {kind: socket}
   media:  {kind: socket}
   build:  {kind: socket, name: "build-*"}

@@ -11,18 +11,13 @@ import threading
 import time
 
 import pytest
-from labkit import Compositor, colour_share, console_text, switch_away, switch_back
+from labkit import LAB_MONITORS, Compositor, colour_share, console_text, switch_away, switch_back
 
 from compositor.session import activate_vt, active_vt
 from compositor.sources.synthetic import guest_colour
 
 POLICY = """version: 1
-monitors:
-  left:   {connector: Virtual-1, driver: virtio_gpu}
-  centre: {connector: Virtual-2, driver: virtio_gpu}
-  right:  {connector: Virtual-3, driver: virtio_gpu}
-  wb:     {connector: "Virtual-*", driver: vkms}
-guests:
+""" + LAB_MONITORS + """guests:
   office: {kind: socket}
   media:  {kind: socket}
   build:  {kind: socket}
