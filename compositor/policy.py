@@ -11,8 +11,9 @@ The format itself is documented for operators in policies/README.md. In short:
     defaults:   {mode, scaling, slate}
     monitors:   name -> {connector, edid, port, card, driver, logind_seat, mode, scaling, slate}
     guests:     name -> {name, uuid, kind}
-    seats:      name -> {monitors, logind}
+    seats:      name -> {monitors, logind, input}
     placements: [{guest, monitor, failover, mirror, priority, seats}]
+    hotkeys:    action -> "ctrl+alt+KEY"
 
 Matchers are compiled once here, so the planner only calls `matches()`.
 """
@@ -25,11 +26,18 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
 from compositor.topology import Output
+
+if TYPE_CHECKING:
+    from compositor.input.keys import Hotkey
+
+# The hotkey actions (compositor.input.keys.ACTIONS, repeated here so that loading a policy without a
+# `hotkeys` section does not import evdev, which imports asyncio: `check` stays quick).
+HOTKEY_ACTIONS = ("next-guest", "next-monitor", "release-input")
 
 GUEST_KINDS = ("vfio", "qemu-dbus", "socket")
 SCALINGS = ("none", "fit", "fill", "integer")
@@ -146,6 +154,20 @@ class EdidMatch:
     identity: Glob | None = None
 
 
+RELATIONS = ("right-of", "left-of", "above", "below")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a monitor sits in its seat's layout, which the pointer crosses: `x`/`y` in layout pixels,
+    or beside another monitor of the seat (`relation` in RELATIONS, `of` its name)."""
+
+    x: int = 0
+    y: int = 0
+    relation: str | None = None
+    of: str | None = None
+
+
 @dataclass(frozen=True)
 class MonitorRule:
     name: str
@@ -159,6 +181,7 @@ class MonitorRule:
     mode: ModeRequest = ModeRequest("preferred")
     scaling: str = "fit"
     slate: SlateStyle = SlateStyle()
+    position: Position | None = None
 
     def matches(self, output: Output) -> bool:
         card, conn = output.card, output.connector
@@ -233,10 +256,28 @@ class GuestRule:
 
 
 @dataclass(frozen=True)
+class InputMatch:
+    """One `input` item of a seat: an input device whose udev ID_PATH and/or name match."""
+
+    path: Glob | None = None
+    name: Glob | None = None
+
+    def matches(self, id_path: str | None, name: str | None) -> bool:
+        return (self.path is None or self.path.matches(id_path)) and \
+            (self.name is None or self.name.matches(name))
+
+    def __str__(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in (("path", self.path), ("name", self.name)) if v is not None)
+
+
+@dataclass(frozen=True)
 class Seat:
     name: str
     monitors: tuple[str, ...]
     logind: tuple[str, ...]
+    # The input devices this seat takes; empty: the devices of its logind seats, or (for the first seat
+    # without `input` or `logind`) those no other seat takes.
+    input: tuple[InputMatch, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,6 +305,15 @@ class Policy:
     monitor_seats: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, hash=False)
     logind_seats: dict[str, frozenset[str]] = field(default_factory=dict, compare=False, hash=False)
     warnings: tuple[Diagnostic, ...] = field(default=(), compare=False)
+    # None: the defaults (compositor.input.keys.DEFAULT_HOTKEYS); see `hotkey_list`
+    hotkeys: tuple[Hotkey, ...] | None = None
+
+    def hotkey_list(self) -> tuple[Hotkey, ...]:
+        if self.hotkeys is not None:
+            return self.hotkeys
+        from compositor.input.keys import default_hotkeys
+
+        return default_hotkeys()
 
     def monitor(self, name: str) -> MonitorRule:
         return next(m for m in self.monitors if m.name == name)
@@ -290,13 +340,16 @@ def parse(text: str, source: str = "<policy>") -> Policy:
 
 _Keys = dict[str, tuple[yaml.Node, yaml.Node]]  # key -> (key node, value node)
 
-_TOP_KEYS = ("version", "defaults", "monitors", "guests", "seats", "placements")
+_TOP_KEYS = ("version", "defaults", "monitors", "guests", "seats", "placements", "hotkeys")
 _DEFAULT_KEYS = ("mode", "scaling", "slate")
-_MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate")
+_MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate",
+                 "position")
+_POSITION_KEYS = ("x", "y", *RELATIONS)
+_INPUT_KEYS = ("path", "name")
 _MATCH_KEYS = ("connector", "edid", "port")
 _EDID_KEYS = ("manufacturer", "product", "serial", "serial_string", "name", "identity")
 _GUEST_KEYS = ("name", "uuid", "kind", "users", "launch", "display", "console")
-_SEAT_KEYS = ("monitors", "logind")
+_SEAT_KEYS = ("monitors", "logind", "input")
 _PLACEMENT_KEYS = ("guest", "monitor", "failover", "mirror", "priority", "seats")
 _SLATE_KEYS = ("text", "colour", "color")
 
@@ -574,8 +627,33 @@ class _Validator:
             fields["logind_seat"] = self.string(keys["logind_seat"][1], "`logind_seat`")
         if "edid" in keys:
             fields["edid"] = self.edid(keys["edid"][1])
+        if "position" in keys:
+            fields["position"] = self.position(keys["position"][1])
         fields.update(self.display_settings(keys, defaults))
         return MonitorRule(name, line, **fields)
+
+    def position(self, node: yaml.Node) -> Position | None:
+        hint = "write `{x: 1920, y: 0}` (layout pixels) or `{right-of: MONITOR}` (also left-of, above, below)"
+        keys = self.mapping(node, "`position`", _POSITION_KEYS)
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        relations = [k for k in RELATIONS if k in keys]
+        if relations and ("x" in keys or "y" in keys):
+            self.error(node, "`position` gives both coordinates and a neighbour", hint)
+            return None
+        if len(relations) > 1:
+            self.error(node, f"`position` gives {' and '.join(relations)}: a monitor has one neighbour "
+                       "to be placed by", hint)
+            return None
+        if relations:
+            of = self.string(keys[relations[0]][1], f"`{relations[0]}`")
+            return Position(relation=relations[0], of=of) if of is not None else None
+        if not keys:
+            self.error(node, "`position` is empty", hint)
+            return None
+        x = self.integer(keys["x"][1], "`x`", -65536, 65536) if "x" in keys else 0
+        y = self.integer(keys["y"][1], "`y`", -65536, 65536) if "y" in keys else 0
+        return Position(x or 0, y or 0)
 
     def guest(self, name: str, knode: yaml.Node, node: yaml.Node) -> GuestRule | None:
         line = knode.start_mark.line + 1
@@ -692,7 +770,86 @@ class _Validator:
         if not listed and not logind:
             self.error(knode, f"seat `{name}` has no monitors",
                        "list its `monitors`, or the `logind` seats whose monitors it owns")
-        return Seat(name, tuple(listed), tuple(logind))
+        matches = self.input_matches(keys["input"][1]) if "input" in keys else []
+        return Seat(name, tuple(listed), tuple(logind), tuple(matches))
+
+    def input_matches(self, node: yaml.Node) -> list[InputMatch]:
+        hint = 'each item is `{path: "pci-*-usb-0:1*"}` (udev ID_PATH) and/or `{name: "Logitech*"}`'
+        if not isinstance(node, yaml.SequenceNode):
+            self.error(node, f"`input` must be a list, got {self.describe(node)}", hint)
+            return []
+        if not node.value:
+            self.error(node, "`input` is empty: the seat would take no device", hint)
+            return []
+        out = []
+        for item in node.value:
+            keys = self.mapping(item, "an `input` item", _INPUT_KEYS)
+            if not isinstance(item, yaml.MappingNode):
+                continue
+            if not keys:
+                self.error(item, "an `input` item matches every device", hint)
+                continue
+            globs = {k: self.string(keys[k][1], f"`{k}`") for k in _INPUT_KEYS if k in keys}
+            if all(v is not None for v in globs.values()):
+                out.append(InputMatch(**{k: Glob(v) for k, v in globs.items() if v is not None}))
+        return out
+
+    def hotkeys(self, node: yaml.Node) -> tuple[Hotkey, ...]:
+        from compositor.input.keys import HotkeyError, default_hotkeys, parse_hotkey
+
+        keys = self.mapping(node, "`hotkeys`", HOTKEY_ACTIONS)
+        chosen = {h.action: h for h in default_hotkeys()}
+        for action, (_, vnode) in keys.items():
+            if isinstance(vnode, yaml.ScalarNode) and vnode.tag in (_NULL, _BOOL) and \
+                    vnode.value in ("", "~", "null", "false", "no", "off"):
+                chosen.pop(action, None)  # `release-input: off` turns that hotkey off
+                continue
+            text = self.string(vnode, f"hotkey `{action}`")
+            if text is None:
+                continue
+            try:
+                chosen[action] = parse_hotkey(action, text)
+            except HotkeyError as exc:
+                self.error(vnode, str(exc), exc.hint)
+        seen: dict[tuple[frozenset[str], int], str] = {}
+        for h in chosen.values():
+            other = seen.setdefault((h.modifiers, h.key), h.action)
+            if other != h.action:
+                where = keys.get(h.action, keys.get(other, (node, node)))[1]
+                self.error(where, f"hotkeys `{other}` and `{h.action}` are both `{h.text}`")
+        return tuple(chosen.values())
+
+    def layout(self, monitors: list[MonitorRule], seats: dict[str, Seat],
+               monitor_nodes: dict[str, yaml.Node]) -> None:
+        """A neighbour must be a defined monitor of the same seat, and neighbours must not go round in
+        a circle (the layout is built from monitors with coordinates outwards)."""
+        seat_of = {m: s.name for s in seats.values() for m in s.monitors}
+        rules = {m.name: m for m in monitors}
+        for m in monitors:
+            pos = m.position
+            if pos is None or pos.of is None:
+                continue
+            node = monitor_nodes[m.name]
+            if not self.reference(pos.of, node, "monitor", rules):
+                continue
+            if pos.of == m.name:
+                self.error(node, f"monitor `{m.name}` is placed {pos.relation} itself")
+            elif seat_of.get(pos.of) != seat_of.get(m.name):
+                self.error(node, f"monitor `{m.name}` is placed {pos.relation} `{pos.of}`, which is in "
+                           "another seat", "the pointer crosses only the monitors of one seat")
+        circles: set[frozenset[str]] = set()
+        for m in monitors:
+            chain, cur = [m.name], m
+            while cur.position is not None and cur.position.of in rules and cur.position.of != cur.name:
+                cur = rules[cur.position.of]
+                if cur.name in chain:
+                    if cur.name == m.name and frozenset(chain) not in circles:
+                        circles.add(frozenset(chain))
+                        self.error(monitor_nodes[m.name], "monitor positions go round in a circle: "
+                                   + " → ".join(f"`{n}`" for n in [*chain, cur.name]),
+                                   "give one of them coordinates, `{x: 0, y: 0}`")
+                    break
+                chain.append(cur.name)
 
     def placement(self, index: int, node: yaml.Node, monitors: list[str], guests: list[str],
                   seats: dict[str, Seat], placed: dict[str, yaml.Node],
@@ -909,6 +1066,14 @@ class _Validator:
                     if p is not None:
                         placements.append(p)
 
+        self.layout(monitors, seats, monitor_nodes)
+        hotkeys = self.hotkeys(top["hotkeys"][1]) if "hotkeys" in top else None
+        free_seats = [s.name for s in seats.values() if not s.input and not s.logind]
+        if len(free_seats) > 1:
+            self.warn(top["seats"][1], f"seats {', '.join(f'`{n}`' for n in free_seats)} name no `input` "
+                      f"or `logind`: their keyboards and mice all go to `{free_seats[0]}`",
+                      "give each desk's devices with `input: [{path: ...}]`")
+
         # Not errors, but almost always a slip.
         used = {m for p in placements for m in (*p.candidates, *p.mirror)}
         for g, knode in guest_nodes.items():
@@ -931,4 +1096,5 @@ class _Validator:
             monitor_seats=monitor_seats,
             logind_seats={k: frozenset(v) for k, v in logind_seats.items()},
             warnings=tuple(self.warnings),
+            hotkeys=hotkeys,
         )

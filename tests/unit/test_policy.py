@@ -168,7 +168,7 @@ monitors:
 def test_unknown_key_without_a_close_match_lists_the_keys() -> None:
     assert errors("monitors: {a: DP-1}\nzzz: 1") == [
         "p.yaml:2:1: unknown key `zzz` in the policy "
-        "(expected one of: version, defaults, monitors, guests, seats, placements)"]
+        "(expected one of: version, defaults, monitors, guests, seats, placements, hotkeys)"]
 
 
 def test_booleans_are_not_integers() -> None:
