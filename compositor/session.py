@@ -196,6 +196,20 @@ class Session:
     async def activate(self) -> None:
         """After the cards are open and the daemon is ready: take the screens (switch to our VT)."""
 
+    async def take_input(self, path: str) -> int:
+        """A non-blocking descriptor of the input device at `path`, opened the session's way."""
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+    async def release_input(self, path: str, fd: int) -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    async def switch_vt(self, number: int) -> None:
+        """Ctrl+Alt+Fn: bring VT `number` to the front."""
+        raise SessionError("this session does not switch VTs")
+
     async def close(self) -> None:
         for card in self.cards.values():
             card.close()
@@ -286,6 +300,11 @@ class DirectSession(Session):
             raise SessionError(f"tty{self.vt_number} is in the foreground but its acquire signal did not "
                                f"come within {ACQUIRE_TIMEOUT:.0f} s") from None
 
+    async def switch_vt(self, number: int) -> None:
+        if self.vt is None:
+            raise SessionError("no VT is held (--vt none): VT switches are the console's")
+        await asyncio.to_thread(activate_vt, number, False)
+
     def _signalled(self, what: str) -> None:
         assert self._loop is not None
         self._loop.create_task(self._switch(what))
@@ -370,6 +389,10 @@ class LogindSession(Session):
         self.bus = None
         self.logind_owner: str | None = None             # logind's unique bus name
         self.devices: dict[tuple[int, int], str] = {}   # (major, minor) → card path
+        self.inputs: dict[tuple[int, int], str] = {}    # (major, minor) → input device path
+        # logind revokes input devices on a switch away and hands new descriptors on the way back
+        self.on_input_pause: Callable[[str], None] | None = None
+        self.on_input_resume: Callable[[str, int], None] | None = None
         self.active: bool | None = None
         self._front = asyncio.Event()                    # set while no card is paused
         self._tasks: set[asyncio.Task] = set()
@@ -466,6 +489,33 @@ class LogindSession(Session):
         self._update_front()
         return card
 
+    async def take_input(self, path: str) -> int:
+        st = os.stat(path)
+        major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        reply = await self._call(self.session_path, SESSION_IFACE, "TakeDevice", "uu", [major, minor])
+        fd = reply.unix_fds[reply.body[0]]
+        for extra in reply.unix_fds:
+            if extra != fd:
+                os.close(extra)
+        os.set_inheritable(fd, False)
+        os.set_blocking(fd, False)
+        self.inputs[(major, minor)] = path
+        return fd
+
+    async def release_input(self, path: str, fd: int) -> None:
+        await super().release_input(path, fd)
+        for key, p in list(self.inputs.items()):
+            if p == path:
+                del self.inputs[key]
+                if not self._closing:
+                    await self._release_device(*key)
+
+    async def switch_vt(self, number: int) -> None:
+        reply = await self._call(self.session_path, "org.freedesktop.DBus.Properties", "Get", "ss",
+                                 [SESSION_IFACE, "Seat"])
+        seat_path = reply.body[0].value[1]
+        await self._call(seat_path, "org.freedesktop.login1.Seat", "SwitchTo", "u", [number])
+
     async def activate(self) -> None:
         """Bring the session to the front (logind switches to its VT) and wait until logind has resumed
         every card."""
@@ -495,7 +545,10 @@ class LogindSession(Session):
             for fd in msg.unix_fds:
                 os.close(fd)
             return False
-        if msg.interface == SESSION_IFACE and msg.member in ("PauseDevice", "ResumeDevice"):
+        if msg.interface == SESSION_IFACE and msg.member in ("PauseDevice", "ResumeDevice") and \
+                (msg.body[0], msg.body[1]) in self.inputs:
+            self._input_signal(msg)
+        elif msg.interface == SESSION_IFACE and msg.member in ("PauseDevice", "ResumeDevice"):
             # ResumeDevice's descriptor refers to the open file we hold already (see the class doc).
             for fd in msg.unix_fds:
                 os.close(fd)
@@ -508,6 +561,38 @@ class LogindSession(Session):
             elif "Active" in msg.body[2]:
                 self._spawn(self._refresh_active())
         return False
+
+    def _input_signal(self, msg) -> None:
+        """An input device paused (logind revoked our descriptor) or resumed (with a new one)."""
+        path = self.inputs[(msg.body[0], msg.body[1])]
+        if msg.member == "ResumeDevice":
+            fds = list(msg.unix_fds)
+            fd = fds[msg.body[2]] if isinstance(msg.body[2], int) and msg.body[2] < len(fds) else None
+            for extra in fds:
+                if extra != fd:
+                    os.close(extra)
+            if fd is None:
+                log.error("%s: logind resumed it without a descriptor", path)
+                return
+            os.set_inheritable(fd, False)
+            os.set_blocking(fd, False)
+            if self.on_input_resume is not None and not self._closing:
+                self.on_input_resume(path, fd)
+            else:
+                os.close(fd)
+            return
+        for fd in msg.unix_fds:
+            os.close(fd)
+        if self.on_input_pause is not None and not self._closing:
+            self.on_input_pause(path)
+        if msg.body[2] == "pause":
+            self._spawn(self._pause_complete(msg.body[0], msg.body[1]))
+
+    async def _pause_complete(self, major: int, minor: int) -> None:
+        try:
+            await self._call(self.session_path, SESSION_IFACE, "PauseDeviceComplete", "uu", [major, minor])
+        except SessionError as exc:
+            log.error("%s", exc)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
