@@ -16,7 +16,13 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, fourcc_name
+from compositor.kms.fourcc import (
+    ARGB8888,
+    DRM_FORMAT_MOD_INVALID,
+    DRM_FORMAT_MOD_LINEAR,
+    FORMATS,
+    fourcc_name,
+)
 
 MAX_DIMENSION = 16384  # no display engine we know scans out more per axis
 
@@ -111,3 +117,42 @@ class Frame:
     seq: int = 0  # the source's frame number, when it has one
     received_ns: int = field(default_factory=time.monotonic_ns)
     presented: bool = False  # set once its first flip completed (a mirrored frame flips twice)
+
+
+MAX_CURSOR = 512  # pixels per side a guest may define; cursor planes take 64 to 256
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """A guest's pointer image: ARGB8888 rows of width * 4 bytes (premultiplied or not, as the guest
+    draws it; B, G, R, A in memory), the hot spot in it. `serial` changes with every new image, so a
+    cursor plane can tell a new image from the same one."""
+
+    width: int
+    height: int
+    hot_x: int
+    hot_y: int
+    pixels: bytes
+    serial: int
+    fourcc: int = ARGB8888
+
+    def __post_init__(self) -> None:
+        if not (0 < self.width <= MAX_CURSOR and 0 < self.height <= MAX_CURSOR):
+            raise BadPlane(f"cursor {self.width}x{self.height} is outside 1..{MAX_CURSOR} per side")
+        if not (0 <= self.hot_x < self.width and 0 <= self.hot_y < self.height):
+            raise BadPlane(f"cursor hot spot ({self.hot_x}, {self.hot_y}) lies outside its "
+                           f"{self.width}x{self.height} image")
+        if len(self.pixels) != self.width * self.height * 4:
+            raise BadPlane(f"cursor {self.width}x{self.height} ARGB8888 is {self.width * self.height * 4} "
+                           f"bytes, not {len(self.pixels)}")
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """Where a guest's pointer is (its hot spot, in the guest's framebuffer pixels) and whether the
+    guest shows it."""
+
+    x: int
+    y: int
+    visible: bool
+

@@ -32,21 +32,36 @@ import sys
 import time
 import uuid as uuid_mod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
 from dbus_fast import DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
-from dbus_fast.annotations import DBusInt32, DBusSignature, DBusStr, DBusUInt16, DBusUInt32, DBusUnixFd
+from dbus_fast.annotations import (
+    DBusBool,
+    DBusDouble,
+    DBusInt32,
+    DBusSignature,
+    DBusStr,
+    DBusUInt16,
+    DBusUInt32,
+    DBusUInt64,
+    DBusUnixFd,
+)
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from compositor.kms.fourcc import XRGB8888
 from compositor.sources.qemu_dbus import (
     BUS_NAME,
     CONSOLE_IFACE,
+    ERROR_INVALID,
+    KEYBOARD_IFACE,
     LISTENER_IFACE,
     LISTENER_PATH,
     MAP_IFACE,
+    MOUSE_IFACE,
+    MULTITOUCH_IFACE,
     PIXMAN_X8R8G8B8,
     PROPERTIES_IFACE,
     VM_IFACE,
@@ -128,7 +143,83 @@ class ConsoleInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ, name="Interfaces")
     def interfaces(self) -> DBusStrings:
-        return ["org.qemu.Display1.Keyboard", "org.qemu.Display1.Mouse"]
+        return list(self.peer.console_interfaces)
+
+
+# The console's input interfaces, as QEMU's ui/dbus-console.c answers them: every call is written down in
+# peer.input_calls as (interface's last name, member, *arguments), also those QEMU would refuse.
+
+class KeyboardInterface(ServiceInterface):
+    def __init__(self, peer: QemuDisplayPeer) -> None:
+        super().__init__(KEYBOARD_IFACE)
+        self.peer = peer
+
+    @dbus_method(name="Press")
+    def press(self, keycode: DBusUInt32):
+        self.peer._record(KEYBOARD_IFACE, "Press", keycode)
+
+    @dbus_method(name="Release")
+    def release(self, keycode: DBusUInt32):
+        self.peer._record(KEYBOARD_IFACE, "Release", keycode)
+
+    @dbus_property(access=PropertyAccess.READ, name="Modifiers")
+    def modifiers(self) -> DBusUInt32:
+        return self.peer.modifiers
+
+
+class MouseInterface(ServiceInterface):
+    def __init__(self, peer: QemuDisplayPeer) -> None:
+        super().__init__(MOUSE_IFACE)
+        self.peer = peer
+
+    @dbus_method(name="Press")
+    def press(self, button: DBusUInt32):
+        self.peer._record(MOUSE_IFACE, "Press", button)
+
+    @dbus_method(name="Release")
+    def release(self, button: DBusUInt32):
+        self.peer._record(MOUSE_IFACE, "Release", button)
+
+    @dbus_method(name="SetAbsPosition")
+    def set_abs_position(self, x: DBusUInt32, y: DBusUInt32):
+        self.peer._record(MOUSE_IFACE, "SetAbsPosition", x, y)
+        if not self.peer.absolute:
+            raise DBusError(ERROR_INVALID, "Mouse is not absolute")
+        if x >= self.peer.width or y >= self.peer.height:
+            raise DBusError(ERROR_INVALID, "Invalid mouse position")
+
+    @dbus_method(name="RelMotion")
+    def rel_motion(self, dx: DBusInt32, dy: DBusInt32):
+        self.peer._record(MOUSE_IFACE, "RelMotion", dx, dy)
+        if self.peer.absolute:
+            raise DBusError(ERROR_INVALID, "Mouse is not relative")
+
+    @dbus_property(access=PropertyAccess.READ, name="IsAbsolute")
+    def is_absolute(self) -> DBusBool:
+        return self.peer.absolute
+
+
+class MultiTouchInterface(ServiceInterface):
+    def __init__(self, peer: QemuDisplayPeer) -> None:
+        super().__init__(MULTITOUCH_IFACE)
+        self.peer = peer
+
+    @dbus_method(name="SendEvent")
+    def send_event(self, kind: DBusUInt32, num_slot: DBusUInt64, x: DBusDouble, y: DBusDouble):
+        self.peer._record(MULTITOUCH_IFACE, "SendEvent", kind, num_slot, x, y)
+        if kind > 3:
+            raise DBusError(ERROR_INVALID, "Invalid touch event kind")
+        if num_slot >= self.peer.max_slots:
+            raise DBusError(ERROR_INVALID, f"Unexpected touch slot number: {num_slot} >= "
+                                           f"{self.peer.max_slots}")
+
+    @dbus_property(access=PropertyAccess.READ, name="MaxSlots")
+    def max_slots(self) -> DBusInt32:
+        return self.peer.max_slots
+
+
+INPUT_INTERFACES = {KEYBOARD_IFACE: KeyboardInterface, MOUSE_IFACE: MouseInterface,
+                    MULTITOUCH_IFACE: MultiTouchInterface}
 
 
 class Listener:
@@ -192,7 +283,12 @@ class Listener:
 
 @dataclass
 class QemuDisplayPeer:
-    """QEMU's display objects with one graphic console, served peer to peer or on a bus."""
+    """QEMU's display objects with one graphic console, served peer to peer or on a bus.
+
+    Input: the console serves the interfaces named in `console_interfaces` (its Interfaces property
+    says so too) and writes every input call down in `input_calls`. `set_absolute()` changes the
+    Mouse's IsAbsolute (with PropertiesChanged, as QEMU does when the guest's pointer device changes);
+    `stop_answering_input()` keeps input calls unanswered (a stuck VM) until `answer_input()`."""
 
     name: str = "peer-vm"
     uuid: str = PEER_UUID
@@ -200,17 +296,67 @@ class QemuDisplayPeer:
     height: int = 480
     label: str = "VGA"
     ui_info: tuple | None = None
+    console_interfaces: list[str] = field(
+        default_factory=lambda: [KEYBOARD_IFACE, MOUSE_IFACE, MULTITOUCH_IFACE])
+    absolute: bool = False  # the Mouse's IsAbsolute: QEMU's with a PS/2 mouse only
+    modifiers: int = 0
+    max_slots: int = 10  # QEMU's INPUT_EVENT_SLOTS_MAX
+    input_calls: list[tuple] = field(default_factory=list)
+    answering_input: bool = True
     listeners: list[Listener] = field(default_factory=list)
     buses: list[MessageBus] = field(default_factory=list)
     _registered: asyncio.Event = field(default_factory=asyncio.Event)
     _console: ConsoleInterface | None = None
     _tasks: set = field(default_factory=set)
+    _mice: list[MouseInterface] = field(default_factory=list)
+    _held_input: list[tuple[MessageBus, Message]] = field(default_factory=list)
 
     def _export(self, bus: MessageBus) -> None:
         bus.export(VM_PATH, VmInterface(self))
         self._console = ConsoleInterface(self)
         bus.export(console_path(0), self._console)
+        for name in self.console_interfaces:
+            interface = INPUT_INTERFACES[name](self)
+            bus.export(console_path(0), interface)
+            if isinstance(interface, MouseInterface):
+                self._mice.append(interface)
+        bus.add_message_handler(partial(self._hold_input, bus))
         self.buses.append(bus)
+
+    def _record(self, iface: str, member: str, *args: Any) -> None:
+        self.input_calls.append((iface.rsplit(".", 1)[-1], member, *args))
+
+    def _hold_input(self, bus: MessageBus, msg: Message) -> bool:
+        """While input is not answered: write an input call down and keep it (True: handled, no reply)."""
+        if (self.answering_input or msg.message_type != MessageType.METHOD_CALL
+                or msg.interface not in INPUT_INTERFACES or msg.path != console_path(0)):
+            return False
+        self._record(msg.interface, msg.member, *msg.body)
+        self._held_input.append((bus, msg))
+        return True
+
+    def stop_answering_input(self) -> None:
+        """Input calls from now on are written down but not answered (a VM whose QEMU is stuck)."""
+        self.answering_input = False
+
+    def answer_input(self) -> int:
+        """Answer every held input call (successfully) and answer new ones again; how many were held."""
+        self.answering_input = True
+        held, self._held_input = self._held_input, []
+        for bus, msg in held:
+            if bus.connected:
+                bus.send(Message.new_method_return(msg))
+        return len(held)
+
+    @property
+    def held_input(self) -> int:
+        return len(self._held_input)
+
+    def set_absolute(self, absolute: bool) -> None:
+        """Change the Mouse's IsAbsolute and signal it (QEMU: a tablet appears or goes)."""
+        self.absolute = absolute
+        for mouse in self._mice:
+            mouse.emit_properties_changed({"IsAbsolute": absolute})
 
     async def serve_peer(self, sock: socket.socket) -> PeerBus:
         """Serve one client peer to peer on `sock` (as QEMU does after QMP add_client)."""
@@ -278,6 +424,8 @@ class QemuDisplayPeer:
                 bus.disconnect()
         self.listeners.clear()
         self.buses.clear()
+        self._mice.clear()
+        self._held_input.clear()
 
 
 # --------------------------------------------------------------------------------- buffers
