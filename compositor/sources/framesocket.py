@@ -15,6 +15,17 @@ Server (the daemon's one asyncio loop, no threads): FrameSocketServer accepts cl
 GuestConnection, which reads and checks messages and calls the daemon's GuestHandler. A client that
 breaks the protocol is sent an error naming the cause and closed; other clients never notice.
 
+Input (server → client, after welcome): GuestConnection.input is the connection's InputSink
+(FrameSocketInput): key, button, pointer, motion, wheel and touch messages. Input never blocks and never
+disconnects a client: past MAX_QUEUED_INPUT unsent bytes it is dropped and counted, except the
+releases of what the guest was told is pressed, which are kept (at most one per key, button or touch
+slot) and sent once the client catches up, so nothing stays pressed in the guest.
+
+Pointer image (client → server): "cursor" defines the guest's pointer image (ARGB8888, at most
+MAX_CURSOR_SIZE pixels a side, base64) and "cursor-move" says where its hot spot is and whether it
+shows. The connection keeps only the latest of each (GuestConnection.cursor, .pointer) and calls the
+handler's optional on_cursor, so the daemon can put the image on the monitor's cursor plane.
+
 Client (blocking, for guests, launchers and tests): FrameSocketClient.
 """
 
@@ -22,6 +33,8 @@ from __future__ import annotations
 
 import array
 import asyncio
+import base64
+import binascii
 import fcntl
 import json
 import logging
@@ -37,14 +50,30 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from compositor.input.sink import TOUCH_KINDS
 from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
 
 # The socket paths live in compositor.paths, which `directflip status` imports without asyncio and the
 # KMS layer; they are re-exported here, where the daemon and the synthetic guest import them from.
 from compositor.paths import DEFAULT_FRAME_SOCKET, RUN_DIR, socket_paths  # noqa: F401
-from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
+from compositor.sources.frame import (
+    MAX_DIMENSION,
+    BadPlane,
+    Buffer,
+    Cursor,
+    Frame,
+    PlaneInfo,
+    dmabuf_size,
+)
+
+# frame.Pointer is where a guest's pointer is (what cursor-move says); this module's Pointer is the
+# client's input event (what the compositor says). Both names are public, so the import is renamed.
+from compositor.sources.frame import Pointer as GuestPointer
+
+if TYPE_CHECKING:
+    from compositor.input.sink import InputSink
 
 log = logging.getLogger("directflip.framesocket")
 
@@ -54,6 +83,16 @@ MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
 MAX_BUFFERS = 64  # per connection: each one holds a descriptor of ours
 MAX_QUEUED_OUTPUT = 1 << 20  # bytes waiting for a client that does not read its socket
+# Unsent bytes past which input is dropped: far below MAX_QUEUED_OUTPUT, so input alone never gets a
+# client closed, and a guest that catches up is not handed seconds of stale pointer motion.
+MAX_QUEUED_INPUT = 64 * 1024
+POINTER_MODES = ("absolute", "relative")
+KEY_MAX = 0x2FF  # evdev KEY_MAX: the highest key or button code
+MAX_TOUCH_SLOT = 255
+# Pixels per side of a guest's pointer image. Every cursor plane takes 64x64 (most take nothing larger
+# that all drivers agree on), and the base64 of 64x64 ARGB8888 (21848 bytes) fits one message easily.
+MAX_CURSOR_SIZE = 64
+_I32_MIN, _I32_MAX = -2**31, 2**31 - 1
 MAX_BUFFER_ID = 2**32 - 1
 _U32 = 2**32 - 1
 _U64 = 2**64 - 1
@@ -121,6 +160,15 @@ class Decoder:
     def pending(self) -> int:
         """Bytes of an incomplete message held back."""
         return len(self._buf) - self._pos
+
+    def needed(self) -> int:
+        """Bytes still missing from the next message (at least 1): a reader that takes no more stops at
+        a message boundary and leaves what follows in its socket."""
+        have = self.pending
+        if have < _LENGTH.size:
+            return _LENGTH.size - have
+        (length,) = _LENGTH.unpack_from(self._buf, self._pos)
+        return max(1, _LENGTH.size + min(length, MAX_MESSAGE) - have)
 
     def _messages(self) -> Iterator[dict[str, Any]]:
         buf = self._buf
@@ -195,6 +243,44 @@ def _str_field(msg: dict[str, Any], key: str) -> str:
     return value
 
 
+def _choice_field(msg: dict[str, Any], key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+    if key not in msg and default is not None:
+        return default
+    value = _str_field(msg, key)
+    if value not in choices:
+        quoted = [f'"{c}"' for c in choices]
+        expected = f"{', '.join(quoted[:-1])} or {quoted[-1]}" if len(quoted) > 1 else quoted[0]
+        raise ProtocolError(f'{msg["type"]}: "{key}" {value[:40]!r} is not {expected}')
+    return value
+
+
+def _base64_field(msg: dict[str, Any], key: str) -> bytes:
+    """A string member holding standard base64 with its padding, no whitespace, decoded. Only the
+    canonical encoding is accepted (no extra padding, no stray bits in the last character), so one
+    image has one spelling on the wire."""
+    text = _str_field(msg, key)
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except UnicodeEncodeError as exc:
+        raise ProtocolError(f'{msg["type"]}: "{key}" is not base64 (a non-ASCII character at '
+                            f"{exc.start})") from None
+    except binascii.Error as exc:
+        raise ProtocolError(f'{msg["type"]}: "{key}" is not base64 ({exc})') from None
+    if base64.b64encode(data).decode("ascii") != text:
+        raise ProtocolError(f'{msg["type"]}: "{key}" is not canonical base64 (padding past the data, '
+                            "or stray bits in its last character)")
+    return data
+
+
+def _bool_field(msg: dict[str, Any], key: str) -> bool:
+    if key not in msg:
+        raise ProtocolError(f'{msg["type"]}: "{key}" is missing')
+    value = msg[key]
+    if type(value) is not bool:  # 0 and 1 are not booleans
+        raise ProtocolError(f'{msg["type"]}: "{key}" must be a boolean, not {_json_kind(value)}')
+    return value
+
+
 # ------------------------------------------------------------------------------------------- server
 
 @dataclass(frozen=True)
@@ -227,6 +313,10 @@ class GuestHandler(Protocol):
     def on_vfio_device(self, conn: GuestConnection, fd: int) -> None:
         """The guest is a vGPU: its VMM handed over the VFIO device fd, which the handler now owns."""
 
+    def on_cursor(self, conn: GuestConnection) -> None:
+        """Optional (called only when the handler has it): a cursor or cursor-move message changed
+        conn.cursor (a new image, new serial) or conn.pointer. Read both; only the latest counts."""
+
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         """The connection is gone (called once, only for connections that got past hello). The handler
         now owns every buffer still in conn.buffers and must close each once it is off screen."""
@@ -249,6 +339,15 @@ class GuestConnection:
     released() and presented() may be called at any time: after the connection closed, or for a buffer
     no longer in `buffers` (forgotten), they do nothing. They never call back into the handler; a
     client found dead or not reading while sending is closed from the loop just after.
+
+    Input: `input` (a FrameSocketInput) is the guest's InputSink, `pointer_mode` ("absolute" or
+    "relative") what the client asked for, `dropped_input` how many input messages it lost by not
+    reading its socket.
+
+    Pointer image: `cursor` is the guest's latest Cursor (None until it sent one; its serial counts
+    this connection's cursor messages from 1) and `pointer` its latest GuestPointer (None until it
+    sent cursor-move). Each message replaces the one before, then the handler's on_cursor (if it has
+    one) is called.
     """
 
     def __init__(self, server: FrameSocketServer, sock: socket.socket, peer: Peer) -> None:
@@ -270,6 +369,15 @@ class GuestConnection:
         self._failing = False
         self._fail_reason = ""  # why _fail_soon will close it
         self._welcomed = False
+        self.pointer_mode = "absolute"  # hello's "pointer", then pointer-mode messages
+        self.input: InputSink = FrameSocketInput(self)
+        self.dropped_input = 0  # input messages dropped because the client did not read
+        self._dropping_input = False  # from the queue passing MAX_QUEUED_INPUT until it is empty
+        self._held: set[tuple[str, int]] = set()  # keys, buttons, touch slots the guest was told are down
+        self._owed: dict[tuple[str, int], dict[str, Any]] = {}  # their releases that came while dropping
+        self.cursor: Cursor | None = None  # the guest's pointer image, from its latest cursor message
+        self.pointer: GuestPointer | None = None  # where its hot spot is, from its latest cursor-move
+        self._cursor_serial = 0  # cursor messages so far: each new image gets the next serial
 
     def __repr__(self) -> str:
         return f"<GuestConnection {self._who()}{' closed' if self.closed else ''}>"
@@ -388,6 +496,14 @@ class GuestConnection:
             self._call("on_forget", buffer)
         elif kind == "vfio-device":
             self._on_vfio_device(start)
+        elif kind == "cursor":
+            self._on_cursor(msg)
+        elif kind == "cursor-move":
+            self._on_cursor_move(msg)
+        elif kind == "pointer-mode":
+            self.pointer_mode = _choice_field(msg, "mode", POINTER_MODES)
+            # DEBUG: a client may switch as often as it likes, and the log must not be its to flood
+            log.debug("%s: pointer mode %s", self._who(), self.pointer_mode)
         elif kind == "bye":
             self._finish("bye", logging.INFO, send_error=False)
         elif kind == "hello":
@@ -406,7 +522,8 @@ class GuestConnection:
         uuid = msg.get("uuid")
         if uuid is not None and not isinstance(uuid, str):
             raise ProtocolError(f'hello: "uuid" must be a string or null, not {_json_kind(uuid)}')
-        self.name, self.uuid = name, uuid
+        pointer = _choice_field(msg, "pointer", POINTER_MODES, "absolute")
+        self.name, self.uuid, self.pointer_mode = name, uuid, pointer
         # A guest that said bye (or hung up) and connected again at once: its old connection's end
         # may still sit unread in that socket, and the handler would find the name taken by it.
         for other in list(self._server.connections):
@@ -463,6 +580,39 @@ class GuestConnection:
         self.vfio_fd = fd
         log.info("%s: VFIO device handed over", self._who())
         self._call("on_vfio_device", fd)
+
+    def _on_cursor(self, msg: dict[str, Any]) -> None:
+        width = _int_field(msg, "width", 1, MAX_CURSOR_SIZE)
+        height = _int_field(msg, "height", 1, MAX_CURSOR_SIZE)
+        hot_x = _int_field(msg, "hot_x", 0, MAX_CURSOR_SIZE - 1)
+        hot_y = _int_field(msg, "hot_y", 0, MAX_CURSOR_SIZE - 1)
+        if hot_x >= width or hot_y >= height:
+            raise ProtocolError(f"cursor: hot spot ({hot_x}, {hot_y}) lies outside the "
+                                f"{width}x{height} image")
+        pixels = _base64_field(msg, "pixels")
+        if len(pixels) != width * height * 4:
+            raise ProtocolError(f'cursor: "pixels" holds {len(pixels)} bytes, not the {width * height * 4} '
+                                f"of {width}x{height} ARGB8888")
+        self._cursor_serial += 1
+        try:
+            self.cursor = Cursor(width, height, hot_x, hot_y, pixels, self._cursor_serial)
+        except BadPlane as exc:  # checked above; kept so a stricter Cursor can never escape as a crash
+            raise ProtocolError(f"cursor: {exc}") from None
+        # DEBUG: a guest may redefine its pointer image at any rate; the log must not be its to flood
+        log.debug("%s: cursor %dx%d, hot spot (%d, %d), serial %d", self._who(), width, height, hot_x, hot_y,
+                  self._cursor_serial)
+        self._cursor_changed()
+
+    def _on_cursor_move(self, msg: dict[str, Any]) -> None:
+        self.pointer = GuestPointer(_int_field(msg, "x", 0, MAX_DIMENSION - 1),
+                                    _int_field(msg, "y", 0, MAX_DIMENSION - 1),
+                                    _bool_field(msg, "visible"))
+        self._cursor_changed()
+
+    def _cursor_changed(self) -> None:
+        # on_cursor is optional: a handler without a cursor plane to feed need not know the message.
+        if hasattr(self._server.handler, "on_cursor"):
+            self._call("on_cursor")
 
     def _take_fd(self, buffer_id: int, start: int, what: str = "") -> int:
         """The descriptor that came in the same recvmsg chunk as this buffer message's first byte."""
@@ -521,6 +671,50 @@ class GuestConnection:
         if len(self._out) > MAX_QUEUED_OUTPUT:
             self._fail_soon("not reading its socket")
 
+    def _send_input(self, msg: dict[str, Any]) -> None:
+        if self.closed or self._failing or not self._welcomed:
+            return
+        ident, down = _contact(msg)
+        if self._dropping_input or len(self._out) > MAX_QUEUED_INPUT:
+            self._drop_input(msg, ident, down)
+            return
+        self._send(msg)
+        self._track(ident, down)
+
+    def _drop_input(self, msg: dict[str, Any], ident: tuple[str, int] | None, down: bool | None) -> None:
+        if not self._dropping_input:
+            self._dropping_input = True
+            log.warning("%s: not reading its socket (%d bytes unsent): dropping input until it catches up",
+                        self._who(), len(self._out))
+        if ident is not None:
+            if down is False and ident in self._held:
+                # The guest was told this is pressed: dropping its release would leave it stuck down.
+                self._owed[ident] = msg
+                return
+            if down is True:
+                # Pressed again before the owed release went out: the guest's view (down) is right.
+                self._owed.pop(ident, None)
+        self.dropped_input += 1
+
+    def _track(self, ident: tuple[str, int] | None, down: bool | None) -> None:
+        if ident is None or down is None:
+            return
+        if down:
+            self._held.add(ident)
+        else:
+            self._held.discard(ident)
+
+    def _input_drained(self) -> None:
+        """Everything queued reached the client: input flows again, and the releases kept back go
+        first."""
+        self._dropping_input = False
+        log.info("%s: reading its socket again; %d input messages dropped so far",
+                 self._who(), self.dropped_input)
+        owed, self._owed = self._owed, {}
+        for ident, msg in owed.items():
+            self._send(msg)
+            self._track(ident, False)
+
     def _on_writable(self) -> None:
         try:
             sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
@@ -533,6 +727,8 @@ class GuestConnection:
         if not self._out:
             self._loop.remove_writer(self._fileno)
             self._writing = False
+            if self._dropping_input:
+                self._input_drained()
 
     def _fail_soon(self, reason: str) -> None:
         # Called while the handler is answering a flip: closing here would re-enter it with on_close.
@@ -571,6 +767,75 @@ class GuestConnection:
     def _who(self) -> str:
         guest = f"guest {self.name!r}" if self.name else "before hello"
         return f"frame-socket client pid {self.peer.pid} uid {self.peer.uid} ({guest})"
+
+
+def _contact(msg: dict[str, Any]) -> tuple[tuple[str, int] | None, bool | None]:
+    """What an input message presses or releases: (("key", code), True) for a key press, (("touch",
+    slot), False) for a contact's end, (ident, None) for touch motion, (None, None) for the rest."""
+    kind = msg["type"]
+    if kind in ("key", "button"):
+        return (kind, msg["code"]), msg["down"]
+    if kind == "touch":
+        touch = msg["kind"]
+        return ("touch", msg["slot"]), True if touch == "down" else None if touch == "motion" else False
+    return None, None
+
+
+def _code(code: int) -> int:
+    if not 0 <= code <= KEY_MAX:
+        raise ValueError(f"evdev code {code} is outside 0..{KEY_MAX}")
+    return int(code)
+
+
+def _position(value: int) -> int:
+    # The router maps positions into the buffer; clamping keeps an edge case (a pointer one pixel past
+    # a scaled buffer's edge) from becoming a protocol error that the client would die of.
+    return min(max(int(value), 0), MAX_DIMENSION - 1)
+
+
+def _delta(value: int) -> int:
+    return min(max(int(value), _I32_MIN), _I32_MAX)
+
+
+class FrameSocketInput:
+    """The InputSink of one frame-socket connection: each call is one server → client message (key,
+    button, pointer, motion, wheel, touch). Nothing is sent before welcome or after the connection
+    closed; a client that does not read loses input (conn.dropped_input) rather than being closed.
+    Positions are clamped to 0..MAX_DIMENSION-1 and deltas to 32 bits; a code or slot out of range, or
+    an unknown touch kind, is the caller's bug (ValueError)."""
+
+    def __init__(self, conn: GuestConnection) -> None:
+        self.conn = conn
+
+    def __repr__(self) -> str:
+        return f"<FrameSocketInput {self.conn!r}>"
+
+    @property
+    def absolute(self) -> bool:
+        return self.conn.pointer_mode == "absolute"
+
+    def key(self, code: int, down: bool) -> None:
+        self.conn._send_input({"type": "key", "code": _code(code), "down": bool(down)})
+
+    def button(self, code: int, down: bool) -> None:
+        self.conn._send_input({"type": "button", "code": _code(code), "down": bool(down)})
+
+    def wheel(self, dx: int, dy: int) -> None:
+        self.conn._send_input({"type": "wheel", "dx": _delta(dx), "dy": _delta(dy)})
+
+    def pointer_abs(self, x: int, y: int) -> None:
+        self.conn._send_input({"type": "pointer", "x": _position(x), "y": _position(y)})
+
+    def pointer_rel(self, dx: int, dy: int) -> None:
+        self.conn._send_input({"type": "motion", "dx": _delta(dx), "dy": _delta(dy)})
+
+    def touch(self, kind: str, slot: int, x: int, y: int) -> None:
+        if kind not in TOUCH_KINDS:
+            raise ValueError(f"touch kind {kind!r} is not one of {', '.join(TOUCH_KINDS)}")
+        if not 0 <= slot <= MAX_TOUCH_SLOT:
+            raise ValueError(f"touch slot {slot} is outside 0..{MAX_TOUCH_SLOT}")
+        self.conn._send_input({"type": "touch", "kind": kind, "slot": int(slot),
+                               "x": _position(x), "y": _position(y)})
 
 
 class FrameSocketServer:
@@ -706,21 +971,83 @@ class Presented:
     sequence: int
 
 
+# Input from the compositor: evdev codes, positions in the guest's framebuffer pixels.
+
+@dataclass(frozen=True)
+class Key:
+    """Keyboard key `code` (evdev KEY_*) pressed (down) or released."""
+
+    code: int
+    down: bool
+
+
+@dataclass(frozen=True)
+class Button:
+    """Pointer button `code` (evdev BTN_LEFT ...) pressed (down) or released."""
+
+    code: int
+    down: bool
+
+
+@dataclass(frozen=True)
+class Pointer:
+    """The pointer is at (x, y), framebuffer pixels (absolute pointer mode)."""
+
+    x: int
+    y: int
+
+
+@dataclass(frozen=True)
+class Motion:
+    """The pointer moved by (dx, dy) device units (relative pointer mode)."""
+
+    dx: int
+    dy: int
+
+
+@dataclass(frozen=True)
+class Wheel:
+    """Wheel detents: dy > 0 away from the user, dx > 0 to the right."""
+
+    dx: int
+    dy: int
+
+
+@dataclass(frozen=True)
+class Touch:
+    """Touch contact `slot`: kind is "down", "motion", "up" or "cancel", at (x, y) framebuffer pixels."""
+
+    kind: str
+    slot: int
+    x: int
+    y: int
+
+
+InputEvent = Key | Button | Pointer | Motion | Wheel | Touch
+Event = Released | Presented | InputEvent
+
+
 class FrameSocketClient:
     """A guest's end of the frame socket, blocking (no asyncio). `timeout` bounds connecting, waiting
     for welcome and any send the compositor is slow to take. fileno() is for the caller's own poll
-    loop: readable means poll() has something."""
+    loop: readable means poll() has something. `pointer` ("absolute" or "relative") is how the guest
+    wants the pointer; set_pointer_mode changes it later. set_cursor and move_cursor give the
+    compositor the guest's own pointer image and position, for the monitor's cursor plane."""
 
-    def __init__(self, path: str, name: str, uuid: str | None = None, timeout: float = 5.0) -> None:
+    def __init__(self, path: str, name: str, uuid: str | None = None, timeout: float = 5.0, *,
+                 pointer: str = "absolute") -> None:
+        _check_pointer_mode(pointer)
         self.path = path
         self.timeout = timeout
+        self.pointer = pointer
         self._decoder = Decoder()
         self._error: str | None = None  # set once the connection is dead
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._connect(path, timeout)
             self._sock.setblocking(False)
-            self._send({"type": "hello", "version": PROTOCOL_VERSION, "name": name, "uuid": uuid})
+            self._send({"type": "hello", "version": PROTOCOL_VERSION, "name": name, "uuid": uuid,
+                        "pointer": pointer})
             self._await_welcome()
         except BaseException:
             self._sock.close()
@@ -744,11 +1071,35 @@ class FrameSocketClient:
     def forget(self, buffer_id: int) -> None:
         self._send({"type": "forget", "id": buffer_id})
 
-    def poll(self, timeout: float | None = 0) -> list[Released | Presented]:
-        """What the compositor said: everything already there, waiting up to `timeout` seconds (None:
-        forever) for at least one. Raises ServerError when it sent an error or closed."""
+    def set_cursor(self, width: int, height: int, hot_x: int, hot_y: int, pixels: bytes) -> None:
+        """Define the guest's pointer image: width x height (1..MAX_CURSOR_SIZE) ARGB8888 pixels, rows
+        of width * 4 bytes, B, G, R, A in memory; (hot_x, hot_y) is the pixel that points. It replaces
+        the image sent before. Bad arguments raise ValueError here, not a protocol error later."""
+        _check_cursor(width, height, hot_x, hot_y, pixels)
+        self._send({"type": "cursor", "width": width, "height": height, "hot_x": hot_x, "hot_y": hot_y,
+                    "pixels": base64.b64encode(pixels).decode("ascii")})
+
+    def move_cursor(self, x: int, y: int, visible: bool = True) -> None:
+        """Say where the pointer's hot spot is, in the guest's framebuffer pixels (0..16383), and
+        whether the guest shows it. Send it at any rate: the compositor keeps only the latest."""
+        for name, value in (("x", x), ("y", y)):
+            if type(value) is not int or not 0 <= value < MAX_DIMENSION:
+                raise ValueError(f"cursor {name} {value!r} is not an integer in 0..{MAX_DIMENSION - 1}")
+        self._send({"type": "cursor-move", "x": x, "y": y, "visible": bool(visible)})
+
+    def set_pointer_mode(self, mode: str) -> None:
+        """Ask for the pointer as absolute positions (Pointer) or relative motion (Motion) from now
+        on. Input already on its way still arrives the old way."""
+        _check_pointer_mode(mode)
+        self._send({"type": "pointer-mode", "mode": mode})
+        self.pointer = mode
+
+    def poll(self, timeout: float | None = 0) -> list[Event]:
+        """What the compositor said: everything already there (Released, Presented and the input
+        events), waiting up to `timeout` seconds (None: forever) for at least one. Raises ServerError
+        when it sent an error or closed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        events: list[Released | Presented] = []
+        events: list[Event] = []
         while True:
             for msg in self._drain():
                 event = self._event(msg)
@@ -798,14 +1149,29 @@ class FrameSocketClient:
     def _await_welcome(self) -> None:
         deadline = time.monotonic() + self.timeout
         while True:
-            for msg in self._drain():
+            # Read up to the end of the message and no further: input may follow welcome at once, and
+            # it must stay in the socket, where fileno() shows it to the guest's own poll loop.
+            try:
+                data = self._sock.recv(self._decoder.needed())
+            except (BlockingIOError, InterruptedError):
+                if not self._wait(select.POLLIN, deadline):
+                    raise TimeoutError(f"no welcome from the compositor on {self.path} "
+                                       f"within {self.timeout} s") from None
+                continue
+            except ConnectionResetError:  # the server closed with our bytes unread: an EOF
+                data = b""
+            try:
+                messages = list(self._decoder.feed(data))
+            except ProtocolError as exc:
+                self._die(f"the compositor broke the protocol: {exc}")
+            for msg in messages:
                 if msg["type"] == "welcome":
                     return
                 self._event(msg)  # error → ServerError
-            if not self._wait(select.POLLIN, deadline):
-                raise TimeoutError(f"no welcome from the compositor on {self.path} within {self.timeout} s")
+            if not data:
+                self._die(CLOSED)
 
-    def _event(self, msg: dict[str, Any]) -> Released | Presented | None:
+    def _event(self, msg: dict[str, Any]) -> Event | None:
         try:
             kind = msg["type"]
             if kind == "released":
@@ -815,6 +1181,20 @@ class FrameSocketClient:
                                  _int_field(msg, "frame", 0, _U64, 0),
                                  _int_field(msg, "timestamp_ns", 0, _U64),
                                  _int_field(msg, "sequence", 0, _U64, 0))
+            if kind in ("key", "button"):
+                return (Key if kind == "key" else Button)(_int_field(msg, "code", 0, KEY_MAX),
+                                                          _bool_field(msg, "down"))
+            if kind == "pointer":
+                return Pointer(_int_field(msg, "x", 0, MAX_DIMENSION - 1),
+                               _int_field(msg, "y", 0, MAX_DIMENSION - 1))
+            if kind in ("motion", "wheel"):
+                return (Motion if kind == "motion" else Wheel)(_int_field(msg, "dx", _I32_MIN, _I32_MAX),
+                                                               _int_field(msg, "dy", _I32_MIN, _I32_MAX))
+            if kind == "touch":
+                return Touch(_choice_field(msg, "kind", TOUCH_KINDS),
+                             _int_field(msg, "slot", 0, MAX_TOUCH_SLOT),
+                             _int_field(msg, "x", 0, MAX_DIMENSION - 1),
+                             _int_field(msg, "y", 0, MAX_DIMENSION - 1))
             if kind == "error":
                 reason = msg.get("reason")
                 self._die(reason if isinstance(reason, str) else "the compositor sent an error")
@@ -882,3 +1262,19 @@ class FrameSocketClient:
                 self._die(CLOSED)
             data = data[sent:]
             ancillary = []  # the descriptor went with the first bytes
+
+
+def _check_cursor(width: int, height: int, hot_x: int, hot_y: int, pixels: bytes) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if type(value) is not int or not 1 <= value <= MAX_CURSOR_SIZE:
+            raise ValueError(f"cursor {name} {value!r} is not an integer in 1..{MAX_CURSOR_SIZE}")
+    if type(hot_x) is not int or type(hot_y) is not int or not (0 <= hot_x < width and 0 <= hot_y < height):
+        raise ValueError(f"cursor hot spot ({hot_x!r}, {hot_y!r}) lies outside the {width}x{height} image")
+    if len(pixels) != width * height * 4:
+        raise ValueError(f"cursor pixels are {len(pixels)} bytes, not the {width * height * 4} "
+                         f"of {width}x{height} ARGB8888")
+
+
+def _check_pointer_mode(mode: str) -> None:
+    if mode not in POINTER_MODES:
+        raise ValueError(f"pointer mode {mode!r} is not one of {', '.join(POINTER_MODES)}")

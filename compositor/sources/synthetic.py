@@ -11,13 +11,35 @@ screenshot of the monitor it lands on:
   one row — a white and a black marker cell, then the 32 bits of the frame number, most significant
   first, white = 1, black = 0 (`draw_counter`, `decode_counter`);
 - a vertical bar BAR_WIDTH pixels wide, from BAR_TOP to the bottom, moves 8 pixels per frame
-  (`bar_rect`), so a frozen or torn picture shows.
+  (`bar_rect`), so a frozen or torn picture shows;
+- from the first input event the guest receives (any of Key, Button, Pointer, Motion, Wheel, Touch)
+  on, what it received (`InputState`): INPUT_BANDS more bands right below the counter band, at
+  (BAND_X, INPUT_BAND_Y + i * CELL), each the same 34 cells (white and black marker, then 32 bits
+  MSB first), drawn after the bar so the bar never hides them (`draw_input`, `decode_input`):
+
+      band  y    bits 31..16                     bits 15..0
+      0     24   last key code                   bit 15 last key down, bits 14..12 buttons held
+                                                 (BTN_LEFT 1, BTN_RIGHT 2, BTN_MIDDLE 4),
+                                                 bits 11..0 key events received, modulo 4096
+      1     40   last absolute pointer x         last absolute pointer y
+      2     56   sum of relative motion dx       sum of relative motion dy
+      3     72   sum of wheel dx                 sum of wheel dy
+
+  The sums are 16-bit two's complement (they wrap). Touch events start the bands but are not
+  recorded. Before any input the frame is exactly as without this feature; paint_on_screen's square
+  covers the cells of bands 2 and 3 at x 64..127.
 
 Drawing is pure numpy on an (H, W, 4) uint8 view of the buffer in memory byte order B, G, R, X
-(`xrgb_view` makes one over an mmap with any stride) and touches only the band and two bar rects
+(`xrgb_view` makes one over an mmap with any stride) and touches only the bands and two bar rects
 per frame: it runs under QEMU TCG at 60 Hz for several guests. A buffer remembers which bar it shows
 (`Slot.bar_x`) and the bar is erased by restoring those pixels from the guest's background image, so
 the name survives the bar passing over it.
+
+With --cursor the guest also defines a pointer image on the frame socket (`cursor_pixels`: a
+CURSOR_SIZE x CURSOR_SIZE square of CURSOR_COLOUR with a CURSOR_BORDER-pixel CURSOR_BORDER_COLOUR
+border, hot spot at its top-left pixel), and with --cursor-at X,Y says its hot spot is at (X, Y),
+visible. Both go once per connection, right after the buffers are announced; the frames themselves
+never change for them, so a screenshot tells a cursor plane's pixels from the guest's.
 
 The flip protocol: after flip(id) the buffer belongs to the compositor (it may be on screen, zero
 copy) until the guest receives Released(id). `SyntheticGuest.paint_on_screen` breaks that rule on
@@ -42,12 +64,28 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from compositor.sources.framesocket import DEFAULT_FRAME_SOCKET, RUN_DIR, socket_paths
+from compositor.sources.frame import MAX_DIMENSION
+
+# The input event types are bound here, at import: the guest loop imports Released and Presented
+# lazily (tests swap the framesocket module for a fake one), and input events are the real classes.
+from compositor.sources.framesocket import (
+    DEFAULT_FRAME_SOCKET,
+    POINTER_MODES,
+    RUN_DIR,
+    Button,
+    InputEvent,
+    Key,
+    Motion,
+    Pointer,
+    Touch,
+    Wheel,
+    socket_paths,
+)
 
 if TYPE_CHECKING:
     import mmap
@@ -70,6 +108,11 @@ BAR_TOP = BAND_Y + CELL + 8           # the bar starts below the band, with a ga
 PAINT_RECT = (64, 64, 64, 64)         # x, y, w, h of paint_on_screen's square
 MIN_WIDTH = BAND_X + BAND_WIDTH + BAND_X
 MIN_HEIGHT = PAINT_RECT[1] + PAINT_RECT[3]
+INPUT_BAND_Y = BAND_Y + CELL          # the input bands, stacked right below the counter band
+INPUT_BANDS = 4
+KEY_EVENTS_MODULO = 1 << 12           # band 0 counts key events in its low 12 bits
+BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
+BUTTON_BITS = {BTN_LEFT: 1, BTN_RIGHT: 2, BTN_MIDDLE: 4}
 
 _SAMPLE = 8                           # decode_counter samples the centre SAMPLE x SAMPLE of each cell
 _THRESHOLD = 128
@@ -80,12 +123,25 @@ BLACK = (0, 0, 0)
 RGB = tuple[int, int, int]
 Rect = tuple[int, int, int, int]      # x, y, width, height
 
+# --cursor's pointer image: a colour that no guest background or bar takes (guest_colour's value is
+# 0.75, so no channel reaches 255), to be found on a screenshot of the monitor.
+CURSOR_SIZE = 32                      # pixels per side
+CURSOR_COLOUR: RGB = (255, 0, 255)    # the inside, opaque
+CURSOR_BORDER = 2                     # pixels of border on each side
+CURSOR_BORDER_COLOUR: RGB = BLACK     # the border, opaque
+CURSOR_HOT_SPOT = (0, 0)              # the pixel that points: the top-left corner
+
 
 # --------------------------------------------------------------------------------- pure: layout
 
 def band_rect() -> Rect:
     """Where the counter band lies in the buffer."""
     return (BAND_X, BAND_Y, BAND_WIDTH, CELL)
+
+
+def input_rect() -> Rect:
+    """Where the input bands lie in the buffer (all of them, one under the other)."""
+    return (BAND_X, INPUT_BAND_Y, BAND_WIDTH, INPUT_BANDS * CELL)
 
 
 def bar_x(width: int, n: int) -> int:
@@ -181,11 +237,16 @@ def _draw_name(area: np.ndarray, name: str, ink: RGB) -> None:
 
 def draw_counter(view: np.ndarray, n: int) -> None:
     """Write frame number n (taken modulo 2**32) into the band: marker cells, then 32 bits MSB first."""
-    n &= 0xFFFFFFFF
-    bits = list(MARKER) + [(n >> (COUNTER_BITS - 1 - i)) & 1 for i in range(COUNTER_BITS)]
+    _draw_band(view, n, BAND_X, BAND_Y)
+
+
+def _draw_band(view: np.ndarray, value: int, x: int, y: int) -> None:
+    """A band of marker cells and the 32 bits of value (modulo 2**32), MSB first, at (x, y)."""
+    value &= 0xFFFFFFFF
+    bits = list(MARKER) + [(value >> (COUNTER_BITS - 1 - i)) & 1 for i in range(COUNTER_BITS)]
     cells = np.where(np.array(bits, dtype=bool)[:, None], _bgrx(WHITE), _bgrx(BLACK))   # (34, 4)
     row = np.repeat(cells, CELL, axis=0)                                                 # (544, 4)
-    view[BAND_Y:BAND_Y + CELL, BAND_X:BAND_X + BAND_WIDTH] = row
+    view[y:y + CELL, x:x + BAND_WIDTH] = row
 
 
 def draw_bar(view: np.ndarray, n: int, background: np.ndarray, ink: RGB, painted_x: int | None = None) -> int:
@@ -213,7 +274,11 @@ def decode_counter(rgb: np.ndarray, origin: tuple[int, int] = (0, 0)) -> int | N
     the buffer's top-left pixel landed. Each cell's centre 8x8 is sampled: a cell is white when every
     channel of every sample is >= 128, black when every one is < 128, anything else means this is not
     our band (a background, a picture, a band that is shifted by more than 4 pixels, or scaled)."""
-    x0, y0 = origin[0] + BAND_X, origin[1] + BAND_Y
+    return _read_band(rgb, origin[0] + BAND_X, origin[1] + BAND_Y)
+
+
+def _read_band(rgb: np.ndarray, x0: int, y0: int) -> int | None:
+    """The 32-bit value of the band at (x0, y0) of a screenshot, or None when no band is there."""
     if x0 < 0 or y0 < 0 or y0 + CELL > rgb.shape[0] or x0 + BAND_WIDTH > rgb.shape[1]:
         return None
     inset = (CELL - _SAMPLE) // 2
@@ -229,6 +294,95 @@ def decode_counter(rgb: np.ndarray, origin: tuple[int, int] = (0, 0)) -> int | N
     for bit in white[len(MARKER):]:
         value = (value << 1) | int(bit)
     return value
+
+
+# ------------------------------------------------------------------------------------ pure: input
+
+def _s16(value: int) -> int:
+    """value wrapped to a 16-bit two's complement number, as the bands carry it."""
+    return ((value + 0x8000) & 0xFFFF) - 0x8000
+
+
+@dataclass(frozen=True)
+class InputState:
+    """What a synthetic guest received, as its input bands show it (every field already wrapped to
+    what the bands carry, so decode_input(draw_input(state)) == state)."""
+
+    key: int = 0          # the last key's evdev code
+    key_down: bool = False  # whether that event was a press
+    keys: int = 0         # key events received, modulo KEY_EVENTS_MODULO
+    buttons: int = 0      # held: BTN_LEFT 1 | BTN_RIGHT 2 | BTN_MIDDLE 4
+    x: int = 0            # the last absolute pointer position
+    y: int = 0
+    dx: int = 0           # relative motion, summed (16-bit, wraps)
+    dy: int = 0
+    wheel_dx: int = 0     # wheel detents, summed (16-bit, wraps)
+    wheel_dy: int = 0
+
+    def words(self) -> tuple[int, int, int, int]:
+        """The 32-bit value of each input band."""
+        return ((self.key & 0xFFFF) << 16 | int(self.key_down) << 15 | (self.buttons & 7) << 12
+                | self.keys % KEY_EVENTS_MODULO,
+                (self.x & 0xFFFF) << 16 | (self.y & 0xFFFF),
+                (self.dx & 0xFFFF) << 16 | (self.dy & 0xFFFF),
+                (self.wheel_dx & 0xFFFF) << 16 | (self.wheel_dy & 0xFFFF))
+
+    @classmethod
+    def from_words(cls, words: tuple[int, int, int, int]) -> InputState:
+        keys, pointer, motion, wheel = words
+        return cls(key=keys >> 16, key_down=bool(keys >> 15 & 1), keys=keys & 0xFFF, buttons=keys >> 12 & 7,
+                   x=pointer >> 16, y=pointer & 0xFFFF, dx=_s16(motion >> 16), dy=_s16(motion),
+                   wheel_dx=_s16(wheel >> 16), wheel_dy=_s16(wheel))
+
+
+def apply_input(state: InputState | None, event: InputEvent) -> InputState:
+    """The state after `event` (state None: nothing received yet)."""
+    state = state or InputState()
+    if isinstance(event, Key):
+        return replace(state, key=event.code & 0xFFFF, key_down=event.down,
+                       keys=(state.keys + 1) % KEY_EVENTS_MODULO)
+    if isinstance(event, Button):
+        bit = BUTTON_BITS.get(event.code, 0)
+        return replace(state, buttons=state.buttons | bit if event.down else state.buttons & ~bit)
+    if isinstance(event, Pointer):
+        return replace(state, x=event.x & 0xFFFF, y=event.y & 0xFFFF)
+    if isinstance(event, Motion):
+        return replace(state, dx=_s16(state.dx + event.dx), dy=_s16(state.dy + event.dy))
+    if isinstance(event, Wheel):
+        return replace(state, wheel_dx=_s16(state.wheel_dx + event.dx),
+                       wheel_dy=_s16(state.wheel_dy + event.dy))
+    return state  # Touch: received (the bands start) but not recorded
+
+
+def draw_input(view: np.ndarray, state: InputState) -> None:
+    """Write the input bands (see the module docstring) into view."""
+    for i, word in enumerate(state.words()):
+        _draw_band(view, word, BAND_X, INPUT_BAND_Y + i * CELL)
+
+
+def decode_input(rgb: np.ndarray, origin: tuple[int, int] = (0, 0)) -> InputState | None:
+    """The input a guest had received, read from a screenshot like decode_counter (same arguments),
+    or None when the input bands are not there (no input yet, or not our buffer)."""
+    words = []
+    for i in range(INPUT_BANDS):
+        word = _read_band(rgb, origin[0] + BAND_X, origin[1] + INPUT_BAND_Y + i * CELL)
+        if word is None:
+            return None
+        words.append(word)
+    return InputState.from_words((words[0], words[1], words[2], words[3]))
+
+
+# ----------------------------------------------------------------------------------- pure: cursor
+
+def cursor_pixels() -> bytes:
+    """--cursor's image as the frame socket takes it: CURSOR_SIZE x CURSOR_SIZE ARGB8888 rows, B, G,
+    R, A in memory, all opaque (so premultiplied or not reads the same): CURSOR_COLOUR inside a
+    CURSOR_BORDER-pixel CURSOR_BORDER_COLOUR border."""
+    image = np.empty((CURSOR_SIZE, CURSOR_SIZE, 4), dtype=np.uint8)
+    image[:] = _bgrx(CURSOR_BORDER_COLOUR)   # the 4th byte is 0xFF: opaque alpha
+    inner = slice(CURSOR_BORDER, CURSOR_SIZE - CURSOR_BORDER)
+    image[inner, inner] = _bgrx(CURSOR_COLOUR)
+    return image.tobytes()
 
 
 # ----------------------------------------------------------------------------------------- device
@@ -305,11 +459,14 @@ class Swapchain:
         free = [s for s in self.slots.values() if not s.busy]
         return min(free, key=lambda s: s.last_used) if free else None
 
-    def render(self, slot: Slot, n: int) -> None:
-        """Draw frame n into slot (only the band and the old and new bar rects change)."""
+    def render(self, slot: Slot, n: int, input_state: InputState | None = None) -> None:
+        """Draw frame n into slot (only the band, the old and new bar rects and, with input_state,
+        the input bands change)."""
         with cpu_write(slot.fd):
             draw_counter(slot.view, n)
             slot.bar_x = draw_bar(slot.view, n, self.background, self.ink, slot.bar_x)
+            if input_state is not None:
+                draw_input(slot.view, input_state)  # after the bar, which crosses the bands' rows
 
     def mark_busy(self, slot_id: int) -> None:
         slot = self.slots[slot_id]
@@ -349,15 +506,18 @@ class GuestStats:
     server_error: str | None = None   # why the compositor closed the connection, if it did
     painted_buffer: int | None = None  # the buffer paint_on_screen wrote into
     reconnects: int = 0          # --reconnect: connections made again after the compositor went away
+    input_events: int = 0        # input events received (Key, Button, Pointer, Motion, Wheel, Touch)
 
     def summary(self, name: str) -> str:
         rate = self.frames_flipped / self.elapsed if self.elapsed > 0 else 0.0
         last = "-" if self.last_frame is None else str(self.last_frame)
         return (f"guest {name}: flipped {self.frames_flipped} frames in {self.elapsed:.2f} s "
                 f"({rate:.1f}/s), presented {self.presented}, last frame {last}, stalled {self.stalled}"
-                + (f", reconnected {self.reconnects} times" if self.reconnects else ""))
+                + (f", reconnected {self.reconnects} times" if self.reconnects else "")
+                + (f", input {self.input_events} events" if self.input_events else ""))
 
 
+_INPUT_EVENTS = (Key, Button, Pointer, Motion, Wheel, Touch)
 SETTLE_SECONDS = 0.5       # after the last flip, wait this long for its Presented
 PRESENT_TIMEOUT = 5.0      # --then-paint: how long the last frame may take to be presented
 _POLL_SLICE = 0.1          # longest single wait, so a signal is acted on promptly
@@ -369,8 +529,19 @@ class SyntheticGuest:
     per second (0 or inf: as fast as buffers come back)."""
 
     def __init__(self, name: str, socket_path: str, card_path: str, width: int, height: int,
-                 rate: float, buffers: int = 3, uuid: str | None = None, reconnect: bool = False) -> None:
+                 rate: float, buffers: int = 3, uuid: str | None = None, reconnect: bool = False,
+                 pointer: str = "absolute", cursor: bool = False,
+                 cursor_at: tuple[int, int] | None = None) -> None:
         check_size(width, height)
+        if pointer not in POINTER_MODES:
+            raise ValueError(f"pointer mode {pointer!r} is not one of {', '.join(POINTER_MODES)}")
+        if cursor_at is not None and not all(0 <= v < MAX_DIMENSION for v in cursor_at):
+            raise ValueError(f"cursor position {cursor_at} is outside 0..{MAX_DIMENSION - 1}")
+        self.pointer = pointer  # asked for in every hello
+        # Sent on every connection, since a new compositor knows nothing of what the last one was told.
+        self.cursor = cursor  # define cursor_pixels() as the pointer image
+        self.cursor_at = cursor_at  # put the pointer's hot spot there, visible
+        self.input: InputState | None = None  # what it received: drawn into every frame once set
         self.name, self.socket_path, self.card_path = name, socket_path, card_path
         self.width, self.height, self.rate, self.buffers, self.uuid = width, height, rate, buffers, uuid
         self.reconnect = reconnect  # the compositor going away: wait for the next one, keep flipping
@@ -401,10 +572,14 @@ class SyntheticGuest:
     def _connect(self) -> None:
         """Connect and announce every buffer; each starts out ours (not flipped)."""
         from .framesocket import FrameSocketClient
-        self.client = FrameSocketClient(self.socket_path, self.name, self.uuid)
+        self.client = FrameSocketClient(self.socket_path, self.name, self.uuid, pointer=self.pointer)
         for slot in self.swapchain.slots.values():
             slot.busy = False
             self.client.announce(slot.id, slot.fd, "XR24", self.width, self.height, slot.pitch, 0, 0)
+        if self.cursor:
+            self.client.set_cursor(CURSOR_SIZE, CURSOR_SIZE, *CURSOR_HOT_SPOT, cursor_pixels())
+        if self.cursor_at is not None:
+            self.client.move_cursor(*self.cursor_at, visible=True)
 
     def _reconnect(self, why: str) -> bool:
         """The connection is lost: with `reconnect`, connect again as soon as a compositor listens
@@ -537,7 +712,7 @@ class SyntheticGuest:
 
     def _flip(self, slot: Slot) -> None:
         n = self.next_frame
-        self.swapchain.render(slot, n)
+        self.swapchain.render(slot, n, self.input)
         self.swapchain.mark_busy(slot.id)
         self.client.flip(slot.id, frame=n)
         self.next_frame += 1
@@ -554,6 +729,9 @@ class SyntheticGuest:
             elif isinstance(ev, Presented):
                 self.stats.presented += 1
                 self.stats.last_presented_frame = ev.frame
+            elif isinstance(ev, _INPUT_EVENTS):
+                self.stats.input_events += 1
+                self.input = apply_input(self.input, ev)
 
     def _wait_for_slot(self, deadline: float) -> Slot | None:
         while not self._stop:
@@ -665,7 +843,9 @@ Stand in for a virtual machine: allocate a few XRGB8888 buffers, hand them to a 
 Each frame shows the guest's name on a colour of its own, a bar that moves 8 pixels per frame, and
 the frame number as a band at (8, 8) of 34 cells of 16x16 pixels: a white and a black marker cell,
 then the 32 bits of the number, most significant first (white = 1). Tests read it back from a
-screenshot with compositor.sources.synthetic.decode_counter.
+screenshot with compositor.sources.synthetic.decode_counter. Once the guest receives input, four
+more such bands below it show what it received (decode_input; the layout is in the module's
+docstring).
 
 --on display allocates on the display card itself (a same-device import, like GVT-g on i915);
 --on vgem allocates on vgem (a cross-device dma-buf: zero copy where the display driver imports
@@ -679,6 +859,10 @@ examples:
   directflip guest --name office --frames 60 --then-paint ff00ff --hold 5
       zero-copy proof: after 60 frames, paint a 64x64 square at (64, 64) into the buffer on
       screen without flipping; the monitor shows it only if it scans out the guest's memory
+  directflip guest --name office --cursor --cursor-at 300,200
+      hand the compositor a 32x32 magenta pointer image with a 2-pixel black border, its hot
+      spot (the top-left pixel) at (300, 200) of the guest's buffer: the frames do not show it,
+      so any magenta square on the monitor came from its cursor plane
 
 At exit one line goes to stdout:
   guest NAME: flipped F frames in T s (R/s), presented P, last frame L, stalled S
@@ -745,6 +929,17 @@ def _colour(text: str) -> RGB:
     return ((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
 
 
+def _point(text: str) -> tuple[int, int]:
+    try:
+        x, y = (int(v) for v in text.split(","))
+    except ValueError:
+        x = y = -1
+    if not (0 <= x < MAX_DIMENSION and 0 <= y < MAX_DIMENSION):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y in buffer pixels, "
+                                         f"each 0..{MAX_DIMENSION - 1}")
+    return x, y
+
+
 def _hex(colour: RGB) -> str:
     return "{:02x}{:02x}{:02x}".format(*colour)
 
@@ -776,6 +971,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="after the last frame (and the paint), keep the connection open S seconds so "
                    "the compositor keeps showing the buffer")
     p.add_argument("--uuid", help="the guest's UUID, for policies that match on it")
+    p.add_argument("--pointer", choices=POINTER_MODES, default="absolute",
+                   help="how the guest wants the pointer: absolute positions or relative motion "
+                   "(default absolute)")
+    p.add_argument("--cursor", action="store_true",
+                   help=f"give the compositor a pointer image ({CURSOR_SIZE}x{CURSOR_SIZE} "
+                   f"#{_hex(CURSOR_COLOUR)} with a {CURSOR_BORDER}-pixel black border, hot spot at its "
+                   "top-left pixel) for the monitor's cursor plane, once per connection")
+    p.add_argument("--cursor-at", type=_point, metavar="X,Y",
+                   help="say the pointer's hot spot is at X,Y of the buffer, visible, once per connection")
     p.add_argument("--reconnect", action="store_true",
                    help="when the compositor goes away (restarted, killed), connect again as soon as "
                    "one listens, announce the buffers again and keep flipping (default: exit with 3)")
@@ -800,7 +1004,8 @@ def run_cli(args: argparse.Namespace) -> int:
     try:
         card_path = find_card(args.on)
         guest = SyntheticGuest(args.name, args.socket, card_path, width, height, args.rate,
-                               buffers=args.buffers, uuid=args.uuid, reconnect=args.reconnect)
+                               buffers=args.buffers, uuid=args.uuid, reconnect=args.reconnect,
+                               pointer=args.pointer, cursor=args.cursor, cursor_at=args.cursor_at)
         guest.open()
     except (DeviceError, KmsError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
@@ -829,6 +1034,7 @@ def run_cli(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_FRAME_SOCKET", "GuestStats", "Slot", "Swapchain", "SyntheticGuest", "band_rect",
-           "bar_rect", "decode_counter", "draw_background", "draw_bar", "draw_counter", "find_card",
-           "guest_colour", "ink_colour", "paint_rect", "register", "xrgb_view"]
+__all__ = ["DEFAULT_FRAME_SOCKET", "GuestStats", "InputState", "Slot", "Swapchain", "SyntheticGuest",
+           "apply_input", "band_rect", "bar_rect", "cursor_pixels", "decode_counter", "decode_input",
+           "draw_background", "draw_bar", "draw_counter", "draw_input", "find_card", "guest_colour",
+           "ink_colour", "input_rect", "paint_rect", "register", "xrgb_view"]

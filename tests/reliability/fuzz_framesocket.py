@@ -1,11 +1,15 @@
 """libFuzzer harness (atheris) for the reading side of the frame socket: the decoder and the message
 checker of a real GuestConnection, fed through a real socketpair with real descriptors.
 
-Each input is a script: raw bytes, well-formed messages with fuzzed members, bare length prefixes, and
-buffer messages carrying memfds of fuzzed sizes, in fuzzed pieces. After the script the client hangs
-up. Whatever happens, nothing may escape the connection's read handler, the connection must end
-closed, the handler must have been told once (if the guest got past hello), and no descriptor may be
-left open.
+Each input is a script: raw bytes, well-formed messages with fuzzed members (cursor images of fuzzed
+sizes, hot spots and base64 among them), bare length prefixes, and buffer messages carrying memfds of
+fuzzed sizes, in fuzzed pieces; between them the compositor sends the guest input through conn.input,
+and the guest reads (or does not read) what it was sent. The server's socket buffer is small and its
+input bound zero here, so dropping input, keeping releases and catching up all happen. After the
+script the client hangs up. Whatever happens, nothing may escape the connection's read handler or its
+input sink, the connection must end closed, the handler must have been told once (if the guest got
+past hello), no descriptor may be left open, and on_cursor must only ever see a cursor whose pixels
+fill its image and whose hot spot lies in it, and a pointer in range.
 
     python tests/reliability/fuzz_framesocket.py -runs=100000        # or without -runs: until stopped
 """
@@ -13,6 +17,7 @@ left open.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import select
@@ -26,20 +31,32 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports(include=["compositor"]):
-    from compositor.sources.frame import Buffer, Frame
+    from compositor.sources import framesocket
+    from compositor.sources.frame import MAX_DIMENSION, Buffer, Cursor, Frame
+    from compositor.sources.frame import Pointer as GuestPointer
     from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Peer, Refused, encode
 
-TYPES = ["hello", "buffer", "flip", "forget", "bye", "vfio-device", "released", "", "HELLO"]
-FIELDS = ["version", "name", "uuid", "id", "fourcc", "width", "height", "stride", "offset", "modifier",
-          "frame"]
+TYPES = ["hello", "buffer", "flip", "forget", "bye", "vfio-device", "pointer-mode", "cursor", "cursor-move",
+         "released", "key", "", "HELLO"]
+FIELDS = ["version", "name", "uuid", "pointer", "id", "fourcc", "width", "height", "stride", "offset",
+          "modifier", "frame", "mode", "hot_x", "hot_y", "pixels", "x", "y", "visible"]
+# What a "pixels" member may hold besides a well-formed image: base64 that breaks one rule each.
+PIXELS = ["", "AAAA", "AAA=", "AA==", "AA", "A===", "AAAA====", "AA==AA==", "=AAA", "AA=A", "AB==",
+          "AA\nAA", "AA AA", "AA-_", "\u00e9AAA", "/////w==", "AAAA" * 1024]
 FOURCCS = ["XR24", "AR24", "RG16", "RG24", "NV12", "XR2", "XR245", "\u00e9R24", "\x00\x00\x00\x00"]
+MODES = ["absolute", "relative", "Absolute", "", "tablet"]
+TOUCH_KINDS = ["down", "motion", "up", "cancel"]
+SNDBUF = 4096  # the server end's send buffer: a few messages fill it, and the rest queue in the connection
+framesocket.MAX_QUEUED_INPUT = 0  # drop as soon as anything waits: a script fills SNDBUF, then drops
 
 
 class Handler:
-    """Answers flips, refuses a guest named `refuse`, owns what it is handed, counts closes."""
+    """Answers flips, refuses a guest named `refuse`, owns what it is handed, counts closes, checks
+    every cursor and pointer it is shown."""
 
     def __init__(self) -> None:
         self.closes = 0
+        self.broken: list[str] = []  # what on_cursor found wrong
 
     def on_hello(self, conn: GuestConnection) -> None:
         if conn.name == "refuse":
@@ -60,10 +77,33 @@ class Handler:
         os.close(fd)
         raise Refused("not a vGPU")
 
+    def on_cursor(self, conn: GuestConnection) -> None:
+        # The server catches what a callback raises (it closes that client), so a broken promise is
+        # written down here and asserted after the script instead.
+        try:
+            check_cursor(conn)
+        except AssertionError as exc:
+            self.broken.append(f"on_cursor saw {conn.cursor!r:.200}, {conn.pointer!r}: {exc}")
+
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         self.closes += 1
         for buffer in conn.buffers.values():
             buffer.close()
+
+
+def check_cursor(conn: GuestConnection) -> None:
+    """What the daemon will trust: a cursor whose pixels fill its image exactly and whose hot spot lies
+    in it, a pointer in range."""
+    cursor, pointer = conn.cursor, conn.pointer
+    assert cursor is not None or pointer is not None, "nothing to show"
+    if cursor is not None:
+        assert isinstance(cursor, Cursor) and 1 <= cursor.width <= 64 and 1 <= cursor.height <= 64
+        assert len(cursor.pixels) == cursor.width * cursor.height * 4
+        assert 0 <= cursor.hot_x < cursor.width and 0 <= cursor.hot_y < cursor.height
+        assert cursor.serial >= 1
+    if pointer is not None:
+        assert isinstance(pointer, GuestPointer) and type(pointer.visible) is bool
+        assert 0 <= pointer.x < MAX_DIMENSION and 0 <= pointer.y < MAX_DIMENSION
 
 
 LOOP = asyncio.new_event_loop()  # never run: the connection only registers its fd with it
@@ -80,7 +120,7 @@ def value(fdp: atheris.FuzzedDataProvider) -> object:
     if kind == 1:
         return fdp.ConsumeInt(9)  # up to ±2**71
     if kind == 2:
-        return fdp.PickValueInList(FOURCCS)
+        return fdp.PickValueInList(FOURCCS + MODES + PIXELS)
     if kind == 3:
         return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 70))
     if kind == 4:
@@ -94,10 +134,24 @@ def message(fdp: atheris.FuzzedDataProvider) -> bytes:
     msg: dict[str, object] = {"type": fdp.PickValueInList(TYPES)}
     if msg["type"] == "hello":
         msg |= {"version": 1, "name": fdp.PickValueInList(["guest", "refuse", "g" * 65, "a b"])}
+        if fdp.ConsumeBool():
+            msg["pointer"] = fdp.PickValueInList(MODES)
+    elif msg["type"] == "pointer-mode":
+        msg["mode"] = fdp.PickValueInList(MODES)
     elif msg["type"] == "buffer":
         msg |= {"id": 1, "fourcc": "XR24", "width": 16, "height": 16, "stride": 64}
     elif msg["type"] in ("flip", "forget"):
         msg |= {"id": 1}
+    elif msg["type"] == "cursor":
+        # mostly near the limits: sizes 1..65, hot spots at and past the edge, pixels a few bytes off
+        width, height = fdp.ConsumeIntInRange(1, 65), fdp.ConsumeIntInRange(1, 65)
+        size = width * height * 4 + fdp.PickValueInList([0, 0, 0, -1, 1, -4, 4])
+        msg |= {"width": width, "height": height, "hot_x": fdp.ConsumeIntInRange(0, width),
+                "hot_y": fdp.ConsumeIntInRange(0, height),
+                "pixels": base64.b64encode(fdp.ConsumeBytes(1) * max(size, 0)).decode()}
+    elif msg["type"] == "cursor-move":
+        msg |= {"x": fdp.ConsumeIntInRange(0, 16384), "y": fdp.ConsumeIntInRange(0, 16384),
+                "visible": fdp.ConsumeBool()}
     for _ in range(fdp.ConsumeIntInRange(0, 3)):
         msg[fdp.PickValueInList(FIELDS)] = value(fdp)
     try:
@@ -125,6 +179,41 @@ def send(client: socket.socket, data: bytes, nfds: int, size: int) -> None:
             os.close(fd)
 
 
+def send_input(conn: GuestConnection, fdp: atheris.FuzzedDataProvider) -> None:
+    """What the compositor's input router does: any sink call, in range, at any time."""
+    sink = conn.input
+    for _ in range(fdp.ConsumeIntInRange(1, 32)):
+        what = fdp.ConsumeIntInRange(0, 5)
+        if what == 0:
+            sink.key(fdp.PickValueInList([29, 30, 0, 767]), fdp.ConsumeBool())  # few: presses get released
+        elif what == 1:
+            sink.button(fdp.PickValueInList([0x110, 0x111, 0x112, 0x117]), fdp.ConsumeBool())
+        elif what == 2:
+            sink.pointer_abs(fdp.ConsumeInt(4), fdp.ConsumeInt(4))  # clamped, never an error
+        elif what == 3:
+            sink.pointer_rel(fdp.ConsumeInt(9), fdp.ConsumeInt(9))
+        elif what == 4:
+            sink.wheel(fdp.ConsumeInt(2), fdp.ConsumeInt(2))
+        else:
+            sink.touch(fdp.PickValueInList(TOUCH_KINDS), fdp.ConsumeIntInRange(0, 3), fdp.ConsumeInt(3),
+                       fdp.ConsumeInt(3))
+    assert sink.absolute == (conn.pointer_mode == "absolute")
+
+
+def catch_up(conn: GuestConnection, client: socket.socket) -> None:
+    """The guest reads everything it was sent, and the server sends what it had queued (what the
+    loop's writer callback would do)."""
+    for _ in range(1000):  # each round moves a socket buffer's worth; 1 MiB at most is queued
+        if conn._writing and not conn.closed:
+            conn._on_writable()
+        try:
+            got = client.recv(1 << 20)
+        except (BlockingIOError, ConnectionResetError):
+            got = b""
+        if not got and not (conn._writing and not conn.closed):
+            return
+
+
 def drain(conn: GuestConnection, server_end: socket.socket) -> None:
     """What the loop would do: call the read handler while the socket is readable."""
     poller = select.poll()
@@ -137,6 +226,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
     fdp = atheris.FuzzedDataProvider(data)
     server_end, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server_end.setblocking(False)
+    server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
     client.setblocking(False)
     conn = GuestConnection(SERVER, server_end, Peer(os.getpid(), 0, 0))
     SERVER.connections.append(conn)
@@ -148,7 +238,13 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
         for _ in range(fdp.ConsumeIntInRange(0, 12)):
             if conn.closed:
                 break
-            step = fdp.ConsumeIntInRange(0, 3)
+            step = fdp.ConsumeIntInRange(0, 5)
+            if step == 4:
+                send_input(conn, fdp)
+                continue
+            if step == 5:
+                catch_up(conn, client)
+                continue
             try:
                 if step == 0:
                     send(client, fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300)), 0, 0)
@@ -170,6 +266,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
         assert conn.closed, "a connection outlived its client's hang-up"
         assert HANDLER.closes - closes <= 1, "on_close called twice"
         assert conn not in SERVER.connections
+        assert not HANDLER.broken, HANDLER.broken
     finally:
         client.close()
         if not conn.closed:

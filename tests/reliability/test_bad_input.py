@@ -16,6 +16,7 @@ always a clear error on the offending client only.
 from __future__ import annotations
 
 import asyncio
+import base64
 import concurrent.futures
 import ctypes
 import errno
@@ -323,19 +324,30 @@ JSON_NOT_STR = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=False, 
                          st.booleans(), st.none(), st.lists(st.integers(0, 9), max_size=3),
                          st.dictionaries(st.text(max_size=3), st.integers(0, 9), max_size=2))
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-TYPES = ("hello", "buffer", "flip", "forget", "vfio-device", "bye")
+TYPES = ("hello", "buffer", "flip", "forget", "vfio-device", "pointer-mode", "cursor", "cursor-move", "bye")
+POINTER_MODES = ("absolute", "relative")
+CURSOR_W, CURSOR_H = 16, 8  # the hostile client's base pointer image: 512 bytes of ARGB8888
+CURSOR_BYTES = CURSOR_W * CURSOR_H * 4
+CURSOR = {"type": "cursor", "width": CURSOR_W, "height": CURSOR_H, "hot_x": 3, "hot_y": 2,
+          "pixels": base64.b64encode(bytes(range(256)) * 2).decode()}  # 684 characters, ending "=="
+CURSOR_MOVE = {"type": "cursor-move", "x": 100, "y": 200, "visible": True}
+JSON_NOT_BOOL = st.one_of(st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
+                          st.text(max_size=6), st.none(), st.lists(st.booleans(), max_size=3),
+                          st.dictionaries(st.text(max_size=3), st.booleans(), max_size=2))
 
 
 @dataclass(frozen=True)
 class BadField:
-    message: str  # hello, buffer, flip, forget
+    message: str  # hello, buffer, flip, forget, pointer-mode, cursor, cursor-move
     field: str
     value: Any
     cause: str  # what the error must say
 
     def body(self) -> dict[str, Any]:
         base = {"hello": HELLO, "buffer": BUFFER, "flip": {"type": "flip", "id": 1, "frame": 5},
-                "forget": {"type": "forget", "id": 1}}[self.message]
+                "forget": {"type": "forget", "id": 1},
+                "pointer-mode": {"type": "pointer-mode", "mode": "relative"},
+                "cursor": CURSOR, "cursor-move": CURSOR_MOVE}[self.message]
         msg = dict(base)
         if self.value is MISSING:
             del msg[self.field]
@@ -356,6 +368,33 @@ def int_field(message: str, name: str, lo: int, hi: int, *, required: bool = Tru
     if semantic is not None:
         cases.append(semantic.map(lambda vc: BadField(message, name, *vc)))
     return st.one_of(cases)
+
+
+def _base64_cause(text: str) -> str | None:
+    """What the server says of `text` as a cursor's "pixels" (CURSOR's size), None if it takes it."""
+    try:
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except ValueError:  # binascii.Error and UnicodeEncodeError are both ValueErrors
+        return 'cursor: "pixels" is not base64 ('
+    if base64.b64encode(data).decode("ascii") != text:
+        return 'cursor: "pixels" is not canonical base64'
+    if len(data) != CURSOR_BYTES:
+        return (f'cursor: "pixels" holds {len(data)} bytes, not the {CURSOR_BYTES} of '
+                f"{CURSOR_W}x{CURSOR_H} ARGB8888")
+    return None
+
+
+# Spellings of CURSOR's pixels that break the base64 rules (and text near them): each must be named.
+B64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+BAD_PIXELS = st.one_of(
+    st.tuples(st.integers(0, len(CURSOR["pixels"])), st.sampled_from(" \n\t-_.*=\u00e9\x00")).map(
+        lambda ic: CURSOR["pixels"][:ic[0]] + ic[1] + CURSOR["pixels"][ic[0]:]),   # a stray character
+    st.integers(1, 4).map(lambda n: CURSOR["pixels"][:-n]),                       # cut short
+    st.sampled_from(["=", "==", "===", "A", "AA", "AAA="]).map(lambda t: CURSOR["pixels"] + t),
+    st.binary(max_size=2 * CURSOR_BYTES).filter(lambda b: len(b) != CURSOR_BYTES).map(
+        lambda b: base64.b64encode(b).decode()),                                  # well-formed, wrong size
+    st.text(alphabet=B64_ALPHABET + "=", max_size=40),
+).filter(lambda t: _base64_cause(t) is not None)
 
 
 def _fourcc_cause(code: str) -> str:
@@ -389,6 +428,24 @@ BAD_FIELDS = st.one_of(
     *(int_field(kind, "id", 1, U32, semantic=st.integers(2, U32).map(
         lambda v, kind=kind: (v, f"{kind} of unknown buffer {v}"))) for kind in ("flip", "forget")),
     int_field("flip", "frame", 0, U64, required=False),
+    *(JSON_NOT_STR.map(lambda v, m=m, f=f: BadField(m, f, v, f'{m}: "{f}" must be a string'))
+      for m, f in (("hello", "pointer"), ("pointer-mode", "mode"))),
+    *(st.text(max_size=12).filter(lambda s: s not in POINTER_MODES).map(
+        lambda v, m=m, f=f: BadField(m, f, v, f'{m}: "{f}" {v[:40]!r} is not "absolute" or "relative"'))
+      for m, f in (("hello", "pointer"), ("pointer-mode", "mode"))),
+    st.just(BadField("pointer-mode", "mode", MISSING, 'pointer-mode: "mode" is missing')),
+    *(int_field("cursor", dim, 1, 64) for dim in ("width", "height")),
+    int_field("cursor", "hot_x", 0, 63, semantic=st.integers(CURSOR_W, 63).map(
+        lambda v: (v, f"cursor: hot spot ({v}, 2) lies outside the {CURSOR_W}x{CURSOR_H} image"))),
+    int_field("cursor", "hot_y", 0, 63, semantic=st.integers(CURSOR_H, 63).map(
+        lambda v: (v, f"cursor: hot spot (3, {v}) lies outside the {CURSOR_W}x{CURSOR_H} image"))),
+    JSON_NOT_STR.map(lambda v: BadField("cursor", "pixels", v, 'cursor: "pixels" must be a string')),
+    st.just(BadField("cursor", "pixels", MISSING, 'cursor: "pixels" is missing')),
+    BAD_PIXELS.map(lambda v: BadField("cursor", "pixels", v, _base64_cause(v))),
+    *(int_field("cursor-move", axis, 0, MAX_DIMENSION - 1) for axis in ("x", "y")),
+    JSON_NOT_BOOL.map(lambda v: BadField("cursor-move", "visible", v,
+                                         'cursor-move: "visible" must be a boolean')),
+    st.just(BadField("cursor-move", "visible", MISSING, 'cursor-move: "visible" is missing')),
 )
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from compositor.sources import synthetic as syn
+from compositor.sources.framesocket import Button, Key, Motion, Pointer, Touch, Wheel  # the real ones
 
 W, H = 640, 480
 
@@ -203,6 +204,137 @@ def test_a_frame_touches_only_the_band_and_the_bar_rects():
         assert inside(rects, ys, xs).all(), (m, n)
 
 
+# -------------------------------------------------------------------------------------------- input
+
+INPUT_STATES = [
+    syn.InputState(),
+    syn.InputState(key=30, key_down=True, keys=1, buttons=1, x=640, y=360, dx=-3, dy=5, wheel_dx=-1,
+                   wheel_dy=2),
+    syn.InputState(key=0x2FF, key_down=False, keys=4095, buttons=7, x=16383, y=16383, dx=-32768, dy=32767,
+                   wheel_dx=32767, wheel_dy=-32768),
+    syn.InputState(key=1, key_down=True, keys=2048, buttons=2, x=0, y=1, dx=1, dy=-1, wheel_dx=0,
+                   wheel_dy=0),
+]
+
+
+def input_frame(name: str, n: int, state: syn.InputState, width: int = W, height: int = H) -> np.ndarray:
+    view = frame(name, n, width, height)
+    syn.draw_input(view, state)
+    return view
+
+
+@pytest.mark.parametrize("state", INPUT_STATES)
+def test_input_round_trip(state):
+    rgb = to_rgb(input_frame("office", 5, state))
+    assert syn.decode_input(rgb) == state
+    assert syn.decode_counter(rgb) == 5                       # the counter band is untouched
+
+
+def test_input_round_trip_of_random_states():
+    rng = np.random.default_rng(7)
+    view = buffer()
+    syn.draw_background(view, "media")
+    for _ in range(50):
+        state = syn.InputState(
+            key=int(rng.integers(0, 768)), key_down=bool(rng.integers(0, 2)), keys=int(rng.integers(0, 4096)),
+            buttons=int(rng.integers(0, 8)), x=int(rng.integers(0, 16384)), y=int(rng.integers(0, 16384)),
+            **{f: int(rng.integers(-32768, 32768)) for f in ("dx", "dy", "wheel_dx", "wheel_dy")})
+        syn.draw_input(view, state)                            # over the previous state
+        assert syn.decode_input(to_rgb(view)) == state
+
+
+def test_input_bands_are_counter_bands_below_the_counter():
+    # Same cell encoding as the counter, one band every CELL rows from y = 24: decode_counter reads
+    # each one with its origin moved down, and the words are the documented ones.
+    state = syn.InputState(key=30, key_down=True, keys=3, buttons=5, x=1234, y=567, dx=-2, dy=9,
+                           wheel_dx=1, wheel_dy=-1)
+    rgb = to_rgb(input_frame("office", 0, state))
+    words = [syn.decode_counter(rgb, (0, syn.CELL * (i + 1))) for i in range(syn.INPUT_BANDS)]
+    assert words == [30 << 16 | 1 << 15 | 5 << 12 | 3, 1234 << 16 | 567, 0xFFFE << 16 | 9, 1 << 16 | 0xFFFF]
+    assert syn.input_rect() == (8, 24, 544, 64)
+    assert syn.INPUT_BAND_Y == syn.BAND_Y + syn.CELL == 24
+
+
+def test_decode_input_is_none_without_the_bands():
+    assert syn.decode_input(to_rgb(frame("office", 123))) is None             # no input yet
+    rng = np.random.default_rng(3)
+    assert syn.decode_input(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)) is None
+    rgb = to_rgb(input_frame("office", 1, INPUT_STATES[1]))
+    for origin in [(8, 0), (0, 8), (0, 16), (W, H)]:
+        assert syn.decode_input(rgb, origin) is None, origin
+    assert syn.decode_input(rgb[:80]) is None                                 # cut through band 3
+
+
+def test_decode_input_on_a_screen_with_the_buffer_centred():
+    state = INPUT_STATES[2]
+    shot = np.zeros((1080, 1920, 4), np.uint8)
+    ox, oy = (1920 - W) // 2, (1080 - H) // 2
+    shot[oy:oy + H, ox:ox + W, :3] = to_rgb(input_frame("build-1", 9, state))
+    assert syn.decode_input(shot, (ox, oy)) == state
+    assert syn.decode_input(shot, (ox + 3, oy - 2)) == state                  # a small offset
+    assert syn.decode_input(shot) is None
+
+
+def test_apply_input_records_what_the_guest_received():
+    state = None
+    for event in [Key(30, True), Key(30, False), Key(42, True), Button(syn.BTN_LEFT, True),
+                  Button(syn.BTN_MIDDLE, True), Button(0x113, True), Button(syn.BTN_LEFT, False),
+                  Pointer(100, 200), Pointer(300, 400), Motion(5, -5), Motion(-7, 2), Wheel(1, 1),
+                  Wheel(0, 2)]:
+        state = syn.apply_input(state, event)
+    assert state == syn.InputState(key=42, key_down=True, keys=3, buttons=4, x=300, y=400, dx=-2, dy=-3,
+                                   wheel_dx=1, wheel_dy=3)
+    assert syn.apply_input(None, Touch("down", 0, 1, 1)) == syn.InputState()   # starts the bands
+    wrapped = syn.apply_input(syn.InputState(dx=32767, keys=4095), Motion(1, -40000))
+    wrapped = syn.apply_input(wrapped, Key(1, False))
+    assert (wrapped.dx, wrapped.dy, wrapped.keys) == (-32768, 25536, 0)         # what the bands can carry
+    assert syn.decode_input(to_rgb(input_frame("office", 0, wrapped))) == wrapped
+
+
+def test_the_bar_never_hides_the_input_bands():
+    chain = syn.Swapchain(FakeCard(), W, H, 2, name="office")
+    state = INPUT_STATES[1]
+    for n in range(0, (W - 16) // 8, 3):                     # the bar sweeps across the bands
+        slot = chain.acquire()
+        chain.render(slot, n, state)
+        chain.mark_busy(slot.id)
+        chain.release(slot.id)
+        rgb = slot_rgb(slot)
+        assert syn.decode_input(rgb) == state, n
+        assert syn.decode_counter(rgb) == n
+        x, y, w, h = syn.bar_rect(W, H, n)
+        below = 24 + 16 * syn.INPUT_BANDS
+        assert (rgb[below:, x:x + w] == syn.ink_colour(syn.guest_colour("office"))).all(), n
+
+
+def test_a_frame_with_input_touches_only_the_bands_and_the_bar_rects():
+    view, bg, ink = prepared("office")
+    painted = None
+    for m, n in [(0, 3), (3, 4), (10, 11), (60, 0)]:
+        syn.draw_counter(view, m)
+        painted = syn.draw_bar(view, m, bg, ink, painted)
+        syn.draw_input(view, INPUT_STATES[1])
+        before = view.copy()
+        syn.draw_counter(view, n)
+        painted = syn.draw_bar(view, n, bg, ink, painted)
+        syn.draw_input(view, INPUT_STATES[2])
+        ys, xs = np.nonzero(np.any(view != before, axis=-1))
+        rects = [syn.band_rect(), syn.input_rect(), syn.bar_rect(W, H, m), syn.bar_rect(W, H, n)]
+        assert inside(rects, ys, xs).all(), (m, n)
+
+
+def test_a_frame_rendered_without_input_is_the_frame_of_before():
+    # Lab tests compare whole frames: with no input, a swapchain frame is exactly background, counter
+    # and bar, whatever the buffer showed before.
+    chain = syn.Swapchain(FakeCard(), W, H, 3, name="office")
+    for n in range(40):
+        slot = chain.acquire()
+        chain.render(slot, n) if n % 2 else chain.render(slot, n, None)
+        chain.mark_busy(slot.id)
+        chain.release(slot.id)
+        np.testing.assert_array_equal(syn.xrgb_view(slot.map, W, H, slot.pitch), frame("office", n))
+
+
 # ------------------------------------------------------------------------------------------- stride
 
 def test_stride_wider_than_the_row():
@@ -292,11 +424,14 @@ def test_cli_defaults_and_options():
                                 "--frames", "60", "--then-paint", "#FF00ff", "--hold", "5"])
     assert (args.size, args.rate, args.frames, args.then_paint, args.hold) == \
         ((800, 600), 0.0, 60, (255, 0, 255), 5.0)
+    assert args.pointer == "absolute"
+    assert parser().parse_args(["guest", "--name", "m", "--pointer", "relative"]).pointer == "relative"
 
 
 @pytest.mark.parametrize("argv", [
     ["--size", "100x100"], ["--size", "big"], ["--rate", "-1"], ["--buffers", "1"], ["--buffers", "9"],
     ["--then-paint", "red"], ["--frames", "0"], ["--hold", "x"], ["--name", "my guest"],
+    ["--pointer", "tablet"],
 ])
 def test_cli_rejects_bad_values(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -446,6 +581,39 @@ def test_guest_flips_frames_in_order_and_never_draws_into_held_buffers(fake_sock
     assert client.closed and all(b.destroyed for b in card.buffers)
 
 
+def test_guest_draws_the_input_it_received_from_then_on(fake_socket_module):
+    client = FakeClient()
+    guest, _ = fake_guest(client)
+    slots = dict(guest.swapchain.slots)
+    client.events += [Key(30, True), Button(syn.BTN_RIGHT, True), Pointer(5, 6), Motion(3, -4),
+                      Motion(1, 1), Wheel(0, -2)]
+    stats = guest.run(frames=4)
+    expected = syn.InputState(key=30, key_down=True, keys=1, buttons=2, x=5, y=6, dx=4, dy=-3, wheel_dy=-2)
+    assert guest.input == expected and stats.input_events == 6
+    assert stats.summary("office").endswith(", input 6 events")
+    for buffer_id, n in client.flips[-3:]:                    # each buffer shows its last frame
+        rgb = slot_rgb(slots[buffer_id])
+        assert (syn.decode_counter(rgb), syn.decode_input(rgb)) == (n, expected)
+
+
+def test_guest_without_input_flips_the_frames_of_before(fake_socket_module):
+    client = FakeClient()
+    guest, _ = fake_guest(client)
+    slots = dict(guest.swapchain.slots)
+    stats = guest.run(frames=5)
+    assert guest.input is None and stats.input_events == 0
+    for buffer_id, n in client.flips[-3:]:
+        np.testing.assert_array_equal(syn.xrgb_view(slots[buffer_id].map, W, H, slots[buffer_id].pitch),
+                                      frame("office", n))
+
+
+def test_guest_pointer_mode_is_checked():
+    assert syn.SyntheticGuest("g", "/x", "/dev/null", W, H, 60).pointer == "absolute"
+    assert syn.SyntheticGuest("g", "/x", "/dev/null", W, H, 60, pointer="relative").pointer == "relative"
+    with pytest.raises(ValueError, match="pointer mode 'tablet'"):
+        syn.SyntheticGuest("g", "/x", "/dev/null", W, H, 60, pointer="tablet")
+
+
 def test_guest_stalls_when_the_compositor_keeps_every_buffer(fake_socket_module):
     client = FakeClient(releases=False)
     guest, _ = fake_guest(client, rate=100)
@@ -521,7 +689,7 @@ def test_guest_reconnects_and_announces_again_when_the_compositor_comes_back(fak
     clients: list[FakeClient] = []
 
     class Reconnecting(FakeClient):
-        def __init__(self, path: str, name: str, uuid=None) -> None:
+        def __init__(self, path: str, name: str, uuid=None, pointer: str = "absolute") -> None:
             attempts.append(path)
             if len(attempts) == 1:
                 raise ConnectionRefusedError(111, "nothing listens")
@@ -557,7 +725,7 @@ def test_without_reconnect_a_lost_compositor_ends_the_guest(fake_socket_module):
 
 def test_a_reason_from_the_new_compositor_ends_the_reconnecting_guest(fake_socket_module, monkeypatch):
     class Refusing(FakeClient):
-        def __init__(self, *args) -> None:
+        def __init__(self, *args, **kwargs) -> None:
             raise ServerError("uid 0 may not connect as guest office")
 
     monkeypatch.setattr(sys.modules["compositor.sources.framesocket"], "FrameSocketClient", Refusing,
