@@ -42,13 +42,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+from compositor.cursor import CursorLayer
 from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
 from compositor.kms.card import DumbBuffer, lib
 from compositor.kms.errors import kms_error
-from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
+from compositor.kms.fourcc import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
-from compositor.sources.frame import Buffer, Frame, PlaneInfo
+from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
 from compositor.stats import percentile
 
 log = logging.getLogger("directflip.scanout")
@@ -300,12 +301,13 @@ class _SlateBuffer:
 @dataclass
 class _Commit:
     frame: Frame | None
-    fb: Framebuffer
+    fb: Framebuffer | None
     token: int
     # The plane's SRC rectangle in fb and its destination on the CRTC, as committed: what a capture
     # without a writeback connector reads back (None only in commits made before they were recorded).
     src: Rect | None = None
     dst: Rect | None = None
+    cursor_only: bool = False  # moved the cursor plane alone: the primary plane kept its frame
 
 
 @dataclass(frozen=True)
@@ -361,15 +363,28 @@ class ScanoutPipeline:
         # Called when `path` changes (a rung given up, the slate, back to the guest): rare, never per
         # frame, so the daemon can keep its one-line summary current without looking at every flip.
         self.on_path_change: Callable[[], None] | None = None
+        self.cursor_layer: CursorLayer | None = None  # made with the guest's first cursor
+        self.cursor_plane = None
+        self.cursor_reason = ""  # why this output has no cursor plane
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
         self.out = out
         self.connector = next(c for c in self.card.connectors if c.id == out.connector_id)
-        self.crtc = self.card.crtc_by_id(out.crtc_id)
+        crtc = self.card.crtc_by_id(out.crtc_id)
+        if self.cursor_layer is not None and self.cursor_layer.crtc is not crtc:
+            self._retire(self.cursor_layer)  # another CRTC: its cursor plane is another too
+            self.cursor_layer = None
+        self.crtc = crtc
         self.plane = next(p for p in self.card.planes if p.id == out.plane_id)
         self.fb_prop = self.plane.prop("FB_ID").id
         self.mode = live_mode(out.mode)
+        # The CRTC's cursor plane. The planner never gives a cursor plane to a guest's picture, so it
+        # is this output's alone.
+        self.cursor_plane = next((p for p in self.card.planes if p.type == "cursor"
+                                  and crtc in p.possible_crtcs and p.supports(ARGB8888)), None)
+        self.cursor_reason = "" if self.cursor_plane is not None else \
+            f"CRTC {crtc.id} has no cursor plane that takes ARGB8888"
 
     @property
     def name(self) -> str:
@@ -397,6 +412,8 @@ class ScanoutPipeline:
 
     def _configure(self, first: Frame | None, *, modeset: bool, old_plane=None) -> None:
         self.configurations += 1
+        if modeset and self.cursor_layer is not None:
+            self.cursor_layer.forget_commit()  # the commit below sets the whole cursor state again
         out = self.out
         if out.guest is None:
             self._show_slate(out.slate.reason if out.slate else "no guest", modeset, old_plane)
@@ -406,14 +423,78 @@ class ScanoutPipeline:
             return
         self._show_frame_blocking(first, modeset, old_plane)
 
-    def _request(self, fb: Framebuffer, src: Rect, dst: Rect, modeset: bool, old_plane=None):
+    def _request(self, fb: Framebuffer, src: Rect, dst: Rect, modeset: bool, old_plane=None,
+                 cursor: bool = False):
         req = self.card.atomic()
         if modeset:
             req.add_output(self.connector, self.crtc, self.mode)
         if old_plane is not None and old_plane.id != self.plane.id:
             req.add_plane(old_plane, None, None)
         req.add_plane(self.plane, self.crtc, fb, (src.x, src.y, src.w, src.h), (dst.x, dst.y, dst.w, dst.h))
+        if cursor and self.cursor_layer is not None:
+            self.cursor_layer.add_to(req)
         return req
+
+    # --- the cursor plane -----------------------------------------------------------------------------
+
+    def set_cursor(self, cursor: Cursor | None, pointer: Pointer | None) -> None:
+        """The guest's pointer image and position (guest buffer pixels): shown on this CRTC's cursor
+        plane with the next commit — the next frame's, or one of its own if no frame is due."""
+        if self.cursor_plane is None:
+            return
+        if self.cursor_layer is None:
+            if cursor is None:
+                return
+            self.cursor_layer = CursorLayer(self.card, self.cursor_plane, self.crtc)
+        if self.out.guest is None:
+            cursor = pointer = None  # a slate shows no pointer
+        if self.cursor_layer.set(cursor, pointer, self.out.src, self.out.dst):
+            self._cursor_kick()
+
+    def _cursor_due(self, full: bool) -> bool:
+        """Whether the next commit must carry the cursor plane (`full`: a configuration commit, which
+        sets everything)."""
+        layer = self.cursor_layer
+        if layer is None or layer.disabled is not None:
+            return False
+        return layer.dirty or (full and layer.wanted is not None)
+
+    def _cursor_kick(self) -> None:
+        """A cursor change: commit it now if the CRTC is idle; else the flip event handler will."""
+        if not self._lit or not self.may_commit or self.in_flight is not None or self._outstanding:
+            return
+        if self.pending is not None:
+            self._commit_pending()
+        elif self._cursor_due(False):
+            self._commit_cursor()
+
+    def _commit_cursor(self) -> None:
+        layer = self.cursor_layer
+        assert layer is not None
+        ScanoutPipeline._tokens += 1
+        token = ScanoutPipeline._tokens
+        req = self.card.atomic()
+        layer.add_to(req)
+        new_image = layer.wanted is not None and (layer.committed is None
+                                                  or layer.committed[0] != layer.wanted[0])
+        try:
+            if new_image:  # a position change alone is not worth a TEST_ONLY round trip
+                req.test()
+            req.commit(nonblock=True, event=True, user_data=token)
+        except Rejected as exc:
+            layer.refuse(f"the cursor plane refused the image ({exc})")
+            self._status_note()
+            return
+        except KmsError as exc:
+            log.error("%s: cursor commit failed: %s", self.name, exc)
+            return
+        layer.done()
+        self.in_flight = _Commit(None, None, token, cursor_only=True)
+        self._outstanding.add(token)
+
+    def _status_note(self) -> None:
+        if self.on_path_change is not None:
+            self.on_path_change()
 
     def _show_frame_blocking(self, frame: Frame, modeset: bool, old_plane=None) -> None:
         problem = self._fits(frame)
@@ -447,17 +528,31 @@ class ScanoutPipeline:
         configuration is only an FB_ID flip, the hot path. KmsError from the commit propagates."""
         for fb, path, src, dst in self._ladder(frame):
             key = self._plane_key(fb, src, dst)
-            if not blocking and key == self.plane_key:
+            cursor = self._cursor_due(blocking or modeset)
+            if not blocking and key == self.plane_key and not cursor:
                 self._flip(fb, token)
             else:
-                req = self._request(fb, src, dst, modeset, old_plane)
+                req = self._request(fb, src, dst, modeset, old_plane, cursor=cursor)
                 try:
                     req.test(allow_modeset=modeset)
                 except Rejected as exc:
-                    self._fall(path, self._refusal(path, dst, exc))
-                    continue
+                    if not cursor:
+                        self._fall(path, self._refusal(path, dst, exc))
+                        continue
+                    # Without the cursor? Then it was the cursor's fault: the frames go on without it.
+                    req = self._request(fb, src, dst, modeset, old_plane)
+                    try:
+                        req.test(allow_modeset=modeset)
+                    except Rejected:
+                        self._fall(path, self._refusal(path, dst, exc))
+                        continue
+                    assert self.cursor_layer is not None
+                    self.cursor_layer.refuse(f"TEST_ONLY refused the cursor plane with the frame ({exc})")
+                    cursor = False
                 # A blocking commit asks for its event too: it is the frame's presentation time.
                 req.commit(allow_modeset=modeset, nonblock=not blocking, event=True, user_data=token)
+                if cursor and self.cursor_layer is not None:
+                    self.cursor_layer.done()
                 self.plane_key = key
             changed = path != self.path
             if changed:
@@ -522,9 +617,15 @@ class ScanoutPipeline:
         fb = self.card.dumb_framebuffer(buf, XRGB8888)
         self._slate = _SlateBuffer(buf, fb)
         full = Rect(0, 0, w, h)
-        req = self._request(fb, full, full, modeset, old_plane)
+        if self.cursor_layer is not None:
+            self.cursor_layer.set(None, None, full, full)  # no pointer over a slate
+        cursor = self._cursor_due(modeset) or (self.cursor_layer is not None and self.cursor_layer.committed
+                                               is not None and self.cursor_layer.disabled is None)
+        req = self._request(fb, full, full, modeset, old_plane, cursor=cursor)
         req.test(allow_modeset=modeset)
         req.commit(allow_modeset=modeset)
+        if cursor and self.cursor_layer is not None:
+            self.cursor_layer.done()
         self._free_retired()
         self._lit = True
         self._replace_on_screen(_Commit(None, fb, 0, full, full))
@@ -623,12 +724,15 @@ class ScanoutPipeline:
         if commit is None or event.user_data != commit.token:
             return
         self.in_flight = None
-        self._replace_on_screen(commit)
-        self._free_retired()
-        if commit.frame is not None:
-            self._report(commit.frame, event)
+        if not commit.cursor_only:
+            self._replace_on_screen(commit)
+            self._free_retired()
+            if commit.frame is not None:
+                self._report(commit.frame, event)
         if self.pending is not None and self.may_commit:
             self._commit_pending()
+        elif self.may_commit and self._cursor_due(False):
+            self._commit_cursor()
 
     def _report(self, frame: Frame, event) -> None:
         """`frame`'s flip completed (event: its flip event): count it and tell its source."""
@@ -655,6 +759,8 @@ class ScanoutPipeline:
         card is not ours to commit to (the session is paused; a reset commit turned it off)."""
         if self._lit and commit:
             req = self.card.atomic().add_plane(self.plane, None, None)
+            if self.cursor_layer is not None and self.cursor_layer.committed is not None:
+                req.add_plane(self.cursor_layer.plane, None, None)
             req.add_output(self.connector, self.crtc, None)
             try:
                 req.commit(allow_modeset=True)
@@ -674,7 +780,8 @@ class ScanoutPipeline:
         self.pending = self.in_flight = self.on_screen = None
         self._retire(self.copy)
         self._retire(self._slate)
-        self.copy = self._slate = None
+        self._retire(self.cursor_layer)
+        self.copy = self._slate = self.cursor_layer = None
         self._free_retired()
 
     def blank(self, reason: str) -> None:
@@ -695,7 +802,8 @@ class ScanoutPipeline:
         if self.in_flight is not None:
             commit, self.in_flight = self.in_flight, None
             self._outstanding.discard(commit.token)
-            self._replace_on_screen(commit)
+            if not commit.cursor_only:
+                self._replace_on_screen(commit)
 
     def _retire(self, thing) -> None:
         """Free `thing` (copy buffers, a slate) once the commit replacing it is done: removing a
@@ -745,6 +853,9 @@ class ScanoutPipeline:
             "on_screen": (None if self.on_screen is None or self.on_screen.frame is None
                           else {"buffer": self.on_screen.frame.buffer.id, "frame": self.on_screen.frame.seq}),
             "src": str(self.out.src), "dst": str(self.out.dst),
+            "cursor": (self.cursor_layer.status() if self.cursor_layer is not None
+                       else {"plane": self.cursor_plane.id if self.cursor_plane else None,
+                             "shown": False, "disabled": self.cursor_reason or None}),
         }
 
 

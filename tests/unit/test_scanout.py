@@ -37,10 +37,10 @@ from compositor.kms.errors import kms_error
 from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, XRGB8888
 from compositor.planner import OutputAssignment, Rect, Slate
 from compositor.scanout import FramebufferCache, Metrics, ScanoutPipeline
-from compositor.sources.frame import Buffer, Frame, PlaneInfo
+from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
 
 W, H = 40, 30  # the mode: small, so a slate renders and a copy runs in microseconds
-CONNECTOR, CRTC, PLANE, OVERLAY = 31, 41, 51, 52
+CONNECTOR, CRTC, PLANE, OVERLAY, CURSOR = 31, 41, 51, 52, 53
 FULL = Rect(0, 0, W, H)
 
 # --------------------------------------------------------------------------------------- fake card
@@ -54,9 +54,12 @@ class FakeProperty:
 class FakeObject:
     """A connector, CRTC or plane: its id and the property ids scanout.py reads."""
 
-    def __init__(self, kind: str, obj_id: int) -> None:
-        self.kind, self.id = kind, obj_id
+    def __init__(self, kind: str, obj_id: int, type: str = "overlay", crtcs: tuple = ()) -> None:
+        self.kind, self.id, self.type, self.possible_crtcs = kind, obj_id, type, list(crtcs)
         self._props = {"FB_ID": FakeProperty(obj_id * 100 + 1), "CRTC_ID": FakeProperty(obj_id * 100 + 2)}
+
+    def supports(self, fmt: int, modifier: int = 0) -> bool:
+        return True
 
     def prop(self, name: str) -> FakeProperty:
         return self._props[name]
@@ -160,7 +163,10 @@ class FakeCard:
         _CARDS[self.fd] = self
         self.connectors = [FakeObject("connector", CONNECTOR)]
         self.crtcs = {CRTC: FakeObject("crtc", CRTC)}
-        self.planes = [FakeObject("plane", PLANE), FakeObject("plane", OVERLAY)]
+        crtc = self.crtcs[CRTC]
+        self.planes = [FakeObject("plane", PLANE, "primary", (crtc,)),
+                       FakeObject("plane", OVERLAY, "overlay", (crtc,)),
+                       FakeObject("plane", CURSOR, "cursor", (crtc,))]
         self.pitch_align = pitch_align
         self.refuse_import: Callable[[int], bool] = lambda fd: False
         self.refuse_addfb: Callable[[int, int, int], bool] = lambda w, h, fourcc: False
@@ -183,6 +189,12 @@ class FakeCard:
 
     def crtc_by_id(self, crtc_id: int) -> FakeObject:
         return self.crtcs[crtc_id]
+
+    def get_cap(self, cap: int) -> int:
+        return 16  # DRM_CAP_CURSOR_WIDTH/HEIGHT: a small cursor plane keeps the tests quick
+
+    def dirty(self, fb) -> None:
+        pass
 
     # -- buffers
     def import_dmabuf(self, fd: int) -> int:
@@ -1074,3 +1086,96 @@ def test_framebuffers_on_screen_are_not_removed_before_they_are_replaced(new_rig
         r.pipe.reconfigure(assignment(guest=None, slate=Slate("office stopped", "no signal", "#000000")),
                            None)
     assert r.card.violations == []
+
+
+# ----------------------------------------------------------------------------- the cursor plane
+
+
+def cursor_image(serial: int, w: int = 4, h: int = 4, hot: tuple[int, int] = (1, 1)) -> Cursor:
+    return Cursor(w, h, hot[0], hot[1], bytes([serial, 0, 0xFF, 0xFF]) * (w * h), serial)
+
+
+def test_cursor_alone_is_one_nonblocking_commit_of_its_plane(new_rig, bufs):
+    # Nothing in flight: the cursor gets a commit of its own (cursor plane only), with an event, so
+    # the next frame waits for it like any other commit.
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.set_cursor(cursor_image(1), Pointer(10, 20, True))
+    commits = r.card.nonblocking_commits()
+    assert len(commits) == 1
+    state = commits[0].planes[CURSOR]
+    assert set(commits[0].planes) == {CURSOR}
+    assert state.dst == (10 - 1, 20 - 1, 16, 16)  # the hot spot on the pointer; the plane's size
+    pixels = r.card.pixels(state.fb)
+    pitch = r.card.dumbs[state.fb.handle].pitch
+    assert pixels[:16] == bytes([1, 0, 0xFF, 0xFF]) * 4          # the image's first row
+    assert pixels[16:pitch] == bytes(pitch - 16)                  # transparent beyond it
+    r.flip()
+    assert r.pipe.in_flight is None and r.pipe.on_screen.frame is not None  # the frame stayed on screen
+
+
+def test_cursor_changes_while_a_flip_is_in_flight_join_the_next_frame(new_rig, bufs):
+    # F1 in flight; three pointer moves and a new frame F2 arrive: no commit until F1's event, then
+    # one commit carries F2 and the latest pointer position (the fake asserts one commit in flight).
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.submit(Frame(bufs(1)))
+    for x in (5, 6, 7):
+        r.pipe.set_cursor(cursor_image(1), Pointer(x, 3, True))
+    r.pipe.submit(Frame(bufs(2)))
+    assert len(r.card.nonblocking_commits()) == 1
+    r.flip()
+    last = r.card.nonblocking_commits()[-1]
+    assert len(r.card.nonblocking_commits()) == 2
+    assert last.planes[CURSOR].dst[:2] == (6, 2) and PLANE in last.planes
+
+
+def test_cursor_move_after_the_last_frame_is_committed_on_its_event(new_rig, bufs):
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.submit(Frame(bufs(1)))
+    r.pipe.set_cursor(cursor_image(1), Pointer(4, 4, True))
+    r.flip()  # F1's event: nothing pending, the cursor is due
+    last = r.card.nonblocking_commits()[-1]
+    assert set(last.planes) == {CURSOR} and last.planes[CURSOR].dst[:2] == (3, 3)
+    r.flip()
+    r.pipe.set_cursor(cursor_image(1), Pointer(4, 4, False))  # hidden: the plane off
+    assert r.card.nonblocking_commits()[-1].planes[CURSOR] is None
+
+
+def test_cursor_follows_the_guests_scaling(new_rig, bufs):
+    # A 20x15 buffer shown 2x at (0, 0): the pointer at (5, 5) is at (10, 10) on the CRTC, the 4x4
+    # image becomes 8x8 and its hot spot (1, 1) becomes (2, 2).
+    r = new_rig(assignment(src=Rect(0, 0, 20, 15), dst=Rect(0, 0, 40, 30), scaling="integer"))
+    r.pipe.start(Frame(bufs(0, 20, 15)))
+    r.pipe.set_cursor(cursor_image(3), Pointer(5, 5, True))
+    state = r.card.nonblocking_commits()[-1].planes[CURSOR]
+    assert state.dst[:2] == (8, 8)
+    pixels, pitch = r.card.pixels(state.fb), r.card.dumbs[state.fb.handle].pitch
+    assert pixels[:32] == bytes([3, 0, 0xFF, 0xFF]) * 8 and pixels[32:36] == bytes(4)
+    assert pixels[7 * pitch:7 * pitch + 4] == bytes([3, 0, 0xFF, 0xFF])
+    assert pixels[8 * pitch:8 * pitch + 4] == bytes(4)
+
+
+def test_a_refused_cursor_is_disabled_and_frames_go_on(new_rig, bufs):
+    r = new_rig()
+    r.card.refuse_config = lambda state: "no cursor here" if state.fb.width == 16 else None
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.set_cursor(cursor_image(1), Pointer(1, 1, True))
+    assert r.pipe.cursor_layer.disabled and "refused" in r.pipe.status()["cursor"]["disabled"]
+    r.pipe.submit(Frame(bufs(1)))
+    r.flip()
+    assert r.pipe.on_screen.frame.buffer.id == 1
+
+
+def test_the_slate_hides_the_cursor_and_stop_turns_its_plane_off(new_rig, bufs):
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.set_cursor(cursor_image(1), Pointer(1, 1, True))
+    r.flip()
+    r.pipe.blank("display off")
+    assert r.card.state[CURSOR] is None
+    r.pipe.set_cursor(cursor_image(1), Pointer(1, 1, True))
+    r.pipe.stop()
+    assert r.card.state[CURSOR] is None and not r.card.violations
+
