@@ -21,6 +21,8 @@ COMMANDS = [
     ("run", "compositor.daemon", "run the compositor: show guests on monitors as the policy says"),
     ("status", "compositor.control", "what each monitor shows, how (zero-copy, copy, slate) and how fast"),
     ("capture", "compositor.control", "save what a monitor shows as PNG"),
+    ("show", "compositor.control", "show a guest on a monitor now (a runtime override of the plan)"),
+    ("focus", "compositor.control", "send a seat's keyboard and pointer to what a monitor shows"),
     ("guest", "compositor.sources.synthetic",
      "run a synthetic guest: flip numbered test frames through the frame socket"),
     ("probe", "compositor.probe", "list KMS devices: connectors, CRTCs, planes and their formats"),

@@ -15,6 +15,14 @@ request per line, one answer per line, both JSON objects:
                                                       copy or slate; "frame": {"buffer", "frame"} of
                                                       the guest's frame shown, null for the slate
 
+    {"cmd": "show", "guest": G, "monitor": M}       → {"ok": true, "guest": G, "monitor": M}: show guest G
+                                                      on monitor M until reset (a runtime override of the
+                                                      plan, never written to the policy; it obeys the
+                                                      seats of G's placements)
+    {"cmd": "show", "reset": true}                  → {"ok": true, "cleared": [monitors]}
+    {"cmd": "focus", "monitor": M}                  → {"ok": true, "seat": S, "monitor": M, "guest": G}:
+                                                      seat S's keyboard and pointer go to what M shows
+
 Errors come back as {"ok": false, "error": "..."}; the connection stays usable, except after a
 request longer than MAX_REQUEST bytes, which is answered with the error and then closed.
 """
@@ -115,7 +123,21 @@ class ControlServer:
                 return {"ok": True, **await self.daemon.capture(monitor, path)}
             except CaptureError as exc:  # a reason for the caller, not a bug worth a traceback
                 return {"ok": False, "error": f"capture: {exc}"}
-        raise ValueError(f"unknown command {cmd!r} (status, capture)")
+        if cmd == "show":
+            if request.get("reset") is True:
+                return {"ok": True, "cleared": self.daemon.reset_overrides()}
+            guest, monitor = _string(request, "guest"), _string(request, "monitor")
+            try:
+                self.daemon.show(guest, monitor)
+            except ValueError as exc:  # the operator's mistake, not a bad request
+                return {"ok": False, "error": f"show: {exc}"}
+            return {"ok": True, "guest": guest, "monitor": monitor}
+        if cmd == "focus":
+            try:
+                return {"ok": True, **self.daemon.focus(_string(request, "monitor"))}
+            except ValueError as exc:
+                return {"ok": False, "error": f"focus: {exc}"}
+        raise ValueError(f"unknown command {cmd!r} (status, capture, show, focus)")
 
 
 def _unwritable(path: str) -> str | None:
@@ -268,7 +290,28 @@ def format_status(doc: dict) -> str:
                 lines.append(_qemu_line(g["qemu"]))
     for u in doc.get("unplaced", []):
         lines.append(f"unplaced: {u['guest']}: {u['reason']}")
+    if doc.get("overrides"):
+        shown = ", ".join(f"{g} on {m}" for m, g in doc["overrides"].items())
+        lines.append(f"shown by `directflip show`: {shown} (`directflip show --reset` ends it)")
+    lines += _input_lines(doc.get("input"))
     return "\n".join(lines)
+
+
+def _input_lines(inp: dict | None) -> list[str]:
+    """The seats' focus and the devices, for `directflip status`."""
+    if inp is None:
+        return []
+    lines = []
+    for name, seat in inp.get("seats", {}).items():
+        where = seat.get("focused") or "no monitor"
+        state = "" if seat.get("grabbed", True) else ", released (Ctrl+Alt+G takes it back)"
+        lines.append(f"input: seat {name}: focus on {where} ({seat.get('guest') or 'slate'}){state}")
+    devices = [d for d in inp.get("devices", []) if "name" in d]
+    if devices:
+        lines.append("  devices: " + ", ".join(f"{d['name']} ({'/'.join(d['kinds'])})" for d in devices))
+    if inp.get("paused"):
+        lines.append(f"  paused: {inp['paused']}")
+    return lines
 
 
 def _control_path(args: argparse.Namespace) -> str:
@@ -295,6 +338,35 @@ def _capture(args: argparse.Namespace) -> int:
         return 2
     print(f"{args.monitor}: {answer['width']}x{answer['height']} written to {answer['path']} "
           f"({describe_capture(answer)})")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    if args.reset == bool(args.guest):
+        print("directflip show: give GUEST MONITOR, or --reset", file=sys.stderr)
+        return 2
+    message = {"cmd": "show", "reset": True} if args.reset else \
+        {"cmd": "show", "guest": args.guest, "monitor": args.monitor}
+    try:
+        answer = request(_control_path(args), message)
+    except (ConnectionError, RuntimeError, OSError) as exc:
+        print(f"directflip show: {exc}", file=sys.stderr)
+        return 2
+    if args.reset:
+        cleared = answer.get("cleared") or []
+        print(f"back to the policy: {', '.join(cleared)}" if cleared else "no override was set")
+    else:
+        print(f"{args.monitor} shows {args.guest} (until `directflip show --reset`)")
+    return 0
+
+
+def _focus(args: argparse.Namespace) -> int:
+    try:
+        answer = request(_control_path(args), {"cmd": "focus", "monitor": args.monitor})
+    except (ConnectionError, RuntimeError, OSError) as exc:
+        print(f"directflip focus: {exc}", file=sys.stderr)
+        return 2
+    print(f"seat {answer['seat']}: focus on {answer['monitor']} ({answer.get('guest') or 'a slate'})")
     return 0
 
 
@@ -355,6 +427,29 @@ The line printed says which source was used.""",
                        "  left: 1024x768 written to /root/left.png (buffer: what was committed, guest office "
                        "frame 17)")
     c.add_argument("monitor", help="the policy's monitor name")
+    s = sub.add_parser("show", help="show a guest on a monitor now (a runtime override of the plan)",
+                       description="Show GUEST on MONITOR until `directflip show --reset` or the compositor "
+                       "restarts. The policy file is not changed. The guest keeps its own placement too, "
+                       "and the guest MONITOR showed moves to its failovers. The override obeys the seats "
+                       "of the guest's placements, as placements do. `directflip status` lists overrides. "
+                       "The next-guest hotkey (default Ctrl+Alt+N) does the same on the focused monitor, "
+                       "cycling through the guests the policy could place there.",
+                       epilog="examples:\n  directflip show media left\n  directflip show --reset",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("guest", nargs="?", help="a running guest's name")
+    s.add_argument("monitor", nargs="?", help="the policy's monitor name")
+    s.add_argument("--reset", action="store_true", help="clear every override: back to the policy")
+    where(s)
+    s.set_defaults(func=_show)
+    f = sub.add_parser("focus", help="send a seat's keyboard and pointer to what a monitor shows",
+                       description="Move the focus of MONITOR's seat to MONITOR: that seat's keyboard and "
+                       "pointer go to the guest shown there, and the pointer jumps to its centre. Keys "
+                       "and buttons held in the guest that had the focus are released there first. The "
+                       "next-monitor hotkey (default Ctrl+Alt+M) and the pointer crossing a monitor's "
+                       "edge move the focus too.")
+    f.add_argument("monitor", help="the policy's monitor name")
+    where(f)
+    f.set_defaults(func=_focus)
     c.add_argument("file", help="PNG file to write (the compositor writes it, as its own user)")
     where(c)
     c.set_defaults(func=_capture)

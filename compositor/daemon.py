@@ -34,6 +34,8 @@ from pathlib import Path
 from compositor import capture as readback
 from compositor import planner, topology
 from compositor.capture import CaptureError
+from compositor.input.seats import SeatInput
+from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, KmsError, list_cards
 from compositor.kms.fourcc import fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
@@ -43,7 +45,7 @@ from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
 from compositor.sources import vfio
-from compositor.sources.frame import BadPlane, Buffer, Frame
+from compositor.sources.frame import BadPlane, Buffer, Cursor, Frame, Pointer
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
     RUN_DIR,
@@ -83,6 +85,9 @@ class GuestState:
     blanked: bool = False  # a vGPU whose display is off: its monitors show the slate
     forgotten: dict[int, Buffer] = field(default_factory=dict)  # freed once nothing holds them
     flips: int = 0
+    input: InputSink | None = None  # a sink of the daemon's own (a launched vGPU's uinput devices)
+    cursor: Cursor | None = None   # the guest's pointer image, on the cursor planes of its monitors
+    pointer: Pointer | None = None  # where its pointer is (guest buffer pixels) and whether it shows
 
 
 def status_line(shown: Sequence[tuple[str, str | None, str]], *, failed: Sequence[str] = (),
@@ -130,7 +135,8 @@ def running_version() -> str:
 class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
-                 native: bool = True, seat: str | None = None, session: Session | None = None) -> None:
+                 native: bool = True, seat: str | None = None, session: Session | None = None,
+                 input: bool = True) -> None:
         self.policy_path = Path(policy_path)
         self.seat = seat
         self.session = session if session is not None else DirectSession(None)
@@ -169,6 +175,11 @@ class Daemon:
         self.started_ns = time.monotonic_ns()  # CLOCK_MONOTONIC at start, for the uptime in status
         self.status_text: str | None = None  # the last STATUS= the service manager took
         self._status_pending = False  # a refresh of STATUS= is scheduled
+        self.want_input = input
+        self.input: SeatInput | None = None
+        self.own_input_names: set[str] = set()  # uinput devices made for launched guests
+        # `directflip show` and the next-guest hotkey: monitor → guest, before every placement
+        self.overrides: dict[str, str] = {}
 
     @property
     def policy(self) -> Policy:
@@ -267,6 +278,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopped.set)
         loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
         await self.apply(self.plan())
+        await self.start_input()
         await self.session.activate()
         self.status_text = self.status_line()
         self.notifier.ready(self.status_text)
@@ -297,6 +309,8 @@ class Daemon:
             self.hotplug.stop()
         if self.control is not None:
             await self.control.close()
+        if self.input is not None:
+            await self.input.close()   # every held key is released in its guest first
         async with self._apply_lock:
             for key, pipe in list(self.pipelines.items()):
                 await self._idle(pipe)
@@ -326,7 +340,8 @@ class Daemon:
     def plan(self) -> Assignment:
         assert self.topology is not None
         self.plans += 1
-        return planner.plan(self.policy, self.topology.outputs(), [gs.guest for gs in self.guests.values()])
+        return planner.plan(self.policy, self.topology.outputs(), [gs.guest for gs in self.guests.values()],
+                            self.overrides)
 
     def replan(self) -> None:
         """Re-plan soon (coalescing bursts of changes) and apply the difference."""
@@ -352,6 +367,8 @@ class Daemon:
         log.info("policy generation %d: re-planning", self.watcher.generation)
         self.open_vfio_guests()
         self.open_qemu_guests()
+        if self.input is not None:
+            self.input.policy_changed(policy)
         self.replan()
 
     async def apply(self, assignment: Assignment) -> None:
@@ -417,6 +434,12 @@ class Daemon:
                 self._free_forgotten(gs)
             self._pass_edids()
             self.departed = [gs for gs in self.departed if gs.forgotten]
+            for pipe in self.pipelines.values():
+                gs = self.guests.get(pipe.out.guest) if pipe.out.guest else None
+                if gs is not None and gs.cursor is not None:
+                    pipe.set_cursor(gs.cursor, gs.pointer)
+            if self.input is not None:
+                self.input.plan_applied(assignment, self.card_seats)
             self._send_status()
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
@@ -572,6 +595,9 @@ class Daemon:
             self._free_buffer(gs.forgotten.pop(buf_id))
 
     def _free_guest(self, gs: GuestState) -> None:
+        if gs.input is not None and hasattr(gs.input, "close"):
+            gs.input.close()
+            gs.input = None
         for buffer in list(gs.forgotten.values()) + list(gs.conn.buffers.values()):
             self._free_buffer(buffer)
         gs.forgotten.clear()
@@ -721,6 +747,8 @@ class Daemon:
     async def _pause_card(self, path: str, reason: str) -> None:
         """The session is about to lose `path` (VT switch away, logind pause): stop committing to it
         and wait for its flips in flight, so master can be dropped with nothing pending."""
+        if self.input is not None and isinstance(self.session, DirectSession):
+            self.input.pause(reason)  # the console gets its keyboard back; what guests held is released
         async with self._apply_lock:
             for pipe in self.pipelines.values():
                 if pipe.card.path == path:
@@ -750,6 +778,8 @@ class Daemon:
         log.info("%s: resumed; restoring its outputs", path)
         if not self._stopping:
             await self.apply(self.plan())
+        if self.input is not None and isinstance(self.session, DirectSession) and not self.session.paused:
+            self.input.resume()
 
     # --- hotplug --------------------------------------------------------------------------------------
 
@@ -790,6 +820,123 @@ class Daemon:
                     pipe.force_modeset()
         self.replan()
 
+    # --- seat input -------------------------------------------------------------------------------
+
+    async def start_input(self) -> None:
+        """Take the seat's keyboards, mice, tablets and touchscreens (--no-input: none)."""
+        if not self.want_input:
+            log.info("input: not taken (--no-input)")
+            return
+        self.input = SeatInput(session_kind=self.session.kind, logind_seat=self.seat,
+                               take=self.session.take_input, give_back=self.session.release_input,
+                               sink_of=self.sink_of, actions=self._input_action,
+                               pointer_moved=self._local_pointer)
+        self.input.devices.own_names = self.own_input_names
+        if hasattr(self.session, "on_input_pause"):
+            self.session.on_input_pause = self.input.devices.suspend_device
+            self.session.on_input_resume = self.input.devices.replace_fd
+        try:
+            await self.input.start(self.policy)
+        except Exception:  # noqa: BLE001 — no input must not mean no screens
+            log.exception("input: starting failed; the monitors are served without input")
+        self.input.plan_applied(self.assignment, self.card_seats)
+
+    def sink_of(self, guest: str) -> InputSink | None:
+        """The input sink of a running guest (None: it takes no input)."""
+        gs = self.guests.get(guest)
+        if gs is None:
+            return None
+        return gs.input if gs.input is not None else getattr(gs.conn, "input", None)
+
+    def _input_action(self, seat: str, action: str, arg: object) -> None:
+        assert self.input is not None
+        router = self.input.routers.get(seat)
+        if router is None:
+            return
+        if action == "next-monitor":
+            router.next_monitor()
+        elif action == "next-guest" and router.focused is not None:
+            self.next_guest(router.focused)
+        elif action == "release-input":
+            self.input.set_grabbed(seat, not router.grabbed)
+        elif action == "vt" and isinstance(arg, int):
+            task = asyncio.get_running_loop().create_task(self._switch_vt(arg))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._send_status()
+
+    async def _switch_vt(self, number: int) -> None:
+        try:
+            await self.session.switch_vt(number)
+        except (SessionError, OSError) as exc:
+            log.error("switching to VT %d: %s", number, exc)
+
+    def _output_of(self, monitor: str):
+        assert self.topology is not None
+        out = self.assignment.for_monitor(monitor)
+        if out is None:
+            return None
+        return next((o for o in self.topology.outputs()
+                     if o.card.path == out.card and o.connector.name == out.connector), None)
+
+    def next_guest(self, monitor: str) -> str | None:
+        """The next running guest the policy could place on `monitor`, shown there (cycling)."""
+        output = self._output_of(monitor)
+        if output is None:
+            return None
+        running = {gs.guest.name for gs in self.guests.values()}
+        rules = {r.name: r for r in self.policy.guests}
+        names = [n for rule in planner.could_show(self.policy, monitor, output)
+                 for n in sorted(running) if rule in rules and rules[rule].pattern.matches(n)]
+        names = list(dict.fromkeys(names))
+        if not names:
+            log.info("next guest on %s: no running guest may be shown there", monitor)
+            return None
+        current = self.assignment.for_monitor(monitor)
+        now = current.guest if current is not None else None
+        target = names[(names.index(now) + 1) % len(names)] if now in names else names[0]
+        self.show(target, monitor)
+        return target
+
+    def show(self, guest: str, monitor: str) -> None:
+        """Show `guest` on `monitor` until `show --reset`: checked as a placement would be."""
+        if monitor not in {m.name for m in self.policy.monitors}:
+            raise ValueError(f"no monitor {monitor!r} in the policy")
+        output = self._output_of(monitor)
+        if output is None:
+            raise ValueError(f"monitor {monitor} is not lit")
+        gs = self.guests.get(guest)
+        if gs is None:
+            raise ValueError(f"guest {guest!r} is not running")
+        rule = next((r.name for r in self.policy.guests
+                     if r.matches(guest, gs.guest.kind, gs.guest.uuid)), None)
+        if rule is None:
+            raise ValueError(f"no guest rule of the policy matches {guest}")
+        if not planner.may_show(self.policy, rule, monitor, output):
+            raise ValueError(f"{guest} may not be shown on {monitor}: its placements keep it to seats "
+                             + ", ".join(sorted({s for p in self.policy.placements if p.guest == rule
+                                                 for s in p.seats})))
+        self.overrides[monitor] = guest
+        log.info("show: %s on %s (until `directflip show --reset`)", guest, monitor)
+        self.replan()
+
+    def reset_overrides(self) -> list[str]:
+        cleared = sorted(self.overrides)
+        self.overrides.clear()
+        if cleared:
+            log.info("show --reset: %s back to the policy", ", ".join(cleared))
+            self.replan()
+        return cleared
+
+    def focus(self, monitor: str) -> dict:
+        if self.input is None:
+            raise ValueError("input is not taken (--no-input)")
+        try:
+            router = self.input.focus(monitor)
+        except KeyError:
+            raise ValueError(f"monitor {monitor!r} is not lit in any seat") from None
+        self._send_status()
+        return {"seat": router.name, "monitor": monitor, "guest": router.focused_guest}
+
     # --- vGPUs (VFIO mediated devices) --------------------------------------------------------------
 
     def open_vfio_guests(self) -> None:
@@ -810,12 +957,44 @@ class Daemon:
             if rule.launch:
                 self._launch(rule.name, rule.launch, device)
 
+    def _uinput_for(self, name: str) -> dict[str, str]:
+        """A launched vGPU guest's own keyboard and tablet (uinput), for its VMM to pass into the VM:
+        {placeholder: device path}. Empty when they cannot be made (said in the log)."""
+        from compositor.input.uinput import UinputSink
+
+        gs = self.guests.get(name)
+        if gs is None or not self.want_input:
+            return {}
+
+        def size() -> tuple[int, int] | None:
+            g = gs.guest
+            return (g.width, g.height) if g.width and g.height else None
+
+        try:
+            sink = UinputSink(name, size)
+        except OSError as exc:
+            log.error("guest %s: no input for its VM: %s", name, exc)
+            return {}
+        gs.input = sink
+        self.own_input_names.update(sink.names)
+        return {"keyboard": sink.keyboard_path, "tablet": sink.tablet_path}
+
     def _launch(self, name: str, template: str, device: VfioDevice) -> None:
+        devices = self._uinput_for(name)
+        wanted = [k for k in ("keyboard", "tablet") if "{" + k + "}" in template]
+        if wanted and not devices:
+            log.error("guest %s: not launched: its launch command takes {%s}, and there are no input "
+                      "devices for it (see above, or --no-input)", name, "} and {".join(wanted))
+            return
         fd = device.dup()
         try:
-            argv = shlex.split(template.replace("{fd}", str(fd)))
+            command = template.replace("{fd}", str(fd))
+            for key, path in devices.items():
+                command = command.replace("{" + key + "}", path)
+            argv = shlex.split(command)
             env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV}  # systemd talks to us only
             env |= {"DIRECTFLIP_VFIO_FD": str(fd), "DIRECTFLIP_GUEST": name}
+            env |= {f"DIRECTFLIP_INPUT_{k.upper()}": v for k, v in devices.items()}
             proc = subprocess.Popen(argv, pass_fds=(fd,), env=env)
         except OSError as exc:
             log.error("guest %s: cannot launch %r: %s", name, template, exc)
@@ -907,9 +1086,27 @@ class Daemon:
         if gs is not None and gs.conn is source:
             self._blank(gs, reason)
 
-    def on_cursor(self, source: QemuDisplaySource) -> None:
-        log.debug("guest %s: cursor %s at %s (no cursor plane use yet)", source.name, source.cursor,
-                  source.pointer)
+    def on_cursor(self, source) -> None:
+        """A guest defined its pointer image or moved its pointer (QEMU's CursorDefine/MouseSet, the
+        frame socket's cursor/cursor-move): onto the cursor planes of the monitors showing it."""
+        gs = self.guests.get(source.name)
+        if gs is None or gs.conn is not source:
+            return
+        gs.cursor, gs.pointer = source.cursor, source.pointer
+        self._push_cursor(gs)
+
+    def _push_cursor(self, gs: GuestState) -> None:
+        for pipe in self._showing(gs.guest.name):
+            pipe.set_cursor(gs.cursor, gs.pointer)
+
+    def _local_pointer(self, guest: str, x: int, y: int) -> None:
+        """The seat's pointer moved over `guest` (absolute mode): its cursor follows at once, without
+        waiting for the guest to say where its pointer went."""
+        gs = self.guests.get(guest)
+        if gs is None or gs.cursor is None:
+            return
+        gs.pointer = Pointer(x, y, gs.pointer.visible if gs.pointer is not None else True)
+        self._push_cursor(gs)
 
     def _guest_frame(self, gs: GuestState, frame: Frame) -> None:
         """A frame from a source that shows its buffers in place (a polled vGPU, a QEMU display)."""
@@ -1040,6 +1237,8 @@ class Daemon:
                        "applied_generation": self.applied_generation, "applied_ns": self.applied_ns,
                        "loaded_ns": self.loaded_ns},
             "outputs": outputs,
+            "overrides": dict(self.overrides),
+            "input": self.input.status() if self.input is not None else None,
             "dark": [{"card": d.card, "connector": d.connector, "monitor": d.monitor, "reason": d.reason}
                      for d in self.assignment.dark],
             "unplaced": [{"guest": u.guest, "reason": u.reason, "monitor": u.monitor}
@@ -1071,7 +1270,8 @@ def _run(args) -> int:
     try:
         daemon = Daemon(args.policy, frame_socket=args.socket or frame_socket,
                         control_socket=args.control or control_socket, cards=args.device or None,
-                        native=not args.pure_python, seat=args.seat, session=session)
+                        native=not args.pure_python, seat=args.seat, session=session,
+                        input=not args.no_input)
     except PolicyError as exc:
         print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
         return 1
@@ -1109,6 +1309,14 @@ guest again. `logind` runs inside a systemd-logind session (TakeControl/TakeDevi
 the cards and pauses/resumes them on VT switches the same way. `auto` is logind when $XDG_SESSION_ID
 is set, else direct.
 
+Input: the seat's keyboards, mice, tablets and touchscreens go to the guest on the focused monitor
+(policy `seats` and `position`; --no-input takes none). Bare console: opened and grabbed (EVIOCGRAB),
+let go while another VT is in front. Ctrl+Alt+N shows the next guest allowed on the focused monitor,
+Ctrl+Alt+M moves the focus, Ctrl+Alt+G lets go of the devices and takes them back, Ctrl+Alt+Fn
+switches VT (policy `hotkeys`). `directflip show GUEST MONITOR` / `show --reset` and `directflip focus
+MONITOR` do the same from a shell. Keys held in a guest are released there before input moves away.
+The guest's pointer image goes on the monitor's cursor plane.
+
 Seats (--seat): an instance for one logind seat uses only the cards udev puts on that seat
 (ID_SEAT, seat0 when unset) and its own sockets under /run/directflip/SEAT/, so instances for
 different seats never touch each other's monitors. Policy seats then split that card's monitors
@@ -1139,6 +1347,8 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
                    f"or {RUN_DIR}/SEAT/control.sock with --seat)")
     p.add_argument("--device", action="append", metavar="PATH",
                    help="use only this card (repeatable; default: every /dev/dri/card*)")
+    p.add_argument("--no-input", action="store_true",
+                   help="take no keyboard, mouse or touch device: display only (see Input above)")
     p.add_argument("--pure-python", action="store_true",
                    help="flip through the Python atomic path and copy (the copy rung) in Python "
                    "instead of native/kms_helpers.c (for comparison)")

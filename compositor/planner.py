@@ -49,7 +49,7 @@ Only the CRTC and plane routing, where greed could strand a monitor for no reaso
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from compositor.policy import GUEST_KINDS, MonitorRule, Placement, Policy
@@ -310,6 +310,28 @@ def _plane_options(card: Card, crtc: int, fourcc: str | None, modifier: str | No
 # --- the planner ----------------------------------------------------------------------------------
 
 
+def may_show(policy: Policy, rule: str, monitor: str, output: Output) -> bool:
+    """Whether the guest rule `rule` may be shown on `monitor` by an override: every placement of the
+    guest that names `seats` must include one of the monitor's seats (a seat fence holds for overrides
+    as it does for placements)."""
+    fences = [set(p.seats) for p in policy.placements if p.guest == rule and p.seats]
+    seats = policy.seats_of(monitor, output)
+    return all(f & seats for f in fences)
+
+
+def could_show(policy: Policy, monitor: str, output: Output) -> list[str]:
+    """The guest rules the policy could put on `monitor`, in placement order: those whose placements
+    name it (main, failover or mirror), or that may go on any monitor of its seats."""
+    seats = policy.seats_of(monitor, output)
+    out: list[str] = []
+    for p in sorted(policy.placements, key=lambda p: p.index):
+        named = monitor in p.candidates or monitor in p.mirror
+        by_seat = p.monitor is None and not p.failover and bool(set(p.seats) & seats)
+        if (named or by_seat) and p.guest not in out:
+            out.append(p.guest)
+    return out
+
+
 @dataclass
 class _Shown:
     monitor: str
@@ -317,10 +339,17 @@ class _Shown:
     guest: Guest | None
     mirror: bool = False
     slate_reason: str = ""
+    override: bool = False  # put here by `directflip show` / the next-guest hotkey
 
 
-def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> Assignment:
-    """Assign the running `guests` to the present `outputs` following `policy`. Pure."""
+def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
+         overrides: Mapping[str, str] | None = None) -> Assignment:
+    """Assign the running `guests` to the present `outputs` following `policy`. Pure.
+
+    `overrides` (monitor → running guest's name, from `directflip show` and the next-guest hotkey)
+    come before every placement: the guest is shown on that monitor as well as wherever its own
+    placement puts it, provided its placements' `seats` allow the monitor (see `may_show`). An
+    override of a guest that is not running, or of an absent monitor, waits."""
     outputs = list(outputs)
 
     # 1. policy monitors -> outputs
@@ -374,8 +403,22 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> 
             return "has no free CRTC"
         return None
 
-    # 3. main views, by priority
+    # 3. runtime overrides, then main views by priority
     order = sorted(policy.placements, key=lambda p: (-p.priority, p.index))
+    running_rule = {g.name: r for r, g in guest_of.items()}
+    for m, gname in (overrides or {}).items():
+        rule = running_rule.get(gname)
+        if rule is None or m not in bound or m in shown:
+            continue
+        if not may_show(policy, rule, m, bound[m]):
+            unplaced.append(Unplaced(gname, f"`directflip show` on {m}: outside the seats of its placements",
+                                     monitor=m))
+            continue
+        why = unavailable(m, None)
+        if why is None:
+            shown[m] = _Shown(m, bound[m], guest_of[rule], override=True)
+        else:
+            unplaced.append(Unplaced(gname, f"`directflip show` on {m}: {m} {why}", monitor=m))
     for p in order:
         guest = guest_of.get(p.guest)
         if guest is None:
@@ -474,6 +517,8 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest]) -> 
         buffer = (guest.width, guest.height) if guest is not None and guest.width and guest.height else None
         mode, mode_notes = choose_mode(rule, out, buffer)
         notes = list(mode_notes)
+        if s.override and guest is not None:
+            notes.append("shown here by `directflip show` (`directflip show --reset` clears it)")
         slate = None
         zero_copy = True
         if guest is None:
