@@ -130,5 +130,8 @@ class HostChannel:
     def plug(self, head: int, width: int, height: int) -> dict[str, Any]:
         return self.call("plug", head=head, width=width, height=height)
 
+    def input(self, events: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.call("input", events=events)
+
     def unplug(self, head: int) -> dict[str, Any]:
         return self.call("unplug", head=head)

@@ -87,7 +87,8 @@ def _run(cmd: list[str]) -> None:
 
 
 def load_modules(kos: dict[str, str]) -> None:
-    _run(["modprobe", "-a", "virtio_gpu", "vgem"])
+    # uinput: the tests' hotplugged input devices and directflip's own devices for launched vGPU guests
+    _run(["modprobe", "-a", "virtio_gpu", "vgem", "uinput"])
     for name, params in KO_PARAMS.items():
         path = kos[name]
         if Path(f"/sys/module/{name}").exists():

@@ -418,8 +418,13 @@ class ControlServer:
     """Serves control requests for one guest on a Unix socket until "quit" (or a signal). Any number of
     clients, one request per line each, answered in order."""
 
-    def __init__(self, guest: _Guest, path: str, frame_socket: FrameSocketClient | None = None) -> None:
+    def __init__(self, guest: _Guest, path: str, frame_socket: FrameSocketClient | None = None,
+                 keyboard: str | None = None) -> None:
         self.guest = guest
+        # The VM's keyboard as a VMM would take it (QEMU's input-linux): the evdev device directflip
+        # made for this guest. "keys" answers the (code, value) key events read from it so far.
+        self.keyboard_fd = os.open(keyboard, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if keyboard else None
+        self.keys: list[tuple[int, int]] = []
         self.path = path
         self.frame_socket = frame_socket  # a FrameSocketClient kept open (the compositor shows us)
         self._sel = selectors.DefaultSelector()
@@ -432,6 +437,8 @@ class ControlServer:
         self._sel.register(self._listener, selectors.EVENT_READ, "accept")
         if self.frame_socket is not None:
             self._sel.register(self.frame_socket.fileno(), selectors.EVENT_READ, "frames")
+        if self.keyboard_fd is not None:
+            self._sel.register(self.keyboard_fd, selectors.EVENT_READ, "keyboard")
         log.info("%s guest %s: control socket %s", self.guest.kind, self.guest.device.name, self.path)
         while not self._quit:
             for key, _ in self._sel.select():
@@ -441,6 +448,8 @@ class ControlServer:
                     self._sel.register(conn, selectors.EVENT_READ, "client")
                 elif key.data == "frames":
                     self._on_frame_socket()
+                elif key.data == "keyboard":
+                    self._on_keyboard()
                 else:
                     self._on_client(key.fileobj)  # type: ignore[arg-type]
 
@@ -455,6 +464,23 @@ class ControlServer:
             self._sel.unregister(self.frame_socket.fileno())
             self.frame_socket.close()
             self.frame_socket = None
+
+    def _on_keyboard(self) -> None:
+        from evdev import _input as evdev_io
+        from evdev import ecodes
+
+        assert self.keyboard_fd is not None
+        try:
+            events = evdev_io.device_read_many(self.keyboard_fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            log.warning("keyboard: %s", exc)
+            self._sel.unregister(self.keyboard_fd)
+            os.close(self.keyboard_fd)
+            self.keyboard_fd = None
+            return
+        self.keys += [(code, value) for _s, _u, etype, code, value in events if etype == ecodes.EV_KEY]
 
     def _on_client(self, conn: socket.socket) -> None:
         try:
@@ -475,7 +501,10 @@ class ControlServer:
             except ValueError as exc:
                 answer: dict[str, Any] = {"ok": False, "error": f"not JSON: {exc}"}
             else:
-                answer = handle_request(self.guest, request)
+                if isinstance(request, dict) and request.get("cmd") == "keys":
+                    answer = {"ok": True, "keys": self.keys}
+                else:
+                    answer = handle_request(self.guest, request)
                 if answer["ok"] and request.get("cmd") == "quit":
                     self._quit = True
             try:
@@ -504,6 +533,9 @@ class ControlServer:
         if self.frame_socket is not None:
             self.frame_socket.close()
             self.frame_socket = None
+        if self.keyboard_fd is not None:
+            os.close(self.keyboard_fd)
+            self.keyboard_fd = None
 
 
 class VgpuGuestControl:
@@ -558,6 +590,10 @@ class VgpuGuestControl:
     def info(self) -> dict[str, Any]:
         return self.call({"cmd": "info"})
 
+    def keys(self) -> list[tuple[int, int]]:
+        """The (code, value) key events the guest's keyboard device delivered (with --keyboard)."""
+        return [tuple(k) for k in self.call({"cmd": "keys"})["keys"]]
+
     def quit(self) -> None:
         """Ask the guest to exit, and close this connection."""
         try:
@@ -591,6 +627,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also hand the device fd to the compositor on this frame socket")
     parser.add_argument("--name", help="the guest's name on the frame socket (default: the mdev UUID or "
                                        "vgpu-fdN)")
+    parser.add_argument("--keyboard", metavar="PATH",
+                        help="read the VM's keyboard from this evdev device (directflip's {keyboard})")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -612,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
             frames = FrameSocketClient(args.frame_socket, name, uuid=args.uuid)
             frames.hand_over_vfio(device.fd)
-        server = ControlServer(guest, args.control, frames)
+        server = ControlServer(guest, args.control, frames, keyboard=args.keyboard)
         frames = None  # the server owns it now
         server.serve()
         return 0

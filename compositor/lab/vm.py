@@ -6,6 +6,8 @@ host's root as its read-only root, plus:
 - ``virtio-gpu-pci`` with three heads: head 0 connected at boot, heads 1 and 2 plugged through VNC
   right after QEMU starts when ``connect_all_heads`` (the guest's driver usually sees them at probe);
 - a QMP socket for ``screendump`` and one VNC socket per head for SetDesktopSize (plug/unplug);
+- a virtio keyboard, mouse and tablet, driven from here with QMP ``input-send-event``: the guest
+  kernel sees real evdev devices (``QEMU Virtio Keyboard`` …), as a desk's USB devices would be;
 - a run directory shared read-write with the guest at the same path (screendumps land there).
 
 The guest runs ``python -m compositor.lab.guest`` (see there), which talks to `_Services` through the
@@ -42,6 +44,10 @@ HEADS = 3
 # and a head plugged later with a larger mode would be lit at a smaller one. Distinct sizes let a test
 # tell the heads apart.
 DEFAULT_HEAD_SIZES = ((1024, 768), (800, 600), (640, 480))
+# The lab's input devices (QMP id → QEMU model). QEMU routes `key` events to the keyboard the guest
+# activated last, `rel` to the relative pointer and `abs` to the tablet.
+INPUT_DEVICES = {"kbd0": "virtio-keyboard-pci", "mouse0": "virtio-mouse-pci", "tablet0": "virtio-tablet-pci"}
+_INPUT_EVENT_TYPES = ("key", "btn", "rel", "abs")
 _SHELL_SAFE = re.compile(r"^[A-Za-z0-9_./+=:,@-]+$")
 
 
@@ -87,6 +93,7 @@ def vng_command(manifest: Manifest, run_dir: Path, guest_cmd: Sequence[str], opt
         f"-device virtio-gpu-pci,id=gpu0,max_outputs={HEADS},xres={w0},yres={h0}",
         f"-qmp unix:{d}/qmp.sock,server=on,wait=off",
         *(f"-vnc unix:{d}/vnc{n}.sock,id=vnc{n},display=gpu0,head={n}" for n in range(HEADS)),
+        *(f"-device {model},id={dev}" for dev, model in INPUT_DEVICES.items()),
     ]
     heads = HEADS if options.connect_all_heads else 1
     launcher = [sys.executable, "-m", "compositor.lab.guest", "--manifest",
@@ -166,6 +173,15 @@ class _Services:
             return await self.set_size(self._head(request), width, height)
         if op == "unplug":
             return await self.set_size(self._head(request), 0, 0)
+        if op == "input":
+            events = request.get("events")
+            if not isinstance(events, list) or not events or not all(
+                    isinstance(e, dict) and e.get("type") in _INPUT_EVENT_TYPES for e in events):
+                raise ValueError(f"input needs a list of QMP InputEvents ({', '.join(_INPUT_EVENT_TYPES)})")
+            qmp = await self.qmp()
+            t0 = time.monotonic()
+            await qmp.execute("input-send-event", {"events": events})
+            return {"sent": len(events), "ms": round((time.monotonic() - t0) * 1000, 1)}
         raise ValueError(f"unknown operation {op!r}")
 
 

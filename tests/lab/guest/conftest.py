@@ -88,6 +88,31 @@ class Host:
     def unplug(self, head: int) -> None:
         self.channel.unplug(head)
 
+    # Input through the VM's virtio keyboard, mouse and tablet (QMP input-send-event): the lab kernel
+    # sees them as evdev events of real devices.
+    def keys(self, *qcodes: str, down: bool | None = None) -> None:
+        """Tap each key (QEMU qcode names: "a", "ctrl", "alt", "f2") in turn, or only press
+        (down=True) or release (down=False) them, all in one QMP call."""
+        events = []
+        for q in qcodes:
+            for d in ((True, False) if down is None else (down,)):
+                events.append({"type": "key", "data": {"down": d, "key": {"type": "qcode", "data": q}}})
+        self.channel.input(events)
+
+    def move(self, dx: int, dy: int) -> None:
+        """Relative motion of the virtio mouse."""
+        self.channel.input([{"type": "rel", "data": {"axis": "x", "value": dx}},
+                            {"type": "rel", "data": {"axis": "y", "value": dy}}])
+
+    def tablet(self, x: int, y: int) -> None:
+        """The virtio tablet at (x, y) of 0..32767 (its whole range spans the seat's layout)."""
+        self.channel.input([{"type": "abs", "data": {"axis": "x", "value": x}},
+                            {"type": "abs", "data": {"axis": "y", "value": y}}])
+
+    def click(self, button: str = "left") -> None:
+        self.channel.input([{"type": "btn", "data": {"down": True, "button": button}}])
+        self.channel.input([{"type": "btn", "data": {"down": False, "button": button}}])
+
 
 @pytest.fixture(scope="session")
 def host() -> Host:

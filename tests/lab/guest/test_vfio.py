@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from labkit import Compositor, colour_share, wait_for
 
+from compositor.control import request
 from compositor.kms import Card
 from compositor.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
 from compositor.sources.framesocket import FrameSocketClient
@@ -77,7 +78,8 @@ guests:
   office:
     kind: vfio
     uuid: {vgpu}
-    launch: "{sys.executable} -m compositor.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}"
+    launch: "{sys.executable} -m compositor.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}
+      --keyboard {{keyboard}}"
   media: {{kind: vfio}}
   build: {{kind: vfio}}
 placements:"""]
@@ -214,3 +216,27 @@ def test_device_fd_over_the_frame_socket_mbochs_and_mdpy(lab, host, tmp_path):
         build.close()
         remove_mdev(media_uuid)
         remove_mdev(build_uuid)
+
+
+def test_a_launched_vgpu_guest_gets_the_seats_keys_through_its_own_keyboard(lab, host):
+    """The VMM directflip launched reads the VM's keyboard from the uinput device directflip made for
+    it ({keyboard}), as QEMU's input-linux would; the lab keyboard's keys reach it while its monitor
+    has the focus, and directflip never takes its own device as seat input."""
+    from evdev import ecodes
+
+    lab.office.mode(640, 480)
+    lab.office.draw("office", 7)
+    shown(lab, "wb", "office")
+    st = lab.status()["input"]
+    names = [d.get("name") for d in st["devices"]]
+    assert "directflip office keyboard" not in names, st["devices"]
+    ignored = [d for d in st["devices"] if d.get("ignored") == "directflip's own device for a guest's VM"]
+    assert len(ignored) == 2, st["devices"]
+    request(lab.control, {"cmd": "focus", "monitor": "wb"})
+    before = len(lab.office.keys())
+    host.keys("k")
+    got = wait_for("KEY_K in the VM's keyboard", lambda: (k := lab.office.keys()[before:])
+                   and (ecodes.KEY_K, 0) in k and k)
+    print("the VM's keyboard read:", got)
+    assert got == [(ecodes.KEY_K, 1), (ecodes.KEY_K, 0)]
+
