@@ -30,6 +30,7 @@ import os
 import signal
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -52,7 +53,7 @@ TTY_MAJOR = 4          # /dev/ttyN, N in 1..63, are the virtual terminals
 MAX_VT = 63
 _VT_MODE = "bbhhh"     # struct vt_mode: mode, waitv, relsig, acqsig, frsig
 _VT_STAT = "HHH"       # struct vt_stat: v_active, v_signal, v_state
-ACQUIRE_TIMEOUT = 10.0  # seconds from VT_ACTIVATE to the acquire signal before giving up
+ACQUIRE_TIMEOUT = 30.0  # seconds from VT_ACTIVATE to the acquire signal before giving up (a busy machine)
 
 LOGIND = "org.freedesktop.login1"
 LOGIND_PATH = "/org/freedesktop/login1"
@@ -91,15 +92,27 @@ def active_vt() -> int:
         return int(f.read().strip().removeprefix("tty"))
 
 
-def activate_vt(number: int, wait: bool = True) -> None:
-    """Switch the console to VT `number` (what `chvt` does); wait for the switch unless told not to."""
+def activate_vt(number: int, wait: bool = True, timeout: float = 60.0) -> None:
+    """Switch the console to VT `number` (what `chvt` does); wait for the switch unless told not to.
+
+    The wait is bounded: a switch away from a VT in VT_PROCESS mode needs its owner's consent, and an
+    owner that never gives it would hold VT_WAITACTIVE for ever. TimeoutError names the VT in front."""
     fd = os.open("/dev/tty0", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, VT_ACTIVATE, number)
-        if wait:
-            fcntl.ioctl(fd, VT_WAITACTIVE, number)
     finally:
         os.close(fd)
+    if wait:
+        wait_for_vt(number, timeout)
+
+
+def wait_for_vt(number: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (current := active_vt()) != number:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"VT {number} did not come to the front within {timeout:.0f} s "
+                               f"(VT {current} is; its owner may not have released it)")
+        time.sleep(0.01)
 
 
 def resolve_vt(spec: str) -> int | None:
@@ -146,9 +159,9 @@ class VirtualTerminal:
         v_active = struct.unpack(_VT_STAT, fcntl.ioctl(self.fd, VT_GETSTATE, b"\0" * 6))[0]
         return v_active == self.number
 
-    def activate(self) -> None:
+    def activate(self, timeout: float = 60.0) -> None:
         fcntl.ioctl(self.fd, VT_ACTIVATE, self.number)
-        fcntl.ioctl(self.fd, VT_WAITACTIVE, self.number)
+        wait_for_vt(self.number, timeout)
 
     def release(self) -> None:
         """Let a pending switch away happen."""
@@ -292,7 +305,10 @@ class DirectSession(Session):
         if self.vt is None or self.vt.active:
             return
         log.info("switching to VT %d", self.vt_number)
-        await asyncio.to_thread(self.vt.activate)
+        try:
+            await asyncio.to_thread(self.vt.activate, ACQUIRE_TIMEOUT)
+        except TimeoutError as exc:
+            raise SessionError(f"switching to tty{self.vt_number}: {exc}") from None
         # The kernel signals the acquisition (SIGUSR2); the cards are lit once that is handled.
         try:
             await asyncio.wait_for(self._acquired.wait(), ACQUIRE_TIMEOUT)

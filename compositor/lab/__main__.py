@@ -27,6 +27,9 @@ cache: ${DIRECTFLIP_LAB_CACHE:-${XDG_CACHE_HOME:-~/.cache}/directflip-lab}
 """
 
 
+FAULT_DUMP = 900
+
+
 def _vm_options(args: argparse.Namespace) -> vm.VmOptions:
     return vm.VmOptions(connect_all_heads=not args.no_connect_all, timeout=args.timeout)
 
@@ -45,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-connect-all", action="store_true",
                        help="leave virtio-gpu heads 1 and 2 disconnected at boot (default: all three "
                             "monitors connected)")
-        p.add_argument("--timeout", type=float, default=1200.0 if name == "run" else 2700.0, metavar="S",
+        # The whole guest suite takes ~25 min on an idle machine and about twice that while another
+        # process keeps the cores busy; the timeout is for a VM that hangs, not a slow one.
+        p.add_argument("--timeout", type=float, default=1200.0 if name == "run" else 4200.0, metavar="S",
                        help="stop the VM after S seconds (default: %(default)s)")
         if name == "run":
             p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
@@ -70,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
             extra = args.pytest_args[1:] if args.pytest_args[:1] == ["--"] else args.pytest_args
             # Default to the whole guest suite unless the arguments name tests themselves.
             named = [a for a in extra if not a.startswith("-") and (vm.REPO / a.split("::")[0]).exists()]
-            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-                   *([] if named else LAB_TESTS), *extra]
+            # A test still running after FAULT_DUMP seconds has every thread's traceback printed (and
+            # goes on): a wait that never ends shows where it is before the VM's timeout kills it.
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o",
+                   f"faulthandler_timeout={FAULT_DUMP}", *([] if named else LAB_TESTS), *extra]
         return vm.run(cmd, _vm_options(args), manifest)
     except cache.LabError as exc:
         print(f"lab: error: {exc}", file=sys.stderr)
