@@ -18,27 +18,51 @@ import pytest
 from labkit import Compositor, colour_share, wait_for
 from PIL import Image
 
+from compositor.control import request
+
 POLICY = """version: 1
 monitors:
-  left: {{connector: Virtual-1, driver: virtio_gpu}}
-  wb:   {{connector: "Virtual-*", driver: vkms, mode: match-guest}}
+  left:   {{connector: Virtual-1, driver: virtio_gpu}}
+  centre: {{connector: Virtual-2, driver: virtio_gpu, scaling: none}}
+  wb:     {{connector: "Virtual-*", driver: vkms, mode: match-guest}}
 guests:
   vm:   {{kind: qemu-dbus, display: "qmp:{qmp}"}}
+  menu: {{kind: qemu-dbus, display: "qmp:{menu_qmp}"}}
   peer: {{kind: qemu-dbus, display: "dbus:unix:path={bus}"}}
 placements:
   - {{guest: vm, monitor: left}}
+  - {{guest: menu, monitor: centre}}
   - {{guest: peer, monitor: wb}}
 """
 
 
-def start_vm(qmp: Path, log: Path) -> subprocess.Popen:
+def start_vm(qmp: Path, log: Path, *extra: str) -> subprocess.Popen:
     """A VM with no disk: SeaBIOS draws its text screen and waits for a bootable device."""
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu, "qemu-system-x86_64 missing (the lab installs qemu-system-x86)"
     return subprocess.Popen(
         [qemu, "-nodefaults", "-machine", "pc", "-accel", "tcg", "-m", "32", "-vga", "std", "-name", "inner",
-         "-display", "dbus,p2p=yes", "-qmp", f"unix:{qmp},server=on,wait=off"],
+         "-display", "dbus,p2p=yes", "-qmp", f"unix:{qmp},server=on,wait=off", *extra],
         stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def vm_text(qmp: Path) -> str:
+    """The inner VM's VGA text screen (80x25 at 0xb8000, character and attribute bytes), read through
+    its monitor: what SeaBIOS wrote, whatever the pixels look like."""
+    from qemu.qmp import QMPClient
+
+    async def read() -> str:
+        client = QMPClient("test")
+        await client.connect(str(qmp))
+        try:
+            return await client.execute("human-monitor-command", {"command-line": "xp /4000xb 0xb8000"})
+        finally:
+            await client.disconnect()
+
+    data = bytes(int(word, 16) for line in asyncio.run(read()).splitlines()
+                 for word in line.split(":", 1)[-1].split())
+    chars = "".join(chr(b) if 32 <= b < 127 else " " for b in data[::2])
+    return "\n".join(chars[i:i + 80].rstrip() for i in range(0, len(chars), 80))
 
 
 def vm_screendump(qmp: Path, path: Path) -> np.ndarray:
@@ -81,7 +105,7 @@ def lab(cards, tmp_path_factory):
                             stdout=(work / "peer.log").open("w"), stderr=subprocess.STDOUT)
     vm = start_vm(qmp, work / "vm.log")
     comp = Compositor(work)
-    comp.start(POLICY.format(qmp=qmp, bus=bus))
+    comp.start(POLICY.format(qmp=qmp, bus=bus, menu_qmp=work / "menu.qmp"))
     comp.work, comp.qmp, comp.vm = work, qmp, vm
     yield comp
     code = comp.stop()
@@ -161,3 +185,47 @@ def test_dmabuf_peer_is_zero_copy_and_followed_without_new_scanouts(lab):
     print(f"peer on wb: zero-copy, bar at x={first} then x={second}; commits {commits} -> {after['commits']}")
     assert after["commits"] == commits, "a new scanout commit was made for an in-place update"
     assert after["path"] == "zero-copy"
+
+
+def screen_with(qmp: Path, text: str) -> str | None:
+    """The VM's text screen once it shows `text`; None before (or before its QMP socket is there)."""
+    from qemu.qmp import ConnectError
+
+    try:
+        screen = vm_text(qmp)
+    except ConnectError:
+        return None
+    return screen if text in screen else None
+
+
+def test_a_key_on_the_lab_keyboard_opens_seabios_boot_menu(lab, host):
+    """The lab's virtio keyboard (QMP input-send-event into the lab kernel's evdev) → directflip →
+    the VM's Keyboard.Press over D-Bus: ESC at SeaBIOS' prompt opens its boot menu, on head 1."""
+    qmp = lab.work / "menu.qmp"
+    vm = start_vm(qmp, lab.work / "menu.log", "-boot", "menu=on,splash-time=65535")
+    try:
+        prompt = wait_for("SeaBIOS' boot menu prompt", lambda: screen_with(qmp, "ESC"), timeout=240)
+        print(prompt.strip().splitlines()[-1])
+        lab.wait_shown("centre", "menu", timeout=120)
+        request(lab.control, {"cmd": "focus", "monitor": "centre"})
+        wait_for("the VM's keyboard connected", lambda: next(
+            g for g in lab.status()["guests"] if g["name"] == "menu")["qemu"]["input"]["keyboard"])
+        host.keys("esc")
+        menu = wait_for("SeaBIOS' boot menu", lambda: screen_with(qmp, "Select boot device"), timeout=120)
+        print(menu.strip())
+        out = lab.output("centre")
+
+        def on_head() -> float | None:
+            mine, theirs = host.screendump(1), vm_screendump(qmp, lab.work / "menu.ppm")
+            x, y, w, h = placed(lab.output("centre"))
+            if (h, w) != theirs.shape[:2]:
+                return None
+            share = float(np.mean(np.all(mine[y:y + h, x:x + w] == theirs, axis=-1)))
+            return share if share > 0.98 else None
+
+        share = wait_for("the boot menu on head 1", on_head, timeout=60)
+        print(f"menu on centre: {out['dst']} via {out['path']}, {share:.4f} of the VM's pixels identical")
+    finally:
+        vm.terminate()
+        vm.wait(timeout=20)
+
