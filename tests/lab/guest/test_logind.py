@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from evdev import ecodes
 from labkit import (
     Compositor,
     colour_share,
@@ -30,9 +31,10 @@ from labkit import (
 )
 from test_session import POLICY, SHOWN, start_guests
 
+from compositor.control import request
 from compositor.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
 from compositor.session import KD_TEXT, KDGETMODE, VT_AUTO, VT_GETMODE, activate_vt, active_vt
-from compositor.sources.synthetic import guest_colour
+from compositor.sources.synthetic import decode_input, guest_colour
 
 OUR_VT = 3
 LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--vt", str(OUR_VT), "--")
@@ -118,6 +120,14 @@ def test_switching_away_pauses_every_card_and_holds_no_master(comp, host):
 def test_switching_back_resumes_every_card_and_guest(comp, host):
     st = switch_back(comp, host, OUR_VT, SHOWN)
     assert st["session"]["active"] is True
+    # The keyboard came back too: logind revoked our descriptor on the way out and handed a new one
+    # with ResumeDevice. A key typed now reaches build, on the 640x480 head at 1:1.
+    assert any(d.get("name") == "QEMU Virtio Keyboard" for d in st["input"]["devices"]), st["input"]
+    request(comp.control, {"cmd": "focus", "monitor": "right"})
+    host.keys("q")
+    got = wait_for("KEY_Q in build's frame", lambda: (s := decode_input(host.screendump(2))) is not None
+                   and s.key == ecodes.KEY_Q and not s.key_down and s)
+    print("after the switch back, build received:", got)
 
 
 def test_stopping_ends_the_session_and_gives_the_vt_back(comp):
