@@ -576,3 +576,55 @@ def test_lab_topology_demo() -> None:
     a = plan(pol, topo.outputs(), [g("office"), g("media", "qemu-dbus"), g("build-7", "socket")])
     assert [(o.monitor, o.guest) for o in a.outputs] == [("left", "office"), ("centre", "media"),
                                                         ("right", "build-7")]
+
+
+# --- runtime overrides (`directflip show`, the next-guest hotkey) ----------------------------------
+
+OVERRIDE_POLICY = "version: 1\n" + THREE + """
+seats:
+  desk-a: {monitors: [left, centre]}
+  desk-b: {monitors: [right]}
+guests: {a: , b: , c: , d: }
+placements:
+  - {guest: a, monitor: left}
+  - {guest: b, monitor: centre}
+  - {guest: c, monitor: right, failover: [centre]}
+  - {guest: d, seats: [desk-b]}
+"""
+
+
+def override_plan(overrides: dict[str, str]) -> Assignment:
+    pol = policy.parse(OVERRIDE_POLICY)
+    guests = [g("a"), g("b"), g("c"), g("d")]
+    return plan(pol, machine(three_monitors()), guests, overrides)
+
+
+def test_override_comes_before_every_placement_and_the_guest_keeps_its_own():
+    a = override_plan({"centre": "a"})
+    # a on centre by the override and on left by its placement; b, displaced, has no other monitor
+    assert [describe(a, m) for m in ("left", "centre", "right")] == ["a", "a", "c"]
+    assert "shown here by `directflip show`" in " ".join(a.for_monitor("centre").notes)
+    assert [u.guest for u in a.unplaced if u.monitor is None] == ["b", "d"]
+
+
+def test_override_obeys_the_guests_seat_fence():
+    # d's placement keeps it to desk-b: an override onto desk-a's centre is refused, not applied
+    a = override_plan({"centre": "d"})
+    assert describe(a, "centre") == "b"
+    assert any(u.guest == "d" and "outside the seats" in u.reason for u in a.unplaced)
+
+
+def test_override_of_a_guest_not_running_waits():
+    pol = policy.parse(OVERRIDE_POLICY)
+    a = plan(pol, machine(three_monitors()), [g("a"), g("b")], {"centre": "c", "nowhere": "a"})
+    assert describe(a, "centre") == "b"
+
+
+def test_could_show_lists_the_guests_a_monitor_may_take_in_placement_order():
+    from compositor.planner import could_show, may_show
+
+    pol = policy.parse(OVERRIDE_POLICY)
+    outs = {o.connector.name: o for o in machine(three_monitors())}
+    assert could_show(pol, "centre", outs["Virtual-2"]) == ["b", "c"]
+    assert could_show(pol, "right", outs["Virtual-3"]) == ["c", "d"]
+    assert may_show(pol, "d", "right", outs["Virtual-3"]) and not may_show(pol, "d", "left", outs["Virtual-1"])

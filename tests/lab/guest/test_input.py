@@ -11,6 +11,7 @@ right (640x480) at 1824, then vkms' wb.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -220,4 +221,64 @@ def test_the_guests_cursor_is_on_the_cursor_plane_and_follows_the_tablet(comp, h
              == (500, 300), timeout=60)
     print(f"the cursor followed the tablet in {time.monotonic() - t0:.2f} s; {comp.output('wb')['cursor']}")
     assert comp.output("wb")["max_in_flight"] == 1
+
+
+def device(comp: Compositor, name: str) -> dict | None:
+    return next((d for d in comp.status()["input"]["devices"] if d.get("name") == name), None)
+
+
+def test_a_keyboard_plugged_later_is_taken_and_unplugged_with_a_key_held_gives_the_release(comp, host):
+    from evdev import UInput
+
+    assert directflip("focus", "left", comp=comp).returncode == 0
+    # a whole keyboard's keys: udev calls a device with a few keys a key device, not a keyboard
+    kbd = UInput({ecodes.EV_KEY: list(range(ecodes.KEY_ESC, ecodes.KEY_MICMUTE + 1))},
+                 name="directflip-test keyboard")
+    try:
+        taken = wait_for("the new keyboard taken", lambda: device(comp, "directflip-test keyboard"))
+        print("plugged:", taken)
+        assert taken["grabbed"] and taken["kinds"] == ["keyboard"]
+        kbd.write(ecodes.EV_KEY, ecodes.KEY_J, 1)
+        kbd.syn()
+        wait_for("ann's frame shows KEY_J held", lambda: (s := state(host, 0)) is not None
+                 and s.key == ecodes.KEY_J and s.key_down)
+    finally:
+        kbd.close()   # unplugged with KEY_J down
+    ann = wait_for("ann's frame shows KEY_J released", lambda: (s := state(host, 0)) is not None
+                   and s.key == ecodes.KEY_J and not s.key_down and s)
+    print("after the unplug:", ann)
+    wait_for("the keyboard gone from the status", lambda: device(comp, "directflip-test keyboard") is None)
+
+
+def test_a_flooding_device_loses_motion_not_keys_and_the_flips_go_on(comp, host):
+    """A mouse writing far beyond any real one (hundreds of thousands of events in a burst, straight
+    into uinput): the compositor reads within its budget, the guests' flips go on meanwhile, and a key
+    typed right after reaches the focused guest."""
+    import struct
+
+    from evdev import UInput
+
+    assert directflip("focus", "left", comp=comp).returncode == 0
+    mouse = UInput({ecodes.EV_KEY: [ecodes.BTN_LEFT], ecodes.EV_REL: [ecodes.REL_X, ecodes.REL_Y]},
+                   name="directflip-test flood")
+    try:
+        wait_for("the flooding mouse taken", lambda: device(comp, "directflip-test flood"))
+        before = comp.output("left")["presented"]
+        event = struct.Struct("llHHi")
+        burst = b"".join(event.pack(0, 0, ecodes.EV_REL, ecodes.REL_X, 1 - 2 * (i % 2)) +
+                         event.pack(0, 0, ecodes.EV_SYN, ecodes.SYN_REPORT, 0) for i in range(2000))
+        t0 = time.monotonic()
+        written = 0
+        while time.monotonic() - t0 < 5:
+            written += os.write(mouse.fd, burst) // event.size
+        dev = device(comp, "directflip-test flood")
+        presented = comp.output("left")["presented"]
+        print(f"{written} events written in 5 s; the compositor read {dev['events']}, dropped "
+              f"{dev['dropped']}; left presented {presented - before} frames meanwhile")
+        assert presented > before, "no frame presented on left during the flood"
+    finally:
+        mouse.close()
+    host.keys("z")
+    wait_for("KEY_Z reaches ann after the flood", lambda: (s := state(host, 0)) is not None
+             and s.key == ecodes.KEY_Z and not s.key_down)
 
