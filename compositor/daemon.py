@@ -1050,6 +1050,13 @@ class Daemon:
                 self._blank(gs, reason)
             else:
                 self._guest_frame(gs, frame)
+                try:
+                    if vg.poll_cursor():
+                        gs.cursor, gs.pointer = vg.cursor, vg.pointer
+                        self._push_cursor(gs)
+                except (VfioError, BadPlane, OSError) as exc:  # the picture goes on without a cursor
+                    vg.cursor_unsupported = f"reading its cursor plane failed: {exc}"
+                    log.error("guest %s: %s", vg.name, vg.cursor_unsupported)
 
     # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
 
@@ -1168,7 +1175,9 @@ class Daemon:
         return {"vgpu": vg.uuid or vg.device.name,
                 "plane": vg.plane.describe() if vg.plane is not None else None,
                 "error": vg.last_error,
-                "edid": None if vg.edid_written is None else len(vg.edid_written)}
+                "edid": None if vg.edid_written is None else len(vg.edid_written),
+                "cursor": (vg.cursor_unsupported if vg.cursor_unsupported is not None
+                           else f"{vg.cursor.width}x{vg.cursor.height}" if vg.cursor is not None else None)}
 
     # --- status -----------------------------------------------------------------------------------
 

@@ -26,8 +26,17 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from compositor.kms.fourcc import fourcc_name
-from compositor.sources.frame import BadPlane, Buffer, Frame, PlaneInfo, dmabuf_size
+from compositor.kms.fourcc import ARGB8888, fourcc_name
+from compositor.sources.frame import (
+    MAX_CURSOR,
+    BadPlane,
+    Buffer,
+    Cursor,
+    Frame,
+    PlaneInfo,
+    Pointer,
+    dmabuf_size,
+)
 
 log = logging.getLogger("directflip.vfio")
 
@@ -326,6 +335,12 @@ class VfioDevice:
 # ------------------------------------------------------------------------------------ the guest
 
 MAX_KEPT_DMABUFS = 4  # dma-bufs of ids not queried lately are dropped beyond this many
+NO_HOTSPOT = 0xFFFFFFFF  # x_hot/y_hot of a cursor plane without a hot spot (vfio.h)
+
+
+def _signed(value: int) -> int:
+    """x_pos/y_pos are __u32 in the uapi, but a cursor partly off the top or left is negative."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 class VfioGuest:
@@ -354,6 +369,12 @@ class VfioGuest:
         self._order: list[int] = []  # buffer ids, least recently queried first
         self._evicted: list[Buffer] = []
         self._region_serial = 0
+        # The guest's pointer, from the vGPU's cursor plane (GVT-g has one; see poll_cursor).
+        self.cursor: Cursor | None = None
+        self.pointer: Pointer | None = None
+        self.cursor_unsupported: str | None = None  # why this vGPU gives no cursor plane
+        self._cursor_fds: dict[int, tuple[int, PlaneInfo]] = {}  # cursor dmabuf_id → (fd, layout)
+        self._cursor_serial = 0
 
     def released(self, buffer_id: int) -> None:  # a vGPU has no release: its memory is its own
         pass
@@ -390,6 +411,68 @@ class VfioGuest:
                 self.buffers[buffer.id] = buffer
                 log.info("%s: region plane %s (region %d)", self.name, plane.describe(), plane.ident)
         return Frame(buffer)
+
+    def poll_cursor(self) -> bool:
+        """Ask the vGPU for its cursor plane (DRM_PLANE_TYPE_CURSOR): the image (read from its
+        dma-buf, a new serial when the pixels change) and where the pointer is. True when `cursor` or
+        `pointer` changed. A vGPU without a cursor plane (the query refused, or answered with what is
+        not a cursor: mbochs answers every query with its primary plane) is asked once, and
+        `cursor_unsupported` says why."""
+        if self.cursor_unsupported is not None:
+            return False
+        try:
+            plane = self.device.query(DRM_PLANE_TYPE_CURSOR)
+        except VfioError as exc:
+            return self._no_cursor(f"the cursor plane query is refused ({exc.strerror or exc})")
+        if plane.plane_type != DRM_PLANE_TYPE_CURSOR:
+            return self._no_cursor(f"it answers the cursor query with plane type {plane.plane_type}")
+        if not plane.enabled:
+            hidden = Pointer(self.pointer.x, self.pointer.y, False) if self.pointer else None
+            changed = hidden != self.pointer
+            self.pointer = hidden
+            return changed
+        if plane.fourcc != ARGB8888 or not (0 < plane.width <= MAX_CURSOR and 0 < plane.height <= MAX_CURSOR):
+            return self._no_cursor(f"its cursor plane is {plane.describe()}, not an ARGB8888 image of at "
+                                   f"most {MAX_CURSOR}x{MAX_CURSOR}")
+        if plane.kind != VFIO_GFX_PLANE_TYPE_DMABUF:
+            return self._no_cursor("its cursor plane is a device region, not a dma-buf")
+        pixels = self._cursor_pixels(plane)
+        hot_x = 0 if plane.x_hot == NO_HOTSPOT else plane.x_hot
+        hot_y = 0 if plane.y_hot == NO_HOTSPOT else plane.y_hot
+        hot_x, hot_y = min(hot_x, plane.width - 1), min(hot_y, plane.height - 1)
+        changed = False
+        c = self.cursor
+        if c is None or (c.width, c.height, c.hot_x, c.hot_y, c.pixels) != (plane.width, plane.height, hot_x,
+                                                                           hot_y, pixels):
+            self._cursor_serial += 1
+            self.cursor = Cursor(plane.width, plane.height, hot_x, hot_y, pixels, self._cursor_serial)
+            changed = True
+        # x_pos/y_pos: the cursor plane's top-left on the primary plane; the pointer is its hot spot
+        pointer = Pointer(_signed(plane.x) + hot_x, _signed(plane.y) + hot_y, True)
+        if pointer != self.pointer:
+            self.pointer = pointer
+            changed = True
+        return changed
+
+    def _cursor_pixels(self, plane: GfxPlane) -> bytes:
+        entry = self._cursor_fds.get(plane.ident)
+        if entry is None or entry[1] != plane.plane_info():
+            if entry is not None:
+                os.close(entry[0])
+            while len(self._cursor_fds) >= MAX_KEPT_DMABUFS:
+                os.close(self._cursor_fds.pop(next(iter(self._cursor_fds)))[0])
+            entry = self.device.get_dmabuf(plane)
+            self._cursor_fds[plane.ident] = entry
+        fd, info = entry
+        with mmap.mmap(fd, info.offset + info.stride * info.height, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            row = info.width * 4
+            return b"".join(m[info.offset + y * info.stride: info.offset + y * info.stride + row]
+                            for y in range(info.height))
+
+    def _no_cursor(self, why: str) -> bool:
+        self.cursor_unsupported = why
+        log.info("%s: no cursor plane: %s", self.name, why)
+        return False
 
     def _touch(self, ident: int) -> None:
         if ident in self._order:
@@ -430,4 +513,7 @@ class VfioGuest:
         if self.closed:
             return
         self.closed = True
+        for fd, _ in self._cursor_fds.values():
+            os.close(fd)
+        self._cursor_fds.clear()
         self.device.close()
