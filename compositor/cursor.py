@@ -68,12 +68,15 @@ class _Slot:
 class CursorLayer:
     """One CRTC's cursor plane (or the overlay standing in for it)."""
 
-    def __init__(self, card: Card, plane, crtc) -> None:
+    def __init__(self, card: Card, plane, crtc, size: tuple[int, int] | None = None) -> None:
         self.card = card
         self.plane = plane
         self.crtc = crtc
-        self.width = card.get_cap(lib.DRM_CAP_CURSOR_WIDTH) or DEFAULT_SIZE
-        self.height = card.get_cap(lib.DRM_CAP_CURSOR_HEIGHT) or DEFAULT_SIZE
+        if size is not None:  # an overlay plane showing an image of this size (the guest's name)
+            self.width, self.height = size
+        else:
+            self.width = card.get_cap(lib.DRM_CAP_CURSOR_WIDTH) or DEFAULT_SIZE
+            self.height = card.get_cap(lib.DRM_CAP_CURSOR_HEIGHT) or DEFAULT_SIZE
         self.slots: list[_Slot] = []
         self.front = -1  # the slot on screen
         self.cursor: Cursor | None = None

@@ -37,7 +37,7 @@ from compositor.capture import CaptureError
 from compositor.input.seats import SeatInput
 from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, KmsError, list_cards
-from compositor.kms.fourcc import fourcc_name, modifier_name
+from compositor.kms.fourcc import ARGB8888, fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
 from compositor.planner import Assignment, Guest, OutputAssignment
 from compositor.policy import Policy
@@ -178,6 +178,8 @@ class Daemon:
         self.want_input = input
         self.input: SeatInput | None = None
         self.own_input_names: set[str] = set()  # uinput devices made for launched guests
+        self._labelled: dict[tuple[str, str], str | None] = {}  # output → the guest last named on it
+        self._label_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         # `directflip show` and the next-guest hotkey: monitor → guest, before every placement
         self.overrides: dict[str, str] = {}
 
@@ -434,10 +436,15 @@ class Daemon:
                 self._free_forgotten(gs)
             self._pass_edids()
             self.departed = [gs for gs in self.departed if gs.forgotten]
-            for pipe in self.pipelines.values():
+            self._assign_label_planes()
+            for key, pipe in self.pipelines.items():
                 gs = self.guests.get(pipe.out.guest) if pipe.out.guest else None
                 if gs is not None and gs.cursor is not None:
                     pipe.set_cursor(gs.cursor, gs.pointer)
+                if pipe.out.guest != self._labelled.get(key):
+                    self._labelled[key] = pipe.out.guest
+                    if pipe.out.guest is not None:
+                        self._show_label(key, pipe, pipe.out.guest)
             if self.input is not None:
                 self.input.plan_applied(assignment, self.card_seats)
             self._send_status()
@@ -1105,6 +1112,52 @@ class Daemon:
     def _push_cursor(self, gs: GuestState) -> None:
         for pipe in self._showing(gs.guest.name):
             pipe.set_cursor(gs.cursor, gs.pointer)
+
+    def _assign_label_planes(self) -> None:
+        """Give each lit output an overlay plane of its CRTC that the plan leaves free, for the guest's
+        name: the plan's planes are never taken (the guest stays zero copy), and each free overlay goes
+        to one output at most."""
+        by_card: dict[str, list[ScanoutPipeline]] = {}
+        for pipe in self.pipelines.values():
+            by_card.setdefault(pipe.out.card, []).append(pipe)
+        for path, pipes in by_card.items():
+            planes = pipes[0].card.planes
+            planned = {o.plane_id for o in self.assignment.outputs if o.card == path}
+            taken: set[int] = set()
+            for pipe in pipes:
+                free = [p for p in planes if p.type == "overlay" and p.id not in planned
+                        and p.id not in taken and pipe.crtc in p.possible_crtcs and p.supports(ARGB8888)]
+                keep = pipe.label_plane if pipe.label_plane in free else None
+                plane = keep or (free[0] if free else None)
+                if plane is not pipe.label_plane:
+                    pipe.label_plane = plane
+                    pipe.show_label(None)  # the old layer, if any, goes with its plane
+                if plane is not None:
+                    taken.add(plane.id)
+
+    def _show_label(self, key: tuple[str, str], pipe: ScanoutPipeline, guest: str) -> None:
+        """The guest's name on `pipe` for the monitor's `label` seconds, as the monitor turns to it."""
+        old = self._label_timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        seconds = next((m.label for m in self.policy.monitors if m.name == pipe.out.monitor), 0.0)
+        if pipe.label_plane is None or seconds <= 0:
+            return
+        try:
+            pipe.show_label(guest)
+        except (KmsError, OSError) as exc:
+            log.warning("%s: the guest's name cannot be shown: %s", pipe.name, exc)
+            return
+
+        def hide() -> None:
+            self._label_timers.pop(key, None)
+            if self.pipelines.get(key) is pipe:
+                try:
+                    pipe.show_label(None)
+                except (KmsError, OSError) as exc:
+                    log.warning("%s: hiding the guest's name: %s", pipe.name, exc)
+
+        self._label_timers[key] = asyncio.get_running_loop().call_later(seconds, hide)
 
     def _local_pointer(self, guest: str, x: int, y: int) -> None:
         """The seat's pointer moved over `guest` (absolute mode): its cursor follows at once, without

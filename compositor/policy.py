@@ -44,6 +44,7 @@ SCALINGS = ("none", "fit", "fill", "integer")
 SCALING_ALIASES = {"centre": "none", "center": "none"}
 DEFAULT_SLATE_TEXT = "no signal"
 DEFAULT_SLATE_COLOUR = "#101018"
+DEFAULT_LABEL_SECONDS = 1.5
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
 _MODE = re.compile(r"^(\d{1,9})x(\d{1,9})(?:@(\d+(?:\.\d+)?))?$")  # bounded: int() refuses 4300+ digits
@@ -181,6 +182,7 @@ class MonitorRule:
     mode: ModeRequest = ModeRequest("preferred")
     scaling: str = "fit"
     slate: SlateStyle = SlateStyle()
+    label: float = 1.5  # DEFAULT_LABEL_SECONDS: the guest's name shown this long when the monitor turns to it
     position: Position | None = None
 
     def matches(self, output: Output) -> bool:
@@ -341,9 +343,9 @@ def parse(text: str, source: str = "<policy>") -> Policy:
 _Keys = dict[str, tuple[yaml.Node, yaml.Node]]  # key -> (key node, value node)
 
 _TOP_KEYS = ("version", "defaults", "monitors", "guests", "seats", "placements", "hotkeys")
-_DEFAULT_KEYS = ("mode", "scaling", "slate")
+_DEFAULT_KEYS = ("mode", "scaling", "slate", "label")
 _MONITOR_KEYS = ("connector", "edid", "port", "card", "driver", "logind_seat", "mode", "scaling", "slate",
-                 "position")
+                 "label", "position")
 _POSITION_KEYS = ("x", "y", *RELATIONS)
 _INPUT_KEYS = ("path", "name")
 _MATCH_KEYS = ("connector", "edid", "port")
@@ -577,6 +579,19 @@ class _Validator:
             out["scaling"] = s
         if "slate" in keys and (sl := self.slate(keys["slate"][1], base["slate"])) is not None:
             out["slate"] = sl
+        if "label" in keys:
+            node = keys["label"][1]
+            value = None
+            if isinstance(node, yaml.ScalarNode) and node.tag in (_INT, _FLOAT):
+                try:
+                    value = float(node.value)
+                except ValueError:
+                    value = None
+            if value is None or not 0 <= value <= 60:
+                self.error(node, f"`label` must be seconds from 0 to 60, got {self.describe(node)}",
+                           "how long a monitor shows the guest's name when it turns to it; 0: never")
+            else:
+                out["label"] = value
         return out
 
     def edid(self, node: yaml.Node) -> EdidMatch | None:
@@ -997,7 +1012,8 @@ class _Validator:
                 self.error(vnode, f"unsupported policy version `{shown}`",
                            "this directflip reads `version: 1`")
 
-        defaults: dict[str, Any] = {"mode": ModeRequest("preferred"), "scaling": "fit", "slate": SlateStyle()}
+        defaults: dict[str, Any] = {"mode": ModeRequest("preferred"), "scaling": "fit", "slate": SlateStyle(),
+                                    "label": DEFAULT_LABEL_SECONDS}
         if "defaults" in top:
             keys = self.mapping(top["defaults"][1], "`defaults`", _DEFAULT_KEYS)
             defaults = self.display_settings(keys, defaults)

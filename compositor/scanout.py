@@ -227,6 +227,22 @@ def _dmabuf_sync(fd: int, flags: int) -> None:
             raise
 
 
+LABEL_MARGIN = 16  # pixels from the top-left corner
+_UNIT = Rect(0, 0, 1, 1)  # a label is not scaled
+
+
+def render_label(text: str) -> Cursor:
+    """The guest's name as an opaque ARGB8888 image: white text on the slate's dark blue, padded."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=28)
+    left, top, right, bottom = font.getbbox(text)
+    w, h = right - left + 24, bottom - top + 16
+    img = Image.new("RGBA", (w, h), (16, 16, 24, 255))
+    ImageDraw.Draw(img).text((12 - left, 8 - top), text, font=font, fill=(255, 255, 255, 255))
+    return Cursor(w, h, 0, 0, img.tobytes("raw", "BGRA"), hash(text) & 0x7FFFFFFF)
+
+
 def render_slate(width: int, height: int, text: str, colour: str, reason: str) -> bytes:
     """A mode-sized XRGB8888 image: the slate colour, its text large and the reason below it."""
     from PIL import Image, ImageDraw, ImageFont
@@ -366,6 +382,12 @@ class ScanoutPipeline:
         self.cursor_layer: CursorLayer | None = None  # made with the guest's first cursor
         self.cursor_plane = None
         self.cursor_reason = ""  # why this output has no cursor plane
+        # The guest's name for a moment when the monitor turns to it, on an overlay plane the plan
+        # leaves free (the daemon picks it: `label_plane`), so the guest stays zero copy.
+        self.label_layer: CursorLayer | None = None
+        self.label_plane = None
+        self.label_reason = "no overlay plane is free on this CRTC"
+        self.label_text: str | None = None
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
@@ -375,6 +397,9 @@ class ScanoutPipeline:
         if self.cursor_layer is not None and self.cursor_layer.crtc is not crtc:
             self._retire(self.cursor_layer)  # another CRTC: its cursor plane is another too
             self.cursor_layer = None
+        if self.label_layer is not None and self.label_layer.crtc is not crtc:
+            self._retire(self.label_layer)
+            self.label_layer = None
         self.crtc = crtc
         self.plane = next(p for p in self.card.planes if p.id == out.plane_id)
         self.fb_prop = self.plane.prop("FB_ID").id
@@ -412,8 +437,9 @@ class ScanoutPipeline:
 
     def _configure(self, first: Frame | None, *, modeset: bool, old_plane=None) -> None:
         self.configurations += 1
-        if modeset and self.cursor_layer is not None:
-            self.cursor_layer.forget_commit()  # the commit below sets the whole cursor state again
+        if modeset:
+            for layer in self._layers():
+                layer.forget_commit()  # the commit below sets the whole cursor and label state again
         out = self.out
         if out.guest is None:
             self._show_slate(out.slate.reason if out.slate else "no guest", modeset, old_plane)
@@ -424,15 +450,15 @@ class ScanoutPipeline:
         self._show_frame_blocking(first, modeset, old_plane)
 
     def _request(self, fb: Framebuffer, src: Rect, dst: Rect, modeset: bool, old_plane=None,
-                 cursor: bool = False):
+                 layers: list[CursorLayer] | None = None):
         req = self.card.atomic()
         if modeset:
             req.add_output(self.connector, self.crtc, self.mode)
         if old_plane is not None and old_plane.id != self.plane.id:
             req.add_plane(old_plane, None, None)
         req.add_plane(self.plane, self.crtc, fb, (src.x, src.y, src.w, src.h), (dst.x, dst.y, dst.w, dst.h))
-        if cursor and self.cursor_layer is not None:
-            self.cursor_layer.add_to(req)
+        for layer in layers or ():
+            layer.add_to(req)
         return req
 
     # --- the cursor plane -----------------------------------------------------------------------------
@@ -449,46 +475,78 @@ class ScanoutPipeline:
         if self.out.guest is None:
             cursor = pointer = None  # a slate shows no pointer
         if self.cursor_layer.set(cursor, pointer, self.out.src, self.out.dst):
-            self._cursor_kick()
+            self._layers_kick()
 
-    def _cursor_due(self, full: bool) -> bool:
-        """Whether the next commit must carry the cursor plane (`full`: a configuration commit, which
-        sets everything)."""
-        layer = self.cursor_layer
-        if layer is None or layer.disabled is not None:
-            return False
-        return layer.dirty or (full and layer.wanted is not None)
+    def show_label(self, text: str | None) -> None:
+        """Show `text` (the guest's name) in the top-left corner on the label plane, or hide it (None).
+        Where no overlay plane is free, nothing is shown and status says so: never the copy path."""
+        self.label_text = text
+        if self.label_plane is None:
+            if self.label_layer is not None:
+                self._retire(self.label_layer)
+                self.label_layer = None
+            return
+        image = render_label(text) if text else None
+        layer = self.label_layer
+        resized = image is not None and layer is not None and (layer.width, layer.height) != (image.width,
+                                                                                             image.height)
+        if layer is None or resized:
+            if image is None:
+                return
+            if self.label_layer is not None:
+                if self.label_layer.committed is not None:
+                    self.label_layer.set(None, None, _UNIT, _UNIT)  # off with the old size first
+                    self._layers_kick()
+                self._retire(self.label_layer)
+            self.label_layer = CursorLayer(self.card, self.label_plane, self.crtc,
+                                           size=(image.width, image.height))
+        where = Pointer(LABEL_MARGIN, LABEL_MARGIN, True) if image is not None else None
+        if self.label_layer.set(image, where, _UNIT, _UNIT):
+            self._layers_kick()
 
-    def _cursor_kick(self) -> None:
-        """A cursor change: commit it now if the CRTC is idle; else the flip event handler will."""
+    def _layers(self) -> list[CursorLayer]:
+        return [layer for layer in (self.cursor_layer, self.label_layer) if layer is not None]
+
+    def _layers_due(self, full: bool) -> list[CursorLayer]:
+        """The cursor and label planes the next commit must carry (`full`: a configuration commit,
+        which sets everything)."""
+        return [layer for layer in self._layers() if layer.disabled is None
+                and (layer.dirty or (full and layer.wanted is not None))]
+
+    def _layers_kick(self) -> None:
+        """A cursor or label change: commit it now if the CRTC is idle; else the flip event handler
+        will, with the next frame or on its own."""
         if not self._lit or not self.may_commit or self.in_flight is not None or self._outstanding:
             return
         if self.pending is not None:
             self._commit_pending()
-        elif self._cursor_due(False):
-            self._commit_cursor()
+        elif self._layers_due(False):
+            self._commit_layers()
 
-    def _commit_cursor(self) -> None:
-        layer = self.cursor_layer
-        assert layer is not None
+    def _commit_layers(self) -> None:
+        due = self._layers_due(False)
         ScanoutPipeline._tokens += 1
         token = ScanoutPipeline._tokens
         req = self.card.atomic()
-        layer.add_to(req)
-        new_image = layer.wanted is not None and (layer.committed is None
-                                                  or layer.committed[0] != layer.wanted[0])
+        for layer in due:
+            layer.add_to(req)
+        new_image = any(layer.wanted is not None and (layer.committed is None
+                                                       or layer.committed[0] != layer.wanted[0])
+                        for layer in due)
         try:
             if new_image:  # a position change alone is not worth a TEST_ONLY round trip
                 req.test()
             req.commit(nonblock=True, event=True, user_data=token)
         except Rejected as exc:
-            layer.refuse(f"the cursor plane refused the image ({exc})")
+            for layer in due:
+                layer.refuse(f"the plane refused the image ({exc})")
             self._status_note()
             return
         except KmsError as exc:
             log.error("%s: cursor commit failed: %s", self.name, exc)
             return
-        layer.done()
+        for layer in due:
+            layer.done()
         self.in_flight = _Commit(None, None, token, cursor_only=True)
         self._outstanding.add(token)
 
@@ -528,31 +586,31 @@ class ScanoutPipeline:
         configuration is only an FB_ID flip, the hot path. KmsError from the commit propagates."""
         for fb, path, src, dst in self._ladder(frame):
             key = self._plane_key(fb, src, dst)
-            cursor = self._cursor_due(blocking or modeset)
-            if not blocking and key == self.plane_key and not cursor:
+            layers = self._layers_due(blocking or modeset)
+            if not blocking and key == self.plane_key and not layers:
                 self._flip(fb, token)
             else:
-                req = self._request(fb, src, dst, modeset, old_plane, cursor=cursor)
+                req = self._request(fb, src, dst, modeset, old_plane, layers)
                 try:
                     req.test(allow_modeset=modeset)
                 except Rejected as exc:
-                    if not cursor:
+                    if not layers:
                         self._fall(path, self._refusal(path, dst, exc))
                         continue
-                    # Without the cursor? Then it was the cursor's fault: the frames go on without it.
+                    # Without the cursor and label? Then they were at fault: the frames go on without.
                     req = self._request(fb, src, dst, modeset, old_plane)
                     try:
                         req.test(allow_modeset=modeset)
                     except Rejected:
                         self._fall(path, self._refusal(path, dst, exc))
                         continue
-                    assert self.cursor_layer is not None
-                    self.cursor_layer.refuse(f"TEST_ONLY refused the cursor plane with the frame ({exc})")
-                    cursor = False
+                    for layer in layers:
+                        layer.refuse(f"TEST_ONLY refused the plane with the frame ({exc})")
+                    layers = []
                 # A blocking commit asks for its event too: it is the frame's presentation time.
                 req.commit(allow_modeset=modeset, nonblock=not blocking, event=True, user_data=token)
-                if cursor and self.cursor_layer is not None:
-                    self.cursor_layer.done()
+                for layer in layers:
+                    layer.done()
                 self.plane_key = key
             changed = path != self.path
             if changed:
@@ -617,15 +675,15 @@ class ScanoutPipeline:
         fb = self.card.dumb_framebuffer(buf, XRGB8888)
         self._slate = _SlateBuffer(buf, fb)
         full = Rect(0, 0, w, h)
-        if self.cursor_layer is not None:
-            self.cursor_layer.set(None, None, full, full)  # no pointer over a slate
-        cursor = self._cursor_due(modeset) or (self.cursor_layer is not None and self.cursor_layer.committed
-                                               is not None and self.cursor_layer.disabled is None)
-        req = self._request(fb, full, full, modeset, old_plane, cursor=cursor)
+        for layer in self._layers():
+            layer.set(None, None, full, full)  # no pointer and no name over a slate
+        layers = [layer for layer in self._layers() if layer.disabled is None
+                  and (layer.dirty or modeset)]
+        req = self._request(fb, full, full, modeset, old_plane, layers)
         req.test(allow_modeset=modeset)
         req.commit(allow_modeset=modeset)
-        if cursor and self.cursor_layer is not None:
-            self.cursor_layer.done()
+        for layer in layers:
+            layer.done()
         self._free_retired()
         self._lit = True
         self._replace_on_screen(_Commit(None, fb, 0, full, full))
@@ -731,8 +789,8 @@ class ScanoutPipeline:
                 self._report(commit.frame, event)
         if self.pending is not None and self.may_commit:
             self._commit_pending()
-        elif self.may_commit and self._cursor_due(False):
-            self._commit_cursor()
+        elif self.may_commit and self._layers_due(False):
+            self._commit_layers()
 
     def _report(self, frame: Frame, event) -> None:
         """`frame`'s flip completed (event: its flip event): count it and tell its source."""
@@ -759,8 +817,9 @@ class ScanoutPipeline:
         card is not ours to commit to (the session is paused; a reset commit turned it off)."""
         if self._lit and commit:
             req = self.card.atomic().add_plane(self.plane, None, None)
-            if self.cursor_layer is not None and self.cursor_layer.committed is not None:
-                req.add_plane(self.cursor_layer.plane, None, None)
+            for layer in self._layers():
+                if layer.committed is not None:
+                    req.add_plane(layer.plane, None, None)
             req.add_output(self.connector, self.crtc, None)
             try:
                 req.commit(allow_modeset=True)
@@ -781,7 +840,8 @@ class ScanoutPipeline:
         self._retire(self.copy)
         self._retire(self._slate)
         self._retire(self.cursor_layer)
-        self.copy = self._slate = self.cursor_layer = None
+        self._retire(self.label_layer)
+        self.copy = self._slate = self.cursor_layer = self.label_layer = None
         self._free_retired()
 
     def blank(self, reason: str) -> None:
@@ -856,6 +916,11 @@ class ScanoutPipeline:
             "cursor": (self.cursor_layer.status() if self.cursor_layer is not None
                        else {"plane": self.cursor_plane.id if self.cursor_plane else None,
                              "shown": False, "disabled": self.cursor_reason or None}),
+            "label": {"plane": self.label_plane.id if self.label_plane is not None else None,
+                      "text": self.label_text if self.label_layer is not None
+                      and self.label_layer.wanted is not None else None,
+                      "disabled": (self.label_layer.disabled if self.label_layer is not None else None)
+                      or (None if self.label_plane is not None else self.label_reason)},
         }
 
 

@@ -1179,3 +1179,30 @@ def test_the_slate_hides_the_cursor_and_stop_turns_its_plane_off(new_rig, bufs):
     r.pipe.stop()
     assert r.card.state[CURSOR] is None and not r.card.violations
 
+
+def test_the_guests_name_goes_on_the_label_plane_and_away_again(new_rig, bufs):
+    # The daemon gives the output a free overlay plane; the name is one commit of that plane alone
+    # (the guest's picture stays on its plane, zero copy), and hiding it is another.
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.label_plane = next(p for p in r.card.planes if p.id == OVERLAY)
+    r.pipe.show_label("office")
+    shown = r.card.nonblocking_commits()[-1]
+    assert set(shown.planes) == {OVERLAY}
+    state = shown.planes[OVERLAY]
+    assert state.dst[:2] == (16, 16) and state.fb.width > 40
+    assert r.pipe.status()["label"] == {"plane": OVERLAY, "text": "office", "disabled": None}
+    r.flip()
+    r.pipe.show_label(None)
+    assert r.card.nonblocking_commits()[-1].planes[OVERLAY] is None
+    assert r.pipe.path == "zero-copy"
+
+
+def test_no_free_overlay_means_no_name_and_says_why(new_rig, bufs):
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    before = len(r.card.log)
+    r.pipe.show_label("office")
+    assert len(r.card.log) == before
+    assert r.pipe.status()["label"]["disabled"] == "no overlay plane is free on this CRTC"
+

@@ -50,7 +50,9 @@ def test_many_monitors_are_counted_not_named() -> None:
 
 # ------------------------------------------------------------------- STATUS= from a running daemon
 
+# No guest name on the overlay plane: the test hands the flip events over one frame at a time.
 POLICY = """version: 1
+defaults: {label: 0}
 monitors:
   left: {connector: Virtual-1}
 guests:

@@ -282,3 +282,33 @@ def test_a_flooding_device_loses_motion_not_keys_and_the_flips_go_on(comp, host)
     wait_for("KEY_Z reaches ann after the flood", lambda: (s := state(host, 0)) is not None
              and s.key == ecodes.KEY_Z and not s.key_down)
 
+
+
+def test_the_guests_name_shows_on_a_free_overlay_when_a_monitor_turns_to_it(comp, host, tmp_path):
+    """vkms has overlay planes the plan leaves free: `show` turns wb to ann, and ann's name appears in
+    its top-left corner for the monitor's `label` seconds (30 here, so a busy machine's capture is in
+    time), on a plane of its own. virtio-gpu has no overlay plane: its status says so."""
+    import numpy as np
+
+    labelled = POLICY.replace('wb:     {connector: "Virtual-*", driver: vkms}',
+                              'wb:     {connector: "Virtual-*", driver: vkms, label: 30}')
+    assert labelled != POLICY
+    comp.set_policy(labelled)
+    try:
+        assert directflip("show", "ann", "wb", comp=comp).returncode == 0
+        comp.wait_shown("wb", "ann")
+        out = wait_for("ann's name on wb's label plane",
+                       lambda: (o := comp.output("wb"))["label"]["text"] == "ann" and o)
+        print("wb:", out["path"], out["label"])
+        rgb = comp.capture("wb", tmp_path / "label.png")
+        box = rgb[16:16 + 40, 16:16 + 60]
+        dark = float(np.mean(np.all(box == (16, 16, 24), axis=-1)))
+        white = float(np.mean(np.all(box == (255, 255, 255), axis=-1)))
+        print(f"label box: {dark:.2f} dark, {white:.2f} white")
+        assert dark > 0.4 and white > 0.02
+        assert colour_share(box, guest_colour("ann")) < 0.05     # the name is on top of the picture
+        assert colour_share(rgb[200:, 200:], guest_colour("ann")) > 0.5
+        assert comp.output("left")["label"]["disabled"] == "no overlay plane is free on this CRTC"
+    finally:
+        directflip("show", "--reset", comp=comp)
+        comp.set_policy(POLICY)
