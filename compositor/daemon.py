@@ -1229,7 +1229,9 @@ class Daemon:
                 "plane": vg.plane.describe() if vg.plane is not None else None,
                 "error": vg.last_error,
                 "edid": None if vg.edid_written is None else len(vg.edid_written),
+                # the vGPU's cursor plane: why there is none, "off" (disabled now), or the image's size
                 "cursor": (vg.cursor_unsupported if vg.cursor_unsupported is not None
+                           else "off" if vg.cursor_off
                            else f"{vg.cursor.width}x{vg.cursor.height}" if vg.cursor is not None else None)}
 
     # --- status -----------------------------------------------------------------------------------

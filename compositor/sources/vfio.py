@@ -373,6 +373,7 @@ class VfioGuest:
         self.cursor: Cursor | None = None
         self.pointer: Pointer | None = None
         self.cursor_unsupported: str | None = None  # why this vGPU gives no cursor plane
+        self.cursor_off = False  # the last cursor query answered with a disabled plane
         self._cursor_fds: dict[int, tuple[int, PlaneInfo]] = {}  # cursor dmabuf_id → (fd, layout)
         self._cursor_serial = 0
 
@@ -426,6 +427,7 @@ class VfioGuest:
             return self._no_cursor(f"the cursor plane query is refused ({exc.strerror or exc})")
         if plane.plane_type != DRM_PLANE_TYPE_CURSOR:
             return self._no_cursor(f"it answers the cursor query with plane type {plane.plane_type}")
+        self.cursor_off = not plane.enabled
         if not plane.enabled:
             hidden = Pointer(self.pointer.x, self.pointer.y, False) if self.pointer else None
             changed = hidden != self.pointer

@@ -242,4 +242,8 @@ def test_a_launched_vgpu_guest_gets_the_seats_keys_through_its_own_keyboard(lab,
     got = wait_for("KEY_K in the VM's keyboard", read)
     print("the VM's keyboard read:", got)
     assert got == [(ecodes.KEY_K, 1), (ecodes.KEY_K, 0)]
+    # mbochs draws no cursor: its cursor plane answers as a disabled plane (or is refused)
+    office = next(g for g in lab.status()["guests"] if g["name"] == "office")
+    print("office's cursor plane:", office["cursor"])
+    assert office["cursor"] == "off" or "refused" in office["cursor"] or "not an ARGB8888" in office["cursor"]
 
