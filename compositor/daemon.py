@@ -64,6 +64,14 @@ log = logging.getLogger("directflip.daemon")
 DEFAULT_CONTROL_SOCKET = socket_paths(None)[1]
 
 
+def free_overlay(planes, used: set[int], crtc, keep=None):
+    """An overlay plane of `crtc` that takes ARGB8888 and is not in `used` (plane ids): `keep` when
+    it still qualifies (a cursor or label stays where it is), else the first, else None."""
+    free = [p for p in planes if p.type == "overlay" and p.id not in used and crtc in p.possible_crtcs
+            and p.supports(ARGB8888)]
+    return keep if keep in free else (free[0] if free else None)
+
+
 def card_seat(path: str) -> str:
     """The logind seat a card belongs to: udev's ID_SEAT, seat0 when it has none."""
     import pyudev
@@ -1125,10 +1133,14 @@ class Daemon:
             planned = {o.plane_id for o in self.assignment.outputs if o.card == path}
             taken: set[int] = set()
             for pipe in pipes:
-                free = [p for p in planes if p.type == "overlay" and p.id not in planned
-                        and p.id not in taken and pipe.crtc in p.possible_crtcs and p.supports(ARGB8888)]
-                keep = pipe.label_plane if pipe.label_plane in free else None
-                plane = keep or (free[0] if free else None)
+                if pipe.cursor_plane is None or pipe.cursor_plane.type == "overlay":
+                    # No cursor plane on this CRTC: the pointer goes on a free overlay, before the name
+                    plane = free_overlay(planes, planned | taken, pipe.crtc, pipe.cursor_plane)
+                    why = f"CRTC {pipe.crtc.id} has no cursor plane and no overlay plane is free"
+                    pipe.use_cursor_plane(plane, "" if plane is not None else why)
+                    if plane is not None:
+                        taken.add(plane.id)
+                plane = free_overlay(planes, planned | taken, pipe.crtc, pipe.label_plane)
                 if plane is not pipe.label_plane:
                     pipe.label_plane = plane
                     pipe.show_label(None)  # the old layer, if any, goes with its plane

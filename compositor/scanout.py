@@ -406,8 +406,12 @@ class ScanoutPipeline:
         self.mode = live_mode(out.mode)
         # The CRTC's cursor plane. The planner never gives a cursor plane to a guest's picture, so it
         # is this output's alone.
-        self.cursor_plane = next((p for p in self.card.planes if p.type == "cursor"
-                                  and crtc in p.possible_crtcs and p.supports(ARGB8888)), None)
+        own = next((p for p in self.card.planes if p.type == "cursor"
+                    and crtc in p.possible_crtcs and p.supports(ARGB8888)), None)
+        # Without one, the overlay the daemon lent for the cursor stays lent while it fits this CRTC.
+        lent = self.cursor_plane if self.cursor_plane is not None and self.cursor_plane.type == "overlay" \
+            and crtc in self.cursor_plane.possible_crtcs and self.cursor_plane.id != out.plane_id else None
+        self.cursor_plane = own or lent
         self.cursor_reason = "" if self.cursor_plane is not None else \
             f"CRTC {crtc.id} has no cursor plane that takes ARGB8888"
 
@@ -476,6 +480,16 @@ class ScanoutPipeline:
             cursor = pointer = None  # a slate shows no pointer
         if self.cursor_layer.set(cursor, pointer, self.out.src, self.out.dst):
             self._layers_kick()
+
+    def use_cursor_plane(self, plane, reason: str) -> None:
+        """The daemon's choice where the CRTC has no cursor plane: a free overlay plane, or none and why."""
+        if plane is not self.cursor_plane and self.cursor_layer is not None:
+            if self.cursor_layer.committed is not None:
+                self.cursor_layer.set(None, None, _UNIT, _UNIT)  # off from the plane it leaves
+                self._layers_kick()
+            self._retire(self.cursor_layer)
+            self.cursor_layer = None
+        self.cursor_plane, self.cursor_reason = plane, reason
 
     def show_label(self, text: str | None) -> None:
         """Show `text` (the guest's name) in the top-left corner on the label plane, or hide it (None).

@@ -1206,3 +1206,23 @@ def test_no_free_overlay_means_no_name_and_says_why(new_rig, bufs):
     assert len(r.card.log) == before
     assert r.pipe.status()["label"]["disabled"] == "no overlay plane is free on this CRTC"
 
+
+
+def test_without_a_cursor_plane_a_lent_overlay_carries_the_cursor(bufs):
+    from compositor.daemon import free_overlay
+
+    r = Rig()
+    r.card.planes = [p for p in r.card.planes if p.id != CURSOR]   # a CRTC with no cursor plane
+    r.pipe = ScanoutPipeline(r.card, r.cache, assignment(), release=r._release,
+                             present=lambda frame, event: r.presented.append((frame, event)))
+    assert r.pipe.cursor_plane is None and "no cursor plane" in r.pipe.status()["cursor"]["disabled"]
+    # the daemon lends the overlay the plan leaves free; the primary (the guest's plane) is never lent
+    overlay = free_overlay(r.card.planes, {PLANE}, r.card.crtcs[CRTC])
+    assert overlay.id == OVERLAY and free_overlay(r.card.planes, {PLANE, OVERLAY}, r.card.crtcs[CRTC]) is None
+    r.pipe.use_cursor_plane(overlay, "")
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.set_cursor(cursor_image(1), Pointer(5, 5, True))
+    assert r.card.nonblocking_commits()[-1].planes[OVERLAY].dst[:2] == (4, 4)
+    r.flip()
+    r.pipe.reconfigure(assignment(), Frame(bufs(1)))          # a new plan: the overlay stays lent
+    assert r.pipe.cursor_plane is overlay and r.card.state[OVERLAY] is not None
