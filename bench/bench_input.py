@@ -14,6 +14,10 @@ its events to the compositor through evdev exactly as a USB mouse's.
 2. Cost. The mouse at 1000 reports a second (REL_X, REL_Y, SYN_REPORT each: ~3000 events/s) for S
    seconds, the probe reading as it goes. The compositor's CPU time over the window, as a share of one
    CPU and per report; the reports it turned into messages.
+3. D-Bus. The same single motions with a QEMU D-Bus display focused instead (the project's stand-in
+   for QEMU, compositor.sources.qemu_dbus_peer, on a private bus): the compositor's read of the
+   events to its Mouse.SetAbsPosition call sent (status `input.route_us`), and the calls QEMU's side
+   answered.
 
 The lab's CPU is emulated (QEMU TCG) on a shared machine: compare runs on the same machine, and read
 the load average `make bench` prints beside them.
@@ -68,6 +72,63 @@ def _mouse():
 def _taken(comp: lb.Compositor) -> bool:
     devices = (comp.status().get("input") or {}).get("devices", [])
     return any(d.get("name") == MOUSE for d in devices)
+
+
+DBUS_POLICY = """version: 1
+monitors:
+  left: {{connector: Virtual-1, driver: virtio_gpu}}
+guests:
+  peer: {{kind: qemu-dbus, display: "dbus:unix:path={bus}"}}
+placements:
+  - {{guest: peer, monitor: left}}
+"""
+
+
+def _dbus_route(events: int) -> tuple[dict, dict]:
+    """Phase 3: (route_us, the display's input counters) with a D-Bus guest focused."""
+    import subprocess
+    import tempfile
+
+    from evdev import ecodes as e
+
+    work = Path(tempfile.mkdtemp(prefix="directflip-bench-dbus-"))
+    bus = work / "peer.bus"
+    procs = [subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
+                               f"--address=unix:path={bus}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)]
+    try:
+        deadline = time.monotonic() + 30
+        while not bus.exists():
+            if time.monotonic() > deadline:
+                raise lb.BenchError("dbus-daemon did not create its socket")
+            time.sleep(0.05)
+        procs.append(subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "serve",
+                                       "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "vgem",
+                                       "--mode", "dmabuf", "--buffers", "1", "--rate", "5"],
+                                      stdout=(work / "peer.log").open("w"), stderr=subprocess.STDOUT))
+        with lb.Compositor(DBUS_POLICY.format(bus=bus), name="input-dbus") as comp:
+            comp.wait_shown({"left": "peer"}, timeout=120)
+            mouse = _mouse()
+            try:
+                deadline = time.monotonic() + 60
+                while not _taken(comp):
+                    if time.monotonic() > deadline:
+                        raise lb.BenchError(f"the compositor did not take {MOUSE}:\n{comp.tail()}")
+                    time.sleep(0.1)
+                for i in range(events):
+                    mouse.write(e.EV_REL, e.REL_X, 1 if i % 2 == 0 else -1)
+                    mouse.syn()
+                    time.sleep(0.01)
+                time.sleep(1.0)
+                st = comp.status()
+            finally:
+                mouse.close()
+        peer = next(g for g in st["guests"] if g["name"] == "peer")
+        return st["input"]["route_us"], peer["qemu"]["input"]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(timeout=20)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     print(lb.table(["compositor CPU", "value"],
                    [["share of one CPU", f"{100 * cpu / elapsed:.1f} %"],
                     ["per report", f"{1e6 * cpu / max(1, reports):.0f} µs"]]))
-    return 0 if lat_us else 1
+
+    dbus_route, counters = _dbus_route(args.events)
+    print(f"\nQEMU D-Bus guest focused ({args.events} motions): the display's input {counters}")
+    print(lb.table(["µs", "p50", "p99"],
+                   [["compositor: read → D-Bus call sent", lb.fmt(dbus_route.get("p50")),
+                     lb.fmt(dbus_route.get("p99"))]]))
+    return 0 if lat_us and counters.get("answered") else 1
 
 
 if __name__ == "__main__":
