@@ -6,7 +6,6 @@ loop until a condition holds."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import json
 import logging
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from framesocket_env import Env, serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -82,51 +82,9 @@ class Recorder:
         return [frame.seq for guest, frame in self.flips if guest == name]
 
 
-@dataclass
-class Env:
-    loop: asyncio.AbstractEventLoop
-    server: FrameSocketServer
-    handler: Recorder
-    path: str
-    clients: list[FrameSocketClient] = field(default_factory=list)
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Call a blocking fn in a thread while the loop serves it."""
-        return self.loop.run_until_complete(self.loop.run_in_executor(None, functools.partial(fn, *args)))
-
-    def until(self, predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-        async def wait() -> None:
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > deadline:
-                    raise AssertionError("timed out waiting for the server")
-                await asyncio.sleep(0.001)
-        self.loop.run_until_complete(wait())
-
-    def client(self, name: str, uuid: str | None = None) -> FrameSocketClient:
-        client = self.run(FrameSocketClient, self.path, name, uuid)
-        self.clients.append(client)   # closed at teardown
-        return client
-
-    def conn(self, name: str) -> GuestConnection:
-        self.until(lambda: any(c.name == name for c in self.server.connections))
-        return next(c for c in self.server.connections if c.name == name)
-
-
 @pytest.fixture
 def env(tmp_path):
-    loop = asyncio.new_event_loop()
-    handler = Recorder()
-    path = str(tmp_path / "frames.sock")
-    server = FrameSocketServer(path, handler)
-    server.start(loop)
-    env = Env(loop, server, handler, path)
-    yield env
-    for client in env.clients:
-        client.close()
-    server.close()
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
+    yield from serve(tmp_path, Recorder())
 
 
 def memfd(size: int = STRIDE * H) -> int:

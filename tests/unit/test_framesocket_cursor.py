@@ -7,11 +7,8 @@ guest's --cursor and --cursor-at, through a reconnect."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import functools
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,15 +16,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from framesocket_env import Env, raw_session, serve
 
 from compositor.sources import synthetic as syn
 from compositor.sources.frame import ARGB8888, Cursor
 from compositor.sources.frame import Pointer as GuestPointer
 from compositor.sources.framesocket import (
     MAX_CURSOR_SIZE,
-    Decoder,
-    FrameSocketClient,
-    FrameSocketServer,
     GuestConnection,
     Refused,
     encode,
@@ -82,77 +77,9 @@ class WithoutCursor:
         self.closed.append(reason)
 
 
-@dataclass
-class Env:
-    loop: asyncio.AbstractEventLoop
-    server: FrameSocketServer
-    handler: Any
-    path: str
-    clients: list[FrameSocketClient] = field(default_factory=list)
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call a blocking fn in a thread while the loop serves it."""
-        call = functools.partial(fn, *args, **kwargs)
-        return self.loop.run_until_complete(self.loop.run_in_executor(None, call))
-
-    def until(self, predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-        async def wait() -> None:
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > deadline:
-                    raise AssertionError("timed out waiting for the server")
-                await asyncio.sleep(0.001)
-        self.loop.run_until_complete(wait())
-
-    def client(self, name: str = "office") -> FrameSocketClient:
-        client = self.run(FrameSocketClient, self.path, name)
-        self.clients.append(client)
-        return client
-
-    def conn(self, name: str = "office") -> GuestConnection:
-        self.until(lambda: any(c.name == name for c in self.server.connections))
-        return next(c for c in self.server.connections if c.name == name)
-
-
-def make_env(tmp_path, handler: Any):
-    loop = asyncio.new_event_loop()
-    path = str(tmp_path / "frames.sock")
-    server = FrameSocketServer(path, handler)
-    server.start(loop)
-    env = Env(loop, server, handler, path)
-    yield env
-    for client in env.clients:
-        client.close()
-    server.close()
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
-
-
 @pytest.fixture
 def env(tmp_path):
-    yield from make_env(tmp_path, Recorder())
-
-
-def raw_session(env: Env, *messages: dict[str, Any]) -> list[dict[str, Any]]:
-    """Send raw messages on a plain socket, half-close, and return what the server said until it
-    closed."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-
-    def talk() -> list[dict[str, Any]]:
-        sock.connect(env.path)
-        for msg in messages:
-            sock.sendall(encode(msg))
-        sock.shutdown(socket.SHUT_WR)
-        decoder, out = Decoder(), []
-        while data := sock.recv(65536):
-            out.extend(decoder.feed(data))
-        return out
-
-    try:
-        return env.run(talk)
-    finally:
-        sock.close()
+    yield from serve(tmp_path, Recorder())
 
 
 HELLO = {"type": "hello", "version": 1, "name": "office"}
@@ -265,7 +192,7 @@ def test_serials_are_per_connection(env):
 # -------------------------------------------------------------------------------- the handler
 
 def test_a_handler_without_on_cursor_is_not_called(tmp_path):
-    for env in make_env(tmp_path, WithoutCursor()):
+    for env in serve(tmp_path, WithoutCursor()):
         replies = raw_session(env, HELLO, {"type": "cursor", "width": 1, "height": 1, "hot_x": 0,
                                            "hot_y": 0, "pixels": b64(bytes(4))},
                               {"type": "cursor-move", "x": 1, "y": 1, "visible": True}, {"type": "bye"})

@@ -5,7 +5,6 @@ hello and pointer-mode, and what happens to input for a client that does not rea
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from framesocket_env import raw_session, serve
 
 from compositor.sources.framesocket import (
     MAX_QUEUED_INPUT,
@@ -26,7 +26,6 @@ from compositor.sources.framesocket import (
     Decoder,
     FrameSocketClient,
     FrameSocketInput,
-    FrameSocketServer,
     GuestConnection,
     Key,
     Motion,
@@ -72,87 +71,9 @@ class Recorder:
             buffer.close()
 
 
-@dataclass
-class Env:
-    loop: asyncio.AbstractEventLoop
-    server: FrameSocketServer
-    handler: Recorder
-    path: str
-    clients: list[FrameSocketClient] = field(default_factory=list)
-
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """Call a blocking fn in a thread while the loop serves it."""
-        call = functools.partial(fn, *args, **kwargs)
-        return self.loop.run_until_complete(self.loop.run_in_executor(None, call))
-
-    def until(self, predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-        async def wait() -> None:
-            deadline = time.monotonic() + timeout
-            while not predicate():
-                if time.monotonic() > deadline:
-                    raise AssertionError("timed out waiting for the server")
-                await asyncio.sleep(0.001)
-        self.loop.run_until_complete(wait())
-
-    def spin(self, seconds: float = 0.05) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
-
-    def client(self, name: str, **kwargs: Any) -> FrameSocketClient:
-        client = self.run(FrameSocketClient, self.path, name, **kwargs)
-        self.clients.append(client)
-        return client
-
-    def conn(self, name: str) -> GuestConnection:
-        self.until(lambda: any(c.name == name for c in self.server.connections))
-        return next(c for c in self.server.connections if c.name == name)
-
-    def events(self, client: FrameSocketClient, count: int) -> list[Any]:
-        """Poll until `count` events came (never more: the test sent exactly that many)."""
-        events: list[Any] = []
-        deadline = time.monotonic() + 5
-        while len(events) < count:
-            assert time.monotonic() < deadline, f"only {events} arrived"
-            events += self.run(client.poll, 0.5)
-        assert len(events) == count, events
-        return events
-
-
 @pytest.fixture
 def env(tmp_path):
-    loop = asyncio.new_event_loop()
-    handler = Recorder()
-    path = str(tmp_path / "frames.sock")
-    server = FrameSocketServer(path, handler)
-    server.start(loop)
-    env = Env(loop, server, handler, path)
-    yield env
-    for client in env.clients:
-        client.close()
-    server.close()
-    loop.run_until_complete(loop.shutdown_default_executor())
-    loop.close()
-
-
-def raw_session(env: Env, *messages: dict[str, Any]) -> list[dict[str, Any]]:
-    """Send raw messages on a plain socket, half-close, and return what the server said until it
-    closed (blocking parts in the executor while the loop serves)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(5)
-
-    def talk() -> list[dict[str, Any]]:
-        sock.connect(env.path)
-        for msg in messages:
-            sock.sendall(encode(msg))
-        sock.shutdown(socket.SHUT_WR)
-        decoder, out = Decoder(), []
-        while data := sock.recv(65536):
-            out.extend(decoder.feed(data))
-        return out
-
-    try:
-        return env.run(talk)
-    finally:
-        sock.close()
+    yield from serve(tmp_path, Recorder())
 
 
 HELLO = {"type": "hello", "version": 1, "name": "office"}
