@@ -139,6 +139,31 @@ def test_the_next_guest_hotkey_changes_the_focused_monitor(comp, host):
     print(seat(comp))
 
 
+def test_ctrl_alt_g_lets_go_of_the_devices_and_takes_them_back(comp, host):
+    assert directflip("focus", "left", comp=comp).returncode == 0
+    keys_before = state(host, 0).keys
+    host.keys("ctrl", "alt", down=True)
+    host.keys("g")
+    host.keys("ctrl", "alt", down=False)
+    wait_for("the seat's input released", lambda: not seat(comp)["grabbed"])
+    devices = [d for d in comp.status()["input"]["devices"] if "name" in d]
+    assert not any(d["grabbed"] for d in devices), devices
+    host.keys("y")                       # the console's now: ann must not see it
+    time.sleep(2)
+    ann = state(host, 0)
+    assert ann.key != ecodes.KEY_Y, ann
+    host.keys("ctrl", "alt", down=True)
+    host.keys("g")
+    host.keys("ctrl", "alt", down=False)
+    wait_for("the seat's input taken again", lambda: seat(comp)["grabbed"])
+    assert all(d["grabbed"] for d in comp.status()["input"]["devices"] if "name" in d)
+    host.keys("u")
+    ann = wait_for("KEY_U reaches ann", lambda: (s := state(host, 0)) is not None
+                   and s.key == ecodes.KEY_U and s)
+    # ann saw Ctrl and Alt of each hotkey (the hotkey's own key never), and u; never y
+    print(f"ann's key events: {keys_before} before, {ann.keys} after")
+
+
 def test_show_overrides_and_reset(comp, host):
     r = directflip("show", "ann", "centre", comp=comp)
     print(r.stdout, r.stderr)
