@@ -26,11 +26,13 @@ CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
 # a Python process (a compositor, a guest) takes seconds to start there; how long things took is
 # printed by the tests and measured by bench/.
 # The lab's four monitors as the lab tests name them: the three virtio-gpu heads and vkms' output.
+# vkms has free overlay planes, where a guest's name would show for a moment over the picture that
+# tests compare pixel for pixel: `label: 0` (test_input.py turns it on to test it).
 LAB_MONITORS = """monitors:
   left:   {connector: Virtual-1, driver: virtio_gpu}
   centre: {connector: Virtual-2, driver: virtio_gpu}
   right:  {connector: Virtual-3, driver: virtio_gpu}
-  wb:     {connector: "Virtual-*", driver: vkms}
+  wb:     {connector: "Virtual-*", driver: vkms, label: 0}
 """
 START_WITHIN = 180.0
 CAPTURE_WITHIN = 120.0   # a capture reads, composes and encodes a PNG in the emulated CPU

@@ -315,7 +315,7 @@ def test_the_guests_name_shows_on_a_free_overlay_when_a_monitor_turns_to_it(comp
     time), on a plane of its own. virtio-gpu has no overlay plane: its status says so."""
     import numpy as np
 
-    labelled = POLICY.replace('wb:     {connector: "Virtual-*", driver: vkms}',
+    labelled = POLICY.replace('wb:     {connector: "Virtual-*", driver: vkms, label: 0}',
                               'wb:     {connector: "Virtual-*", driver: vkms, label: 30}')
     assert labelled != POLICY
     comp.set_policy(labelled)

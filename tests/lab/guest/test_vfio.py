@@ -73,7 +73,7 @@ monitors:
   left:   {{connector: Virtual-1, driver: virtio_gpu}}
   centre: {{connector: Virtual-2, driver: virtio_gpu}}
   right:  {{connector: Virtual-3, driver: virtio_gpu}}
-  wb:     {{connector: "Virtual-*", driver: vkms, mode: match-guest}}
+  wb:     {{connector: "Virtual-*", driver: vkms, mode: match-guest, label: 0}}
 guests:
   office:
     kind: vfio
