@@ -27,6 +27,7 @@ import asyncio
 import errno
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,13 @@ from compositor.policy import Seat
 
 log = logging.getLogger("directflip.input")
 
-KINDS = ("keyboard", "mouse", "tablet", "touchscreen", "touchpad")
+# Touchpads are not taken: their absolute contacts are finger motion, not positions on a screen, and
+# turning them into relative motion is not done yet; the laptop's own session keeps them.
+KINDS = ("keyboard", "mouse", "tablet", "touchscreen")
+UDEV_KINDS = (*KINDS, "touchpad")
+# The uinput devices any directflip makes for a launched vGPU guest (compositor.input.uinput): never
+# seat input, whichever instance made them, or keys would go round to another seat's guest.
+OWN_DEVICE = re.compile(r"^directflip .+ (keyboard|tablet)$")
 DEFAULT_SEAT = "seat0"
 IMPLICIT_SEAT = "default"  # the one seat of a policy without `seats`
 READ_BATCH = 512
@@ -66,7 +73,7 @@ def kinds_from_udev(props: Mapping[str, str]) -> frozenset[str] | None:
     """The input kinds udev gave a device, or None when udev has not classified it."""
     if props.get("ID_INPUT") != "1":
         return None
-    return frozenset(k for k in KINDS if props.get(f"ID_INPUT_{k.upper()}") == "1")
+    return frozenset(k for k in UDEV_KINDS if props.get(f"ID_INPUT_{k.upper()}") == "1")
 
 
 def kinds_from_capabilities(caps: Mapping[int, Sequence[Any]]) -> frozenset[str]:
@@ -200,10 +207,12 @@ class SeatDevices:
 
     def _wanted(self, info: DeviceInfo) -> str | None:
         """Why the device is not taken, or None when it is."""
-        if not info.kinds:
-            return "not a keyboard, mouse, tablet or touch device"
-        if info.name in self.own_names:
+        if info.name in self.own_names or OWN_DEVICE.match(info.name):
             return "directflip's own device for a guest's VM"
+        if info.kinds == {"touchpad"}:
+            return "a touchpad (not taken: the guest would get finger positions, not pointer motion)"
+        if not info.kinds & set(KINDS):
+            return "not a keyboard, mouse, tablet or touch device"
         if self.logind_seat is not None and info.seat != self.logind_seat:
             return f"on logind seat {info.seat}"
         if seat_for(info, self.seats) is None:
@@ -234,6 +243,9 @@ class SeatDevices:
     def set_seats(self, seats: Sequence[Seat]) -> None:
         """A policy edit: devices move to the seat that now takes them."""
         self.seats = tuple(seats)
+        for path, why in list(self.ignored.items()):  # a new seat may take what no seat took before
+            if why.startswith("no policy seat"):
+                self._rescan(path)
         for dev in list(self.devices.values()):
             target = seat_for(dev.info, self.seats)
             if target != dev.seat:
@@ -243,6 +255,18 @@ class SeatDevices:
                 else:
                     log.info("%s: now seat %s (was %s)", dev.info.describe(), target, dev.seat)
                     dev.seat = target
+
+    def _rescan(self, path: str) -> None:
+        import pyudev
+
+        try:
+            device = pyudev.Devices.from_device_file(pyudev.Context(), path)
+        except (pyudev.DeviceNotFoundError, OSError, ValueError):
+            self.ignored.pop(path, None)
+            return
+        info = self._info(device)
+        if info is not None:
+            self._spawn(self._add(info))
 
     def _spawn(self, coro) -> None:
         assert self._loop is not None
@@ -288,7 +312,7 @@ class SeatDevices:
         dev = OpenDevice(info, fd, self._next_ident, seat)
         self._next_ident += 1
         self.devices[info.path] = dev
-        if not self.paused:
+        if not self.paused and self._seat_grabbed(seat):
             self._grab(dev)
         assert self._loop is not None
         self._loop.add_reader(fd, self._readable, dev)
@@ -306,6 +330,10 @@ class SeatDevices:
         if self._loop is not None and not dev.revoked:
             self._loop.remove_reader(dev.fd)
         self.gone(dev.seat, dev.ident)
+
+    def _seat_grabbed(self, seat: str) -> bool:
+        router = self.router_of(seat)
+        return router is None or router.grabbed
 
     def _grab(self, dev: OpenDevice) -> None:
         if not self.grab or dev.grabbed:
@@ -344,7 +372,8 @@ class SeatDevices:
         self.paused = False
         for dev in self.devices.values():
             self._drain(dev)  # what was typed at the console is not the guest's
-            self._grab(dev)
+            if self._seat_grabbed(dev.seat):  # a seat let go with release-input stays let go
+                self._grab(dev)
         log.info("input resumed")
 
     def suspend_device(self, path: str) -> None:

@@ -160,6 +160,7 @@ class SeatRouter:
         self.buttons: dict[int, _Held] = {}
         self.modifiers: dict[int, set[int]] = {}  # modifier key → devices holding it (physically)
         self._pending_action: dict[int, tuple[str, object]] = {}  # swallowed key → its action on release
+        self._resyncing: set[int] = set()
         self._last_abs: tuple[InputSink, int, int] | None = None
         self.frames: dict[int, DeviceFrame] = {}
         self.events = 0
@@ -270,6 +271,7 @@ class SeatRouter:
                         getattr(held.sink, send)(code, False)
                         self.sent += 1
                     del table[code]
+                    self._pending_action.pop(code, None)  # a hotkey whose key went away never acts
         for code in list(self.modifiers):
             self.modifiers[code].discard(device)
             if not self.modifiers[code]:
@@ -282,11 +284,15 @@ class SeatRouter:
 
     def device_keys(self, device: int, down: set[int]) -> None:
         """After SYN_DROPPED: the keys the device really holds now (EVIOCGKEY); forget the rest."""
-        for table, send in ((self.keys, "key"), (self.buttons, "button")):
-            for code in list(table):
-                held = table[code]
-                if device in held.devices and code not in down:
-                    self._release(table, code, device, send)
+        self._resyncing.add(device)
+        try:
+            for table, send in ((self.keys, "key"), (self.buttons, "button")):
+                for code in list(table):
+                    held = table[code]
+                    if device in held.devices and code not in down:
+                        self._release(table, code, device, send)
+        finally:
+            self._resyncing.discard(device)
         for code in list(self.modifiers):
             if code not in down:
                 self.modifiers[code].discard(device)
@@ -351,7 +357,10 @@ class SeatRouter:
             if code in self._pending_action and code not in self.keys:
                 name, arg = self._pending_action.pop(code)
                 log.info("seat %s: hotkey %s", self.name, name if arg is None else f"{name} {arg}")
-                self.actions(name, arg)
+                try:
+                    self.actions(name, arg)
+                except Exception:  # noqa: BLE001 — the rest of the batch (its releases) must still go
+                    log.exception("seat %s: hotkey %s failed", self.name, name)
 
     def _hotkey(self, code: int) -> tuple[str, object] | None:
         held = {MODIFIER_OF[c] for c in self.modifiers}
@@ -373,6 +382,8 @@ class SeatRouter:
             getattr(held.sink, send)(code, False)
             self.sent += 1
         del table[code]
+        if device in self._resyncing:
+            self._pending_action.pop(code, None)
 
     def _button(self, device: int, code: int, down: bool) -> None:
         if not down:
@@ -498,7 +509,10 @@ class SeatRouter:
         sink.pointer_abs(*pos)
         self.sent += 1
         if self.pointer_moved is not None and self.focused_guest is not None:
-            self.pointer_moved(self.focused_guest, *pos)
+            try:
+                self.pointer_moved(self.focused_guest, *pos)
+            except Exception:  # noqa: BLE001 — a cursor problem must not cost the guest its input
+                log.exception("seat %s: moving %s's cursor failed", self.name, self.focused_guest)
 
     def _touches(self, frame: DeviceFrame, abs_range) -> None:
         """A touchscreen covers the focused monitor; contacts go to its guest in buffer pixels."""

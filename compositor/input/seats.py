@@ -52,7 +52,9 @@ class SeatInput:
         self.sink_of = sink_of
         self.pointer_moved = pointer_moved
         self.actions = actions  # (policy seat, action, argument)
-        self.vt_keys = session_kind == "direct"
+        # Ctrl+Alt+Fn: a grabbed keyboard (direct) or logind's K_OFF keyboard mode leaves the console
+        # unable to switch VTs itself, so the compositor does it (logind: Seat.SwitchTo)
+        self.vt_keys = session_kind in ("direct", "logind")
         self.routers: dict[str, SeatRouter] = {}
         self.devices = SeatDevices(logind_seat=logind_seat, grab=session_kind == "direct", take=take,
                                    give_back=give_back, router_of=self.routers.get)
