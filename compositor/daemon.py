@@ -444,17 +444,18 @@ class Daemon:
                 self._free_forgotten(gs)
             self._pass_edids()
             self.departed = [gs for gs in self.departed if gs.forgotten]
+            if self.input is not None:  # input follows the plan first; names and cursors are cosmetic
+                self.input.plan_applied(assignment, self.card_seats)
             self._assign_label_planes()
+            for gs in {id(g): g for p in self.pipelines.values()
+                       if p.out.guest and (g := self.guests.get(p.out.guest)) is not None}.values():
+                if gs.cursor is not None:
+                    self._push_cursor(gs)
             for key, pipe in self.pipelines.items():
-                gs = self.guests.get(pipe.out.guest) if pipe.out.guest else None
-                if gs is not None and gs.cursor is not None:
-                    pipe.set_cursor(gs.cursor, gs.pointer)
                 if pipe.out.guest != self._labelled.get(key):
                     self._labelled[key] = pipe.out.guest
                     if pipe.out.guest is not None:
                         self._show_label(key, pipe, pipe.out.guest)
-            if self.input is not None:
-                self.input.plan_applied(assignment, self.card_seats)
             self._send_status()
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
@@ -587,6 +588,10 @@ class Daemon:
     def _guest_gone(self, gs: GuestState, reason: str) -> None:
         conn = gs.conn
         log.info("guest %s %s", conn.name, reason)
+        if gs.input is not None and hasattr(gs.input, "close"):
+            self.own_input_names.difference_update(getattr(gs.input, "names", ()))
+            gs.input.close()   # its VM's keyboard and tablet are unplugged with it
+            gs.input = None
         if isinstance(conn, VfioGuest):
             task = self.vfio_tasks.pop(conn.name, None)
             if task is not None:
@@ -871,7 +876,10 @@ class Daemon:
         if action == "next-monitor":
             router.next_monitor()
         elif action == "next-guest" and router.focused is not None:
-            self.next_guest(router.focused)
+            try:
+                self.next_guest(router.focused)
+            except ValueError as exc:
+                log.warning("seat %s: next guest on %s: %s", seat, router.focused, exc)
         elif action == "release-input":
             self.input.set_grabbed(seat, not router.grabbed)
         elif action == "vt" and isinstance(arg, int):
@@ -898,11 +906,9 @@ class Daemon:
         output = self._output_of(monitor)
         if output is None:
             return None
-        running = {gs.guest.name for gs in self.guests.values()}
-        rules = {r.name: r for r in self.policy.guests}
-        names = [n for rule in planner.could_show(self.policy, monitor, output)
-                 for n in sorted(running) if rule in rules and rules[rule].pattern.matches(n)]
-        names = list(dict.fromkeys(names))
+        _, bound = planner.bind_guests(self.policy, [gs.guest for gs in self.guests.values()])
+        allowed = planner.could_show(self.policy, monitor, output)
+        names = list(dict.fromkeys(bound[rule].name for rule in allowed if rule in bound))
         if not names:
             log.info("next guest on %s: no running guest may be shown there", monitor)
             return None
@@ -922,10 +928,11 @@ class Daemon:
         gs = self.guests.get(guest)
         if gs is None:
             raise ValueError(f"guest {guest!r} is not running")
-        rule = next((r.name for r in self.policy.guests
-                     if r.matches(guest, gs.guest.kind, gs.guest.uuid)), None)
+        _, bound = planner.bind_guests(self.policy, [g.guest for g in self.guests.values()])
+        rule = next((r for r, g in bound.items() if g.name == guest), None)
         if rule is None:
-            raise ValueError(f"no guest rule of the policy matches {guest}")
+            raise ValueError(f"no guest rule of the policy takes {guest} (a rule takes one running guest: "
+                             "the first it matches)")
         if not planner.may_show(self.policy, rule, monitor, output):
             raise ValueError(f"{guest} may not be shown on {monitor}: its placements keep it to seats "
                              + ", ".join(sorted({s for p in self.policy.placements if p.guest == rule
@@ -1069,9 +1076,10 @@ class Daemon:
                     if vg.poll_cursor():
                         gs.cursor, gs.pointer = vg.cursor, vg.pointer
                         self._push_cursor(gs)
-                except (VfioError, BadPlane, OSError) as exc:  # the picture goes on without a cursor
-                    vg.cursor_unsupported = f"reading its cursor plane failed: {exc}"
-                    log.error("guest %s: %s", vg.name, vg.cursor_unsupported)
+                except (VfioError, BadPlane, OSError) as exc:  # the picture goes on; asked again next time
+                    if str(exc) != vg.cursor_error:
+                        log.error("guest %s: reading its cursor plane failed: %s", vg.name, exc)
+                    vg.cursor_error = str(exc)
 
     # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
 
@@ -1119,7 +1127,10 @@ class Daemon:
 
     def _push_cursor(self, gs: GuestState) -> None:
         for pipe in self._showing(gs.guest.name):
-            pipe.set_cursor(gs.cursor, gs.pointer)
+            try:
+                pipe.set_cursor(gs.cursor, gs.pointer)
+            except (KmsError, OSError) as exc:  # the picture goes on without the pointer
+                log.error("%s: the cursor cannot be shown: %s", pipe.name, exc)
 
     def _assign_label_planes(self) -> None:
         """Give each lit output an overlay plane of its CRTC that the plan leaves free, for the guest's
@@ -1135,15 +1146,16 @@ class Daemon:
             for pipe in pipes:
                 if pipe.cursor_plane is None or pipe.cursor_plane.type == "overlay":
                     # No cursor plane on this CRTC: the pointer goes on a free overlay, before the name
-                    plane = free_overlay(planes, planned | taken, pipe.crtc, pipe.cursor_plane)
+                    old = pipe.cursor_plane
+                    plane = free_overlay(planes, planned | taken, pipe.crtc, old)
                     why = f"CRTC {pipe.crtc.id} has no cursor plane and no overlay plane is free"
-                    pipe.use_cursor_plane(plane, "" if plane is not None else why)
+                    pipe.use_cursor_plane(plane, "" if plane is not None else why,
+                                          taken=old is not None and old.id in planned)
                     if plane is not None:
                         taken.add(plane.id)
-                plane = free_overlay(planes, planned | taken, pipe.crtc, pipe.label_plane)
-                if plane is not pipe.label_plane:
-                    pipe.label_plane = plane
-                    pipe.show_label(None)  # the old layer, if any, goes with its plane
+                old = pipe.label_plane
+                plane = free_overlay(planes, planned | taken, pipe.crtc, old)
+                pipe.use_label_plane(plane, taken=old is not None and old.id in planned)
                 if plane is not None:
                     taken.add(plane.id)
 

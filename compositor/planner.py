@@ -310,6 +310,28 @@ def _plane_options(card: Card, crtc: int, fourcc: str | None, modifier: str | No
 # --- the planner ----------------------------------------------------------------------------------
 
 
+def bind_guests(policy: Policy, guests: Iterable[Guest]) -> tuple[list[Guest], dict[str, Guest]]:
+    """(the running guests in a stable order, guest rule → the one running guest it binds): each rule
+    takes the first guest it matches that no earlier rule took. `directflip show` and the next-guest
+    hotkey use the same binding, so they offer only guests the plan can show."""
+    running = sorted(guests, key=lambda g: (g.name, g.uuid or "", g.kind or ""))
+    by_name: dict[str, list[int]] = {}
+    for i, g in enumerate(running):
+        by_name.setdefault(g.name, []).append(i)
+    everyone = range(len(running))
+    taken: set[int] = set()
+    guest_of: dict[str, Guest] = {}
+    for grule in policy.guests:
+        pool = by_name.get(grule.pattern.pattern, ()) if grule.pattern.literal else everyone
+        for i in pool:
+            g = running[i]
+            if i not in taken and grule.matches(g.name, g.kind, g.uuid):
+                taken.add(i)
+                guest_of[grule.name] = g
+                break
+    return running, guest_of
+
+
 def may_show(policy: Policy, rule: str, monitor: str, output: Output) -> bool:
     """Whether the guest rule `rule` may be shown on `monitor` by an override: every placement of the
     guest that names `seats` must include one of the monitor's seats (a seat fence holds for overrides
@@ -364,21 +386,8 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
                 break
 
     # 2. guest rules -> running guests
-    running = sorted(guests, key=lambda g: (g.name, g.uuid or "", g.kind or ""))
-    by_name: dict[str, list[int]] = {}
-    for i, g in enumerate(running):
-        by_name.setdefault(g.name, []).append(i)
-    everyone = range(len(running))
-    taken_guests: set[int] = set()
-    guest_of: dict[str, Guest] = {}
-    for grule in policy.guests:
-        pool = by_name.get(grule.pattern.pattern, ()) if grule.pattern.literal else everyone
-        for i in pool:
-            g = running[i]
-            if i not in taken_guests and grule.matches(g.name, g.kind, g.uuid):
-                taken_guests.add(i)
-                guest_of[grule.name] = g
-                break
+    running, guest_of = bind_guests(policy, guests)
+    taken_guests = {i for i, g in enumerate(running) if any(g is b for b in guest_of.values())}
 
     rules_by_name = {r.name: r for r in policy.monitors}
     crtcs: dict[str, _Matching] = {}
