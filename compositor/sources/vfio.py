@@ -374,6 +374,7 @@ class VfioGuest:
         self.pointer: Pointer | None = None
         self.cursor_unsupported: str | None = None  # why this vGPU gives no cursor plane
         self.cursor_off = False  # the last cursor query answered with a disabled plane
+        self.cursor_error: str | None = None  # the last failure to read it, logged once
         self._cursor_fds: dict[int, tuple[int, PlaneInfo]] = {}  # cursor dmabuf_id → (fd, layout)
         self._cursor_serial = 0
 
@@ -424,6 +425,12 @@ class VfioGuest:
         try:
             plane = self.device.query(DRM_PLANE_TYPE_CURSOR)
         except VfioError as exc:
+            if exc.errno in (errno.ENODEV, errno.EAGAIN):
+                # GVT-g answers ENODEV while the guest's cursor is off: off now, asked again next time
+                self.cursor_off = True
+                hidden = Pointer(self.pointer.x, self.pointer.y, False) if self.pointer else None
+                changed, self.pointer = hidden != self.pointer, hidden
+                return changed
             return self._no_cursor(f"the cursor plane query is refused ({exc.strerror or exc})")
         if plane.plane_type != DRM_PLANE_TYPE_CURSOR:
             return self._no_cursor(f"it answers the cursor query with plane type {plane.plane_type}")

@@ -194,3 +194,12 @@ def test_a_vgpu_without_a_cursor_plane_is_asked_once(cursor_guest, answer, why):
     assert why in cursor_guest.cursor_unsupported
     cursor_guest.device.cursor = cursor_plane(7)
     assert not cursor_guest.poll_cursor() and cursor_guest.cursor is None
+
+
+def test_gvt_answers_enodev_while_the_cursor_is_off_and_it_is_asked_again(cursor_guest):
+    cursor_guest.poll_cursor()
+    cursor_guest.device.cursor = VfioError(19, "VFIO_DEVICE_QUERY_GFX_PLANE (cursor): No such device")
+    assert cursor_guest.poll_cursor() and cursor_guest.pointer.visible is False
+    assert cursor_guest.cursor_unsupported is None and cursor_guest.cursor_off
+    cursor_guest.device.cursor = cursor_plane(7)
+    assert cursor_guest.poll_cursor() and cursor_guest.pointer.visible
