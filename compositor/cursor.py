@@ -32,14 +32,20 @@ from compositor.sources.frame import Cursor, Pointer
 log = logging.getLogger("directflip.cursor")
 
 DEFAULT_SIZE = 64
+MAX_SIZE = 256
 
 
-def scale_image(cursor: Cursor, sx: float, sy: float) -> tuple[int, int, bytes, int, int]:
-    """The cursor's image scaled by (sx, sy), nearest neighbour: (width, height, pixels, hot_x, hot_y)."""
-    if abs(sx - 1.0) < 1e-6 and abs(sy - 1.0) < 1e-6:
-        return cursor.width, cursor.height, cursor.pixels, cursor.hot_x, cursor.hot_y
+def scale_image(cursor: Cursor, sx: float, sy: float, limit: tuple[int, int] | None = None
+                ) -> tuple[int, int, bytes, int, int]:
+    """The cursor's image scaled by (sx, sy), nearest neighbour: (width, height, pixels, hot_x, hot_y).
+    With `limit` (the plane's buffer size) only what fits is computed: the rest would be cut anyway,
+    and this runs on the compositor's loop."""
     w = max(1, round(cursor.width * sx))
     h = max(1, round(cursor.height * sy))
+    if limit is not None:
+        w, h = min(w, limit[0]), min(h, limit[1])
+    if abs(sx - 1.0) < 1e-6 and abs(sy - 1.0) < 1e-6 and (w, h) == (cursor.width, cursor.height):
+        return cursor.width, cursor.height, cursor.pixels, cursor.hot_x, cursor.hot_y
     src = memoryview(cursor.pixels)
     row_bytes = cursor.width * 4
     xs = [min(cursor.width - 1, int(x / sx)) * 4 for x in range(w)]
@@ -74,9 +80,9 @@ class CursorLayer:
         self.crtc = crtc
         if size is not None:  # an overlay plane showing an image of this size (the guest's name)
             self.width, self.height = size
-        else:
-            self.width = card.get_cap(lib.DRM_CAP_CURSOR_WIDTH) or DEFAULT_SIZE
-            self.height = card.get_cap(lib.DRM_CAP_CURSOR_HEIGHT) or DEFAULT_SIZE
+        else:  # the cursor plane's size (vkms says 512; guests' cursors are at most 256)
+            self.width = min(card.get_cap(lib.DRM_CAP_CURSOR_WIDTH) or DEFAULT_SIZE, MAX_SIZE)
+            self.height = min(card.get_cap(lib.DRM_CAP_CURSOR_HEIGHT) or DEFAULT_SIZE, MAX_SIZE)
         self.slots: list[_Slot] = []
         self.front = -1  # the slot on screen
         self.cursor: Cursor | None = None
@@ -122,7 +128,11 @@ class CursorLayer:
             self._pending_slot = -1
             return
         key, x, y = self.wanted
-        slot = self._slot_for(key)
+        try:
+            slot = self._slot_for(key)
+        except (KmsError, OSError) as exc:  # no buffer for it: the frames go on without this plane
+            self.refuse(f"its buffer cannot be made ({exc})")
+            return
         req.add_plane(self.plane, self.crtc, self.slots[slot].fb, (0, 0, self.width, self.height),
                       (x, y, self.width, self.height))
         self._pending_slot = slot
@@ -141,7 +151,7 @@ class CursorLayer:
     def _draw(self, slot: _Slot, key: tuple) -> None:
         assert self.cursor is not None
         _, sx, sy = key
-        w, h, pixels, _, _ = scale_image(self.cursor, sx, sy)
+        w, h, pixels, _, _ = scale_image(self.cursor, sx, sy, (self.width, self.height))
         view = slot.buffer.map()
         pitch = slot.buffer.pitch
         blank = bytes(pitch)

@@ -388,18 +388,28 @@ class ScanoutPipeline:
         self.label_plane = None
         self.label_reason = "no overlay plane is free on this CRTC"
         self.label_text: str | None = None
+        # Layers let go of while their image is on screen: they stay until a commit turned their
+        # plane off, so no framebuffer on screen is removed (the kernel would turn the plane off itself)
+        self._dying: list[CursorLayer] = []
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
         self.out = out
         self.connector = next(c for c in self.card.connectors if c.id == out.connector_id)
         crtc = self.card.crtc_by_id(out.crtc_id)
-        if self.cursor_layer is not None and self.cursor_layer.crtc is not crtc:
-            self._retire(self.cursor_layer)  # another CRTC: its cursor plane is another too
-            self.cursor_layer = None
-        if self.label_layer is not None and self.label_layer.crtc is not crtc:
-            self._retire(self.label_layer)
-            self.label_layer = None
+        for attr in ("cursor_layer", "label_layer"):
+            layer = getattr(self, attr)
+            if layer is None:
+                continue
+            if layer.plane.id == out.plane_id:
+                # The plan gives this plane to the picture now: the configuration commit below takes
+                # it over, so the layer is forgotten without a commit of its own.
+                layer.forget_commit()
+                self._retire(layer)
+                setattr(self, attr, None)
+            elif layer.crtc is not crtc:
+                self._drop_layer(layer)  # another CRTC: its cursor plane is another too
+                setattr(self, attr, None)
         self.crtc = crtc
         self.plane = next(p for p in self.card.planes if p.id == out.plane_id)
         self.fb_prop = self.plane.prop("FB_ID").id
@@ -481,15 +491,37 @@ class ScanoutPipeline:
         if self.cursor_layer.set(cursor, pointer, self.out.src, self.out.dst):
             self._layers_kick()
 
-    def use_cursor_plane(self, plane, reason: str) -> None:
-        """The daemon's choice where the CRTC has no cursor plane: a free overlay plane, or none and why."""
+    def use_cursor_plane(self, plane, reason: str, taken: bool = False) -> None:
+        """The daemon's choice where the CRTC has no cursor plane: a free overlay plane, or none and why.
+        `taken`: the plan gave the old plane to a picture (so nothing is committed to it from here)."""
         if plane is not self.cursor_plane and self.cursor_layer is not None:
-            if self.cursor_layer.committed is not None:
-                self.cursor_layer.set(None, None, _UNIT, _UNIT)  # off from the plane it leaves
-                self._layers_kick()
-            self._retire(self.cursor_layer)
+            self._drop_layer(self.cursor_layer, taken)
             self.cursor_layer = None
         self.cursor_plane, self.cursor_reason = plane, reason
+
+    def use_label_plane(self, plane, taken: bool = False) -> None:
+        """The daemon's choice of overlay plane for the guest's name (None: none free); `taken` as above."""
+        if plane is not self.label_plane and self.label_layer is not None:
+            self._drop_layer(self.label_layer, taken)
+            self.label_layer = None
+        self.label_plane = plane
+
+    def _drop_layer(self, layer: CursorLayer, taken: bool = False) -> None:
+        """Let go of a layer: freed once nothing of it is on screen."""
+        if layer.committed is None or taken or layer.disabled is not None:
+            if taken:
+                layer.forget_commit()
+            self._retire(layer)
+            return
+        layer.set(None, None, _UNIT, _UNIT)
+        self._dying.append(layer)
+        self._layers_kick()
+
+    def _reap(self) -> None:
+        """Dying layers whose plane a commit turned off are retired (freed after the next commit)."""
+        for layer in [lay for lay in self._dying if lay.committed is None or lay.disabled is not None]:
+            self._dying.remove(layer)
+            self._retire(layer)
 
     def show_label(self, text: str | None) -> None:
         """Show `text` (the guest's name) in the top-left corner on the label plane, or hide it (None).
@@ -502,16 +534,15 @@ class ScanoutPipeline:
             return
         image = render_label(text) if text else None
         layer = self.label_layer
+        if image is None and layer is None:
+            return
         resized = image is not None and layer is not None and (layer.width, layer.height) != (image.width,
                                                                                              image.height)
         if layer is None or resized:
             if image is None:
                 return
             if self.label_layer is not None:
-                if self.label_layer.committed is not None:
-                    self.label_layer.set(None, None, _UNIT, _UNIT)  # off with the old size first
-                    self._layers_kick()
-                self._retire(self.label_layer)
+                self._drop_layer(self.label_layer)  # off with the old size first
             self.label_layer = CursorLayer(self.card, self.label_plane, self.crtc,
                                            size=(image.width, image.height))
         where = Pointer(LABEL_MARGIN, LABEL_MARGIN, True) if image is not None else None
@@ -519,13 +550,18 @@ class ScanoutPipeline:
             self._layers_kick()
 
     def _layers(self) -> list[CursorLayer]:
-        return [layer for layer in (self.cursor_layer, self.label_layer) if layer is not None]
+        return [layer for layer in (self.cursor_layer, self.label_layer, *self._dying) if layer is not None]
 
     def _layers_due(self, full: bool) -> list[CursorLayer]:
         """The cursor and label planes the next commit must carry (`full`: a configuration commit,
         which sets everything)."""
-        return [layer for layer in self._layers() if layer.disabled is None
-                and (layer.dirty or (full and layer.wanted is not None))]
+        live = [layer for layer in (self.cursor_layer, self.label_layer) if layer is not None]
+        planes = {layer.plane.id for layer in live}
+        for layer in self._dying:
+            if layer.plane.id in planes:
+                layer.forget_commit()  # a live layer takes its plane over in the same commit
+        dying = [layer for layer in self._dying if layer.committed is not None]
+        return [layer for layer in (*dying, *live) if layer.disabled is None and (layer.dirty or full)]
 
     def _layers_kick(self) -> None:
         """A cursor or label change: commit it now if the CRTC is idle; else the flip event handler
@@ -561,6 +597,7 @@ class ScanoutPipeline:
             return
         for layer in due:
             layer.done()
+        self._reap()
         self.in_flight = _Commit(None, None, token, cursor_only=True)
         self._outstanding.add(token)
 
@@ -625,6 +662,7 @@ class ScanoutPipeline:
                 req.commit(allow_modeset=modeset, nonblock=not blocking, event=True, user_data=token)
                 for layer in layers:
                     layer.done()
+                self._reap()
                 self.plane_key = key
             changed = path != self.path
             if changed:
@@ -698,6 +736,7 @@ class ScanoutPipeline:
         req.commit(allow_modeset=modeset)
         for layer in layers:
             layer.done()
+        self._reap()
         self._free_retired()
         self._lit = True
         self._replace_on_screen(_Commit(None, fb, 0, full, full))
@@ -853,8 +892,9 @@ class ScanoutPipeline:
         self.pending = self.in_flight = self.on_screen = None
         self._retire(self.copy)
         self._retire(self._slate)
-        self._retire(self.cursor_layer)
-        self._retire(self.label_layer)
+        for layer in self._layers():
+            self._retire(layer)
+        self._dying.clear()
         self.copy = self._slate = self.cursor_layer = self.label_layer = None
         self._free_retired()
 

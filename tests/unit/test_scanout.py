@@ -1226,3 +1226,34 @@ def test_without_a_cursor_plane_a_lent_overlay_carries_the_cursor(bufs):
     r.flip()
     r.pipe.reconfigure(assignment(), Frame(bufs(1)))          # a new plan: the overlay stays lent
     assert r.pipe.cursor_plane is overlay and r.card.state[OVERLAY] is not None
+
+
+def test_a_label_let_go_of_while_on_screen_is_freed_only_after_its_plane_is_off(new_rig, bufs):
+    # The name changes size while a frame is in flight: the old label's framebuffer is on screen, so
+    # it must stay until a commit turned its plane off (the fake card records an RMFB of a framebuffer
+    # on screen as a violation).
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.label_plane = next(p for p in r.card.planes if p.id == OVERLAY)
+    r.pipe.show_label("a")
+    r.flip()
+    r.pipe.submit(Frame(bufs(1)))                 # in flight
+    r.pipe.show_label("a much longer name")       # another size: the old layer is let go of
+    r.pipe.submit(Frame(bufs(2)))
+    for _ in range(4):
+        if r.pipe.in_flight is not None:
+            r.flip()
+    assert not r.card.violations
+    assert r.card.state[OVERLAY] is not None and r.card.state[OVERLAY].fb.width > 100
+
+
+def test_a_label_plane_the_plan_gives_to_the_picture_is_not_committed_to(new_rig, bufs):
+    r = new_rig()
+    r.pipe.start(Frame(bufs(0)))
+    r.pipe.label_plane = next(p for p in r.card.planes if p.id == OVERLAY)
+    r.pipe.show_label("office")
+    r.flip()
+    r.pipe.reconfigure(assignment(plane_id=OVERLAY), Frame(bufs(1)))   # the picture on the overlay now
+    last = r.card.log[-1]
+    assert last.planes[OVERLAY] is not None and last.planes[OVERLAY].fb.origin == "prime"
+    assert r.pipe.label_layer is None and not r.card.violations
