@@ -1,7 +1,7 @@
 """The evdev devices of a seat: found and followed with udev, opened through the session, read on the loop.
 
-Which devices: keyboards, mice, tablets, touchscreens and touchpads (udev's `ID_INPUT_KEYBOARD`,
-`_MOUSE`, `_TABLET`, `_TOUCHSCREEN`, `_TOUCHPAD`) of this compositor's logind seat (`ID_SEAT`,
+Which devices: keyboards, mice, tablets and touchscreens (udev's `ID_INPUT_KEYBOARD`, `_MOUSE`,
+`_TABLET`, `_TOUCHSCREEN`; touchpads are not taken yet) of this compositor's logind seat (`ID_SEAT`,
 seat0 when unset; every seat when the daemon runs without `--seat`). Power buttons and other
 key-only devices are left to logind. Where udev has no record of a device (no udevd), its
 capabilities decide.
