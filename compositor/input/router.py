@@ -12,8 +12,8 @@ unplugged). A key released early that way is still physically down; its real rel
 swallowed rather than sent to a guest that never saw it pressed.
 
 Hotkeys (the policy's `hotkeys`, see compositor.input.keys) match on press, act on release, and
-neither reaches a guest. In a direct session Ctrl+Alt+F1…F12 switch virtual terminals, as the
-console's own keyboard handler would if the keyboard were not grabbed.
+neither reaches a guest. Ctrl+Alt+F1…F12 switch virtual terminals (a bare console, or through
+logind), as the console's own keyboard handler would if the keyboard were not taken from it.
 
 The router is pure state: events in, calls to `InputSink`s and to the `actions` callback out, no I/O.
 Devices feed it one evdev frame (the events up to a SYN_REPORT) at a time.
