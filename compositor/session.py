@@ -44,7 +44,6 @@ VT_SETMODE = 0x5602
 VT_GETSTATE = 0x5603
 VT_RELDISP = 0x5605
 VT_ACTIVATE = 0x5606
-VT_WAITACTIVE = 0x5607
 VT_AUTO, VT_PROCESS, VT_ACKACQ = 0, 1, 2
 KDSETMODE = 0x4B3A
 KDGETMODE = 0x4B3B
@@ -96,7 +95,8 @@ def activate_vt(number: int, wait: bool = True, timeout: float = 60.0) -> None:
     """Switch the console to VT `number` (what `chvt` does); wait for the switch unless told not to.
 
     The wait is bounded: a switch away from a VT in VT_PROCESS mode needs its owner's consent, and an
-    owner that never gives it would hold VT_WAITACTIVE for ever. TimeoutError names the VT in front."""
+    owner that never gives it would hold the kernel's VT_WAITACTIVE for ever, so the active VT is polled
+    instead. TimeoutError names the VT in front."""
     fd = os.open("/dev/tty0", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         fcntl.ioctl(fd, VT_ACTIVATE, number)

@@ -30,7 +30,7 @@ import os
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -496,6 +496,3 @@ class SeatDevices:
                 if not why.startswith("not a keyboard")]
         return out
 
-
-def describe(devices: Iterable[OpenDevice]) -> str:
-    return ", ".join(d.info.name for d in devices) or "none"

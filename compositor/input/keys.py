@@ -71,14 +71,6 @@ def key_code(name: str) -> int | None:
     return code if isinstance(code, int) and is_keyboard_key(code) else None
 
 
-def key_name(code: int) -> str:
-    """`KEY_A` for 30; the first of evdev's names when a code has several."""
-    name = ecodes.KEY.get(code) or ecodes.BTN.get(code)
-    if isinstance(name, (list, tuple)):
-        name = name[0]
-    return str(name) if name else f"key {code}"
-
-
 def _suggest(word: str) -> str | None:
     names = [n[4:].lower() for n in ecodes.ecodes if n.startswith("KEY_")]
     close = difflib.get_close_matches(word.lower(), [*names, *MODIFIER_KEYS, *_KEY_ALIASES], n=1)
