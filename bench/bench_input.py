@@ -69,9 +69,13 @@ def _mouse():
     return UInput({e.EV_KEY: [e.BTN_LEFT, e.BTN_RIGHT], e.EV_REL: [e.REL_X, e.REL_Y]}, name=MOUSE)
 
 
-def _taken(comp: lb.Compositor) -> bool:
-    devices = (comp.status().get("input") or {}).get("devices", [])
-    return any(d.get("name") == MOUSE for d in devices)
+def _wait_taken(comp: lb.Compositor, timeout: float = 60) -> None:
+    """Until the compositor has taken the bench's mouse."""
+    deadline = time.monotonic() + timeout
+    while not any(d.get("name") == MOUSE for d in (comp.status().get("input") or {}).get("devices", [])):
+        if time.monotonic() > deadline:
+            raise lb.BenchError(f"the compositor did not take {MOUSE}:\n{comp.tail()}")
+        time.sleep(0.1)
 
 
 DBUS_POLICY = """version: 1
@@ -110,11 +114,7 @@ def _dbus_route(events: int) -> tuple[dict, dict]:
             comp.wait_shown({"left": "peer"}, timeout=120)
             mouse = _mouse()
             try:
-                deadline = time.monotonic() + 60
-                while not _taken(comp):
-                    if time.monotonic() > deadline:
-                        raise lb.BenchError(f"the compositor did not take {MOUSE}:\n{comp.tail()}")
-                    time.sleep(0.1)
+                _wait_taken(comp)
                 for i in range(events):
                     mouse.write(e.EV_REL, e.REL_X, 1 if i % 2 == 0 else -1)
                     mouse.syn()
@@ -146,11 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         kms, chain, client = _probe(comp, cards["virtio_gpu"])
         mouse = _mouse()
         try:
-            deadline = time.monotonic() + 60
-            while not _taken(comp):
-                if time.monotonic() > deadline:
-                    raise lb.BenchError(f"the compositor did not take {MOUSE}:\n{comp.tail()}")
-                time.sleep(0.1)
+            _wait_taken(comp)
             client.poll(0)
 
             # 1. latency, one motion at a time

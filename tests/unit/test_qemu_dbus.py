@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -459,24 +458,6 @@ def test_qemu_going_away_gives_the_slate_and_hands_back_buffers():
 
 
 # ------------------------------------------------------------------------------------ bus mode
-
-@pytest.fixture
-def private_bus(tmp_path):
-    daemon = shutil.which("dbus-daemon")
-    if daemon is None:
-        pytest.fail("no dbus-daemon on this host (Debian: dbus-daemon; `make unit` installs it)")
-    address = f"unix:path={tmp_path}/bus"
-    proc = subprocess.Popen([daemon, "--session", "--nofork", "--nopidfile", f"--address={address}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "bus").exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("dbus-daemon did not start")
-        time.sleep(0.02)
-    yield address
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_bus_mode_reconnects_when_the_vm_comes_back(private_bus):

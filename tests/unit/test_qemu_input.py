@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import shutil
 import socket
-import subprocess
-import time
 
 import pytest
 from evdev import ecodes as e
@@ -252,24 +249,6 @@ def test_only_a_keyboard_still_types():
 
 
 # ------------------------------------------------------------------------------------ reconnecting
-
-@pytest.fixture
-def private_bus(tmp_path):
-    daemon = shutil.which("dbus-daemon")
-    if daemon is None:
-        pytest.fail("no dbus-daemon on this host (Debian: dbus-daemon; `make unit` installs it)")
-    address = f"unix:path={tmp_path}/bus"
-    proc = subprocess.Popen([daemon, "--session", "--nofork", "--nopidfile", f"--address={address}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not (tmp_path / "bus").exists():
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("dbus-daemon did not start")
-        time.sleep(0.02)
-    yield address
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_input_goes_to_the_vm_that_came_back(private_bus):

@@ -1,0 +1,29 @@
+"""Fixtures shared by the unit tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+
+@pytest.fixture
+def private_bus(tmp_path):
+    """A dbus-daemon of its own, on a socket in the test's directory: its address."""
+    daemon = shutil.which("dbus-daemon")
+    if daemon is None:
+        pytest.fail("no dbus-daemon on this host (Debian: dbus-daemon; `make unit` installs it)")
+    address = f"unix:path={tmp_path}/bus"
+    proc = subprocess.Popen([daemon, "--session", "--nofork", "--nopidfile", f"--address={address}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "bus").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail("dbus-daemon did not start")
+        time.sleep(0.02)
+    yield address
+    proc.terminate()
+    proc.wait(5)
