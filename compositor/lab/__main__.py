@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             named = [a for a in extra if not a.startswith("-") and (vm.REPO / a.split("::")[0]).exists()]
             # A test still running after FAULT_DUMP seconds has every thread's traceback printed (and
             # goes on): a wait that never ends shows where it is before the VM's timeout kills it.
-            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-o",
-                   f"faulthandler_timeout={FAULT_DUMP}", *([] if named else LAB_TESTS), *extra]
+            # The progress plugin tells the host which test runs, for a run stopped by its timeout.
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "compositor.lab.progress",
+                   "-o", f"faulthandler_timeout={FAULT_DUMP}", "--durations=10",
+                   *([] if named else LAB_TESTS), *extra]
         return vm.run(cmd, _vm_options(args), manifest)
     except cache.LabError as exc:
         print(f"lab: error: {exc}", file=sys.stderr)

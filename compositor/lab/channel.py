@@ -13,7 +13,8 @@ Every other stdout line is forwarded by the host to its own stdout as it arrives
 one at a time, in order; a guest has at most one outstanding request.
 
 Operations: ``ping``; ``screendump {head, format}`` -> ``{path, size, format}`` (a file in the shared
-directory, same path in guest and host); ``plug {head, width, height}``; ``unplug {head}``.
+directory, same path in guest and host); ``plug {head, width, height}``; ``unplug {head}``;
+``input {events}``; ``progress {event, test, …}`` (the lab's pytest plugin, `compositor.lab.progress`).
 
 pytest captures fds 0 to 2, so the guest launcher duplicates them first and passes the copies to the
 command as ``DIRECTFLIP_LAB_CHANNEL=<read fd>,<write fd>``.
@@ -73,8 +74,12 @@ class HostChannel:
         self._next_id = 1
         self._lock = threading.Lock()
 
+    _shared: dict[str, HostChannel] = {}
+
     @classmethod
     def from_env(cls) -> HostChannel:
+        """The process's one channel on the fds in $DIRECTFLIP_LAB_CHANNEL: every caller shares it, so
+        its lock keeps one request outstanding and replies cannot reach the wrong caller."""
         value = os.environ.get(CHANNEL_ENV)
         if not value:
             raise ChannelError(f"${CHANNEL_ENV} is not set: these tests run inside the lab VM; "
@@ -85,7 +90,9 @@ class HostChannel:
             os.fstat(wfd)
         except (ValueError, OSError) as exc:
             raise ChannelError(f"${CHANNEL_ENV}={value!r} does not name two open fds: {exc}") from None
-        return cls(rfd, wfd)
+        if value not in cls._shared:
+            cls._shared[value] = cls(rfd, wfd)
+        return cls._shared[value]
 
     def call(self, op: str, timeout: float = 60.0, **args: Any) -> dict[str, Any]:
         with self._lock:

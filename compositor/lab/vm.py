@@ -36,6 +36,7 @@ from typing import Any
 from compositor.lab import cache
 from compositor.lab.cache import LabError, Manifest
 from compositor.lab.channel import encode_reply, split_request
+from compositor.lab.progress import Progress
 from compositor.lab.vnc import VncError, set_desktop_size
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,6 +118,7 @@ class _Services:
         self.run_dir = run_dir
         self._qmp: Any = None
         self._dumps = 0
+        self.progress = Progress()
 
     async def _socket(self, name: str, timeout: float = 30.0) -> str:
         path = self.run_dir / name
@@ -155,6 +157,8 @@ class _Services:
         op = request["op"]
         if op == "ping":
             return {"pong": True, "time": time.time()}
+        if op == "progress":
+            return self.progress.note(request)
         if op == "screendump":
             head = self._head(request)
             fmt = request.get("format", "ppm")
@@ -225,6 +229,8 @@ class LabVM:
                 return await asyncio.wait_for(self._serve(proc, services, t0), self.options.timeout)
             except TimeoutError:
                 self._show_console(console_path)
+                for line in services.progress.report():
+                    _log(line)
                 raise LabError(f"the lab run took longer than {self.options.timeout:.0f} s; "
                                "stopped it") from None
             except _BootFailure as exc:
