@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -188,6 +189,31 @@ def wait_for(what: str, check, timeout: float = 90, why=None):
 def colour_share(rgb: np.ndarray, colour: tuple[int, int, int], tol: int = 4) -> float:
     """The fraction of pixels within tol of colour."""
     return float(np.mean(np.all(np.abs(rgb.astype(int) - np.array(colour)) <= tol, axis=-1)))
+
+
+def read_until(proc: subprocess.Popen, text: str, timeout: float = 90) -> list[str]:
+    """The guest's output lines up to and including the first that contains `text`, read with a
+    deadline (a bare readline() waits for ever on a guest that stalls without printing). Ends early,
+    with what it read, when the guest closes its output; fails naming what it saw at the deadline."""
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buf, lines = b"", []
+    while True:
+        while b"\n" in buf:
+            line, _, buf = buf.partition(b"\n")
+            lines.append(line.decode(errors="replace") + "\n")
+            if text in lines[-1]:
+                return lines
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail(f"no {text!r} from the guest within {timeout:.0f} s; it printed:\n{''.join(lines)}"
+                        f"{buf.decode(errors='replace')}")
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return lines + ([buf.decode(errors="replace")] if buf else [])
+            buf += chunk
 
 
 def finish(proc: subprocess.Popen, timeout: float = 60) -> str:

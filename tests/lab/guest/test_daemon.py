@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from labkit import LAB_MONITORS, Compositor, colour_share, finish
+from labkit import LAB_MONITORS, Compositor, colour_share, finish, read_until
 from PIL import Image
 
 from compositor.control import request
@@ -104,12 +104,8 @@ def test_vgem_guest_on_vkms_is_zero_copy(guests, tmp_path):
     w, h = VKMS_SIZE
     proc = guests.guest("--name", "vg", "--on", "vgem", "--size", f"{w}x{h}", "--rate", "30",
                         "--frames", "20", "--then-paint", "ff00ff", "--hold", "30")
-    line = ""
-    deadline = time.monotonic() + 90
-    while "painted" not in line:
-        line = proc.stdout.readline()
-        assert line or proc.poll() is None, f"guest ended before painting:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, "guest never painted"
+    lines = read_until(proc, "painted", timeout=90)
+    assert "painted" in lines[-1], f"guest ended before painting:\n{''.join(lines)}"
     out = guests.output("wb")
     assert out["guest"] == "vg" and out["path"] == "zero-copy", out
     shot = tmp_path / "wb.png"
@@ -122,7 +118,7 @@ def test_vgem_guest_on_vkms_is_zero_copy(guests, tmp_path):
     assert decode_counter(rgb) == 19, "the writeback does not show the guest's last flipped frame"
     assert colour_share(rgb, guest_colour("vg")) > 0.5
     print(f"writeback of wb: {answer['width']}x{answer['height']}, painted square present, frame 19, "
-          f"status path {out['path']}; guest said: {line.strip()}")
+          f"status path {out['path']}; guest said: {lines[-1].strip()}")
 
 
 # ------------------------------------------------------------------------------------ acceptance 3
@@ -261,11 +257,7 @@ def test_a_guest_flipping_one_frame_gets_it_presented(host, guests):
     w, h = HEAD_SIZES[0]
     proc = guests.guest("--name", "one", "--on", "display", "--size", f"{w}x{h}", "--frames", "1",
                         "--then-paint", "ff00ff", "--hold", "1")
-    lines = [""]
-    while "painted" not in lines[-1]:   # printed once frame 0 was presented; EOF ends it too
-        lines.append(proc.stdout.readline())
-        if not lines[-1]:
-            break
+    lines = read_until(proc, "painted", timeout=120) or [""]   # printed once frame 0 was presented
     rgb = host.screendump(0) if "painted" in lines[-1] else None   # during the one-second hold
     out = finish(proc)   # asserts exit 0: frame 0 was presented, so the guest painted
     print(out.strip().splitlines()[-1])
