@@ -209,7 +209,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(HERE, "kms_helpers.c"))],
     include_dirs=[HERE, *_libdrm_cflags()],
     libraries=["drm"],
-    extra_compile_args=["-std=gnu11", "-Wall", "-O2"],
+    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"],
 )
 
 if __name__ == "__main__":
