@@ -189,6 +189,19 @@ int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch
                   const void *src, size_t src_len, size_t src_offset, size_t src_pitch,
                   size_t height, size_t row_bytes);
 extern "Python" void _kms_log_cb(int level, const char *message);
+
+#define FS_MAX_JSON ...
+#define FS_RECORD ...
+enum fs_kind { FS_JSON, FS_FLIP, FS_PRESENTED, FS_RELEASED };
+enum fs_reader { FS_SERVER, FS_CLIENT };
+enum fs_error { FS_OK, FS_E_LENGTH, FS_E_KIND, FS_E_RESERVED, FS_E_ID, FS_E_ARGS };
+struct fs_record {
+    uint32_t kind; uint32_t id; uint64_t frame; uint64_t timestamp_ns; uint64_t sequence;
+    uint64_t start; uint32_t offset; uint32_t length;
+};
+int fs_decode(const uint8_t *buf, size_t len, int version, int reader, struct fs_record *out, int max,
+              size_t *used, int *error);
+size_t fs_record_size(uint32_t kind);
 """
 
 
@@ -205,8 +218,9 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "compositor._native",
-    '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n#include "kms_helpers.h"\n',
-    sources=[os.path.relpath(os.path.join(HERE, "kms_helpers.c"))],
+    '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n'
+    '#include "kms_helpers.h"\n#include "fs_codec.h"\n',
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in ("kms_helpers.c", "fs_codec.c")],
     include_dirs=[HERE, *_libdrm_cflags()],
     libraries=["drm"],
     extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"],
