@@ -2,14 +2,15 @@
 buffers (dma-bufs) and says which one to show. docs/frame-socket.md is the protocol's specification;
 this module implements both ends of it.
 
-Wire format: every message is a 4-byte little-endian length N (1..65536) and N bytes of UTF-8 JSON, an
-object with a string "type". The one message that carries a file descriptor ("buffer") sends it as
-SCM_RIGHTS in the same sendmsg as the message's first bytes. A stream socket does not keep message
-boundaries for ancillary data, so the receiver matches descriptors to messages by stream position:
-Linux hands a descriptor out with the first recvmsg that reads any byte of the sendmsg it came with,
-and ends that recvmsg after those bytes. Every descriptor therefore arrives in the same recvmsg chunk
-as the first byte of the buffer message it belongs to; one that did not is a protocol error, never a
-guess.
+Wire format (compositor.sources.fswire): every message is a 4-byte little-endian length N (1..65536) and
+N bytes of UTF-8 JSON, an object with a string "type"; version 2, agreed in hello and welcome, adds
+binary records for flip, presented and released. The one message that carries a file descriptor
+("buffer") sends it as SCM_RIGHTS in the same sendmsg as the message's first bytes. A stream socket does
+not keep message boundaries for ancillary data, so the receiver matches descriptors to messages by
+stream position: Linux hands a descriptor out with the first recvmsg that reads any byte of the sendmsg
+it came with, and ends that recvmsg after those bytes. Every descriptor therefore arrives in the same
+recvmsg chunk as the first byte of the buffer message it belongs to; one that did not is a protocol
+error, never a guess.
 
 Server (the daemon's one asyncio loop, no threads): FrameSocketServer accepts clients and gives each a
 GuestConnection, which reads and checks messages and calls the daemon's GuestHandler. A client that
@@ -36,7 +37,6 @@ import asyncio
 import base64
 import binascii
 import fcntl
-import json
 import logging
 import math
 import os
@@ -48,7 +48,6 @@ import struct
 import termios
 import time
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -71,14 +70,30 @@ from compositor.sources.frame import (
 # frame.Pointer is where a guest's pointer is (what cursor-move says); this module's Pointer is the
 # client's input event (what the compositor says). Both names are public, so the import is renamed.
 from compositor.sources.frame import Pointer as GuestPointer
+from compositor.sources.fswire import (  # noqa: F401  (Decoder, encode: the wire format's public names)
+    CLIENT,
+    FLIP,
+    MAX_MESSAGE,
+    PRESENTED,
+    RELEASED,
+    SERVER,
+    VERSIONS,
+    Decoder,
+    ProtocolError,
+    Record,
+    encode,
+    flip_record,
+    json_kind,
+    presented_record,
+    released_record,
+)
 
 if TYPE_CHECKING:
     from compositor.input.sink import InputSink
 
 log = logging.getLogger("directflip.framesocket")
 
-PROTOCOL_VERSION = 1
-MAX_MESSAGE = 65536  # bytes of JSON in one message
+PROTOCOL_VERSION = max(VERSIONS)  # the newest version spoken; hello and welcome agree on one
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
 MAX_BUFFERS = 64  # per connection: each one holds a descriptor of ours
@@ -98,14 +113,9 @@ _U32 = 2**32 - 1
 _U64 = 2**64 - 1
 _RECV_SIZE = 256 * 1024  # thousands of flips per recvmsg
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
-_LENGTH = struct.Struct("<I")
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _INTERNAL_ERROR = "internal error in the compositor"
-
-
-class ProtocolError(ValueError):
-    """A message, or a descriptor, that breaks the frame-socket protocol; the text names the cause."""
 
 
 class Refused(Exception):
@@ -120,102 +130,7 @@ class ServerError(Exception):
 CLOSED = "the compositor closed the connection"  # a ServerError's text when no reason was sent
 
 
-# ------------------------------------------------------------------------------------------ framing
-
-def encode(msg: dict[str, Any]) -> bytes:
-    """One message on the wire: length prefix and compact JSON. Raises ValueError for a message the
-    protocol cannot carry (no string "type", NaN, more than MAX_MESSAGE bytes)."""
-    if not isinstance(msg.get("type"), str):
-        raise ValueError(f'a frame-socket message needs a string "type": {msg!r}')
-    body = json.dumps(msg, separators=(",", ":"), allow_nan=False).encode()
-    if len(body) > MAX_MESSAGE:
-        raise ValueError(f"a {msg['type']} message of {len(body)} bytes is over the {MAX_MESSAGE}-byte limit")
-    return _LENGTH.pack(len(body)) + body
-
-
-class Decoder:
-    """Incremental reader of a message stream: feed it bytes as they arrive, in any pieces, and
-    iterate what feed() returns for every message completed so far.
-
-    The first malformed message raises ProtocolError (messages before it have been yielded); the
-    stream cannot be resynchronised after that. Consume each feed()'s iterator before the next feed.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0  # start of the first unconsumed byte in _buf
-        self._base = 0  # stream offset of _buf[0]
-        self.start = 0  # stream offset of the first byte of the message yielded last
-
-    def feed(self, data: bytes) -> Iterator[dict[str, Any]]:
-        if self._pos:
-            # compact once per feed, not once per message: a batch holds thousands of flips
-            del self._buf[:self._pos]
-            self._base += self._pos
-            self._pos = 0
-        self._buf += data
-        return self._messages()
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete message held back."""
-        return len(self._buf) - self._pos
-
-    def needed(self) -> int:
-        """Bytes still missing from the next message (at least 1): a reader that takes no more stops at
-        a message boundary and leaves what follows in its socket."""
-        have = self.pending
-        if have < _LENGTH.size:
-            return _LENGTH.size - have
-        (length,) = _LENGTH.unpack_from(self._buf, self._pos)
-        return max(1, _LENGTH.size + min(length, MAX_MESSAGE) - have)
-
-    def _messages(self) -> Iterator[dict[str, Any]]:
-        buf = self._buf
-        while len(buf) - self._pos >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(buf, self._pos)
-            if not 0 < length <= MAX_MESSAGE:
-                raise ProtocolError(f"message length {length} is outside 1..{MAX_MESSAGE}")
-            end = self._pos + _LENGTH.size + length
-            if end > len(buf):
-                return
-            body = bytes(buf[self._pos + _LENGTH.size:end])
-            self.start = self._base + self._pos
-            self._pos = end
-            yield _parse_body(body)
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _parse_body(body: bytes) -> dict[str, Any]:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ProtocolError(f"message is not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    try:
-        msg = json.loads(text, parse_constant=_reject_constant)
-    except RecursionError:
-        raise ProtocolError("message is not valid JSON (nested too deeply)") from None
-    except ValueError as exc:
-        raise ProtocolError(f"message is not valid JSON ({exc})") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"message is {_json_kind(msg)}, not a JSON object")
-    if not isinstance(msg.get("type"), str):
-        raise ProtocolError('message has no string "type"')
-    return msg
-
-
-def _json_kind(value: Any) -> str:
-    """'an array', 'a string', 'null'...: for error messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), type(value).__name__)
+_json_kind = json_kind
 
 
 _REQUIRED: Any = object()
@@ -361,7 +276,9 @@ class GuestConnection:
         self._loop = server._loop
         self._sock = sock
         self._fileno = sock.fileno()
-        self._decoder = Decoder()
+        self.version = 1  # the protocol version hello and welcome agreed on
+        self._decoder = Decoder(SERVER)
+        self._flush_due = False  # a flush of the binary records queued in _out is scheduled
         self._received = 0  # stream offset: bytes received so far
         self._fds: deque[_PendingFd] = deque()
         self._out = bytearray()  # bytes the client has not taken yet
@@ -387,14 +304,20 @@ class GuestConnection:
     def released(self, buffer_id: int) -> None:
         """Tell the guest the compositor no longer reads buffer_id: it may draw into it again."""
         if buffer_id in self.buffers:
-            self._send({"type": "released", "id": buffer_id})
+            if self.version >= 2:
+                self._send_record(released_record(buffer_id))
+            else:
+                self._send({"type": "released", "id": buffer_id})
 
     def presented(self, buffer_id: int, frame: int, timestamp_ns: int, sequence: int) -> None:
         """Tell the guest buffer_id reached the screen: the flip completed at timestamp_ns
         (CLOCK_MONOTONIC, from the kernel's flip event), CRTC vblank sequence `sequence`."""
         if buffer_id in self.buffers:
-            self._send({"type": "presented", "id": buffer_id, "frame": frame,
-                        "timestamp_ns": timestamp_ns, "sequence": sequence})
+            if self.version >= 2:
+                self._send_record(presented_record(buffer_id, frame, timestamp_ns, sequence))
+            else:
+                self._send({"type": "presented", "id": buffer_id, "frame": frame,
+                            "timestamp_ns": timestamp_ns, "sequence": sequence})
 
     def close(self, reason: str) -> None:
         """Send error(reason) if still open, close the socket and call on_close (if past hello)."""
@@ -475,7 +398,15 @@ class GuestConnection:
             raise ProtocolError("connection closed in the middle of a message")
         self._finish("client hung up without bye", logging.INFO, send_error=False)
 
-    def _dispatch(self, msg: dict[str, Any], start: int) -> None:
+    def _dispatch(self, msg: dict[str, Any] | Record, start: int) -> None:
+        if msg.__class__ is Record:  # version 2's flip: the one message of every frame
+            if self._fds and self._fds[0].until <= start:
+                raise ProtocolError(self._unclaimed_fds())
+            buffer = self.buffers.get(msg.id)
+            if buffer is None:
+                raise ProtocolError(f"flip of unknown buffer {msg.id}")
+            self._call("on_flip", Frame(buffer=buffer, seq=msg.frame))
+            return
         kind = msg["type"]
         if kind not in ("buffer", "vfio-device") and self._fds and self._fds[0].until <= start:
             raise ProtocolError(self._unclaimed_fds())
@@ -513,9 +444,9 @@ class GuestConnection:
 
     def _on_hello(self, msg: dict[str, Any]) -> None:
         version = _int_field(msg, "version", 0, _U32)
-        if version != PROTOCOL_VERSION:
+        if version < min(VERSIONS):
             raise ProtocolError(f"protocol version {version} is not supported "
-                                f"(this compositor speaks version {PROTOCOL_VERSION})")
+                                f"(this compositor speaks versions {min(VERSIONS)} to {PROTOCOL_VERSION})")
         name = _str_field(msg, "name")
         if not _NAME.fullmatch(name):
             raise ProtocolError(f"hello: name {name[:80]!r} is not 1..64 characters of A-Z a-z 0-9 _ . -")
@@ -524,6 +455,9 @@ class GuestConnection:
             raise ProtocolError(f'hello: "uuid" must be a string or null, not {_json_kind(uuid)}')
         pointer = _choice_field(msg, "pointer", POINTER_MODES, "absolute")
         self.name, self.uuid, self.pointer_mode = name, uuid, pointer
+        # The client's newest version or ours, whichever is older; the decoder reads what follows the
+        # hello in it (binary flips only once welcome said so: a client sends none before).
+        self.version = self._decoder.version = min(version, PROTOCOL_VERSION)
         # A guest that said bye (or hung up) and connected again at once: its old connection's end
         # may still sit unread in that socket, and the handler would find the name taken by it.
         for other in list(self._server.connections):
@@ -533,7 +467,7 @@ class GuestConnection:
             return
         self._welcomed = True
         log.info("%s: welcome", self._who())
-        self._send({"type": "welcome", "version": PROTOCOL_VERSION})
+        self._send({"type": "welcome", "version": self.version})
 
     def _on_buffer(self, msg: dict[str, Any], start: int) -> None:
         buffer_id = _int_field(msg, "id", 1, MAX_BUFFER_ID)
@@ -670,6 +604,34 @@ class GuestConnection:
         self._out += data
         if len(self._out) > MAX_QUEUED_OUTPUT:
             self._fail_soon("not reading its socket")
+
+    def _send_record(self, data: bytes) -> None:
+        """Queue a binary record; every record queued while the loop runs one callback (a flip
+        event's presented and released) leaves in one send, just after it."""
+        if self.closed or self._failing:
+            return
+        self._out += data
+        if len(self._out) > MAX_QUEUED_OUTPUT:
+            self._fail_soon("not reading its socket")
+        elif not self._writing and not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self.closed or self._writing or not self._out:
+            return
+        try:
+            sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
+            return
+        del self._out[:sent]
+        if self._out:
+            self._loop.add_writer(self._fileno, self._on_writable)
+            self._writing = True
 
     def _send_input(self, msg: dict[str, Any]) -> None:
         if self.closed or self._failing or not self._welcomed:
@@ -1035,18 +997,22 @@ class FrameSocketClient:
     compositor the guest's own pointer image and position, for the monitor's cursor plane."""
 
     def __init__(self, path: str, name: str, uuid: str | None = None, timeout: float = 5.0, *,
-                 pointer: str = "absolute") -> None:
+                 pointer: str = "absolute", version: int = PROTOCOL_VERSION) -> None:
         _check_pointer_mode(pointer)
+        if version not in VERSIONS:
+            raise ValueError(f"frame-socket protocol version {version!r} is not one of {VERSIONS}")
         self.path = path
         self.timeout = timeout
         self.pointer = pointer
-        self._decoder = Decoder()
+        self.version = 1  # what the compositor's welcome chose (at most `version`)
+        self._decoder = Decoder(CLIENT)
         self._error: str | None = None  # set once the connection is dead
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            self._asked = version
             self._connect(path, timeout)
             self._sock.setblocking(False)
-            self._send({"type": "hello", "version": PROTOCOL_VERSION, "name": name, "uuid": uuid,
+            self._send({"type": "hello", "version": version, "name": name, "uuid": uuid,
                         "pointer": pointer})
             self._await_welcome()
         except BaseException:
@@ -1060,7 +1026,13 @@ class FrameSocketClient:
                     "stride": stride, "offset": offset, "modifier": modifier}, fd=fd)
 
     def flip(self, buffer_id: int, frame: int = 0) -> None:
-        self._send({"type": "flip", "id": buffer_id, "frame": frame})
+        if self.version >= 2:
+            if type(buffer_id) is not int or not 1 <= buffer_id <= MAX_BUFFER_ID or \
+                    type(frame) is not int or not 0 <= frame <= _U64:
+                raise ValueError(f"flip of buffer {buffer_id!r}, frame {frame!r}: out of range")
+            self._send_bytes(flip_record(buffer_id, frame))
+        else:
+            self._send({"type": "flip", "id": buffer_id, "frame": frame})
 
     def hand_over_vfio(self, device_fd: int) -> None:
         """This guest is a vGPU: give the compositor (a duplicate of) its VFIO device fd. The
@@ -1165,13 +1137,22 @@ class FrameSocketClient:
             except ProtocolError as exc:
                 self._die(f"the compositor broke the protocol: {exc}")
             for msg in messages:
-                if msg["type"] == "welcome":
+                if isinstance(msg, dict) and msg["type"] == "welcome":
+                    # A version-1 compositor's welcome has no choice to make: it says 1.
+                    chosen = msg.get("version", 1)
+                    if type(chosen) is not int or chosen not in VERSIONS or chosen > self._asked:
+                        self._die(f"the compositor broke the protocol: welcome chose version {chosen!r}")
+                    self.version = self._decoder.version = chosen
                     return
                 self._event(msg)  # error → ServerError
             if not data:
                 self._die(CLOSED)
 
-    def _event(self, msg: dict[str, Any]) -> Event | None:
+    def _event(self, msg: dict[str, Any] | Record) -> Event | None:
+        if msg.__class__ is Record:
+            if msg.kind == PRESENTED:
+                return Presented(msg.id, msg.frame, msg.timestamp_ns, msg.sequence)
+            return Released(msg.id)
         try:
             kind = msg["type"]
             if kind == "released":
@@ -1202,11 +1183,11 @@ class FrameSocketClient:
             self._die(f"the compositor broke the protocol: {exc}")
         return None  # welcome again, or a newer server's message: ignored
 
-    def _drain(self) -> list[dict[str, Any]]:
+    def _drain(self) -> list[dict[str, Any] | Record]:
         """Every complete message readable right now; ServerError once the connection has ended."""
         if self._error is not None:
             raise ServerError(self._error)
-        messages: list[dict[str, Any]] = []
+        messages: list[dict[str, Any] | Record] = []
         while True:
             try:
                 data = self._sock.recv(_RECV_SIZE)
@@ -1244,9 +1225,12 @@ class FrameSocketClient:
                 return True
 
     def _send(self, msg: dict[str, Any], fd: int | None = None) -> None:
+        self._send_bytes(encode(msg), fd)
+
+    def _send_bytes(self, raw: bytes, fd: int | None = None) -> None:
         if self._error is not None:
             raise ServerError(self._error)
-        data = memoryview(encode(msg))
+        data = memoryview(raw)
         ancillary = [] if fd is None else [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
         deadline = time.monotonic() + self.timeout
         while data:
