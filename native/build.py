@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 from cffi import FFI
 
@@ -214,17 +215,40 @@ def _libdrm_cflags() -> list[str]:
         return ["/usr/include/libdrm"]
 
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "compositor._native",
-    '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n'
-    '#include "kms_helpers.h"\n#include "fs_codec.h"\n',
-    sources=[os.path.relpath(os.path.join(HERE, name)) for name in ("kms_helpers.c", "fs_codec.c")],
-    include_dirs=[HERE, *_libdrm_cflags()],
-    libraries=["drm"],
-    extra_compile_args=["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"],
-)
+CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"]
+# `python native/build.py --sanitize DIR` builds the same module with AddressSanitizer and
+# UndefinedBehaviorSanitizer into DIR (for `make sanitize`, which loads it in place of the real one).
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+
+
+def _relative_join(*parts: str) -> str:
+    return os.path.relpath(os.path.join(*parts))
+
+
+def builder(sanitize: bool = False) -> FFI:
+    ffi = FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source(
+        "compositor._native",
+        '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n'
+        '#include "kms_helpers.h"\n#include "fs_codec.h"\n',
+        # setuptools wants paths relative to the project; a build in another directory, absolute ones
+        sources=[(os.path.join if sanitize else _relative_join)(HERE, name)
+                 for name in ("kms_helpers.c", "fs_codec.c")],
+        include_dirs=[HERE, *_libdrm_cflags()],
+        libraries=["drm"],
+        extra_compile_args=CFLAGS + (SANITIZE if sanitize else []),
+        extra_link_args=SANITIZE if sanitize else [],
+    )
+    return ffi
+
+
+ffibuilder = builder()
 
 if __name__ == "__main__":
-    ffibuilder.compile(verbose=True)
+    if sys.argv[1:2] == ["--sanitize"] and len(sys.argv) == 3:
+        print(builder(sanitize=True).compile(tmpdir=sys.argv[2]))
+    elif len(sys.argv) == 1:
+        ffibuilder.compile(verbose=True)
+    else:
+        sys.exit("usage: python native/build.py [--sanitize DIR]")

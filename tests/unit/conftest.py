@@ -7,6 +7,10 @@ import subprocess
 import time
 
 import pytest
+from native_override import load
+
+# `make sanitize`: the C helper built with ASan and UBSan, loaded before any test imports the real one.
+SANITIZED = load()
 
 
 @pytest.fixture
