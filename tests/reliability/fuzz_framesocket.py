@@ -1,15 +1,15 @@
 """libFuzzer harness (atheris) for the reading side of the frame socket: the decoder and the message
 checker of a real GuestConnection, fed through a real socketpair with real descriptors.
 
-Each input is a script: raw bytes, well-formed messages with fuzzed members (cursor images of fuzzed
-sizes, hot spots and base64 among them), bare length prefixes, and buffer messages carrying memfds of
-fuzzed sizes, in fuzzed pieces; between them the compositor sends the guest input through conn.input,
-and the guest reads (or does not read) what it was sent. The server's socket buffer is small and its
-input bound zero here, so dropping input, keeping releases and catching up all happen. After the
-script the client hangs up. Whatever happens, nothing may escape the connection's read handler or its
-input sink, the connection must end closed, the handler must have been told once (if the guest got
-past hello), no descriptor may be left open, and on_cursor must only ever see a cursor whose pixels
-fill its image and whose hot spot lies in it, and a pointer in range.
+Each input is a script: raw bytes, version-2 binary records, well-formed messages with fuzzed members
+(cursor images of fuzzed sizes, hot spots and base64 among them), bare length prefixes, and buffer
+messages carrying memfds of fuzzed sizes, in fuzzed pieces; between them the compositor sends the guest
+input through conn.input, and the guest reads (or does not read) what it was sent. The server's socket
+buffer is small and its input bound zero here, so dropping input, keeping releases and catching up all
+happen. After the script the client hangs up. Whatever happens, nothing may escape the connection's read
+handler or its input sink, the connection must end closed, the handler must have been told once (if the
+guest got past hello), no descriptor may be left open, and on_cursor must only ever see a cursor whose
+pixels fill its image and whose hot spot lies in it, and a pointer in range.
 
     python tests/reliability/fuzz_framesocket.py -runs=100000        # or without -runs: until stopped
 """
@@ -35,6 +35,7 @@ with atheris.instrument_imports(include=["compositor"]):
     from compositor.sources.frame import MAX_DIMENSION, Buffer, Cursor, Frame
     from compositor.sources.frame import Pointer as GuestPointer
     from compositor.sources.framesocket import FrameSocketServer, GuestConnection, Peer, Refused, encode
+    from compositor.sources.fswire import RECORD, flip_record
 
 TYPES = ["hello", "buffer", "flip", "forget", "bye", "vfio-device", "pointer-mode", "cursor", "cursor-move",
          "released", "key", "", "HELLO"]
@@ -133,7 +134,8 @@ def value(fdp: atheris.FuzzedDataProvider) -> object:
 def message(fdp: atheris.FuzzedDataProvider) -> bytes:
     msg: dict[str, object] = {"type": fdp.PickValueInList(TYPES)}
     if msg["type"] == "hello":
-        msg |= {"version": 1, "name": fdp.PickValueInList(["guest", "refuse", "g" * 65, "a b"])}
+        msg |= {"version": fdp.PickValueInList([1, 2, 2, 3]),
+                "name": fdp.PickValueInList(["guest", "refuse", "g" * 65, "a b"])}
         if fdp.ConsumeBool():
             msg["pointer"] = fdp.PickValueInList(MODES)
     elif msg["type"] == "pointer-mode":
@@ -159,6 +161,14 @@ def message(fdp: atheris.FuzzedDataProvider) -> bytes:
     except ValueError:  # NaN, infinity: the server must refuse them as text
         body = json.dumps(msg, allow_nan=True).encode()
     return struct.pack("<I", len(body)) + body
+
+
+def record(fdp: atheris.FuzzedDataProvider) -> bytes:
+    """A version-2 binary record: a flip of a near buffer id, or any kind with any bits and bytes."""
+    if fdp.ConsumeBool():
+        return flip_record(fdp.ConsumeIntInRange(0, 3), fdp.ConsumeIntInRange(0, 2**64 - 1))
+    word = RECORD | fdp.ConsumeIntInRange(0, 2**31 - 1)
+    return struct.pack("<I", word) + fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 40))
 
 
 def memfd(size: int) -> int:
@@ -204,6 +214,8 @@ def catch_up(conn: GuestConnection, client: socket.socket) -> None:
     """The guest reads everything it was sent, and the server sends what it had queued (what the
     loop's writer callback would do)."""
     for _ in range(1000):  # each round moves a socket buffer's worth; 1 MiB at most is queued
+        if conn._flush_due and not conn.closed:
+            conn._flush()  # the records queued in one callback, as the loop would send them after it
         if conn._writing and not conn.closed:
             conn._on_writable()
         try:
@@ -233,12 +245,12 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
     LOOP.add_reader(server_end.fileno(), conn._on_readable)
     closes = HANDLER.closes
     if fdp.ConsumeBool():
-        client.sendall(encode({"type": "hello", "version": 1, "name": "guest"}))
+        client.sendall(encode({"type": "hello", "version": fdp.PickValueInList([1, 2]), "name": "guest"}))
     try:
         for _ in range(fdp.ConsumeIntInRange(0, 12)):
             if conn.closed:
                 break
-            step = fdp.ConsumeIntInRange(0, 5)
+            step = fdp.ConsumeIntInRange(0, 6)
             if step == 4:
                 send_input(conn, fdp)
                 continue
@@ -252,6 +264,8 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
                     send(client, message(fdp), 0, 0)
                 elif step == 2:
                     send(client, struct.pack("<I", fdp.ConsumeIntInRange(0, 2**32 - 1)), 0, 0)
+                elif step == 6:
+                    send(client, record(fdp), 0, 0)
                 else:
                     nfds, size = fdp.ConsumeIntInRange(0, 20), fdp.ConsumeIntInRange(0, 1 << 14)
                     send(client, message(fdp), nfds, size)
@@ -271,6 +285,8 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
         client.close()
         if not conn.closed:
             conn.close("harness")
+    while LOOP._ready:  # flushes scheduled on the never-run loop: each finds its connection closed
+        LOOP._ready.popleft()._run()
     left = sorted(os.listdir("/proc/self/fd"))
     assert left == BASELINE, f"descriptors leaked: {sorted(set(left) - set(BASELINE))}"
 

@@ -18,6 +18,7 @@ SEEDS = ",".join(str(p) for p in sorted((ROOT / "policies").glob("*.yaml")))
 HARNESSES = {  # harness → (runs, extra libFuzzer flags)
     "fuzz_framesocket.py": (10000, []),
     "fuzz_policy.py": (3000, [f"-seed_inputs={SEEDS}"]),
+    "fuzz_wire.py": (20000, []),
 }
 
 

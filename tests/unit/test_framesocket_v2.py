@@ -16,6 +16,7 @@ from framesocket_env import serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_framesocket import BUFFER, STRIDE, H, Recorder, W, memfd, open_fds, send_with_fd
+from wire_reference import reference
 
 from compositor.sources.framesocket import FrameSocketClient, Presented, Released, encode
 from compositor.sources.fswire import (
@@ -215,48 +216,6 @@ def test_the_client_reads_presented_and_released_only():
     bad[8] = 1   # the reserved word
     with pytest.raises(ProtocolError, match="reserved bits"):
         list(Decoder(CLIENT, 2).feed(bytes(bad)))
-
-
-def reference(stream: bytes, reader: int) -> tuple[list[Any], bool]:
-    """The format as docs/frame-socket.md defines it, written plainly: (messages, whether it stopped
-    at a malformed one). JSON bodies are kept as bytes."""
-    sizes = {FLIP: 12, PRESENTED: 32, RELEASED: 4}
-    allowed = {FLIP} if reader == SERVER else {PRESENTED, RELEASED}
-    out, pos = [], 0
-    while len(stream) - pos >= 4:
-        (word,) = struct.unpack_from("<I", stream, pos)
-        if not word & RECORD:
-            if word == 0 or word > MAX_MESSAGE:
-                return out, True
-            if len(stream) - pos - 4 < word:
-                return out, False
-            out.append(stream[pos + 4:pos + 4 + word])
-            pos += 4 + word
-            continue
-        kind = word & 0xFF
-        if word & 0x7FFFFF00:
-            return out, True
-        if kind not in allowed:
-            return out, True
-        if len(stream) - pos - 4 < sizes[kind]:
-            return out, False
-        body = stream[pos + 4:pos + 4 + sizes[kind]]
-        if kind == FLIP:
-            bid, frame = struct.unpack("<IQ", body)
-            rec = Record(FLIP, bid, frame)
-        elif kind == PRESENTED:
-            bid, zero, frame, ts, seq = struct.unpack("<IIQQQ", body)
-            if zero:
-                return out, True
-            rec = Record(PRESENTED, bid, frame, ts, seq)
-        else:
-            (bid,) = struct.unpack("<I", body)
-            rec = Record(RELEASED, bid)
-        if bid == 0:
-            return out, True
-        out.append(rec)
-        pos += 4 + sizes[kind]
-    return out, False
 
 
 _piece = st.one_of(
