@@ -16,6 +16,7 @@ from reliakit import HEADS, MONITORS, dri_debugfs, moving, sample, shows, start_
 FLIPS = int(os.environ.get("DIRECTFLIP_SOAK_FLIPS", "100000"))
 RESTARTS = 4        # times soak-c is killed and started again during the soak
 RSS_GROWTH_KIB = 1024
+STALL = 300         # seconds without a new flip that fail the soak (a wedged output, not a slow one)
 
 POLICY = MONITORS + """guests:
   soak-a: {kind: socket}
@@ -29,6 +30,24 @@ placements:
 PLACED = {"left": "soak-a", "centre": "soak-b", "right": "soak-c"}
 
 
+class Progress:
+    """The compositor's flip count, failing the soak once it has not moved for STALL seconds: the
+    soak's length is a count of flips, and a count that stops must end it, not hang it."""
+
+    def __init__(self, comp: Compositor) -> None:
+        self.comp = comp
+        self.last, self.since = -1, time.monotonic()
+
+    def flips(self) -> int:
+        status = self.comp.status()
+        now, flips = time.monotonic(), total(status, "frames")
+        if flips != self.last:
+            self.last, self.since = flips, now
+        assert now - self.since < STALL, (f"no flip for {STALL} s, stuck at {flips}: "
+                                           f"{[o for o in status['outputs'] if o.get('guest')]}")
+        return flips
+
+
 def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugfs, tmp_path):
     dri = dri_debugfs(debugfs, "virtio_gpu")
     comp = Compositor(tmp_path)
@@ -39,7 +58,8 @@ def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugf
             comp.wait_shown(monitor, guest)
         first = max(3000, FLIPS // 20)
         t0 = time.monotonic()
-        while total(comp.status(), "frames") < first:
+        progress = Progress(comp)
+        while progress.flips() < first:
             time.sleep(0.5)
         warm = sample(comp.proc.pid, dri)
         print(f"after {total(comp.status(), 'frames')} flips: {warm}")
@@ -47,7 +67,7 @@ def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugf
 
         restart_at = [FLIPS * (k + 1) // (RESTARTS + 1) for k in range(RESTARTS)]
         samples = []
-        while (flips := total(comp.status(), "frames")) < FLIPS:
+        while (flips := progress.flips()) < FLIPS:
             assert comp.proc.poll() is None, comp.tail()
             if restart_at and flips >= restart_at[0]:
                 restart_at.pop(0)
