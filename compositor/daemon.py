@@ -26,7 +26,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -89,9 +88,8 @@ class GuestState:
     conn: GuestConnection
     guest: Guest
     latest: Frame | None = None
-    holds: Counter = field(default_factory=Counter)        # buffer id → holders
     blanked: bool = False  # a vGPU whose display is off: its monitors show the slate
-    forgotten: dict[int, Buffer] = field(default_factory=dict)  # freed once nothing holds them
+    forgotten: set[Buffer] = field(default_factory=set)  # freed once nothing holds them (Buffer.holds)
     flips: int = 0
     input: InputSink | None = None  # a sink of the daemon's own (a launched vGPU's uinput devices)
     cursor: Cursor | None = None   # the guest's pointer image, on the cursor planes of its monitors
@@ -462,7 +460,7 @@ class Daemon:
         gs = self.guests.get(out.guest) if out.guest else None
         if gs is None or gs.latest is None:
             return None
-        gs.holds[gs.latest.buffer.id] += 1  # the pipeline's hold; released through _release
+        self._hold(gs, gs.latest.buffer)  # the pipeline's hold; released through _release
         return gs.latest
 
     async def _idle(self, pipe: ScanoutPipeline, timeout: float = 1.0) -> None:
@@ -490,22 +488,23 @@ class Daemon:
                 pipe.on_flip(event)
                 return
 
-    def _state_of(self, buf: Buffer) -> GuestState | None:
-        for gs in [self.guests.get(buf.guest), *self.departed]:
-            if gs is not None and (gs.conn.buffers.get(buf.id) is buf or gs.forgotten.get(buf.id) is buf):
-                return gs
-        return None
+    @staticmethod
+    def _hold(gs: GuestState, buf: Buffer) -> None:
+        buf.owner = gs
+        buf.holds += 1
 
     def _release(self, frame: Frame) -> None:
+        """One holder of frame's buffer is done with it: the last one frees a forgotten buffer, or
+        tells its guest `released`."""
         buf = frame.buffer
-        gs = self._state_of(buf)
-        if gs is None:
-            return
-        gs.holds[buf.id] -= 1
-        if gs.holds[buf.id] <= 0:
-            del gs.holds[buf.id]
-            if buf.id in gs.forgotten:
-                self._free_buffer(gs.forgotten.pop(buf.id))
+        gs = buf.owner
+        if gs is None or buf.holds <= 0:
+            return   # never held (a frame of a guest that was already gone), or freed already
+        buf.holds -= 1
+        if buf.holds == 0:
+            if buf.forgotten:
+                gs.forgotten.discard(buf)
+                self._free_buffer(buf)
             elif not gs.conn.closed:
                 gs.conn.released(buf.id)
 
@@ -557,8 +556,7 @@ class Daemon:
                             modifier=modifier_name(info.modifier))
         else:
             guest = gs.guest
-        buf_id = frame.buffer.id
-        gs.holds[buf_id] += 1  # as the latest frame
+        self._hold(gs, frame.buffer)  # as the latest frame
         if gs.latest is not None:
             self._release(gs.latest)
         gs.latest = frame
@@ -569,13 +567,18 @@ class Daemon:
             self.replan()
             return  # the new plan shows it (and later frames go through the pipelines)
         for pipe in self._showing(conn.name):
-            gs.holds[buf_id] += 1
+            self._hold(gs, frame.buffer)
             pipe.submit(frame)
 
     def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
         gs = self.guests[conn.name]
-        if gs.holds.get(buffer.id, 0) > 0:
-            gs.forgotten[buffer.id] = buffer
+        self._forget(gs, buffer)
+
+    def _forget(self, gs: GuestState, buffer: Buffer) -> None:
+        """The guest will not flip `buffer` again: close it now, or once nothing holds it."""
+        if buffer.holds > 0:
+            buffer.forgotten = True
+            gs.forgotten.add(buffer)
         else:
             self._free_buffer(buffer)
 
@@ -597,9 +600,9 @@ class Daemon:
             if task is not None:
                 task.cancel()
             for buffer in conn.evicted():
-                gs.forgotten[buffer.id] = buffer
-        for buf_id, buffer in list(conn.buffers.items()):
-            gs.forgotten[buf_id] = buffer
+                self._forget(gs, buffer)
+        for buffer in list(conn.buffers.values()):
+            self._forget(gs, buffer)
         conn.buffers.clear()
         if gs.latest is not None:
             latest, gs.latest = gs.latest, None
@@ -611,14 +614,15 @@ class Daemon:
         self.replan()
 
     def _free_forgotten(self, gs: GuestState) -> None:
-        for buf_id in [b for b in gs.forgotten if gs.holds.get(b, 0) <= 0]:
-            self._free_buffer(gs.forgotten.pop(buf_id))
+        for buffer in [b for b in gs.forgotten if b.holds <= 0]:
+            gs.forgotten.discard(buffer)
+            self._free_buffer(buffer)
 
     def _free_guest(self, gs: GuestState) -> None:
         if gs.input is not None and hasattr(gs.input, "close"):
             gs.input.close()
             gs.input = None
-        for buffer in list(gs.forgotten.values()) + list(gs.conn.buffers.values()):
+        for buffer in [*gs.forgotten, *gs.conn.buffers.values()]:
             self._free_buffer(buffer)
         gs.forgotten.clear()
 
@@ -736,13 +740,13 @@ class Daemon:
         """`rect` of the guest's buffer that `frame` shows, read off the loop while the buffer is held."""
         buffer = frame.buffer
         readback.check_layout(buffer.info.fourcc, buffer.info.modifier)
-        gs = self._state_of(buffer)
-        if gs is None or buffer.fd < 0:
+        gs = buffer.owner
+        if gs is None or buffer.fd < 0 or (buffer.forgotten and buffer.holds <= 0):
             raise CaptureError(f"{buffer.guest}'s buffer {buffer.id} was freed as the capture began (its "
                                f"guest went away); capture again")
         # Held as a pipeline holds it: the guest is not told `released`, so it does not draw into the
         # buffer, until the read has really ended (a request that timed out included).
-        gs.holds[buffer.id] += 1
+        self._hold(gs, buffer)
         try:
             own = readback.dup_buffer(buffer)
         except OSError as exc:
@@ -1339,7 +1343,7 @@ class Daemon:
                         "buffers": len(gs.conn.buffers), "flips": gs.flips,
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
-                        "held": sum(gs.holds.values())}
+                        "held": sum(b.holds for b in [*gs.conn.buffers.values(), *gs.forgotten])}
                        for name, gs in self.guests.items()],
         }
 

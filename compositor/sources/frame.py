@@ -97,6 +97,12 @@ class Buffer:
     fd: int
     mmap_offset: int = 0  # where the layout's offset 0 lies in fd (a device region's file offset)
     copy_only: str | None = None  # why the buffer cannot be imported (it is not a dma-buf), if so
+    # Who holds it (the daemon counts them: its guest's latest frame, each output that has it pending,
+    # in flight or on screen, a capture reading it) and the daemon's record of the guest it belongs
+    # to: the buffer itself says whose it is and when it is free, nothing has to search for it.
+    holds: int = 0
+    owner: object = field(default=None, repr=False)
+    forgotten: bool = False  # its guest forgot it (or went away): closed once nothing holds it
 
     def close(self) -> None:
         if self.fd >= 0:

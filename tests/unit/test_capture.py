@@ -317,7 +317,7 @@ def test_the_guest_buffer_is_held_until_the_read_ends(lab, tmp_path, monkeypatch
         answer = await task
         assert answer["frame"] == {"buffer": 1, "frame": 0}
         assert ("released", 1) in lab.conn.said
-        assert lab.daemon.guests["office"].holds[1] == 0
+        assert lab.daemon.guests["office"].conn.buffers[1].holds == 0
         assert (shot(tmp_path / "left.png") == expected(1, FULL, FULL)).all()
 
     asyncio.run(scenario())
