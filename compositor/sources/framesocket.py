@@ -443,9 +443,15 @@ class GuestConnection:
             raise ProtocolError(f"unknown message type {kind[:40]!r}")
 
     def _on_hello(self, msg: dict[str, Any]) -> None:
+        # `version`: the oldest version the client speaks; `max_version` (optional): its newest. Old
+        # compositors know only `version`, so a client says 1 there and its newest in max_version.
         version = _int_field(msg, "version", 0, _U32)
-        if version < min(VERSIONS):
-            raise ProtocolError(f"protocol version {version} is not supported "
+        newest = _int_field(msg, "max_version", 0, _U32, version)
+        if newest < version:
+            raise ProtocolError(f"hello: max_version {newest} is older than version {version}")
+        chosen = min(newest, PROTOCOL_VERSION)
+        if chosen < max(version, min(VERSIONS)):
+            raise ProtocolError(f"protocol version {version if version else newest} is not supported "
                                 f"(this compositor speaks versions {min(VERSIONS)} to {PROTOCOL_VERSION})")
         name = _str_field(msg, "name")
         if not _NAME.fullmatch(name):
@@ -455,9 +461,9 @@ class GuestConnection:
             raise ProtocolError(f'hello: "uuid" must be a string or null, not {_json_kind(uuid)}')
         pointer = _choice_field(msg, "pointer", POINTER_MODES, "absolute")
         self.name, self.uuid, self.pointer_mode = name, uuid, pointer
-        # The client's newest version or ours, whichever is older; the decoder reads what follows the
-        # hello in it (binary flips only once welcome said so: a client sends none before).
-        self.version = self._decoder.version = min(version, PROTOCOL_VERSION)
+        # The newest version both speak; the decoder reads what follows the hello in it (binary flips
+        # only once welcome said so: a client sends none before).
+        self.version = self._decoder.version = chosen
         # A guest that said bye (or hung up) and connected again at once: its old connection's end
         # may still sit unread in that socket, and the handler would find the name taken by it.
         for other in list(self._server.connections):
@@ -632,6 +638,8 @@ class GuestConnection:
         if self._out:
             self._loop.add_writer(self._fileno, self._on_writable)
             self._writing = True
+        elif self._dropping_input:
+            self._input_drained()   # input queued behind the records went too: it flows again
 
     def _send_input(self, msg: dict[str, Any]) -> None:
         if self.closed or self._failing or not self._welcomed:
@@ -1012,8 +1020,10 @@ class FrameSocketClient:
             self._asked = version
             self._connect(path, timeout)
             self._sock.setblocking(False)
-            self._send({"type": "hello", "version": version, "name": name, "uuid": uuid,
-                        "pointer": pointer})
+            hello = {"type": "hello", "version": 1, "name": name, "uuid": uuid, "pointer": pointer}
+            if version > 1:
+                hello["max_version"] = version   # a compositor that predates it welcomes version 1
+            self._send(hello)
             self._await_welcome()
         except BaseException:
             self._sock.close()

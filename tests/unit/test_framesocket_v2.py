@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from typing import Any
 
 import pytest
@@ -72,15 +73,53 @@ def messages(raw: bytes, version: int = 2) -> list[Any]:
 
 # --------------------------------------------------------------------------------- negotiation
 
-@pytest.mark.parametrize("asked, chosen", [(1, 1), (2, 2), (3, 2), (2**32 - 1, 2)])
-def test_welcome_chooses_the_older_of_the_two_versions(env, asked, chosen):
-    raw = talk(env, encode({**HELLO2, "version": asked}), encode({"type": "bye"}))
+@pytest.mark.parametrize("version, newest, chosen", [(1, None, 1), (2, None, 2), (1, 2, 2), (1, 7, 2),
+                                                     (2, 2**32 - 1, 2)])
+def test_welcome_chooses_the_newest_version_both_speak(env, version, newest, chosen):
+    hello = {**HELLO2, "version": version, **({} if newest is None else {"max_version": newest})}
+    raw = talk(env, encode(hello), encode({"type": "bye"}))
     assert messages(raw)[0] == {"type": "welcome", "version": chosen}
 
 
-def test_version_zero_is_refused(env):
-    (error,) = messages(talk(env, encode({**HELLO2, "version": 0})))
-    assert error["type"] == "error" and "version 0 is not supported" in error["reason"]
+@pytest.mark.parametrize("fields, cause", [
+    ({"version": 0}, "version 0 is not supported"),
+    ({"version": 3}, "version 3 is not supported (this compositor speaks versions 1 to 2)"),
+    ({"version": 3, "max_version": 5}, "version 3 is not supported"),
+    ({"version": 2, "max_version": 1}, "max_version 1 is older than version 2"),
+    ({"version": 1, "max_version": "2"}, '"max_version" must be an integer'),
+])
+def test_a_hello_with_no_common_version_is_refused(env, fields, cause):
+    (error,) = messages(talk(env, encode({**HELLO2, **fields})))
+    assert error["type"] == "error" and cause in error["reason"], error
+
+
+def test_a_version_2_client_says_version_1_to_older_compositors(tmp_path):
+    """A compositor that knows only version 1 reads `version` and ignores `max_version`: the client's
+    hello must say 1 there, and the client then speaks version 1."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "old.sock")
+    listener.bind(path)
+    listener.listen(1)
+    seen: list[dict] = []
+
+    def old_compositor() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            (hello,) = list(Decoder(SERVER, 1).feed(conn.recv(65536)))
+            seen.append(hello)
+            conn.sendall(encode({"type": "welcome", "version": 1}))
+            conn.recv(65536)
+
+    server = threading.Thread(target=old_compositor, daemon=True)
+    server.start()
+    client = FrameSocketClient(path, "office")
+    try:
+        assert client.version == 1
+        assert seen[0]["version"] == 1 and seen[0]["max_version"] == 2
+    finally:
+        client.close()
+        server.join(5)
+        listener.close()
 
 
 def test_client_takes_the_version_the_welcome_chose(env):
