@@ -67,14 +67,15 @@ def live_mode(mode) -> Mode:
 
 
 class FramebufferCache:
-    """Imported guest buffers of one card: (guest, buffer id) → framebuffer, imported once.
+    """Imported guest buffers of one card: Buffer.key (guest, buffer id, serial) → framebuffer,
+    imported once.
 
     PRIME import of a dma-buf the card already knows gives back the same GEM handle, so handles are
     reference-counted: two buffer ids naming one dma-buf must not close each other's handle."""
 
     def __init__(self, card: Card) -> None:
         self.card = card
-        self.entries: dict[tuple[str, int], tuple[Framebuffer, int]] = {}
+        self.entries: dict[tuple[str, int, int], tuple[Framebuffer, int]] = {}
         self._handle_refs: dict[int, int] = {}
         self.imports = 0
 
@@ -95,7 +96,7 @@ class FramebufferCache:
         self.imports += 1
         return fb
 
-    def drop(self, key: tuple[str, int]) -> None:
+    def drop(self, key: tuple[str, int, int]) -> None:
         entry = self.entries.pop(key, None)
         if entry is None:
             return
@@ -144,7 +145,7 @@ class CopyBuffers:
             fb = card.add_framebuffer(size[0], size[1], info.fourcc, [buf.handle], [buf.pitch], [0],
                                       DRM_FORMAT_MOD_LINEAR)
             self.slots.append((buf, fb))
-        self._maps: dict[tuple[str, int], mmap.mmap] = {}
+        self._maps: dict[tuple[str, int, int], mmap.mmap] = {}
 
     def fits(self, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> bool:
         return ((info.width, info.height, info.fourcc, size, src, dst)
@@ -177,7 +178,7 @@ class CopyBuffers:
                 _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
         return fb
 
-    def forget(self, key: tuple[str, int]) -> None:
+    def forget(self, key: tuple[str, int, int]) -> None:
         m = self._maps.pop(key, None)
         if isinstance(m, mmap.mmap):
             m.close()
@@ -608,12 +609,17 @@ class ScanoutPipeline:
     def _show_frame_blocking(self, frame: Frame, modeset: bool, old_plane=None) -> None:
         problem = self._fits(frame)
         if problem:
-            self._show_slate(problem, modeset, old_plane)
             self.release(frame)
+            self._show_slate(problem, modeset, old_plane)
             return
         ScanoutPipeline._tokens += 1
         token = ScanoutPipeline._tokens
-        commit = self._commit_frame(frame, modeset=modeset, old_plane=old_plane, token=token, blocking=True)
+        try:
+            commit = self._commit_frame(frame, modeset=modeset, old_plane=old_plane, token=token,
+                                        blocking=True)
+        except KmsError:
+            self.release(frame)   # it never reached the plane: its hold ends here
+            raise
         if commit is None:
             self.release(frame)
             self.dead_end = True  # later frames go straight back to the guest
@@ -861,7 +867,7 @@ class ScanoutPipeline:
 
     # --- end --------------------------------------------------------------------------------------
 
-    def forget(self, key: tuple[str, int]) -> None:
+    def forget(self, key: tuple[str, int, int]) -> None:
         if self.copy is not None:
             self.copy.forget(key)
 

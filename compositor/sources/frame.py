@@ -11,6 +11,7 @@ may ever be scanned out.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import stat
 import time
@@ -87,6 +88,9 @@ def dmabuf_size(fd: int) -> int:
     return size
 
 
+_SERIALS = itertools.count(1)
+
+
 @dataclass(eq=False)
 class Buffer:
     """A guest buffer the compositor holds: it owns `fd` (a dma-buf) until close()."""
@@ -103,6 +107,7 @@ class Buffer:
     holds: int = 0
     owner: object = field(default=None, repr=False)
     forgotten: bool = False  # its guest forgot it (or went away): closed once nothing holds it
+    serial: int = field(default_factory=lambda: next(_SERIALS), repr=False)  # unique in the process
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -110,8 +115,11 @@ class Buffer:
             self.fd = -1
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.guest, self.id)
+    def key(self) -> tuple[str, int, int]:
+        """What the caches of imported framebuffers and copy mappings know it by: its guest, its id
+        and its serial, so a buffer announced under an id that a forgotten one still on screen had
+        is never mistaken for it."""
+        return (self.guest, self.id, self.serial)
 
 
 @dataclass(eq=False)

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 from test_capture import Lab
+from test_daemon_guests import CARD
 from test_scanout import guest_buffer
 
 
@@ -29,12 +30,19 @@ def test_a_buffer_forgotten_on_screen_is_closed_once_off_it_even_when_its_id_com
         assert (one.holds, two.holds) == (0, 2)     # two: the guest's latest frame and the screen
         assert ("released", 1) in lab.conn.said
 
+        (pipe,) = d.pipelines.values()
+        cache = d.caches[CARD]
+        two_fb = pipe.on_screen.fb
         d.on_forget(lab.conn, lab.conn.buffers.pop(2))   # forgotten while on screen: kept
         assert two.fd >= 0 and two.forgotten and gs.forgotten == {two}
 
         again = guest_buffer(2)                      # the id announced anew: another buffer
         await lab.show(again, 2)
         assert two.fd == -1 and two.holds == 0 and gs.forgotten == set()   # off screen: closed
+        # The new buffer has a framebuffer of its own (not the forgotten one's, found by its id), and
+        # freeing the forgotten one left it in the cache and on the plane.
+        assert pipe.on_screen.frame.buffer is again and pipe.on_screen.fb is not two_fb
+        assert cache.entries[again.key][0] is pipe.on_screen.fb and two.key not in cache.entries
         assert lab.conn.said.count(("released", 2)) == 0   # a forgotten buffer is not `released`
 
         d.on_forget(lab.conn, lab.conn.buffers.pop(2))
