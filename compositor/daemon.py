@@ -422,6 +422,8 @@ class Daemon:
                 except (KmsError, OSError) as exc:
                     log.error("%s:%s (%s): cannot light it: %s", out.card, out.connector, out.monitor, exc)
                     self.failed[key] = str(exc)
+                    if pipe is None and first is not None:
+                        self._release(first)   # no pipeline took it (the pipeline releases what it did)
                     if pipe is not None:
                         pipe.stop()
                         self.pipelines.pop(key, None)
@@ -512,7 +514,7 @@ class Daemon:
         if frame.presented:
             return
         frame.presented = True
-        gs = self.guests.get(frame.buffer.guest)
+        gs = frame.buffer.owner   # not the guest's name: a guest that connected again has new buffers
         if gs is not None and not gs.conn.closed:
             gs.conn.presented(frame.buffer.id, frame.seq, event.timestamp_ns, event.sequence)
 
