@@ -30,13 +30,14 @@ from compositor.sources.framesocket import (
     Key,
     Motion,
     Pointer,
+    Presented,
     ServerError,
     Touch,
     Wheel,
     encode,
 )
 
-KEY_A, KEY_LEFTCTRL, BTN_LEFT, BTN_RIGHT = 30, 29, 0x110, 0x111
+KEY_A, KEY_B, KEY_LEFTCTRL, BTN_LEFT, BTN_RIGHT = 30, 48, 29, 0x110, 0x111
 
 
 @dataclass
@@ -400,3 +401,27 @@ def _bodies(data: bytes) -> list[bytes]:
         out.append(data[pos + 4:pos + 4 + n])
         pos += 4 + n
     return out
+
+
+def test_input_queued_behind_a_flip_answer_flows_again_once_it_is_sent(env):
+    """A version-2 flip answer waits in the queue until the loop runs again; input added meanwhile
+    past MAX_QUEUED_INPUT starts dropping. The flush that sends it all must let input flow again."""
+    client = env.client("office")
+    conn = env.conn("office")
+    assert conn.version == 2
+    conn.buffers[1] = object()   # presented is sent for a buffer the connection knows
+    conn.presented(1, 7, 1, 1)
+    while not conn._dropping_input:   # the whole queue waits for the loop: nothing is being written
+        conn.input.key(KEY_A, True)
+        conn.input.key(KEY_A, False)
+    assert not conn._writing and conn._flush_due
+    received: list[Any] = []
+    deadline = time.monotonic() + 10
+    while conn._out or conn._dropping_input:
+        assert time.monotonic() < deadline, "input never flowed again"
+        received += env.run(client.poll, 0.05)
+    received += env.run(client.poll, 0.2)   # what was still in the socket
+    conn.input.key(KEY_B, True)              # after the flush: not dropped
+    assert env.events(client, 1) == [Key(KEY_B, True)]
+    assert received[0] == Presented(1, 7, 1, 1) and conn.dropped_input > 0
+    del conn.buffers[1]
