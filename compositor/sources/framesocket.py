@@ -625,21 +625,8 @@ class GuestConnection:
 
     def _flush(self) -> None:
         self._flush_due = False
-        if self.closed or self._writing or not self._out:
-            return
-        try:
-            sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
-            return
-        del self._out[:sent]
-        if self._out:
-            self._loop.add_writer(self._fileno, self._on_writable)
-            self._writing = True
-        elif self._dropping_input:
-            self._input_drained()   # input queued behind the records went too: it flows again
+        if not (self.closed or self._writing) and self._out:
+            self._write_out()
 
     def _send_input(self, msg: dict[str, Any]) -> None:
         if self.closed or self._failing or not self._welcomed:
@@ -686,19 +673,29 @@ class GuestConnection:
             self._track(ident, False)
 
     def _on_writable(self) -> None:
+        self._write_out()
+
+    def _write_out(self) -> None:
+        """Send what the queue holds, as much as the socket takes. What is left waits for the
+        socket to be writable; once nothing is left, input that was being dropped flows again."""
         try:
             sent = self._sock.send(self._out, socket.MSG_NOSIGNAL)
         except (BlockingIOError, InterruptedError):
-            return
+            sent = 0
         except OSError as exc:
             self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
             return
         del self._out[:sent]
-        if not self._out:
+        if self._out:
+            if not self._writing:
+                self._loop.add_writer(self._fileno, self._on_writable)
+                self._writing = True
+            return
+        if self._writing:
             self._loop.remove_writer(self._fileno)
             self._writing = False
-            if self._dropping_input:
-                self._input_drained()
+        if self._dropping_input:
+            self._input_drained()
 
     def _fail_soon(self, reason: str) -> None:
         # Called while the handler is answering a flip: closing here would re-enter it with on_close.

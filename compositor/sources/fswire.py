@@ -152,7 +152,6 @@ class Decoder:
                                   Record(rec.kind, rec.id, rec.frame, rec.timestamp_ns, rec.sequence)))
             return found, error[0], base + used[0], n == _BATCH
 
-
     def _describe(self, error: int) -> str:
         (word,) = _LENGTH.unpack_from(self._buf, self._pos)
         if error == lib.FS_E_LENGTH:
@@ -183,6 +182,7 @@ def split(stream: bytes, version: int, reader: int) -> tuple[list[bytes | Record
             return items, True
         if not full:
             return items, False
+
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
