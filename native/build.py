@@ -203,6 +203,59 @@ struct fs_record {
 int fs_decode(const uint8_t *buf, size_t len, int version, int reader, struct fs_record *out, int max,
               size_t *used, int *error);
 size_t fs_record_size(uint32_t kind);
+
+#define DP_MAX_CARDS ...
+#define DP_MAX_OUTPUTS ...
+#define DP_MAX_CONNS ...
+#define DP_MAX_BUFFERS ...
+#define DP_MAX_FDS ...
+#define DP_IN_SIZE ...
+#define DP_MAX_OUT ...
+#define DP_SAMPLES ...
+#define DP_TOKEN_BIT ...
+enum dp_event_kind { DP_EV_DATA = 1, DP_EV_CLOSED = 2, DP_EV_FLIP = 3, DP_EV_FREED = 4,
+                     DP_EV_PRESENTED = 5, DP_EV_ERROR = 6, DP_EV_DRAINED = 7 };
+struct dp_event {
+    uint32_t kind; int32_t handle; int32_t a; uint32_t card; uint32_t crtc; uint32_t sequence;
+    uint64_t timestamp_ns; uint64_t user_data; uint32_t buffer_id; uint64_t frame;
+};
+struct dp_output_stats {
+    uint64_t frames; uint64_t commits; uint64_t presented; uint64_t dropped; uint64_t errors;
+    uint64_t busy; uint32_t in_flight; uint32_t pending; uint32_t on_screen_buffer;
+    uint64_t on_screen_frame; uint32_t samples; uint32_t commit_delay_ns[...]; uint32_t latency_ns[...];
+};
+struct dp_output_state {
+    int32_t on_screen, in_flight, pending;
+    uint64_t on_screen_frame, in_flight_frame, pending_frame;
+    uint64_t in_flight_token;
+};
+struct dp;
+struct dp *dp_new(void);
+int dp_start(struct dp *dp);
+void dp_free(struct dp *dp);
+int dp_notify_fd(struct dp *dp);
+int dp_poll_events(struct dp *dp, struct dp_event *out, int max);
+int dp_card_add(struct dp *dp, int fd, int fake_write_fd, uint64_t fake_delay_ns);
+int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, uint32_t fb_prop_id);
+int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t frame);
+int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
+int dp_output_watch(struct dp *dp, int output, int watch);
+int dp_output_remove(struct dp *dp, int output);
+int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out);
+int dp_conn_add(struct dp *dp, int fd);
+int dp_conn_remove(struct dp *dp, int conn);
+int dp_conn_take(struct dp *dp, int conn, uint8_t *buf, size_t cap, int *fds, int max_fds, int *nfds,
+                 size_t *fds_from, int *flags);
+int dp_conn_resume(struct dp *dp, int conn, int fast);
+int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int drained);
+int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame);
+int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout);
+int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id);
+int dp_buffer_forget(struct dp *dp, int buffer);
+int dp_buffer_hold(struct dp *dp, int buffer);
+int dp_buffer_release(struct dp *dp, int buffer);
+int dp_buffer_holds(struct dp *dp, int buffer);
+int dp_flip(struct dp *dp, int conn, int buffer, uint64_t frame, uint64_t received_ns);
 """
 
 
@@ -215,7 +268,7 @@ def _libdrm_cflags() -> list[str]:
         return ["/usr/include/libdrm"]
 
 
-CFLAGS = ["-std=gnu11", "-Wall", "-Wextra", "-Werror", "-O2"]
+CFLAGS = ["-std=gnu11", "-pthread", "-Wall", "-Wextra", "-Werror", "-O2"]
 # `python native/build.py --sanitize DIR` builds the same module with AddressSanitizer and
 # UndefinedBehaviorSanitizer into DIR (for `make sanitize`, which loads it in place of the real one).
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
@@ -231,14 +284,14 @@ def builder(sanitize: bool = False) -> FFI:
     ffi.set_source(
         "compositor._native",
         '#include <fcntl.h>\n#include <xf86drm.h>\n#include <xf86drmMode.h>\n'
-        '#include "kms_helpers.h"\n#include "fs_codec.h"\n',
+        '#include "kms_helpers.h"\n#include "fs_codec.h"\n#include "dataplane.h"\n',
         # setuptools wants paths relative to the project; a build in another directory, absolute ones
         sources=[(os.path.join if sanitize else _relative_join)(HERE, name)
-                 for name in ("kms_helpers.c", "fs_codec.c")],
+                 for name in ("kms_helpers.c", "fs_codec.c", "dataplane.c")],
         include_dirs=[HERE, *_libdrm_cflags()],
         libraries=["drm"],
         extra_compile_args=CFLAGS + (SANITIZE if sanitize else []),
-        extra_link_args=SANITIZE if sanitize else [],
+        extra_link_args=["-pthread", *(SANITIZE if sanitize else [])],
     )
     return ffi
 

@@ -1,0 +1,287 @@
+"""The native data plane (native/dataplane.c) on its own thread, between real sockets and a fake card:
+the card's "DRM fd" is a pipe that the C side's fake kernel writes each commit's flip event into 1 ms
+after the commit (dataplane.h), parsed by libdrm's drmHandleEvent as a real card's would be.
+
+What the guest sees is read from its end of a real socket pair with the protocol's own decoder."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+import time
+
+import pytest
+
+from compositor.dataplane import (
+    CLOSED,
+    DATA,
+    FLIP,
+    FREED,
+    MAX_OUT,
+    PRESENTED,
+    TOKEN_BIT,
+    DataPlane,
+)
+from compositor.sources.fswire import CLIENT, Decoder, Record, encode, flip_record, presented_record
+
+CRTC, PLANE, FB_PROP = 40, 31, 20
+FB = {1: 101, 2: 102, 3: 103}
+DEADLINE = 10.0
+
+
+class Rig:
+    def __init__(self) -> None:
+        self.dp = DataPlane()
+        self.dp.start()
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.card = self.dp.add_card(self.r, fake_write_fd=self.w, fake_delay_ns=1_000_000)
+        self.output = self.dp.add_output(self.card, CRTC, PLANE, FB_PROP)
+        self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.setblocking(False)
+        self.conn = self.dp.add_conn(self.server.fileno())
+        self.decoder = Decoder(CLIENT, 2)
+        self.said: list = []
+        self.seen: list = []
+        self.buffers = {}
+        for buffer_id, fb in FB.items():
+            handle = self.dp.add_buffer(self.conn, buffer_id, layout=1)
+            self.dp.set_fb(handle, self.output, fb)
+            self.buffers[buffer_id] = handle
+
+    def close(self) -> None:
+        self.dp.close()
+        for fd in (self.r, self.w):
+            os.close(fd)
+        self.server.close()
+        self.client.close()
+
+    def events(self, until, what: str) -> list:
+        """Collect the data plane's events until until(all so far) holds."""
+        deadline = time.monotonic() + DEADLINE
+        while not until(self.seen):
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what} within {DEADLINE} s; events: {self.seen}"
+            select.select([self.dp], [], [], left)
+            self.seen += self.dp.events()
+        return self.seen
+
+    def read(self, until, what: str) -> list:
+        """What the guest was told, until until(all so far) holds."""
+        deadline = time.monotonic() + DEADLINE
+        self.client.setblocking(False)
+        while not until(self.said):
+            left = deadline - time.monotonic()
+            assert left > 0, f"the guest was not told {what} within {DEADLINE} s; it was told {self.said}"
+            select.select([self.client], [], [], left)
+            try:
+                data = self.client.recv(65536)
+            except BlockingIOError:
+                continue
+            self.said += list(self.decoder.feed(data))
+        return self.said
+
+    def first_frame(self, buffer_id: int = 1) -> None:
+        """As the daemon does for a guest's first frame: Python shows it (dp_flip), then the output."""
+        self.dp.show(self.output, self.conn)
+        self.dp.flip(self.conn, self.buffers[buffer_id], 0, time.monotonic_ns())
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def presented(said):
+    return [m for m in said if isinstance(m, Record) and m.kind == 2]
+
+
+def released(said):
+    return [m.id for m in said if isinstance(m, Record) and m.kind == 3]
+
+
+def test_flips_reach_the_screen_and_come_back_presented_then_released(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    for frame, buffer_id in enumerate([2, 3, 1, 2], start=1):
+        rig.client.send(flip_record(buffer_id, frame))
+        rig.read(lambda s, n=frame + 1: len(presented(s)) == n, f"presented for frame {frame}")
+    said = rig.said
+    assert [(m.id, m.frame) for m in presented(said)] == [(1, 0), (2, 1), (3, 2), (1, 3), (2, 4)]
+    # Each buffer is released once the next frame replaced it on screen (and as the latest frame).
+    rig.read(lambda s: len(released(s)) >= 4, "released for the frames replaced")
+    assert released(rig.said)[:4] == [1, 2, 3, 1]
+    stats = rig.dp.stats(rig.output)
+    print(f"commits {stats.commits}, presented {stats.presented}, commit delay p50 "
+          f"{sorted(stats.commit_delays_ns)[len(stats.commit_delays_ns) // 2] / 1000:.1f} µs")
+    assert (stats.frames, stats.commits, stats.presented, stats.dropped) == (5, 5, 5, 0)
+    assert (stats.on_screen_buffer, stats.on_screen_frame) == (2, 4)
+    # The timestamps are the (fake) kernel's, in CLOCK_MONOTONIC, and the sequence counts up.
+    stamps = [m.timestamp_ns for m in presented(said)]
+    assert stamps == sorted(stamps) and stamps[-1] <= time.monotonic_ns()
+    assert [m.sequence for m in presented(said)] == [1, 2, 3, 4, 5]
+
+
+def test_the_newest_frame_wins_and_older_ones_go_back_unshown(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    # Many flips in one send: one commit in flight, one pending, every older pending frame dropped.
+    burst = [(2, 1), (3, 2), (2, 3), (3, 4), (2, 5), (3, 6)]
+    rig.client.send(b"".join(flip_record(b, f) for b, f in burst))
+    rig.read(lambda s: any(m.frame == 6 for m in presented(s)), "presented for the last frame")
+    stats = rig.dp.stats(rig.output)
+    assert stats.frames == 7 and stats.commits + stats.dropped == 7 and stats.dropped >= 1
+    assert stats.presented == stats.commits
+    shown = [m.frame for m in presented(rig.said)]
+    assert shown == sorted(shown) and shown[-1] == 6
+    # Nothing but the frame on screen (buffer 3, also the latest) is still held.
+    rig.read(lambda s: released(s).count(2) >= 1, "released for buffer 2")
+    assert rig.dp.holds(rig.buffers[2]) == 0 and rig.dp.holds(rig.buffers[3]) == 2
+
+
+def test_a_json_message_is_handed_to_python_in_order_and_reading_waits_for_it(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    msg = encode({"type": "cursor-move", "x": 1, "y": 2, "visible": True})
+    rig.client.send(flip_record(2, 1) + msg + flip_record(3, 2))
+    events = rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+    taken = rig.dp.take(rig.conn)
+    # The flip before it was shown here; the JSON and everything after it is Python's.
+    assert taken.data == msg + flip_record(3, 2) and taken.fds == [] and not taken.eof
+    assert [e.kind for e in events].count(DATA) == 1
+    # Until Python resumes the connection, nothing more is read.
+    rig.client.send(flip_record(1, 3))
+    time.sleep(0.05)
+    assert rig.dp.stats(rig.output).frames == 2
+    rig.dp.resume(rig.conn, fast=True)
+    rig.read(lambda s: any(m.frame == 3 for m in presented(s)), "presented for frame 3")
+    assert 2 not in [m.frame for m in presented(rig.said)]   # Python had frame 2, and did not show it
+
+
+def test_descriptors_are_handed_over_with_where_they_came(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    r, w = os.pipe()
+    try:
+        msg = encode({"type": "buffer", "id": 9})
+        rig.client.send(flip_record(2, 1)[:5])   # a flip cut short: kept here for its rest
+        time.sleep(0.05)
+        socket.send_fds(rig.client, [flip_record(2, 1)[5:] + msg], [r])
+        rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+        taken = rig.dp.take(rig.conn)
+        assert taken.data == flip_record(2, 1) + msg and taken.fds_from == 5 and len(taken.fds) == 1
+        assert os.fstat(taken.fds[0]).st_ino == os.fstat(r).st_ino
+        os.close(taken.fds[0])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_malformed_record_goes_to_python_which_names_it(rig):
+    rig.first_frame(1)
+    bad = struct.pack("<II", 0x80000100 | 1, 2) + b"\0" * 8   # reserved bits set
+    rig.client.send(flip_record(2, 1) + bad)
+    rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+    assert rig.dp.take(rig.conn).data == bad
+
+
+def test_a_flip_of_an_unknown_buffer_or_a_buffer_without_a_framebuffer_goes_to_python(rig):
+    rig.first_frame(1)
+    extra = rig.dp.add_buffer(rig.conn, 7, layout=1)
+    rig.client.send(flip_record(7, 1))
+    rig.events(lambda e: sum(x.kind == DATA for x in e) == 1, "handover")
+    assert rig.dp.take(rig.conn).data == flip_record(7, 1)
+    rig.dp.set_fb(extra, rig.output, 107)
+    rig.dp.flip(rig.conn, extra, 1, time.monotonic_ns())   # Python shows it, once it could
+    rig.dp.resume(rig.conn, fast=True)
+    rig.client.send(flip_record(8, 2))
+    rig.events(lambda e: sum(x.kind == DATA for x in e) == 2, "second handover")
+    assert rig.dp.take(rig.conn).data == flip_record(8, 2)
+    rig.read(lambda s: any(m.id == 7 for m in presented(s)), "presented for buffer 7")
+
+
+def test_a_new_layout_goes_to_python(rig):
+    rig.first_frame(1)
+    other = rig.dp.add_buffer(rig.conn, 5, layout=2)
+    rig.dp.set_fb(other, rig.output, 105)
+    rig.client.send(flip_record(5, 1))
+    rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+    assert rig.dp.take(rig.conn).data == flip_record(5, 1)
+
+
+def test_the_end_of_the_stream_is_handed_over(rig):
+    rig.first_frame(1)
+    rig.client.shutdown(socket.SHUT_WR)
+    rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+    taken = rig.dp.take(rig.conn)
+    assert taken.data == b"" and taken.eof
+    with pytest.raises(OSError):
+        rig.dp.resume(rig.conn, fast=True)
+
+
+def test_a_client_that_does_not_read_is_closed_not_waited_for(rig):
+    with pytest.raises(OSError, match="No buffer space"):
+        for _ in range(3):
+            rig.dp.send(rig.conn, b"x" * (MAX_OUT // 2 + 1))
+    rig.events(lambda e: any(x.kind == CLOSED for x in e), "the connection closed")
+    assert [x.a for x in rig.seen if x.kind == CLOSED] == [105]   # ENOBUFS
+
+
+def test_forgotten_buffers_are_freed_once_off_screen(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    rig.dp.forget(rig.buffers[1])        # on screen and the latest frame: still held
+    rig.dp.forget(rig.buffers[3])        # never shown: freed at once
+    rig.events(lambda e: [x.buffer_id for x in e if x.kind == FREED] == [3], "buffer 3 freed")
+    rig.client.send(flip_record(2, 1))
+    rig.events(lambda e: [x.buffer_id for x in e if x.kind == FREED] == [3, 1], "buffer 1 freed")
+    rig.read(lambda s: len(presented(s)) == 2, "presented for frame 1")
+    assert 1 not in released(rig.said)   # a forgotten buffer is not the guest's to reuse
+
+
+def test_flip_events_of_commits_made_elsewhere_come_to_python(rig):
+    ev = struct.pack("<IIQIIII", 2, 32, 12345, 7, 8, 9, CRTC)   # drm_event_vblank, FLIP_COMPLETE
+    os.write(rig.w, ev)
+    events = rig.events(lambda e: any(x.kind == FLIP for x in e), "the flip event")
+    flip = next(x for x in events if x.kind == FLIP)
+    assert (flip.crtc, flip.user_data, flip.sequence, flip.timestamp_ns) == (CRTC, 12345, 9, 7 * 10**9 + 8000)
+    assert not flip.user_data & TOKEN_BIT
+
+
+def test_releasing_an_output_hands_its_frames_back(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    rig.dp.watch(rig.output)
+    rig.client.send(flip_record(2, 1))
+    rig.events(lambda e: any(x.kind == PRESENTED for x in e), "the presented event")
+    held = rig.dp.release_output(rig.output)
+    assert held.on_screen == rig.buffers[2] and held.on_screen_frame == 1 and held.in_flight == -1
+    # Its holds are the caller's now; the guest's latest frame still holds buffer 2 too.
+    assert rig.dp.holds(rig.buffers[2]) == 2
+    assert rig.dp.release(rig.buffers[2]) == 1
+    # With no output, the next flip is Python's.
+    rig.client.send(flip_record(3, 2))
+    rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+
+
+def test_a_closed_connection_frees_its_buffers_once_nothing_holds_them(rig):
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    rig.dp.remove_conn(rig.conn)
+    freed = rig.events(lambda e: sorted(x.buffer_id for x in e if x.kind == FREED) == [2, 3], "2 and 3 freed")
+    assert 1 not in [x.buffer_id for x in freed if x.kind == FREED]   # still on screen
+    held = rig.dp.release_output(rig.output)
+    assert held.on_screen == rig.buffers[1]
+    rig.dp.release(held.on_screen)
+    rig.events(lambda e: 1 in [x.buffer_id for x in e if x.kind == FREED], "buffer 1 freed")
+
+
+def test_presented_record_layout_matches_the_protocol(rig):
+    rig.first_frame(2)
+    rig.client.setblocking(True)
+    rig.client.settimeout(DEADLINE)
+    data = rig.client.recv(36)
+    assert len(data) == 36 and data[:12] == presented_record(2, 0, 0, 0)[:12]
