@@ -78,8 +78,9 @@ class OutputStats:
     pending: bool
     on_screen_buffer: int
     on_screen_frame: int
-    commit_delays_ns: list[int]
+    commit_delays_ns: list[int]   # the newest samples, in no particular order
     latencies_ns: list[int]
+    present_ns: list[int]
 
 
 def _check(ret: int, what: str) -> int:
@@ -156,7 +157,8 @@ class DataPlane:
         n = s.samples
         return OutputStats(s.frames, s.commits, s.presented, s.dropped, s.errors, s.busy, bool(s.in_flight),
                            bool(s.pending), s.on_screen_buffer, s.on_screen_frame,
-                           list(ffi.unpack(s.commit_delay_ns, n)), list(ffi.unpack(s.latency_ns, n)))
+                           list(ffi.unpack(s.commit_delay_ns, min(n, s.commits))),
+                           list(ffi.unpack(s.latency_ns, n)), list(ffi.unpack(s.present_ns, n)))
 
     # --- connections
 

@@ -223,6 +223,7 @@ struct dp_output_stats {
     uint64_t frames; uint64_t commits; uint64_t presented; uint64_t dropped; uint64_t errors;
     uint64_t busy; uint32_t in_flight; uint32_t pending; uint32_t on_screen_buffer;
     uint64_t on_screen_frame; uint32_t samples; uint32_t commit_delay_ns[...]; uint32_t latency_ns[...];
+    uint64_t present_ns[...];
 };
 struct dp_output_state {
     int32_t on_screen, in_flight, pending;

@@ -47,6 +47,7 @@ struct frame {
 
 struct buf {
 	int used;
+	uint32_t gen;          /* handles carry it: a handle of a freed buffer never names a new one */
 	int32_t conn;          /* -1 once the connection is gone */
 	uint32_t id;
 	uint32_t layout;
@@ -141,6 +142,16 @@ static uint64_t tag(int type, uint32_t gen, int index)
 	return (uint64_t)type << 56 | (uint64_t)gen << 24 | (uint64_t)(uint32_t)index;
 }
 
+static int32_t buf_handle(struct dp *dp, int index)
+{
+	return index < 0 ? -1 : (int32_t)((dp->bufs[index].gen & 0x7ffff) << 12 | (uint32_t)index);
+}
+
+static int32_t conn_handle(struct dp *dp, int index)
+{
+	return (int32_t)((dp->conns[index]->gen & 0x7fffff) << 8 | (uint32_t)index);
+}
+
 /* --- events to Python ------------------------------------------------------------------------- */
 
 static void push(struct dp *dp, const struct dp_event *ev)
@@ -200,7 +211,7 @@ static void conn_fail(struct dp *dp, int index, int err)
 	c->state = C_DEAD;
 	c->out_len = 0;
 	conn_watch(dp, index);
-	push_simple(dp, DP_EV_CLOSED, index, err);
+	push_simple(dp, DP_EV_CLOSED, conn_handle(dp, index), err);
 }
 
 static void conn_flush(struct dp *dp, int index)
@@ -228,7 +239,7 @@ static void conn_flush(struct dp *dp, int index)
 	c->out_len -= sent;
 	if (c->out_len == 0 && c->want_drained) {
 		c->want_drained = 0;
-		push_simple(dp, DP_EV_DRAINED, index, 0);
+		push_simple(dp, DP_EV_DRAINED, conn_handle(dp, index), 0);
 	}
 	conn_watch(dp, index);
 }
@@ -297,7 +308,7 @@ static void buf_unhold(struct dp *dp, int32_t b)
 
 		memset(&ev, 0, sizeof(ev));
 		ev.kind = DP_EV_FREED;
-		ev.handle = b;
+		ev.handle = buf_handle(dp, b);
 		ev.buffer_id = buf->id;
 		push(dp, &ev);
 		buf->used = 0;
@@ -441,6 +452,7 @@ static void present(struct dp *dp, int index, uint32_t sequence, uint64_t timest
 	o->on_screen = f;
 	o->stats.presented++;
 	sample(o, o->stats.latency_ns, timestamp_ns > fr->recv_ns ? timestamp_ns - fr->recv_ns : 0);
+	o->stats.present_ns[o->sample_next % DP_SAMPLES] = timestamp_ns;
 	o->sample_next++;
 	if (o->stats.samples < DP_SAMPLES)
 		o->stats.samples++;
@@ -580,7 +592,7 @@ static void pause_for_python(struct dp *dp, int index, size_t from)
 	c->taken = 0;
 	c->state = C_PAUSED;
 	conn_watch(dp, index);
-	push_simple(dp, DP_EV_DATA, index, 0);
+	push_simple(dp, DP_EV_DATA, conn_handle(dp, index), 0);
 }
 
 static uint32_t get32(const uint8_t *p)
@@ -953,6 +965,26 @@ static int valid_conn(struct dp *dp, int conn)
 	return conn >= 0 && conn < DP_MAX_CONNS && dp->conns[conn] && dp->conns[conn]->state != C_FREE;
 }
 
+/* Handles: the index and the generation of the slot, so a stale one is refused, not misread. */
+static int buf_index(struct dp *dp, int handle)
+{
+	int index = handle & (MAX_BUFS - 1);
+
+	if (handle < 0 || !dp->bufs[index].used || (dp->bufs[index].gen & 0x7ffff) != (uint32_t)handle >> 12)
+		return -1;
+	return index;
+}
+
+static int conn_index(struct dp *dp, int handle)
+{
+	int index = handle & 0xff;
+
+	if (handle < 0 || index >= DP_MAX_CONNS || !valid_conn(dp, index) ||
+	    (dp->conns[index]->gen & 0x7fffff) != (uint32_t)handle >> 8)
+		return -1;
+	return index;
+}
+
 int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, uint32_t fb_prop_id)
 {
 	int ret = -ENOSPC;
@@ -996,8 +1028,10 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
-	if (!valid_output(dp, output) || (conn >= 0 && !valid_conn(dp, conn)) ||
-	    (on_screen >= 0 && !valid_buffer(dp, on_screen))) {
+	int ci = conn < 0 ? -1 : conn_index(dp, conn);
+	int bi = on_screen < 0 ? -1 : buf_index(dp, on_screen);
+
+	if (!valid_output(dp, output) || (conn >= 0 && ci < 0) || (on_screen >= 0 && bi < 0)) {
 		ret = -ENOENT;
 		goto out;
 	}
@@ -1007,10 +1041,10 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
 		ret = -EBUSY;   /* dp_output_release first */
 		goto out;
 	}
-	if (conn < 0)
+	if (ci < 0)
 		goto out;
-	if (on_screen >= 0) {
-		int32_t f = frame_new(dp, on_screen, frame, now_ns());
+	if (bi >= 0) {
+		int32_t f = frame_new(dp, bi, frame, now_ns());
 
 		if (f < 0) {
 			ret = -ENOMEM;
@@ -1020,8 +1054,8 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
 		dp->frames[f].presented = 1;
 		o->on_screen = f;
 	}
-	o->conn = conn;
-	dp->conns[conn]->outputs |= 1u << output;
+	o->conn = ci;
+	dp->conns[ci]->outputs |= 1u << output;
 out:
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1039,9 +1073,9 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 	struct output *o = &dp->outputs[output];
 
 	memset(state, 0, sizeof(*state));
-	state->on_screen = o->on_screen >= 0 ? frame_handover(dp, o->on_screen, &state->on_screen_frame) : -1;
-	state->in_flight = o->in_flight >= 0 ? frame_handover(dp, o->in_flight, &state->in_flight_frame) : -1;
-	state->pending = o->pending >= 0 ? frame_handover(dp, o->pending, &state->pending_frame) : -1;
+	state->on_screen = o->on_screen >= 0 ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame)) : -1;
+	state->in_flight = o->in_flight >= 0 ? buf_handle(dp, frame_handover(dp, o->in_flight, &state->in_flight_frame)) : -1;
+	state->pending = o->pending >= 0 ? buf_handle(dp, frame_handover(dp, o->pending, &state->pending_frame)) : -1;
 	state->in_flight_token = o->in_flight >= 0 ? o->token : 0;
 	o->on_screen = o->in_flight = o->pending = -1;
 	if (o->conn >= 0 && dp->conns[o->conn])
@@ -1079,7 +1113,7 @@ int dp_output_remove(struct dp *dp, int output)
 
 	for (int i = 0; i < 3; i++)
 		if (held[i] >= 0)
-			buf_unhold(dp, held[i]);
+			buf_unhold(dp, buf_index(dp, held[i]));
 	for (int b = 0; b < MAX_BUFS; b++)
 		dp->bufs[b].fb[output] = 0;
 	dp->outputs[output].used = 0;
@@ -1150,7 +1184,7 @@ int dp_conn_add(struct dp *dp, int fd)
 			c->state = C_FREE;
 			break;
 		}
-		ret = i;
+		ret = conn_handle(dp, i);
 		break;
 	}
 	pthread_mutex_unlock(&dp->lock);
@@ -1162,6 +1196,7 @@ int dp_conn_remove(struct dp *dp, int conn)
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn)) {
 		ret = -ENOENT;
 		goto out;
@@ -1211,6 +1246,7 @@ int dp_conn_take(struct dp *dp, int conn, uint8_t *buf, size_t cap, int *fds, in
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn) || dp->conns[conn]->state != C_PAUSED) {
 		ret = -ENOENT;
 		goto out;
@@ -1242,6 +1278,7 @@ int dp_conn_resume(struct dp *dp, int conn, int fast)
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn)) {
 		ret = -ENOENT;
 		goto out;
@@ -1272,6 +1309,7 @@ int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int d
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn)) {
 		ret = -ENOENT;
 		goto out;
@@ -1295,12 +1333,13 @@ int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame)
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn)) {
 		ret = -ENOENT;
 	} else {
 		int32_t f = dp->conns[conn]->latest;
 
-		*buffer = f >= 0 ? dp->frames[f].buf : -1;
+		*buffer = f >= 0 ? buf_handle(dp, dp->frames[f].buf) : -1;
 		*frame = f >= 0 ? dp->frames[f].frame : 0;
 	}
 	pthread_mutex_unlock(&dp->lock);
@@ -1312,6 +1351,7 @@ int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout)
 	int ret = -ENOSPC;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
 	if (!valid_conn(dp, conn) || id == 0) {
 		ret = valid_conn(dp, conn) ? -EINVAL : -ENOENT;
 		goto out;
@@ -1327,13 +1367,16 @@ int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout)
 	for (int b = 0; b < MAX_BUFS; b++) {
 		if (dp->bufs[b].used)
 			continue;
+		uint32_t gen = dp->bufs[b].gen + 1;
+
 		memset(&dp->bufs[b], 0, sizeof(dp->bufs[b]));
+		dp->bufs[b].gen = gen;
 		dp->bufs[b].used = 1;
 		dp->bufs[b].conn = conn;
 		dp->bufs[b].id = id;
 		dp->bufs[b].layout = layout;
 		c->bufs[c->nbufs++] = b;
-		ret = b;
+		ret = buf_handle(dp, b);
 		break;
 	}
 out:
@@ -1346,6 +1389,7 @@ int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id)
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
 	if (!valid_buffer(dp, buffer) || output < 0 || output >= DP_MAX_OUTPUTS)
 		ret = -ENOENT;
 	else
@@ -1359,6 +1403,7 @@ int dp_buffer_forget(struct dp *dp, int buffer)
 	int ret = 0;
 
 	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
 	if (!valid_buffer(dp, buffer) || dp->bufs[buffer].forgotten) {
 		ret = -ENOENT;
 		goto out;
@@ -1390,6 +1435,7 @@ int dp_buffer_hold(struct dp *dp, int buffer)
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
 	ret = valid_buffer(dp, buffer) ? ++dp->bufs[buffer].holds : -ENOENT;
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1400,6 +1446,7 @@ int dp_buffer_release(struct dp *dp, int buffer)
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
 	if (!valid_buffer(dp, buffer) || dp->bufs[buffer].holds <= 0) {
 		ret = -ENOENT;
 	} else {
@@ -1416,6 +1463,7 @@ int dp_buffer_holds(struct dp *dp, int buffer)
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
 	ret = valid_buffer(dp, buffer) ? dp->bufs[buffer].holds : -ENOENT;
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1426,6 +1474,8 @@ int dp_flip(struct dp *dp, int conn, int buffer, uint64_t frame, uint64_t receiv
 	int ret;
 
 	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	buffer = buf_index(dp, buffer);
 	if (!valid_conn(dp, conn) || !valid_buffer(dp, buffer) || dp->bufs[buffer].conn != conn)
 		ret = -ENOENT;
 	else

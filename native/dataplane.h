@@ -91,6 +91,7 @@ struct dp_output_stats {
 	uint32_t samples;     /* valid entries in the two arrays below (the newest DP_SAMPLES) */
 	uint32_t commit_delay_ns[DP_SAMPLES]; /* flip record read -> commit ioctl returned */
 	uint32_t latency_ns[DP_SAMPLES];      /* flip record read -> the flip event's timestamp */
+	uint64_t present_ns[DP_SAMPLES];      /* the flip events' timestamps */
 };
 
 /* The data plane and its thread. The eventfd of dp_notify_fd is readable while events wait. */

@@ -285,3 +285,22 @@ def test_presented_record_layout_matches_the_protocol(rig):
     rig.client.settimeout(DEADLINE)
     data = rig.client.recv(36)
     assert len(data) == 36 and data[:12] == presented_record(2, 0, 0, 0)[:12]
+
+
+def test_a_stale_handle_names_nothing_even_once_its_slot_is_reused(rig):
+    old_conn, old_buffer = rig.conn, rig.buffers[3]
+    rig.dp.forget(old_buffer)
+    rig.dp.remove_conn(old_conn)
+    a, b = socket.socketpair()
+    try:
+        new_conn = rig.dp.add_conn(a.fileno())
+        new_buffer = rig.dp.add_buffer(new_conn, 3, layout=1)
+        assert (new_conn, new_buffer) != (old_conn, old_buffer)
+        for call in (lambda: rig.dp.resume(old_conn, True), lambda: rig.dp.holds(old_buffer),
+                     lambda: rig.dp.send(old_conn, b"x")):
+            with pytest.raises(OSError, match="No such file"):
+                call()
+        assert rig.dp.holds(new_buffer) == 0
+    finally:
+        a.close()
+        b.close()
