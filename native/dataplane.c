@@ -32,6 +32,7 @@
 #define MAX_FRAMES 512
 #define RING 8192
 #define FAKE_QUEUE 256
+#define FAKE_TICK_NS 250000ull   /* the fake kernel's look at its queue: 4 kHz */
 
 enum { T_STOP = 1, T_CARD = 2, T_CONN = 3 };
 enum { C_FREE = 0, C_FAST, C_SLOW, C_PAUSED, C_DEAD };
@@ -78,7 +79,6 @@ struct output {
 	int32_t pending, in_flight, on_screen;   /* frames, or -1 */
 	uint64_t token, serial;
 	int watch;
-	drmModeAtomicReq *req;
 	struct dp_output_stats stats;
 	uint32_t sample_next;
 };
@@ -378,7 +378,8 @@ static void fake_schedule(struct dp *dp, int card, uint32_t crtc, uint64_t token
 		dp->fake_q[at].token = token;
 		dp->fake_q[at].due_ns = now_ns() + dp->cards[card].fake_delay_ns;
 		dp->fake_card[at] = card;
-		pthread_cond_signal(&dp->fake_cond);
+		/* No wake-up: the fake kernel looks at its queue every FAKE_TICK_NS, as a display engine
+		 * finishes flips at its vblank, and this thread pays no futex call per commit. */
 	}
 	pthread_mutex_unlock(&dp->fake_lock);
 }
@@ -386,6 +387,25 @@ static void fake_schedule(struct dp *dp, int card, uint32_t crtc, uint64_t token
 static void sample(struct output *o, uint32_t *array, uint64_t ns)
 {
 	array[o->sample_next % DP_SAMPLES] = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
+}
+
+/* A nonblocking atomic commit of one property (a plane's FB_ID) with a flip event: the
+ * DRM_IOCTL_MODE_ATOMIC request built on the stack. libdrm's drmModeAtomicCommit builds the same
+ * from a drmModeAtomicReq, but allocates and sorts four arrays per call; this is every frame. */
+static int atomic_flip(int fd, uint32_t object, uint32_t prop, uint64_t value, uint64_t user_data)
+{
+	uint32_t count = 1;
+	struct drm_mode_atomic req;
+
+	memset(&req, 0, sizeof(req));
+	req.flags = DRM_MODE_ATOMIC_NONBLOCK | DRM_MODE_PAGE_FLIP_EVENT;
+	req.count_objs = 1;
+	req.objs_ptr = (uint64_t)(uintptr_t)&object;
+	req.count_props_ptr = (uint64_t)(uintptr_t)&count;
+	req.props_ptr = (uint64_t)(uintptr_t)&prop;
+	req.prop_values_ptr = (uint64_t)(uintptr_t)&value;
+	req.user_data = user_data;
+	return drmIoctl(fd, DRM_IOCTL_MODE_ATOMIC, &req) ? -errno : 0;
 }
 
 static int commit_pending(struct dp *dp, int index)
@@ -401,15 +421,11 @@ static int commit_pending(struct dp *dp, int index)
 	o->pending = -1;
 	fb = dp->bufs[dp->frames[f].buf].fb[index];
 	o->token = DP_TOKEN_BIT | (uint64_t)index << 40 | (++o->serial & 0xffffffffffull);
-	drmModeAtomicSetCursor(o->req, 0);
-	ret = drmModeAtomicAddProperty(o->req, o->plane, o->fb_prop, fb) < 0 ? -ENOMEM : 0;
-	if (ret == 0 && card->fake_write_fd < 0) {
-		ret = drmModeAtomicCommit(card->fd, o->req, DRM_MODE_ATOMIC_NONBLOCK | DRM_MODE_PAGE_FLIP_EVENT,
-					  (void *)(uintptr_t)o->token);
-	} else if (ret == 0) {
-		/* the same request and syscall, to a file that is no DRM device: the kernel's share faked */
-		(void)drmModeAtomicCommit(dp->devnull, o->req, DRM_MODE_ATOMIC_NONBLOCK | DRM_MODE_PAGE_FLIP_EVENT,
-					  (void *)(uintptr_t)o->token);
+	ret = atomic_flip(card->fake_write_fd < 0 ? card->fd : dp->devnull, o->plane, o->fb_prop, fb, o->token);
+	if (card->fake_write_fd >= 0) {
+		/* the same request and syscall went to a file that is no DRM device (ENOTTY): the
+		 * kernel's share is faked, its flip event comes from the fake kernel */
+		ret = 0;
 		fake_schedule(dp, o->card, o->crtc, o->token);
 	}
 	if (ret < 0) {
@@ -533,11 +549,13 @@ static void card_readable(struct dp *dp, int index)
 	ctx.page_flip_handler2 = on_flip_event;
 	drain.dp = dp;
 	drain.card = index;
-	/* drmHandleEvent reads once (up to 1 KiB of events): read until the fd has nothing more, and
-	 * stop at a read that brought no event (an end of file would otherwise loop for ever). */
+	/* drmHandleEvent reads once, up to 1 KiB: whole events, as many as are queued and fit. A read
+	 * that did not fill it took every event there was, so another read would only say EAGAIN; a
+	 * read that brought no event (an end of file) must not loop either. */
 	for (int i = 0; i < 64; i++) {
 		drain.count = 0;
-		if (drmHandleEvent(dp->cards[index].fd, &ctx) != 0 || drain.count == 0)
+		if (drmHandleEvent(dp->cards[index].fd, &ctx) != 0 || drain.count == 0 ||
+		    drain.count < (int)(1024 / sizeof(struct drm_event_vblank)))
 			break;
 	}
 	drain.dp = NULL;
@@ -759,38 +777,34 @@ static void *fake_kernel(void *arg)
 
 	pthread_mutex_lock(&dp->fake_lock);
 	while (!dp->fake_stop) {
-		if (!dp->fake_len) {
-			pthread_cond_wait(&dp->fake_cond, &dp->fake_lock);
-			continue;
-		}
-		struct fake_flip next = dp->fake_q[dp->fake_head];
-		int card = dp->fake_card[dp->fake_head];
 		uint64_t now = now_ns();
 
-		if (now < next.due_ns) {
-			struct timespec until = { (time_t)(next.due_ns / 1000000000ull),
-						  (long)(next.due_ns % 1000000000ull) };
+		while (dp->fake_len && dp->fake_q[dp->fake_head].due_ns <= now) {
+			struct fake_flip next = dp->fake_q[dp->fake_head];
+			int card = dp->fake_card[dp->fake_head];
+			struct drm_event_vblank ev;
 
-			pthread_mutex_unlock(&dp->fake_lock);
-			clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL);
-			pthread_mutex_lock(&dp->fake_lock);
-			continue;
+			dp->fake_head = (dp->fake_head + 1) % FAKE_QUEUE;
+			dp->fake_len--;
+			memset(&ev, 0, sizeof(ev));
+			ev.base.type = DRM_EVENT_FLIP_COMPLETE;
+			ev.base.length = sizeof(ev);
+			ev.user_data = next.token;
+			ev.tv_sec = (uint32_t)(now / 1000000000ull);
+			ev.tv_usec = (uint32_t)(now % 1000000000ull / 1000ull);
+			ev.sequence = ++dp->cards[card].fake_sequence;
+			ev.crtc_id = next.crtc;
+			if (write(dp->cards[card].fake_write_fd, &ev, sizeof(ev)) < 0) {
+				/* a full pipe: the event is lost, as a driver bug would lose it */
+			}
 		}
-		dp->fake_head = (dp->fake_head + 1) % FAKE_QUEUE;
-		dp->fake_len--;
-		struct drm_event_vblank ev;
+		/* Sleep a tick, or until stopped (dp_free signals the condition). */
+		struct timespec until;
+		uint64_t wake = now + FAKE_TICK_NS;
 
-		memset(&ev, 0, sizeof(ev));
-		ev.base.type = DRM_EVENT_FLIP_COMPLETE;
-		ev.base.length = sizeof(ev);
-		ev.user_data = next.token;
-		ev.tv_sec = (uint32_t)(now / 1000000000ull);
-		ev.tv_usec = (uint32_t)(now % 1000000000ull / 1000ull);
-		ev.sequence = ++dp->cards[card].fake_sequence;
-		ev.crtc_id = next.crtc;
-		if (write(dp->cards[card].fake_write_fd, &ev, sizeof(ev)) < 0) {
-			/* a full pipe: the event is lost, as a driver bug would lose it */
-		}
+		until.tv_sec = (time_t)(wake / 1000000000ull);
+		until.tv_nsec = (long)(wake % 1000000000ull);
+		pthread_cond_timedwait(&dp->fake_cond, &dp->fake_lock, &until);
 	}
 	pthread_mutex_unlock(&dp->fake_lock);
 	return NULL;
@@ -807,7 +821,12 @@ struct dp *dp_new(void)
 		return NULL;
 	pthread_mutex_init(&dp->lock, NULL);
 	pthread_mutex_init(&dp->fake_lock, NULL);
-	pthread_cond_init(&dp->fake_cond, NULL);
+	pthread_condattr_t attr;
+
+	pthread_condattr_init(&attr);
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);   /* the timed waits are in CLOCK_MONOTONIC */
+	pthread_cond_init(&dp->fake_cond, &attr);
+	pthread_condattr_destroy(&attr);
 	dp->epfd = dp->stopfd = dp->notifyfd = dp->devnull = -1;
 	dp->epfd = epoll_create1(EPOLL_CLOEXEC);
 	dp->stopfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -866,9 +885,6 @@ void dp_free(struct dp *dp)
 			free(dp->conns[i]);
 		}
 	}
-	for (int i = 0; i < DP_MAX_OUTPUTS; i++)
-		if (dp->outputs[i].req)
-			drmModeAtomicFree(dp->outputs[i].req);
 	if (dp->epfd >= 0)
 		close(dp->epfd);
 	if (dp->stopfd >= 0)
@@ -999,16 +1015,7 @@ int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, 
 
 		if (o->used)
 			continue;
-		if (!o->req)
-			o->req = drmModeAtomicAlloc();
-		if (!o->req) {
-			ret = -ENOMEM;
-			break;
-		}
-		drmModeAtomicReq *req = o->req;
-
 		memset(o, 0, sizeof(*o));
-		o->req = req;
 		o->used = 1;
 		o->card = card;
 		o->crtc = crtc_id;

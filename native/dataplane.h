@@ -101,9 +101,11 @@ void dp_free(struct dp *dp);        /* stops the thread; closes nothing Python h
 int dp_notify_fd(struct dp *dp);
 int dp_poll_events(struct dp *dp, struct dp_event *out, int max);  /* returns how many */
 
-/* Cards. `fd` is the DRM fd (O_NONBLOCK). A fake card (for benchmarks without a KMS device): `fd`
- * is the read end of a pipe, commits go to /dev/null's ioctl, and a fake kernel thread writes each
- * commit's flip event into `fake_write_fd` `fake_delay_ns` after it; real cards pass -1 and 0. */
+/* Cards. `fd` is the DRM fd (O_NONBLOCK). A fake card (for benchmarks and tests without a KMS
+ * device): `fd` is the read end of a pipe, each commit's request goes to /dev/null's ioctl (built and
+ * submitted as for a card, refused with ENOTTY), and a fake kernel thread writes the commit's flip
+ * event into `fake_write_fd` at its first tick (every 250 µs) at least `fake_delay_ns` after the
+ * commit. Real cards pass -1 and 0. */
 int dp_card_add(struct dp *dp, int fd, int fake_write_fd, uint64_t fake_delay_ns);
 
 /* Outputs: a CRTC and the plane that shows the guest. */
