@@ -8,7 +8,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86
 
-.PHONY: deps lab-setup test unit lab demo lint bench clean
+.PHONY: deps lab-setup test unit lab demo lint bench bench-host clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -42,6 +42,10 @@ bench: lab-setup
 	$(PYTHON) bench/bench_copy.py
 	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
 	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# The native data plane against the floors of any frame path, on this machine: no KMS device, no lab.
+bench-host: deps
+	$(PYTHON) bench/bench_host.py
 
 clean:
 	rm -rf build *.egg-info compositor/_native*.so out
