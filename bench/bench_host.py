@@ -17,9 +17,9 @@ The floors, measured in the same run with the same guest processes: a bare C ser
 built here with gcc) and a bare Python epoll server that each do one wakeup, one recvmsg and one
 send per flip message, nothing else.
 
-Not measured yet (printed as n/a): the daemon around the data plane (its control plane is not wired
-to it yet), so neither the pure-Python path nor the copy path run here; `make bench` measures those
-in the lab.
+Not measured here (printed as n/a): the daemon around the data plane (it needs cards to start, and
+no fake of a whole card exists yet), so neither the pure-Python path nor the copy path run here;
+`make bench` measures those in the lab.
 
 Goals (issue 17): CPU per frame <= 2x the C floor; 4 outputs x 144 flips/s <= 2 % of one core.
 """
@@ -163,6 +163,7 @@ def dataplane_run(outputs: int, rate: float, seconds: float) -> dict:
                 dp.set_fb(b, out, 1000 * (i + 1) + buffer_id)
                 bufs.append(b)
             dp.show(out, conn)
+            dp.conn_show(conn)
             dp.flip(conn, bufs[2], 0, time.monotonic_ns())   # the first frame, as the daemon shows it
             socks.append((ours, theirs))
             handles.append(out)
@@ -182,7 +183,8 @@ def dataplane_run(outputs: int, rate: float, seconds: float) -> dict:
             g.communicate(timeout=seconds + 60)
         commits = sum(a.commits - b.commits for a, b in zip(after, before, strict=True))
         errors = sum(a.errors for a in after)
-        delays = sorted(d for a in after for d in a.commit_delays_ns)
+        delays = sorted(d for a, b in zip(after, before, strict=True)
+                        for d, _, _ in DataPlane.samples(a, since=b.presented))
         events = dp.events()
     finally:
         dp.close()

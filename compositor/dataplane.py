@@ -19,6 +19,7 @@ from compositor._native import ffi, lib
 
 MAX_OUTPUTS = lib.DP_MAX_OUTPUTS
 MAX_OUT = lib.DP_MAX_OUT
+SAMPLES = lib.DP_SAMPLES
 TOKEN_BIT = lib.DP_TOKEN_BIT
 DATA, CLOSED, FLIP, FREED, PRESENTED, ERROR, DRAINED = (
     lib.DP_EV_DATA, lib.DP_EV_CLOSED, lib.DP_EV_FLIP, lib.DP_EV_FREED, lib.DP_EV_PRESENTED, lib.DP_EV_ERROR,
@@ -52,6 +53,8 @@ class Held(NamedTuple):
     pending: int
     pending_frame: int
     in_flight_token: int
+    in_flight_presented: bool   # the guest was told `presented` for it already (a mirror showed it)
+    pending_presented: bool
 
 
 @dataclass
@@ -74,12 +77,16 @@ class OutputStats:
     dropped: int
     errors: int
     busy: int
+    max_in_flight: int
+    max_pending: int
     in_flight: bool
     pending: bool
     on_screen_buffer: int
     on_screen_frame: int
-    commit_delays_ns: list[int]   # the newest samples, in no particular order
-    latencies_ns: list[int]
+    # Per presented frame k (counting from 0), its samples lie at index k % SAMPLES: the newest
+    # SAMPLES of them are there.
+    commit_delay_ns: list[int]
+    latency_ns: list[int]
     present_ns: list[int]
 
 
@@ -105,22 +112,27 @@ class DataPlane:
         self._take_from = ffi.new("size_t *")
         self._take_flags = ffi.new("int *")
 
+    def _live(self):
+        if self._dp is None:
+            raise OSError(errno.EBADF, "the data plane is closed")
+        return self._dp
+
     def start(self) -> None:
-        _check(lib.dp_start(self._dp), "starting the data plane's thread")
+        _check(lib.dp_start(self._live()), "starting the data plane's thread")
 
     def close(self) -> None:
         if self._dp is not None:
-            lib.dp_free(self._dp)
+            lib.dp_free(self._live())
             self._dp = None
 
     def fileno(self) -> int:
-        return lib.dp_notify_fd(self._dp)
+        return lib.dp_notify_fd(self._live())
 
     def events(self) -> list[Event]:
         """Every event waiting, oldest first."""
         out: list[Event] = []
         while True:
-            n = lib.dp_poll_events(self._dp, self._events, _BATCH)
+            n = lib.dp_poll_events(self._live(), self._events, _BATCH)
             for i in range(n):
                 e = self._events[i]
                 out.append(Event(e.kind, e.handle, e.a, e.card, e.crtc, e.sequence, e.timestamp_ns,
@@ -131,42 +143,52 @@ class DataPlane:
     # --- tables
 
     def add_card(self, fd: int, *, fake_write_fd: int = -1, fake_delay_ns: int = 0) -> int:
-        return _check(lib.dp_card_add(self._dp, fd, fake_write_fd, fake_delay_ns), "adding a card")
+        return _check(lib.dp_card_add(self._live(), fd, fake_write_fd, fake_delay_ns), "adding a card")
 
     def add_output(self, card: int, crtc_id: int, plane_id: int, fb_prop_id: int) -> int:
-        return _check(lib.dp_output_add(self._dp, card, crtc_id, plane_id, fb_prop_id), "adding an output")
+        return _check(lib.dp_output_add(self._live(), card, crtc_id, plane_id, fb_prop_id),
+                      "adding an output")
 
     def show(self, output: int, conn: int, on_screen: int = -1, frame: int = 0) -> None:
-        _check(lib.dp_output_show(self._dp, output, conn, on_screen, frame), f"output {output}: show")
+        _check(lib.dp_output_show(self._live(), output, conn, on_screen, frame), f"output {output}: show")
 
     def release_output(self, output: int) -> Held:
-        _check(lib.dp_output_release(self._dp, output, self._state), f"output {output}: release")
+        _check(lib.dp_output_release(self._live(), output, self._state), f"output {output}: release")
         s = self._state
         return Held(s.on_screen, s.on_screen_frame, s.in_flight, s.in_flight_frame, s.pending,
-                    s.pending_frame, s.in_flight_token)
+                    s.pending_frame, s.in_flight_token, bool(s.in_flight_presented),
+                    bool(s.pending_presented))
 
     def watch(self, output: int, watch: bool = True) -> None:
-        _check(lib.dp_output_watch(self._dp, output, int(watch)), f"output {output}: watch")
+        _check(lib.dp_output_watch(self._live(), output, int(watch)), f"output {output}: watch")
 
     def remove_output(self, output: int) -> None:
-        _check(lib.dp_output_remove(self._dp, output), f"output {output}: remove")
+        _check(lib.dp_output_remove(self._live(), output), f"output {output}: remove")
 
     def stats(self, output: int) -> OutputStats:
-        _check(lib.dp_output_stats(self._dp, output, self._stats), f"output {output}: stats")
+        _check(lib.dp_output_stats(self._live(), output, self._stats), f"output {output}: stats")
         s = self._stats
-        n = s.samples
-        return OutputStats(s.frames, s.commits, s.presented, s.dropped, s.errors, s.busy, bool(s.in_flight),
+        return OutputStats(s.frames, s.commits, s.presented, s.dropped, s.errors, s.busy, s.max_in_flight,
+                           s.max_pending, bool(s.in_flight),
                            bool(s.pending), s.on_screen_buffer, s.on_screen_frame,
-                           list(ffi.unpack(s.commit_delay_ns, min(n, s.commits))),
-                           list(ffi.unpack(s.latency_ns, n)), list(ffi.unpack(s.present_ns, n)))
+                           ffi.unpack(s.commit_delay_ns, SAMPLES), ffi.unpack(s.latency_ns, SAMPLES),
+                           ffi.unpack(s.present_ns, SAMPLES))
+
+    @staticmethod
+    def samples(stats: OutputStats, since: int = 0) -> list[tuple[int, int, int]]:
+        """(commit delay, latency, present time) in ns of the frames presented from number `since`
+        on, oldest first, as far as the newest SAMPLES reach back."""
+        first = max(since, stats.presented - SAMPLES)
+        return [(stats.commit_delay_ns[i], stats.latency_ns[i], stats.present_ns[i])
+                for i in (k % SAMPLES for k in range(first, stats.presented))]
 
     # --- connections
 
     def add_conn(self, fd: int) -> int:
-        return _check(lib.dp_conn_add(self._dp, fd), "adding a connection")
+        return _check(lib.dp_conn_add(self._live(), fd), "adding a connection")
 
     def remove_conn(self, conn: int) -> None:
-        _check(lib.dp_conn_remove(self._dp, conn), f"connection {conn}: remove")
+        _check(lib.dp_conn_remove(self._live(), conn), f"connection {conn}: remove")
 
     def take(self, conn: int) -> Taken:
         """Everything a DP_EV_DATA handed over, in one piece."""
@@ -174,8 +196,9 @@ class DataPlane:
         fds: list[int] = []
         fds_from, eof, lost = 0, False, False
         while True:
-            n = _check(lib.dp_conn_take(self._dp, conn, self._take_buf, len(self._take_buf), self._take_fds,
-                                        lib.DP_MAX_FDS, self._take_n, self._take_from, self._take_flags),
+            n = _check(lib.dp_conn_take(self._live(), conn, self._take_buf, len(self._take_buf),
+                                        self._take_fds, lib.DP_MAX_FDS, self._take_n, self._take_from,
+                                        self._take_flags),
                        f"connection {conn}: take")
             if self._take_n[0]:
                 fds.extend(self._take_fds[i] for i in range(self._take_n[0]))
@@ -186,41 +209,53 @@ class DataPlane:
             if n < len(self._take_buf):
                 return Taken(bytes(data), fds, fds_from, eof, lost)
 
+    def pause(self, conn: int) -> None:
+        _check(lib.dp_conn_pause(self._live(), conn), f"connection {conn}: pause")
+
     def resume(self, conn: int, fast: bool) -> None:
-        _check(lib.dp_conn_resume(self._dp, conn, int(fast)), f"connection {conn}: resume")
+        _check(lib.dp_conn_resume(self._live(), conn, int(fast)), f"connection {conn}: resume")
 
     def send(self, conn: int, data: bytes, *, drained: bool = False) -> int:
         """Queue bytes for the client; the bytes queued in all. OSError ENOBUFS: it does not read."""
-        return _check(lib.dp_conn_send(self._dp, conn, data, len(data), int(drained)),
+        return _check(lib.dp_conn_send(self._live(), conn, data, len(data), int(drained)),
                       f"connection {conn}: send")
 
-    def latest(self, conn: int) -> tuple[int, int]:
-        buf, frame = ffi.new("int *"), ffi.new("uint64_t *")
-        _check(lib.dp_conn_latest(self._dp, conn, buf, frame), f"connection {conn}: latest")
-        return buf[0], frame[0]
+    def latest(self, conn: int) -> tuple[int, int, bool]:
+        """The guest's latest frame: buffer handle (-1: none), frame number, whether presented."""
+        buf, frame, presented = ffi.new("int *"), ffi.new("uint64_t *"), ffi.new("int *")
+        _check(lib.dp_conn_latest(self._live(), conn, buf, frame, presented), f"connection {conn}: latest")
+        return buf[0], frame[0], bool(presented[0])
+
+    def conn_show(self, conn: int) -> int:
+        """The guest's flips go to every output that shows it, from now on; how many."""
+        return _check(lib.dp_conn_show(self._live(), conn), f"connection {conn}: show")
+
+    def set_latest(self, conn: int, buffer: int, frame: int, layout: int) -> None:
+        _check(lib.dp_conn_set_latest(self._live(), conn, buffer, frame, layout),
+               f"connection {conn}: latest")
 
     # --- buffers
 
     def add_buffer(self, conn: int, buffer_id: int, layout: int) -> int:
-        return _check(lib.dp_buffer_add(self._dp, conn, buffer_id, layout), f"buffer {buffer_id}: add")
+        return _check(lib.dp_buffer_add(self._live(), conn, buffer_id, layout), f"buffer {buffer_id}: add")
 
     def set_fb(self, buffer: int, output: int, fb_id: int) -> None:
-        _check(lib.dp_buffer_fb(self._dp, buffer, output, fb_id), f"buffer {buffer}: framebuffer")
+        _check(lib.dp_buffer_fb(self._live(), buffer, output, fb_id), f"buffer {buffer}: framebuffer")
 
     def forget(self, buffer: int) -> None:
-        _check(lib.dp_buffer_forget(self._dp, buffer), f"buffer {buffer}: forget")
+        _check(lib.dp_buffer_forget(self._live(), buffer), f"buffer {buffer}: forget")
 
     def hold(self, buffer: int) -> int:
-        return _check(lib.dp_buffer_hold(self._dp, buffer), f"buffer {buffer}: hold")
+        return _check(lib.dp_buffer_hold(self._live(), buffer), f"buffer {buffer}: hold")
 
     def release(self, buffer: int) -> int:
-        return _check(lib.dp_buffer_release(self._dp, buffer), f"buffer {buffer}: release")
+        return _check(lib.dp_buffer_release(self._live(), buffer), f"buffer {buffer}: release")
 
     def holds(self, buffer: int) -> int:
-        return _check(lib.dp_buffer_holds(self._dp, buffer), f"buffer {buffer}: holds")
+        return _check(lib.dp_buffer_holds(self._live(), buffer), f"buffer {buffer}: holds")
 
     def flip(self, conn: int, buffer: int, frame: int, received_ns: int) -> None:
-        _check(lib.dp_flip(self._dp, conn, buffer, frame, received_ns), f"buffer {buffer}: flip")
+        _check(lib.dp_flip(self._live(), conn, buffer, frame, received_ns), f"buffer {buffer}: flip")
 
 
 __all__ = ["DataPlane", "Event", "Held", "Taken", "OutputStats", "DATA", "CLOSED", "FLIP", "FREED",

@@ -221,7 +221,8 @@ struct dp_event {
 };
 struct dp_output_stats {
     uint64_t frames; uint64_t commits; uint64_t presented; uint64_t dropped; uint64_t errors;
-    uint64_t busy; uint32_t in_flight; uint32_t pending; uint32_t on_screen_buffer;
+    uint64_t busy; uint32_t max_in_flight; uint32_t max_pending; uint32_t in_flight; uint32_t pending;
+    uint32_t on_screen_buffer;
     uint64_t on_screen_frame; uint32_t samples; uint32_t commit_delay_ns[...]; uint32_t latency_ns[...];
     uint64_t present_ns[...];
 };
@@ -229,6 +230,7 @@ struct dp_output_state {
     int32_t on_screen, in_flight, pending;
     uint64_t on_screen_frame, in_flight_frame, pending_frame;
     uint64_t in_flight_token;
+    int32_t in_flight_presented, pending_presented;
 };
 struct dp;
 struct dp *dp_new(void);
@@ -247,9 +249,12 @@ int dp_conn_add(struct dp *dp, int fd);
 int dp_conn_remove(struct dp *dp, int conn);
 int dp_conn_take(struct dp *dp, int conn, uint8_t *buf, size_t cap, int *fds, int max_fds, int *nfds,
                  size_t *fds_from, int *flags);
+int dp_conn_pause(struct dp *dp, int conn);
 int dp_conn_resume(struct dp *dp, int conn, int fast);
 int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int drained);
-int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame);
+int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame, int *presented);
+int dp_conn_show(struct dp *dp, int conn);
+int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint32_t layout);
 int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout);
 int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id);
 int dp_buffer_forget(struct dp *dp, int buffer);

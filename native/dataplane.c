@@ -195,9 +195,16 @@ static void conn_watch(struct dp *dp, int index)
 		mask |= EPOLLOUT;
 	if (mask == c->mask)
 		return;
+	/* Nothing to wait for: out of the set, for epoll reports a hang-up (EPOLLHUP) whatever the
+	 * mask, and a paused connection whose client hung up would wake this thread for ever. */
+	if (!mask) {
+		if (epoll_ctl(dp->epfd, EPOLL_CTL_DEL, c->fd, NULL) == 0)
+			c->mask = 0;
+		return;
+	}
 	ev.events = mask;
 	ev.data.u64 = tag(T_CONN, c->gen, index);
-	if (epoll_ctl(dp->epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
+	if (epoll_ctl(dp->epfd, c->mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) == 0)
 		c->mask = mask;
 }
 
@@ -235,7 +242,8 @@ static void conn_flush(struct dp *dp, int index)
 		}
 		sent += (size_t)n;
 	}
-	memmove(c->out, c->out + sent, c->out_len - sent);
+	if (sent && sent < c->out_len)
+		memmove(c->out, c->out + sent, c->out_len - sent);
 	c->out_len -= sent;
 	if (c->out_len == 0 && c->want_drained) {
 		c->want_drained = 0;
@@ -250,6 +258,8 @@ static int conn_queue(struct dp *dp, int index, const uint8_t *data, size_t len)
 
 	if (c->state == C_DEAD)
 		return -EPIPE;
+	if (len == 0)
+		return (int)c->out_len;
 	if (c->out_len + len > DP_MAX_OUT) {
 		conn_fail(dp, index, ENOBUFS);
 		return -ENOBUFS;
@@ -300,9 +310,10 @@ static void buf_unhold(struct dp *dp, int32_t b)
 {
 	struct buf *buf = &dp->bufs[b];
 
+	if (buf->holds <= 0)
+		return;   /* not held: nothing to give back (a caller's mistake, never a release) */
 	if (--buf->holds > 0)
 		return;
-	buf->holds = 0;
 	if (buf->forgotten || !conn_alive(dp, buf->conn)) {
 		struct dp_event ev;
 
@@ -437,6 +448,7 @@ static int commit_pending(struct dp *dp, int index)
 	}
 	o->in_flight = f;
 	o->stats.commits++;
+	o->stats.max_in_flight = 1;
 	sample(o, o->stats.commit_delay_ns, now_ns() - dp->frames[f].recv_ns);
 	return 0;
 }
@@ -452,6 +464,8 @@ static void submit(struct dp *dp, int index, int32_t f)
 		o->stats.dropped++;
 	}
 	o->pending = f;
+	if (o->in_flight >= 0)
+		o->stats.max_pending = 1;
 	commit_pending(dp, index);
 }
 
@@ -523,7 +537,8 @@ static void on_flip_event(int fd, unsigned int sequence, unsigned int tv_sec, un
 		uint64_t index = (token >> 40) & 0x7fffff;
 
 		if (index < DP_MAX_OUTPUTS && dp->outputs[index].used && dp->outputs[index].in_flight >= 0 &&
-		    dp->outputs[index].token == token) {
+		    dp->outputs[index].token == token && dp->outputs[index].crtc == crtc_id &&
+		    dp->outputs[index].card == drain.card) {
 			present(dp, (int)index, sequence, ts);
 			return;
 		}
@@ -1015,7 +1030,10 @@ int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, 
 
 		if (o->used)
 			continue;
+		uint64_t serial = o->serial;   /* tokens of a slot's earlier outputs may still come */
+
 		memset(o, 0, sizeof(*o));
+		o->serial = serial;
 		o->used = 1;
 		o->card = card;
 		o->crtc = crtc_id;
@@ -1062,7 +1080,6 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
 		o->on_screen = f;
 	}
 	o->conn = ci;
-	dp->conns[ci]->outputs |= 1u << output;
 out:
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1080,13 +1097,18 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 	struct output *o = &dp->outputs[output];
 
 	memset(state, 0, sizeof(*state));
+	state->in_flight_token = o->in_flight >= 0 ? o->token : 0;
+	state->in_flight_presented = o->in_flight >= 0 && dp->frames[o->in_flight].presented;
+	state->pending_presented = o->pending >= 0 && dp->frames[o->pending].presented;
 	state->on_screen = o->on_screen >= 0 ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame)) : -1;
 	state->in_flight = o->in_flight >= 0 ? buf_handle(dp, frame_handover(dp, o->in_flight, &state->in_flight_frame)) : -1;
 	state->pending = o->pending >= 0 ? buf_handle(dp, frame_handover(dp, o->pending, &state->pending_frame)) : -1;
-	state->in_flight_token = o->in_flight >= 0 ? o->token : 0;
 	o->on_screen = o->in_flight = o->pending = -1;
+	/* The guest's flips go to Python from now on, also for its other outputs (their frames stay
+	 * there): one output of a guest run from Python and its mirror from here would see different
+	 * frames. dp_conn_show gives them their flips back. */
 	if (o->conn >= 0 && dp->conns[o->conn])
-		dp->conns[o->conn]->outputs &= ~(1u << output);
+		dp->conns[o->conn]->outputs = 0;
 	o->conn = -1;
 out:
 	pthread_mutex_unlock(&dp->lock);
@@ -1210,9 +1232,10 @@ int dp_conn_remove(struct dp *dp, int conn)
 	}
 	struct conn *c = dp->conns[conn];
 
-	epoll_ctl(dp->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+	if (c->mask)
+		epoll_ctl(dp->epfd, EPOLL_CTL_DEL, c->fd, NULL);
 	for (int o = 0; o < DP_MAX_OUTPUTS; o++) {
-		if (c->outputs >> o & 1) {
+		if (dp->outputs[o].used && dp->outputs[o].conn == conn) {
 			/* Its frames stay where they are until the output is given another guest or
 			 * released; it just stops receiving this guest's frames. */
 			dp->outputs[o].conn = -1;
@@ -1335,7 +1358,7 @@ out:
 	return ret;
 }
 
-int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame)
+int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame, int *presented)
 {
 	int ret = 0;
 
@@ -1348,6 +1371,7 @@ int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame)
 
 		*buffer = f >= 0 ? buf_handle(dp, dp->frames[f].buf) : -1;
 		*frame = f >= 0 ? dp->frames[f].frame : 0;
+		*presented = f >= 0 && dp->frames[f].presented;
 	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1488,6 +1512,79 @@ int dp_flip(struct dp *dp, int conn, int buffer, uint64_t frame, uint64_t receiv
 	else
 		ret = flip(dp, conn, buffer, frame, received_ns, 0);
 	flush_dirty(dp);
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint32_t layout)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	buffer = buf_index(dp, buffer);
+	if (conn < 0 || buffer < 0 || dp->bufs[buffer].conn != conn) {
+		ret = -ENOENT;
+		goto out;
+	}
+	struct conn *c = dp->conns[conn];
+	int32_t f = frame_new(dp, buffer, frame, now_ns());
+
+	if (f < 0) {
+		ret = -ENOMEM;
+		goto out;
+	}
+	frame_ref(dp, f);
+	if (c->latest >= 0)
+		frame_unref(dp, c->latest);
+	c->latest = f;
+	c->layout = layout;
+	flush_dirty(dp);
+out:
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_conn_pause(struct dp *dp, int conn)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	if (conn < 0) {
+		ret = -ENOENT;
+	} else if (dp->conns[conn]->state == C_DEAD) {
+		ret = -EPIPE;
+	} else if (dp->conns[conn]->state != C_PAUSED) {
+		struct conn *c = dp->conns[conn];
+
+		c->state = C_PAUSED;
+		c->taken = 0;
+		conn_watch(dp, conn);
+	}
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_conn_show(struct dp *dp, int conn)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	if (conn < 0) {
+		ret = -ENOENT;
+	} else {
+		uint32_t mask = 0;
+
+		for (int o = 0; o < DP_MAX_OUTPUTS; o++) {
+			if (dp->outputs[o].used && dp->outputs[o].conn == conn) {
+				mask |= 1u << o;
+				ret++;
+			}
+		}
+		dp->conns[conn]->outputs = mask;
+	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
 }

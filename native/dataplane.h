@@ -84,6 +84,8 @@ struct dp_output_stats {
 	uint64_t dropped;     /* frames replaced by a newer one before their commit */
 	uint64_t errors;      /* commits the kernel refused */
 	uint64_t busy;        /* of those, EBUSY */
+	uint32_t max_in_flight; /* the most commits ever in flight at once (1: one per CRTC) */
+	uint32_t max_pending; /* the most frames ever waiting at once (1: the newest wins) */
 	uint32_t in_flight;   /* 1 while a commit waits for its event */
 	uint32_t pending;     /* 1 while a frame waits for the commit in flight */
 	uint32_t on_screen_buffer; /* the guest's buffer id on screen (0: none of the guest's) */
@@ -113,8 +115,12 @@ int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, 
 /* The guest (connection) the output shows, or -1 for none. While it shows one, this thread commits
  * to the CRTC: Python must not. `on_screen` (a buffer handle, or -1) is what the plane shows now:
  * the output takes a hold on it until a newer frame replaces it. Python calls it with nothing of its
- * own in flight on the CRTC. */
+ * own in flight on the CRTC. The guest's flips reach its outputs only from dp_conn_show on. */
 int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t frame);
+/* From now on the guest's flips go to every output that shows it, all at once (a guest and its
+ * mirrors see the same frames); returns how many. Releasing any of them (dp_output_release) sends
+ * all its flips to Python again, until the next dp_conn_show. */
+int dp_conn_show(struct dp *dp, int conn);
 /* Stop showing: the output hands back what it holds (the buffer handles on screen, in flight and
  * pending, or -1, with their frame numbers; the caller now owns those holds and the in-flight
  * commit's token, whose event will come to Python as DP_EV_FLIP). */
@@ -122,6 +128,7 @@ struct dp_output_state {
 	int32_t on_screen, in_flight, pending;
 	uint64_t on_screen_frame, in_flight_frame, pending_frame;
 	uint64_t in_flight_token;
+	int32_t in_flight_presented, pending_presented; /* already told `presented` (on a mirror) */
 };
 int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
 int dp_output_watch(struct dp *dp, int output, int watch);
@@ -137,6 +144,9 @@ int dp_conn_remove(struct dp *dp, int conn);   /* stops reading; Python closes t
  * call again for the rest, with no descriptors then). */
 int dp_conn_take(struct dp *dp, int conn, uint8_t *buf, size_t cap, int *fds, int max_fds, int *nfds,
 		 size_t *fds_from, int *flags);
+/* Stop reading the connection now (as a DP_EV_DATA would): what was read and not consumed is
+ * Python's to take, and the socket Python's to read, until dp_conn_resume. */
+int dp_conn_pause(struct dp *dp, int conn);
 /* Read the connection again: `fast` = 1 when Python holds nothing of the stream (no partial
  * message, no descriptor waiting), so flips may be handled here; 0: hand every read to Python. */
 int dp_conn_resume(struct dp *dp, int conn, int fast);
@@ -144,9 +154,13 @@ int dp_conn_resume(struct dp *dp, int conn, int fast);
  * client does not read: close it) or -EPIPE (it is gone). `drained` = 1 asks for DP_EV_DRAINED
  * once the queue is empty. */
 int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int drained);
-/* The guest's latest frame (the buffer handle, -1 for none, and frame number); the output that
- * shows it holds its own. */
-int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame);
+/* The guest's latest frame (the buffer handle, -1 for none, its frame number, and whether the guest
+ * was told `presented` for it); the output that shows it holds its own. */
+int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame, int *presented);
+
+/* Python showed a frame itself (no output of the guest is run from here): it is the guest's latest
+ * now, held as such, and `layout` the layout the guest's next flips are checked against. */
+int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint32_t layout);
 
 /* Buffers: `layout` is Python's name for the buffer's layout; a flip of a buffer of another layout
  * than the latest frame's goes to Python (it re-plans). */

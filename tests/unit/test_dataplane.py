@@ -85,6 +85,7 @@ class Rig:
     def first_frame(self, buffer_id: int = 1) -> None:
         """As the daemon does for a guest's first frame: Python shows it (dp_flip), then the output."""
         self.dp.show(self.output, self.conn)
+        assert self.dp.conn_show(self.conn) == 1
         self.dp.flip(self.conn, self.buffers[buffer_id], 0, time.monotonic_ns())
 
 
@@ -115,8 +116,12 @@ def test_flips_reach_the_screen_and_come_back_presented_then_released(rig):
     rig.read(lambda s: len(released(s)) >= 4, "released for the frames replaced")
     assert released(rig.said)[:4] == [1, 2, 3, 1]
     stats = rig.dp.stats(rig.output)
-    print(f"commits {stats.commits}, presented {stats.presented}, commit delay p50 "
-          f"{sorted(stats.commit_delays_ns)[len(stats.commit_delays_ns) // 2] / 1000:.1f} µs")
+    samples = DataPlane.samples(stats)
+    delays = sorted(d for d, _, _ in samples)
+    print(f"commits {stats.commits}, presented {stats.presented}, "
+          f"commit delay p50 {delays[len(delays) // 2] / 1000:.1f} µs")
+    assert len(samples) == 5 and all(0 < lat < 10**9 for _, lat, _ in samples)
+    assert [t for _, _, t in samples] == [m.timestamp_ns for m in presented(rig.said)]
     assert (stats.frames, stats.commits, stats.presented, stats.dropped) == (5, 5, 5, 0)
     assert (stats.on_screen_buffer, stats.on_screen_frame) == (2, 4)
     # The timestamps are the (fake) kernel's, in CLOCK_MONOTONIC, and the sequence counts up.
@@ -304,3 +309,67 @@ def test_a_stale_handle_names_nothing_even_once_its_slot_is_reused(rig):
     finally:
         a.close()
         b.close()
+
+
+def test_a_mirror_gets_every_frame_and_the_guest_hears_presented_once(rig):
+    mirror = rig.dp.add_output(rig.card, CRTC + 1, PLANE + 1, FB_PROP)
+    for buffer_id, handle in rig.buffers.items():
+        rig.dp.set_fb(handle, mirror, FB[buffer_id] + 100)
+    rig.dp.show(rig.output, rig.conn)
+    rig.dp.show(mirror, rig.conn)
+    # Until conn_show, the guest's flips are Python's: no output sees a frame the other does not.
+    rig.client.send(flip_record(1, 0))
+    rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+    rig.dp.take(rig.conn)
+    assert rig.dp.conn_show(rig.conn) == 2
+    rig.dp.flip(rig.conn, rig.buffers[1], 0, time.monotonic_ns())
+    rig.dp.resume(rig.conn, fast=True)
+    for frame, buffer_id in enumerate([2, 3, 1], start=1):
+        rig.client.send(flip_record(buffer_id, frame))
+        rig.read(lambda s, f=frame: any(m.frame == f for m in presented(s)), f"presented for frame {frame}")
+    time.sleep(0.05)
+    rig.read(lambda s: True, "")
+    frames = [m.frame for m in presented(rig.said)]
+    assert frames == sorted(set(frames)), f"a frame was presented twice: {frames}"
+    a, b = rig.dp.stats(rig.output), rig.dp.stats(mirror)
+    assert (a.frames, b.frames) == (4, 4) and a.presented == b.presented == 4
+    # Releasing one sends the guest's flips to Python, for the mirror too.
+    rig.dp.release_output(mirror)
+    rig.client.send(flip_record(2, 9))
+    rig.events(lambda e: sum(x.kind == DATA for x in e) == 2, "handover")
+    assert rig.dp.stats(rig.output).frames == 4
+
+
+def test_a_late_flip_event_of_a_removed_output_does_not_complete_its_successor(rig):
+    # A card whose (fake) flips never complete during the test: a commit stays in flight.
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        card = rig.dp.add_card(r, fake_write_fd=w, fake_delay_ns=60 * 10**9)
+        old = rig.dp.add_output(card, CRTC, PLANE, FB_PROP)
+        for handle in rig.buffers.values():
+            rig.dp.set_fb(handle, old, 500)
+        rig.dp.show(old, rig.conn)
+        rig.dp.conn_show(rig.conn)
+        rig.dp.flip(rig.conn, rig.buffers[1], 0, time.monotonic_ns())   # its first commit: token 1
+        held = rig.dp.release_output(old)
+        assert held.in_flight == rig.buffers[1] and held.in_flight_token == TOKEN_BIT | old << 40 | 1
+        rig.dp.release(held.in_flight)
+        rig.dp.remove_output(old)
+        new = rig.dp.add_output(card, CRTC, PLANE, FB_PROP)
+        assert new == old   # the same slot
+        for handle in rig.buffers.values():
+            rig.dp.set_fb(handle, new, 600)
+        rig.dp.show(new, rig.conn)
+        rig.dp.conn_show(rig.conn)
+        rig.dp.flip(rig.conn, rig.buffers[2], 1, time.monotonic_ns())
+        assert rig.dp.stats(new).in_flight
+        # The old commit's event comes late: it must not complete the new output's commit.
+        os.write(w, struct.pack("<IIQIIII", 2, 32, held.in_flight_token, 1, 0, 1, CRTC))
+        events = rig.events(lambda e: any(x.kind == FLIP for x in e), "the stale event")
+        assert next(x for x in events if x.kind == FLIP).user_data == held.in_flight_token
+        stats = rig.dp.stats(new)
+        assert stats.in_flight and stats.presented == 0
+    finally:
+        rig.dp.close()
+        os.close(r)
+        os.close(w)
