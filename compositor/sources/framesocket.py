@@ -36,6 +36,7 @@ import array
 import asyncio
 import base64
 import binascii
+import errno
 import fcntl
 import logging
 import math
@@ -236,6 +237,9 @@ class GuestHandler(Protocol):
         """The connection is gone (called once, only for connections that got past hello). The handler
         now owns every buffer still in conn.buffers and must close each once it is off screen."""
 
+    def on_dataplane(self, conn: GuestConnection) -> None:
+        """Optional: the server's data plane serves conn from now on (conn.dp_conn is its handle)."""
+
 
 class _PendingFd(NamedTuple):
     fd: int
@@ -295,6 +299,12 @@ class GuestConnection:
         self.cursor: Cursor | None = None  # the guest's pointer image, from its latest cursor message
         self.pointer: GuestPointer | None = None  # where its hot spot is, from its latest cursor-move
         self._cursor_serial = 0  # cursor messages so far: each new image gets the next serial
+        # The native data plane (compositor.dataplane), once it reads and writes this socket: its
+        # handle of the connection, or -1 while this object does (before welcome, version 1, or
+        # no data plane).
+        self.dp_conn = -1
+        self._dp_wanted = False
+        self._catching_up = False  # reading on from _catch_up: the socket is not handed over meanwhile
 
     def __repr__(self) -> str:
         return f"<GuestConnection {self._who()}{' closed' if self.closed else ''}>"
@@ -343,30 +353,103 @@ class GuestConnection:
         except OSError as exc:
             self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
             return None
+        fds = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
+                fds.extend(got)
+        self._take(data, fds, 0, bool(flags & socket.MSG_CTRUNC), not data and not ancdata)
+        self._maybe_attach()
+        return len(data)
+
+    def _take(self, data: bytes, fds: list[int], fds_from: int, lost_fds: bool, eof: bool) -> None:
+        """Bytes received (read here, or handed over by the data plane) and every message they
+        complete. `fds` came with the recvmsg that began at data[fds_from:]; `eof`: the stream
+        ended after `data`."""
         since = self._received
         self._received += len(data)
         # Take ownership of every descriptor before anything can fail: from here on _finish closes them.
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(_PendingFd(fd, since, self._received) for fd in fds)
+        self._fds.extend(_PendingFd(fd, since + fds_from, self._received) for fd in fds)
         try:
-            if flags & socket.MSG_CTRUNC:
+            if lost_fds:
                 raise ProtocolError(f"file descriptors were lost: more than {MAX_FDS_PER_RECV} in one "
                                     "sendmsg, or the compositor is out of descriptors")
             if len(self._fds) > MAX_PENDING_FDS:
                 raise ProtocolError(f"{len(self._fds)} file descriptors sent ahead of their buffer messages")
-            if not data and not ancdata:
-                self._on_eof()
-                return 0
             for msg in self._decoder.feed(data):
                 self._dispatch(msg, self._decoder.start)
                 if self.closed:
-                    break
+                    return
+            if eof:
+                self._on_eof()
         except ProtocolError as exc:
             self._finish(str(exc), logging.WARNING)
-        return len(data)
+
+    # --- the data plane
+
+    def _maybe_attach(self) -> None:
+        """Hand the socket to the data plane once this side holds nothing of the stream (no partial
+        message, no descriptor waiting, nothing unsent): from then on it reads and writes it."""
+        if not self._dp_wanted or self.dp_conn >= 0 or self.closed or self._failing or self._catching_up:
+            return
+        if self._decoder.pending or self._fds or self._out or self._writing:
+            return
+        dp = self._server.dataplane
+        try:
+            handle = dp.add_conn(self._fileno)
+        except OSError as exc:
+            log.warning("%s: the data plane cannot take it (%s): served from Python", self._who(), exc)
+            self._dp_wanted = False
+            return
+        self._loop.remove_reader(self._fileno)
+        self.dp_conn = handle
+        self._server.dp_connections[handle] = self
+        log.debug("%s: on the data plane", self._who())
+        if hasattr(self._server.handler, "on_dataplane"):
+            self._call("on_dataplane")
+
+    def dp_event(self, event) -> None:
+        """An event of the data plane about this connection (compositor.dataplane)."""
+        from compositor import dataplane as dpm
+        dp = self._server.dataplane
+        if self.closed:
+            return
+        if event.kind == dpm.DATA:
+            try:
+                taken = dp.take(self.dp_conn)
+            except OSError:
+                return
+            self._take(taken.data, taken.fds, taken.fds_from, taken.lost_fds, taken.eof)
+            if not self.closed:
+                try:
+                    dp.resume(self.dp_conn, fast=not self._decoder.pending and not self._fds)
+                except OSError as exc:
+                    self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
+        elif event.kind == dpm.CLOSED:
+            reason = ("not reading its socket" if event.a == errno.ENOBUFS
+                      else f"connection lost ({os.strerror(event.a)})")
+            self._finish(reason, logging.WARNING, send_error=event.a == errno.ENOBUFS)
+        elif event.kind == dpm.DRAINED and self._dropping_input:
+            self._input_drained()
+
+    def _queued(self) -> int:
+        """Bytes the client has not taken yet."""
+        if self.dp_conn >= 0:
+            try:
+                return self._server.dataplane.send(self.dp_conn, b"")
+            except OSError:
+                return 0
+        return len(self._out)
+
+    def _dp_send(self, data: bytes) -> None:
+        try:
+            self._server.dataplane.send(self.dp_conn, data, drained=self._dropping_input)
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                self._fail_soon("not reading its socket")
+            else:
+                self._fail_soon(f"connection lost ({exc.strerror})")
 
     def _catch_up(self) -> None:
         """Handle what the client had already sent, now rather than when the loop comes round to it:
@@ -379,6 +462,38 @@ class GuestConnection:
         if self._failing:  # already doomed (not reading, or gone): it would be closed next round
             self._finish(self._fail_reason, logging.WARNING)
             return
+        if self.dp_conn >= 0:
+            # The data plane reads this socket: have it stop and hand over what it holds; what the
+            # socket still holds is read below, then the data plane reads on.
+            dp = self._server.dataplane
+            try:
+                dp.pause(self.dp_conn)
+                taken = dp.take(self.dp_conn)
+            except OSError as exc:
+                self._finish(f"connection lost ({exc.strerror})", logging.WARNING, send_error=False)
+                return
+            self._take(taken.data, taken.fds, taken.fds_from, taken.lost_fds, taken.eof)
+            try:
+                self._catch_up_socket()
+            finally:
+                if not self.closed:
+                    try:
+                        dp.resume(self.dp_conn, fast=not self._decoder.pending and not self._fds)
+                    except OSError:
+                        pass
+            return
+        self._catch_up_socket()
+
+    def _catch_up_socket(self) -> None:
+        self._catching_up = True
+        try:
+            self._catch_up_reads()
+        finally:
+            self._catching_up = False
+        if self.dp_conn < 0:
+            self._maybe_attach()
+
+    def _catch_up_reads(self) -> None:
         try:
             queued = struct.unpack("i", fcntl.ioctl(self._fileno, termios.FIONREAD, b"\0" * 4))[0]
         except OSError:
@@ -474,6 +589,7 @@ class GuestConnection:
         self._welcomed = True
         log.info("%s: welcome", self._who())
         self._send({"type": "welcome", "version": self.version})
+        self._dp_wanted = self.version >= 2 and self._server.dataplane is not None
 
     def _on_buffer(self, msg: dict[str, Any], start: int) -> None:
         buffer_id = _int_field(msg, "id", 1, MAX_BUFFER_ID)
@@ -594,6 +710,9 @@ class GuestConnection:
         if self.closed or self._failing:
             return
         data = encode(msg)
+        if self.dp_conn >= 0:
+            self._dp_send(data)
+            return
         if not self._out:
             try:
                 sent = self._sock.send(data, socket.MSG_NOSIGNAL)
@@ -616,6 +735,9 @@ class GuestConnection:
         event's presented and released) leaves in one send, just after it."""
         if self.closed or self._failing:
             return
+        if self.dp_conn >= 0:
+            self._dp_send(data)
+            return
         self._out += data
         if len(self._out) > MAX_QUEUED_OUTPUT:
             self._fail_soon("not reading its socket")
@@ -632,7 +754,7 @@ class GuestConnection:
         if self.closed or self._failing or not self._welcomed:
             return
         ident, down = _contact(msg)
-        if self._dropping_input or len(self._out) > MAX_QUEUED_INPUT:
+        if self._dropping_input or self._queued() > MAX_QUEUED_INPUT:
             self._drop_input(msg, ident, down)
             return
         self._send(msg)
@@ -642,7 +764,9 @@ class GuestConnection:
         if not self._dropping_input:
             self._dropping_input = True
             log.warning("%s: not reading its socket (%d bytes unsent): dropping input until it catches up",
-                        self._who(), len(self._out))
+                        self._who(), self._queued())
+            if self.dp_conn >= 0:   # the data plane says when its queue is empty: DRAINED
+                self._dp_send(b"")
         if ident is not None:
             if down is False and ident in self._held:
                 # The guest was told this is pressed: dropping its release would leave it stuck down.
@@ -710,6 +834,9 @@ class GuestConnection:
             return
         self.closed = True
         log.log(level, "%s: closing: %s", self._who(), reason)
+        if self.dp_conn >= 0:
+            self._finish_on_dataplane(reason, send_error)
+            return
         if send_error and len(self._out) <= MAX_QUEUED_OUTPUT:
             # best effort: a client that does not read loses the reason, never blocks the loop
             self._out += encode({"type": "error", "reason": reason})
@@ -730,6 +857,30 @@ class GuestConnection:
                 self._server.handler.on_close(self, reason)
             except Exception:
                 log.exception("%s: on_close failed", self._who())
+
+    def _finish_on_dataplane(self, reason: str, send_error: bool) -> None:
+        """_finish of a connection the data plane serves: the handler forgets the guest's buffers
+        first (the data plane frees each once nothing holds it), then the data plane lets go of the
+        socket, and only then is it closed."""
+        dp = self._server.dataplane
+        if send_error:
+            try:   # best effort, as above: the data plane never blocks on a client
+                dp.send(self.dp_conn, encode({"type": "error", "reason": reason}))
+            except OSError:
+                pass
+        while self._fds:
+            os.close(self._fds.popleft().fd)
+        self._server._discard(self)
+        try:
+            self._server.handler.on_close(self, reason)
+        except Exception:
+            log.exception("%s: on_close failed", self._who())
+        try:
+            dp.remove_conn(self.dp_conn)
+        except OSError:
+            pass
+        self._server.dp_connections.pop(self.dp_conn, None)
+        self._sock.close()
 
     def _who(self) -> str:
         guest = f"guest {self.name!r}" if self.name else "before hello"
@@ -818,6 +969,11 @@ class FrameSocketServer:
         self.handler = handler
         self.mode = mode
         self.connections: list[GuestConnection] = []
+        # The native data plane (compositor.dataplane.DataPlane) that serves version-2 clients once
+        # welcomed, or None: this server reads and writes every socket. dp_connections maps its
+        # connection handles to their GuestConnection (see GuestConnection.dp_event).
+        self.dataplane = None
+        self.dp_connections: dict[int, GuestConnection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -888,6 +1044,13 @@ class FrameSocketServer:
             self.connections.append(conn)
             self._loop.add_reader(sock.fileno(), conn._on_readable)
             log.debug("%s: connected", conn._who())
+
+    def dataplane_event(self, event) -> None:
+        """An event of the data plane about one of this server's connections (DP_EV_DATA, _CLOSED,
+        _DRAINED): the connection handles it. One about a connection gone since is ignored."""
+        conn = self.dp_connections.get(event.handle)
+        if conn is not None:
+            conn.dp_event(event)
 
     def _resume_accepting(self) -> None:
         if self._listener is not None and self._loop is not None:

@@ -36,8 +36,8 @@ def sanitized(tmp_path_factory) -> dict[str, str]:
     (so,) = out.glob("compositor/_native*.so")
     return {**os.environ, "DIRECTFLIP_NATIVE_SO": str(so),
             "LD_PRELOAD": f"{_runtime('libasan.so')} {_runtime('libubsan.so')}",
-            # Python's own allocations outlive it on purpose; the C helper allocates nothing that
-            # lives past a call, and every read and write is still checked.
+            # Python's own allocations outlive it on purpose (and the data plane's live until
+            # dp_free); every read and write is still checked.
             "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=86",
             "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=87",
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(UNIT)])}
@@ -74,6 +74,20 @@ def test_every_unit_test_passes_on_the_sanitizer_build(sanitized):
     summary = re.search(r"^(\d+) passed", proc.stdout.splitlines()[-1])
     assert summary and int(summary[1]) > 500, tail
     print(f"sanitizer build: {proc.stdout.splitlines()[-1]}")
+
+
+def test_the_frame_socket_suite_on_the_data_plane_runs_clean_on_the_sanitizer_build(sanitized):
+    """The frame-socket tests again with every version-2 client served by the data plane's thread
+    (framesocket_env.ON_DATAPLANE): its reads, hand-overs and writes under both sanitizers."""
+    tests = sorted(str(p) for p in UNIT.glob("test_framesocket*.py"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                          cwd=ROOT, env={**sanitized, "DIRECTFLIP_TEST_DATAPLANE": "1"}, capture_output=True,
+                          text=True, timeout=1200)
+    tail = (proc.stdout[-3000:] + proc.stderr[-3000:])
+    assert proc.returncode == 0, f"frame-socket tests on the data plane, sanitizer build:\n{tail}"
+    summary = re.search(r"^(\d+) passed", proc.stdout.splitlines()[-1])
+    assert summary and int(summary[1]) > 150, tail
+    print(f"frame-socket suite on the data plane, sanitizer build: {proc.stdout.splitlines()[-1]}")
 
 
 def test_the_wire_fuzzer_runs_clean_on_the_sanitizer_build(sanitized, tmp_path):

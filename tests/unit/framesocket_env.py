@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,10 @@ from compositor.sources.framesocket import (
     GuestConnection,
     encode,
 )
+
+# Set to "1", the servers of these tests hand their version-2 clients to the native data plane
+# (tests/reliability/test_dataplane_suite.py runs them so).
+ON_DATAPLANE = "DIRECTFLIP_TEST_DATAPLANE"
 
 
 @dataclass
@@ -74,12 +79,25 @@ def serve(tmp_path, handler: Any) -> Iterator[Env]:
     loop = asyncio.new_event_loop()
     path = str(tmp_path / "frames.sock")
     server = FrameSocketServer(path, handler)
+    dataplane = None
+    if os.environ.get(ON_DATAPLANE) == "1":
+        # Every version-2 client is served by the native data plane once welcomed: with no outputs
+        # there, each of its messages comes back to Python through the hand-over path.
+        from compositor.dataplane import DataPlane
+        dataplane = DataPlane()
+        dataplane.start()
+        server.dataplane = dataplane
+        loop.add_reader(dataplane.fileno(),
+                        lambda: [server.dataplane_event(ev) for ev in dataplane.events()])
     server.start(loop)
     env = Env(loop, server, handler, path)
     yield env
     for client in env.clients:
         client.close()
     server.close()
+    if dataplane is not None:
+        loop.remove_reader(dataplane.fileno())
+        dataplane.close()
     loop.run_until_complete(loop.shutdown_default_executor())
     loop.close()
 
