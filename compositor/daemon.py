@@ -35,7 +35,7 @@ from compositor import planner, topology
 from compositor.capture import CaptureError
 from compositor.input.seats import SeatInput
 from compositor.input.sink import InputSink
-from compositor.kms import Card, DeviceError, KmsError, list_cards
+from compositor.kms import Card, DeviceError, FlipEvent, KmsError, list_cards
 from compositor.kms.fourcc import ARGB8888, fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
 from compositor.planner import Assignment, Guest, OutputAssignment
@@ -44,7 +44,7 @@ from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import FramebufferCache, ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
 from compositor.sources import vfio
-from compositor.sources.frame import BadPlane, Buffer, Cursor, Frame, Pointer
+from compositor.sources.frame import BadPlane, Buffer, Cursor, Frame, PlaneInfo, Pointer
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
     RUN_DIR,
@@ -142,7 +142,7 @@ class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
                  native: bool = True, seat: str | None = None, session: Session | None = None,
-                 input: bool = True) -> None:
+                 input: bool = True, data_plane: bool = False) -> None:
         self.policy_path = Path(policy_path)
         self.seat = seat
         self.session = session if session is not None else DirectSession(None)
@@ -153,6 +153,14 @@ class Daemon:
         self.control_socket_path = control_socket
         self.card_paths = cards
         self.native = native
+        # The native data plane (compositor.dataplane): with data_plane (and native), a C thread
+        # carries the frames of frame-socket guests (version 2) that are shown zero copy; the
+        # pipelines hand their CRTCs to it once settled and take them back for anything else.
+        self.use_dataplane = data_plane and native
+        self.dataplane = None
+        self.dp_buffers: dict[int, Buffer] = {}     # data-plane buffer handle → Buffer
+        self._dp_cards: dict[int, Card] = {}        # data-plane card index → Card
+        self._layouts: dict[PlaneInfo, int] = {}    # layouts by number, for the data plane
         self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
         self.cards: dict[str, Card] = {}
         self.caches: dict[str, FramebufferCache] = {}
@@ -263,12 +271,21 @@ class Daemon:
         except BaseException:
             await self.session.close()
             raise
+        if self.use_dataplane:
+            from compositor.dataplane import DataPlane
+            self.dataplane = DataPlane()
+            self.dataplane.start()
+            loop.add_reader(self.dataplane.fileno(), self._dataplane_events)
+            log.info("data plane: frame-socket guests shown zero copy are flipped by its thread")
         for card in self.cards.values():
-            card.attach(loop)
+            card.attach(loop, self.dataplane)
+            if card.dp_card >= 0:
+                self._dp_cards[card.dp_card] = card
         self.topology = self.read_topology()
         self.reset_outputs()
         os.makedirs(os.path.dirname(self.frame_socket_path) or ".", exist_ok=True)
         self.frames = FrameSocketServer(self.frame_socket_path, self)
+        self.frames.dataplane = self.dataplane
         self.frames.start(loop)
         from compositor.control import ControlServer
         self.control = ControlServer(self.control_socket_path, self)
@@ -326,6 +343,11 @@ class Daemon:
                 del self.pipelines[key]
         if self.frames is not None:
             self.frames.close()
+        if self.dataplane is not None:
+            self._dataplane_events()   # buffers it freed as their guests went
+            asyncio.get_running_loop().remove_reader(self.dataplane.fileno())
+            self.dataplane.close()   # before the cards close: its thread reads their fds
+            self.dataplane = None
         for task in self.vfio_tasks.values():
             task.cancel()
         for name, proc in self.launched.items():
@@ -388,6 +410,7 @@ class Daemon:
             old_keys = {key for key in self.pipelines if key[0] not in paused}
             changed = 0
             present = {(o.card.path, o.connector.name) for o in self.topology.outputs()}
+            self._take_back_changing(new, old_keys)
             for key in old_keys - set(new):
                 pipe = self.pipelines.pop(key)
                 if key in present:
@@ -412,6 +435,8 @@ class Daemon:
                                                native=self.native)
                         self.pipelines[key] = pipe
                         pipe.on_path_change = self._status_changed
+                        pipe.dataplane = self.dataplane
+                        pipe.dp_buffer = self.dp_buffers.get
                         pipe.paused = True
                         pipe.start(first)
                     else:
@@ -460,14 +485,34 @@ class Daemon:
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
         gs = self.guests.get(out.guest) if out.guest else None
-        if gs is None or gs.latest is None:
+        latest = self._latest(gs) if gs is not None else None
+        if latest is None:
             return None
-        self._hold(gs, gs.latest.buffer)  # the pipeline's hold; released through _release
+        self._hold(gs, latest.buffer)  # the pipeline's hold; released through _release
+        return latest
+
+    def _latest(self, gs: GuestState) -> Frame | None:
+        """The guest's latest frame. The data plane keeps (and holds) it for its guests: it may have
+        shown newer frames than Python saw."""
+        conn = gs.conn
+        if self.dataplane is None or getattr(conn, "dp_conn", -1) < 0:
+            return gs.latest
+        try:
+            handle, seq, presented = self.dataplane.latest(conn.dp_conn)
+        except OSError:
+            return None
+        buffer = self.dp_buffers.get(handle)
+        if buffer is None:
+            return None
+        if gs.latest is None or gs.latest.buffer is not buffer or gs.latest.seq != seq:
+            gs.latest = Frame(buffer=buffer, seq=seq, presented=presented)
         return gs.latest
 
     async def _idle(self, pipe: ScanoutPipeline, timeout: float = 1.0) -> None:
         """Wait until the pipeline has no flip in flight (its event can be lost only to a driver bug:
-        after `timeout` the commit is taken as done)."""
+        after `timeout` the commit is taken as done). A pipeline on the data plane is taken back
+        first: its flip in flight, if any, is then the pipeline's to wait for."""
+        self._take_back(pipe.out.guest)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while pipe.in_flight is not None:
@@ -488,18 +533,150 @@ class Daemon:
         for pipe in self.pipelines.values():
             if pipe.out.card == card_path and pipe.out.crtc_id == event.crtc_id:
                 pipe.on_flip(event)
+                if self.dataplane is not None and pipe.out.guest is not None:
+                    self._hand_over(pipe.out.guest)
                 return
 
-    @staticmethod
-    def _hold(gs: GuestState, buf: Buffer) -> None:
+    # --- the data plane ---------------------------------------------------------------------------
+
+    def _dataplane_events(self) -> None:
+        """What the data plane reports, in a batch: guests' bytes it handed over, connections it
+        closed, flip events of Python's commits, buffers nothing holds any more, failed commits."""
+        from compositor import dataplane as dpm
+        if self.dataplane is None:
+            return
+        for ev in self.dataplane.events():
+            if ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
+                if self.frames is not None:
+                    self.frames.dataplane_event(ev)
+            elif ev.kind == dpm.FLIP:
+                card = self._dp_cards.get(ev.card)
+                if card is not None:
+                    card.deliver([FlipEvent(ev.crtc, ev.sequence, ev.timestamp_ns, ev.user_data)])
+            elif ev.kind == dpm.FREED:
+                buffer = self.dp_buffers.pop(ev.handle, None)
+                if buffer is not None:
+                    buffer.dp_handle = -1
+                    gs = buffer.owner
+                    if gs is not None:
+                        gs.forgotten.discard(buffer)
+                    self._free_buffer(buffer)
+            elif ev.kind == dpm.ERROR:
+                pipe = next((p for p in self.pipelines.values() if p.dp_output == ev.handle), None)
+                log.error("%s: flip failed: %s", pipe.name if pipe else f"data-plane output {ev.handle}",
+                          os.strerror(ev.a))
+
+    def _dp_conn(self, guest: str | None) -> int:
+        gs = self.guests.get(guest) if guest is not None else None
+        return getattr(gs.conn, "dp_conn", -1) if gs is not None else -1
+
+    def _hand_over(self, guest: str) -> None:
+        """Give the data plane every output of `guest`, if each is ready (dp_ready): all or none, so
+        a guest and its mirrors see the same frames."""
+        conn = self._dp_conn(guest)
+        if conn < 0 or self._apply_lock.locked():   # a plan being applied: after it
+            return
+        pipes = self._showing(guest)
+        if not pipes or not all(p.dp_ready() for p in pipes):
+            return
+        try:
+            for pipe in pipes:
+                pipe.hand_over(conn)
+            self.dataplane.conn_show(conn)   # all at once: its mirrors see the same frames
+        except (OSError, KmsError) as exc:
+            log.warning("guest %s: the data plane cannot take its outputs (%s): flipped from Python",
+                        guest, exc)
+            self._take_back(guest)
+            return
+        log.debug("guest %s: %d output(s) on the data plane", guest, len(pipes))
+
+    def _take_back_changing(self, new: dict, old_keys: set) -> None:
+        """Before a plan is applied: every guest whose outputs change (the one leaving an output, the
+        one coming to it, with all their other outputs) is committed from Python, so nothing the
+        apply does races the data plane's commits, and a first frame read for a new output is the
+        frame the guest's other outputs show."""
+        if self.dataplane is None:
+            return
+        for key in old_keys:
+            pipe = self.pipelines[key]
+            if new.get(key) != pipe.out or key in self.failed:
+                self._take_back(pipe.out.guest)
+                pipe.take_back()
+        for key, out in new.items():
+            pipe = self.pipelines.get(key)
+            if pipe is None or pipe.out != out or key in self.failed:
+                self._take_back(out.guest)
+
+    def _take_back(self, guest: str | None) -> None:
+        """Every output of `guest` committed from Python again."""
+        if self.dataplane is None or guest is None:
+            return
+        for pipe in self._showing(guest):
+            pipe.take_back()
+
+    def _layout(self, info: PlaneInfo) -> int:
+        return self._layouts.setdefault(info, len(self._layouts) + 1)
+
+    def _register(self, conn: GuestConnection, buffer: Buffer) -> None:
+        """The data plane keeps the buffer's holds from now on (those already taken move there).
+        A buffer it cannot take ends the connection: a guest's holds are counted in one place."""
+        try:
+            handle = self.dataplane.add_buffer(conn.dp_conn, buffer.id, self._layout(buffer.info))
+        except OSError as exc:
+            raise Refused(f"buffer {buffer.id}: the compositor's data plane cannot take it "
+                          f"({exc.strerror})") from None
+        for _ in range(buffer.holds):
+            self.dataplane.hold(handle)
+        buffer.holds = 0
+        buffer.dp_handle = handle
+        self.dp_buffers[handle] = buffer
+
+    def on_dataplane(self, conn: GuestConnection) -> None:
+        """The data plane serves `conn` from now on: its buffers and its latest frame go there."""
+        gs = self.guests.get(conn.name)
+        if gs is None:
+            return
+        for buffer in conn.buffers.values():
+            self._register(conn, buffer)
+        latest, gs.latest = gs.latest, None
+        if latest is None:
+            return
+        if latest.buffer.dp_handle >= 0:
+            # The hold moved with the buffer; the data plane keeps it as the guest's latest.
+            self.dataplane.set_latest(conn.dp_conn, latest.buffer.dp_handle, latest.seq,
+                                      self._layout(latest.buffer.info))
+            gs.latest = latest
+        self._release(latest)   # a buffer forgotten before: freed once nothing else holds it
+
+    def _holds(self, buffer: Buffer) -> int:
+        if buffer.dp_handle >= 0 and self.dataplane is not None:
+            try:
+                return self.dataplane.holds(buffer.dp_handle)
+            except OSError:
+                return 0
+        return buffer.holds
+
+    def _hold(self, gs: GuestState, buf: Buffer) -> None:
         buf.owner = gs
-        buf.holds += 1
+        if buf.dp_handle >= 0 and self.dataplane is not None:
+            self.dataplane.hold(buf.dp_handle)
+        else:
+            buf.holds += 1
 
     def _release(self, frame: Frame) -> None:
         """One holder of frame's buffer is done with it: the last one frees a forgotten buffer, or
         tells its guest `released`."""
         buf = frame.buffer
         gs = buf.owner
+        if buf.dp_handle >= 0:
+            # The data plane counts: the last hold tells the guest `released`, or frees the buffer
+            # (DP_EV_FREED) if its guest forgot it.
+            if self.dataplane is not None:
+                try:
+                    self.dataplane.release(buf.dp_handle)
+                except OSError:
+                    pass   # freed already
+            return
         if gs is None or buf.holds <= 0:
             return   # never held (a frame of a guest that was already gone), or freed already
         buf.holds -= 1
@@ -547,20 +724,28 @@ class Daemon:
 
     def on_buffer(self, conn: GuestConnection, buffer: Buffer) -> None:
         log.debug("guest %s: buffer %d: %s", conn.name, buffer.id, buffer.info.describe())
+        if self.dataplane is not None and conn.dp_conn >= 0:
+            self._register(conn, buffer)
 
     def on_flip(self, conn: GuestConnection, frame: Frame) -> None:
         gs = self.guests[conn.name]
         gs.flips += 1
         info = frame.buffer.info
+        on_dp = frame.buffer.dp_handle >= 0 and self.dataplane is not None
+        latest = self._latest(gs) if on_dp else gs.latest
         # The planner's view of the guest changes only with its buffer's layout: look only then.
-        if gs.latest is None or info != gs.latest.buffer.info:
+        if latest is None or info != latest.buffer.info:
             guest = replace(gs.guest, width=info.width, height=info.height, fourcc=fourcc_name(info.fourcc),
                             modifier=modifier_name(info.modifier))
         else:
             guest = gs.guest
-        self._hold(gs, frame.buffer)  # as the latest frame
-        if gs.latest is not None:
-            self._release(gs.latest)
+        if on_dp:
+            if self._flip_on_dataplane(gs, frame, guest != gs.guest):
+                return
+        else:
+            self._hold(gs, frame.buffer)  # as the latest frame
+            if gs.latest is not None:
+                self._release(gs.latest)
         gs.latest = frame
         if guest != gs.guest:
             first = gs.guest.width is None
@@ -572,12 +757,41 @@ class Daemon:
             self._hold(gs, frame.buffer)
             pipe.submit(frame)
 
+    def _flip_on_dataplane(self, gs: GuestState, frame: Frame, new_layout: bool) -> bool:
+        """A flip of a data-plane guest that its thread handed over (the first of a buffer on an
+        output, a new layout, an output not on the data plane). True when the data plane shows it
+        after all (the buffer's framebuffers added); else the guest's outputs are taken back and the
+        data plane holds the frame as the guest's latest, and on_flip goes on as for any guest."""
+        conn, buffer = gs.conn, frame.buffer
+        buffer.owner = gs
+        pipes = self._showing(conn.name)
+        if not new_layout and pipes and all(p.on_dp for p in pipes):
+            try:
+                for pipe in pipes:
+                    pipe.dp_fb(buffer)
+                self.dataplane.flip(conn.dp_conn, buffer.dp_handle, frame.seq, frame.received_ns)
+                gs.latest = frame
+                return True
+            except (OSError, KmsError) as exc:
+                log.info("guest %s: buffer %d: from Python (%s)", conn.name, buffer.id, exc)
+        self._take_back(conn.name)
+        self.dataplane.set_latest(conn.dp_conn, buffer.dp_handle, frame.seq, self._layout(buffer.info))
+        return False
+
     def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
         gs = self.guests[conn.name]
         self._forget(gs, buffer)
 
     def _forget(self, gs: GuestState, buffer: Buffer) -> None:
         """The guest will not flip `buffer` again: close it now, or once nothing holds it."""
+        if buffer.dp_handle >= 0 and self.dataplane is not None:
+            buffer.forgotten = True
+            gs.forgotten.add(buffer)
+            try:
+                self.dataplane.forget(buffer.dp_handle)   # freed by DP_EV_FREED, now or later
+            except OSError:
+                pass
+            return
         if buffer.holds > 0:
             buffer.forgotten = True
             gs.forgotten.add(buffer)
@@ -608,7 +822,8 @@ class Daemon:
         conn.buffers.clear()
         if gs.latest is not None:
             latest, gs.latest = gs.latest, None
-            self._release(latest)
+            if latest.buffer.dp_handle < 0:   # the data plane lets go of its own with the connection
+                self._release(latest)
         del self.guests[conn.name]
         self.departed.append(gs)
         if isinstance(conn, VfioGuest):
@@ -616,7 +831,7 @@ class Daemon:
         self.replan()
 
     def _free_forgotten(self, gs: GuestState) -> None:
-        for buffer in [b for b in gs.forgotten if b.holds <= 0]:
+        for buffer in [b for b in gs.forgotten if b.dp_handle < 0 and b.holds <= 0]:
             gs.forgotten.discard(buffer)
             self._free_buffer(buffer)
 
@@ -743,7 +958,7 @@ class Daemon:
         buffer = frame.buffer
         readback.check_layout(buffer.info.fourcc, buffer.info.modifier)
         gs = buffer.owner
-        if gs is None or buffer.fd < 0 or (buffer.forgotten and buffer.holds <= 0):
+        if gs is None or buffer.fd < 0 or (buffer.forgotten and self._holds(buffer) <= 0):
             raise CaptureError(f"{buffer.guest}'s buffer {buffer.id} was freed as the capture began (its "
                                f"guest went away); capture again")
         # Held as a pipeline holds it: the guest is not told `released`, so it does not draw into the
@@ -1345,7 +1560,7 @@ class Daemon:
                         "buffers": len(gs.conn.buffers), "flips": gs.flips,
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
-                        "held": sum(b.holds for b in [*gs.conn.buffers.values(), *gs.forgotten])}
+                        "held": sum(self._holds(b) for b in [*gs.conn.buffers.values(), *gs.forgotten])}
                        for name, gs in self.guests.items()],
         }
 
@@ -1365,7 +1580,7 @@ def _run(args) -> int:
         daemon = Daemon(args.policy, frame_socket=args.socket or frame_socket,
                         control_socket=args.control or control_socket, cards=args.device or None,
                         native=not args.pure_python, seat=args.seat, session=session,
-                        input=not args.no_input)
+                        input=not args.no_input, data_plane=args.data_plane == "native")
     except PolicyError as exc:
         print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
         return 1
@@ -1446,4 +1661,8 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
     p.add_argument("--pure-python", action="store_true",
                    help="flip through the Python atomic path and copy (the copy rung) in Python "
                    "instead of native/kms_helpers.c (for comparison)")
+    p.add_argument("--data-plane", choices=("native", "python"), default="native",
+                   help="who flips the frames of frame-socket guests (protocol version 2) shown zero copy: "
+                   "native = the C data plane's thread (native/dataplane.c), python = the daemon's loop "
+                   "(default: %(default)s)")
     p.set_defaults(func=_run)

@@ -41,6 +41,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from compositor.cursor import CursorLayer
 from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
@@ -51,6 +52,9 @@ from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
 from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
 from compositor.stats import percentile
+
+if TYPE_CHECKING:
+    from compositor.dataplane import OutputStats
 
 log = logging.getLogger("directflip.scanout")
 
@@ -392,6 +396,15 @@ class ScanoutPipeline:
         # Layers let go of while their image is on screen: they stay until a commit turned their
         # plane off, so no framebuffer on screen is removed (the kernel would turn the plane off itself)
         self._dying: list[CursorLayer] = []
+        # The native data plane (compositor.dataplane), set by the daemon when it runs one: while
+        # `on_dp`, its thread commits the guest's frames to this CRTC (hand_over) and this object
+        # holds none of them; take_back() makes it this object's again. `dp_buffer` finds the
+        # Buffer of a data-plane buffer handle.
+        self.dataplane = None
+        self.dp_buffer: Callable[[int], Buffer | None] = lambda handle: None
+        self.dp_output = -1
+        self.on_dp = False
+        self._dp_seen: OutputStats | None = None  # its counters as last folded into `metrics`
         self._bind(out)
 
     def _bind(self, out: OutputAssignment) -> None:
@@ -438,7 +451,9 @@ class ScanoutPipeline:
 
     def reconfigure(self, out: OutputAssignment, first: Frame | None) -> None:
         """A new assignment for the same connector: same guest or another, maybe a new mode."""
+        self.take_back()
         assert self.in_flight is None, "reconfigure with a flip in flight"
+        self._drop_dp_output()   # the CRTC or plane may change: the next hand-over makes it anew
         modeset = (out.crtc_id, out.mode) != (self.out.crtc_id, self.out.mode) or not self._lit
         old_plane = self.plane
         self._bind(out)
@@ -481,6 +496,7 @@ class ScanoutPipeline:
     def set_cursor(self, cursor: Cursor | None, pointer: Pointer | None) -> None:
         """The guest's pointer image and position (guest buffer pixels): shown on this CRTC's cursor
         plane with the next commit — the next frame's, or one of its own if no frame is due."""
+        self.take_back()
         if self.cursor_plane is None:
             return
         if self.cursor_layer is None:
@@ -495,6 +511,7 @@ class ScanoutPipeline:
     def use_cursor_plane(self, plane, reason: str, taken: bool = False) -> None:
         """The daemon's choice where the CRTC has no cursor plane: a free overlay plane, or none and why.
         `taken`: the plan gave the old plane to a picture (so nothing is committed to it from here)."""
+        self.take_back()
         if plane is not self.cursor_plane and self.cursor_layer is not None:
             self._drop_layer(self.cursor_layer, taken)
             self.cursor_layer = None
@@ -502,6 +519,7 @@ class ScanoutPipeline:
 
     def use_label_plane(self, plane, taken: bool = False) -> None:
         """The daemon's choice of overlay plane for the guest's name (None: none free); `taken` as above."""
+        self.take_back()
         if plane is not self.label_plane and self.label_layer is not None:
             self._drop_layer(self.label_layer, taken)
             self.label_layer = None
@@ -527,6 +545,7 @@ class ScanoutPipeline:
     def show_label(self, text: str | None) -> None:
         """Show `text` (the guest's name) in the top-left corner on the label plane, or hide it (None).
         Where no overlay plane is free, nothing is shown and status says so: never the copy path."""
+        self.take_back()
         self.label_text = text
         if self.label_plane is None:
             if self.label_layer is not None:
@@ -768,6 +787,7 @@ class ScanoutPipeline:
     def submit(self, frame: Frame) -> None:
         """A new frame from the guest: commit now if nothing is in flight, else it waits as the
         single pending frame (replacing, and dropping, any older one)."""
+        self.take_back()
         self.metrics.frames += 1
         if self.pending is not None:
             self.metrics.dropped += 1
@@ -865,6 +885,91 @@ class ScanoutPipeline:
         if old is not None and old.frame is not None:  # each hand-over brought its own hold
             self.release(old.frame)
 
+    # --- the data plane ---------------------------------------------------------------------------
+
+    def dp_ready(self) -> bool:
+        """Whether the data plane could take the frames over now: the guest on screen zero copy with
+        the plane's configuration settled, nothing in flight or waiting, no layer (cursor, label)
+        due, committing allowed."""
+        shown = self.on_screen
+        return (self.dataplane is not None and not self.on_dp and self.path == ZERO_COPY
+                and self.in_flight is None and self.pending is None and not self._awaiting_event
+                and self.may_commit and not self.dead_end and self.plane_key is not None
+                and shown is not None and shown.frame is not None and shown.frame.buffer.dp_handle >= 0
+                and not self._layers_due(False) and not self._dying)
+
+    def dp_fb(self, buffer: Buffer) -> None:
+        """Make sure the data plane has buffer's framebuffer for this output (imported once, as
+        for any frame). KmsError when the import is refused: the caller takes the output back."""
+        fb = self.fbcache.framebuffer(buffer)
+        self.dataplane.set_fb(buffer.dp_handle, self.dp_output, fb.id)
+
+    def hand_over(self, conn: int) -> None:
+        """The data plane commits the guest's frames (connection `conn`) to this CRTC once the
+        daemon gave it all the guest's outputs (DataPlane.conn_show); call when dp_ready(). The frame
+        on screen becomes the data plane's: its hold moves there."""
+        dp = self.dataplane
+        if self.dp_output < 0:
+            self.dp_output = dp.add_output(self.card.dp_card, self.crtc.id, self.plane.id, self.fb_prop)
+        shown = self.on_screen
+        assert shown is not None and shown.frame is not None
+        dp.set_fb(shown.frame.buffer.dp_handle, self.dp_output, shown.fb.id)
+        dp.show(self.dp_output, conn, shown.frame.buffer.dp_handle, shown.frame.seq)
+        self.on_screen = None
+        self.on_dp = True
+        self.release(shown.frame)
+
+    def take_back(self) -> None:
+        """Commit from Python again: what the data plane holds for this output (on screen, in
+        flight, pending) becomes this object's, holds included; the event of a flip it has in flight
+        comes here, by its token."""
+        if not self.on_dp:
+            return
+        self.on_dp = False
+        held = self.dataplane.release_output(self.dp_output)
+        self._fold_dp()
+        out = self.out
+
+        def frame(handle: int, seq: int, presented: bool = False) -> Frame | None:
+            buffer = self.dp_buffer(handle)
+            return None if buffer is None else Frame(buffer=buffer, seq=seq, presented=presented)
+
+        if held.on_screen >= 0 and (f := frame(held.on_screen, held.on_screen_frame, True)) is not None:
+            self.on_screen = _Commit(f, self.fbcache.framebuffer(f.buffer), 0, out.src, out.dst)
+        if held.in_flight >= 0 and (f := frame(held.in_flight, held.in_flight_frame,
+                                               held.in_flight_presented)) is not None:
+            self.in_flight = _Commit(f, self.fbcache.framebuffer(f.buffer), held.in_flight_token,
+                                     out.src, out.dst)
+            self._outstanding.add(held.in_flight_token)
+        if held.pending >= 0:
+            self.pending = frame(held.pending, held.pending_frame, held.pending_presented)
+
+    def _drop_dp_output(self) -> None:
+        """Forget the data plane's output for this CRTC (taken back already), its counts folded."""
+        if self.dp_output >= 0:
+            self._fold_dp()
+            self.dataplane.remove_output(self.dp_output)
+            self.dp_output = -1
+            self._dp_seen = None
+
+    def _fold_dp(self) -> None:
+        """Add what the data plane counted for this output since the last fold to `metrics`."""
+        if self.dp_output < 0:
+            return
+        from compositor.dataplane import DataPlane
+        now = self.dataplane.stats(self.dp_output)
+        seen = self._dp_seen
+        m = self.metrics
+        for name in ("frames", "commits", "presented", "dropped", "errors", "busy"):
+            setattr(m, name, getattr(m, name) + getattr(now, name) - (getattr(seen, name) if seen else 0))
+        m.max_in_flight = max(m.max_in_flight, now.max_in_flight)
+        m.max_pending = max(m.max_pending, now.max_pending)
+        for delay, latency, when in DataPlane.samples(now, since=seen.presented if seen else 0):
+            m.commit_delays_ns.append(delay)
+            m.latencies_ns.append(latency)
+            m.present_times.append(when)
+        self._dp_seen = now
+
     # --- end --------------------------------------------------------------------------------------
 
     def forget(self, key: tuple[str, int, int]) -> None:
@@ -874,6 +979,7 @@ class ScanoutPipeline:
     def stop(self, *, commit: bool = True) -> None:
         """Turn the output off (blocking) and free what the pipeline owns. `commit=False` when the
         card is not ours to commit to (the session is paused; a reset commit turned it off)."""
+        self.take_back()
         if self._lit and commit:
             req = self.card.atomic().add_plane(self.plane, None, None)
             for layer in self._layers():
@@ -903,10 +1009,12 @@ class ScanoutPipeline:
         self._dying.clear()
         self.copy = self._slate = self.cursor_layer = self.label_layer = None
         self._free_retired()
+        self._drop_dp_output()
 
     def blank(self, reason: str) -> None:
         """The guest shows nothing now (its display is off): the slate, until its next frame. Called
         with nothing in flight."""
+        self.take_back()
         pending, self.pending = self.pending, None
         if pending is not None:
             self.release(pending)
@@ -915,10 +1023,12 @@ class ScanoutPipeline:
 
     def force_modeset(self) -> None:
         """Make the next configuration a full modeset (the link went bad; the mode must be set again)."""
+        self.take_back()
         self._lit = False
 
     def abandon_in_flight(self) -> None:
         """The flip event never came (a driver bug): take the commit as done."""
+        self.take_back()
         if self.in_flight is not None:
             commit, self.in_flight = self.in_flight, None
             self._outstanding.discard(commit.token)
@@ -940,6 +1050,7 @@ class ScanoutPipeline:
         """What the plane scans out now (the commit on screen, not one still in flight), or None
         when nothing is. The caller reads it at once on the loop (our dumb buffers: the copy rung
         writes into a slot again once it is off screen) or holds the guest's buffer while it reads."""
+        self.take_back()
         shown = self.on_screen
         if shown is None or shown.src is None or shown.dst is None:
             return None
@@ -956,7 +1067,17 @@ class ScanoutPipeline:
                         return Scanned(COPY, shown.frame, buf, fb.format, shown.src, shown.dst)
         return Scanned(ZERO_COPY, shown.frame, None, shown.fb.format, shown.src, shown.dst)
 
+    def _on_screen_status(self) -> dict | None:
+        if self.on_dp:
+            seen = self._dp_seen
+            return {"buffer": seen.on_screen_buffer, "frame": seen.on_screen_frame} \
+                if seen.on_screen_buffer else None
+        if self.on_screen is None or self.on_screen.frame is None:
+            return None
+        return {"buffer": self.on_screen.frame.buffer.id, "frame": self.on_screen.frame.seq}
+
     def status(self) -> dict:
+        self._fold_dp()
         m = self.metrics
         return {
             "monitor": self.out.monitor, "card": self.out.card, "connector": self.out.connector,
@@ -969,9 +1090,9 @@ class ScanoutPipeline:
             "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
             "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
             "busy": m.busy, "errors": m.errors, "configurations": self.configurations,
-            "in_flight": self.in_flight is not None,
-            "on_screen": (None if self.on_screen is None or self.on_screen.frame is None
-                          else {"buffer": self.on_screen.frame.buffer.id, "frame": self.on_screen.frame.seq}),
+            "in_flight": self.in_flight is not None or (self.on_dp and self._dp_seen.in_flight),
+            "on_screen": self._on_screen_status(),
+            "data_plane": self.on_dp,
             "src": str(self.out.src), "dst": str(self.out.dst),
             "cursor": (self.cursor_layer.status() if self.cursor_layer is not None
                        else {"plane": self.cursor_plane.id if self.cursor_plane else None,

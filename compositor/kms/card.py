@@ -407,6 +407,7 @@ class Card:
         self._prop_cache: dict[int, Property] = {}
         self._waiters: dict[int, asyncio.Future] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.dp_card = -1  # the data plane's name for this card once it reads the fd (attach)
         self._mode_blobs: dict[int, int] = {}   # CRTC id → the blob of the mode we set on it
         self.flip_handlers: list = []           # callables(FlipEvent), called for every flip event
         self.connectors: list[Connector] = []
@@ -679,22 +680,32 @@ class Card:
             log.error("%s: %d flip events did not fit the buffer", self.path, dropped[0])
         events = [FlipEvent(buf[i].crtc_id, buf[i].sequence, buf[i].timestamp_ns, buf[i].user_data)
                   for i in range(n)]
+        self.deliver(events)
+        return events
+
+    def deliver(self, events: Iterable[FlipEvent]) -> None:
+        """Hand flip events read from this card (here, or by the data plane) to their waiters."""
         for ev in events:
             fut = self._waiters.pop(ev.crtc_id, None)
             if fut is not None and not fut.done():
                 fut.set_result(ev)
             for handler in self.flip_handlers:
                 handler(ev)
-        return events
 
-    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Deliver flip events through the asyncio loop: the fd turning readable dispatches them."""
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None, dataplane=None) -> None:
+        """Deliver flip events through the asyncio loop: the fd turning readable dispatches them.
+        With a data plane (compositor.dataplane), its thread reads the fd from now on: it handles
+        the events of its own commits and hands the others back, which the daemon deliver()s."""
         self._loop = loop or asyncio.get_running_loop()
-        self._loop.add_reader(self.fd, self.dispatch_events)
+        if dataplane is not None:
+            self.dp_card = dataplane.add_card(self.fd)
+        else:
+            self._loop.add_reader(self.fd, self.dispatch_events)
 
     def detach(self) -> None:
         if self._loop is not None:
-            self._loop.remove_reader(self.fd)
+            if self.dp_card < 0:
+                self._loop.remove_reader(self.fd)
             self._loop = None
 
     def expect_flip(self, crtc_id: int) -> asyncio.Future:

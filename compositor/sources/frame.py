@@ -108,6 +108,9 @@ class Buffer:
     owner: object = field(default=None, repr=False)
     forgotten: bool = False  # its guest forgot it (or went away): closed once nothing holds it
     serial: int = field(default_factory=lambda: next(_SERIALS), repr=False)  # unique in the process
+    # The native data plane's handle of it (compositor.dataplane), or -1. While it has one, the data
+    # plane counts its holds (and tells the guest `released`), not `holds` above.
+    dp_handle: int = field(default=-1, repr=False)
 
     def close(self) -> None:
         if self.fd >= 0:

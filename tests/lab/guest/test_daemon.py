@@ -90,9 +90,12 @@ def test_three_guests_on_three_heads_at_60_flips(host, guests):
         if o.get("guest") in names:
             print(f"status {o['monitor']}: {o['guest']} {o['path']} {o['flips_per_s']} flips/s, "
                   f"latency p50 {o['latency_ms']['p50']} ms p99 {o['latency_ms']['p99']} ms, "
-                  f"dropped {o['dropped']}")
+                  f"commit delay p50 {o['commit_delay_us']['p50']} µs, dropped {o['dropped']}, "
+                  f"data plane {o['data_plane']}")
             assert o["path"] == "zero-copy"
             assert o["max_in_flight"] == 1
+            # A settled zero-copy socket guest is flipped by the native data plane's thread.
+            assert o["data_plane"], f"{o['monitor']}: not on the data plane: {o}"
     for proc in list(guests.guests):
         proc.terminate()       # SIGTERM ends a synthetic guest cleanly, with its summary line
         print(finish(proc).strip().splitlines()[-1])
