@@ -648,6 +648,16 @@ class Daemon:
             gs.latest = latest
         self._release(latest)   # a buffer forgotten before: freed once nothing else holds it
 
+    def _dp_flips(self, gs: GuestState) -> int:
+        """The guest's flips its data plane showed without the daemon (status counts them too)."""
+        conn = getattr(gs.conn, "dp_conn", -1)
+        if self.dataplane is None or conn < 0:
+            return 0
+        try:
+            return self.dataplane.flips(conn)
+        except OSError:
+            return 0
+
     def _holds(self, buffer: Buffer) -> int:
         if buffer.dp_handle >= 0 and self.dataplane is not None:
             try:
@@ -1557,7 +1567,7 @@ class Daemon:
                         "uid": gs.conn.peer.uid if gs.conn.peer else None,
                         **(self._vfio_status(gs.conn) if isinstance(gs.conn, VfioGuest) else {}),
                         **({"qemu": gs.conn.status()} if isinstance(gs.conn, QemuDisplaySource) else {}),
-                        "buffers": len(gs.conn.buffers), "flips": gs.flips,
+                        "buffers": len(gs.conn.buffers), "flips": gs.flips + self._dp_flips(gs),
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
                         "held": sum(self._holds(b) for b in [*gs.conn.buffers.values(), *gs.forgotten])}

@@ -226,6 +226,10 @@ class DataPlane:
         _check(lib.dp_conn_latest(self._live(), conn, buf, frame, presented), f"connection {conn}: latest")
         return buf[0], frame[0], bool(presented[0])
 
+    def flips(self, conn: int) -> int:
+        """The guest's flips the data plane read and showed itself (not those handed to Python)."""
+        return _check(lib.dp_conn_flips(self._live(), conn), f"connection {conn}: flips")
+
     def conn_show(self, conn: int) -> int:
         """The guest's flips go to every output that shows it, from now on; how many."""
         return _check(lib.dp_conn_show(self._live(), conn), f"connection {conn}: show")

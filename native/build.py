@@ -254,6 +254,7 @@ int dp_conn_resume(struct dp *dp, int conn, int fast);
 int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int drained);
 int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame, int *presented);
 int dp_conn_show(struct dp *dp, int conn);
+int64_t dp_conn_flips(struct dp *dp, int conn);
 int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint32_t layout);
 int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout);
 int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id);

@@ -92,6 +92,7 @@ struct conn {
 	int nbufs;
 	uint32_t outputs;      /* bit per output that shows this guest */
 	int32_t latest;        /* frame, or -1 */
+	uint64_t flips;        /* flip records read and shown here */
 	uint32_t layout;
 	/* input: bytes read and not yet consumed; while PAUSED, [0, in_len) is Python's to take */
 	uint8_t in[DP_IN_SIZE + 64];
@@ -653,6 +654,7 @@ static void consume(struct dp *dp, int index, uint64_t recv_ns)
 				pause_for_python(dp, index, pos + recs[i].start);
 				return;
 			}
+			c->flips++;
 		}
 		pos += used;
 		if (error != FS_OK) {
@@ -1585,6 +1587,17 @@ int dp_conn_show(struct dp *dp, int conn)
 		}
 		dp->conns[conn]->outputs = mask;
 	}
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int64_t dp_conn_flips(struct dp *dp, int conn)
+{
+	int64_t ret;
+
+	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	ret = conn < 0 ? -ENOENT : (int64_t)dp->conns[conn]->flips;
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
 }

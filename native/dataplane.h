@@ -121,6 +121,9 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
  * mirrors see the same frames); returns how many. Releasing any of them (dp_output_release) sends
  * all its flips to Python again, until the next dp_conn_show. */
 int dp_conn_show(struct dp *dp, int conn);
+/* How many of the guest's flip records this thread read and showed itself (not those it handed to
+ * Python). */
+int64_t dp_conn_flips(struct dp *dp, int conn);
 /* Stop showing: the output hands back what it holds (the buffer handles on screen, in flight and
  * pending, or -1, with their frame numbers; the caller now owns those holds and the in-flight
  * commit's token, whose event will come to Python as DP_EV_FLIP). */

@@ -123,6 +123,7 @@ def test_flips_reach_the_screen_and_come_back_presented_then_released(rig):
     assert len(samples) == 5 and all(0 < lat < 10**9 for _, lat, _ in samples)
     assert [t for _, _, t in samples] == [m.timestamp_ns for m in presented(rig.said)]
     assert (stats.frames, stats.commits, stats.presented, stats.dropped) == (5, 5, 5, 0)
+    assert rig.dp.flips(rig.conn) == 4   # the first frame was Python's (dp_flip)
     assert (stats.on_screen_buffer, stats.on_screen_frame) == (2, 4)
     # The timestamps are the (fake) kernel's, in CLOCK_MONOTONIC, and the sequence counts up.
     stamps = [m.timestamp_ns for m in presented(said)]
