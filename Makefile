@@ -40,6 +40,7 @@ bench: lab-setup
 	$(PYTHON) bench/bench_planner.py
 	$(PYTHON) bench/bench_startup.py
 	$(PYTHON) bench/bench_copy.py
+	$(PYTHON) bench/bench_host.py
 	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
 	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 
