@@ -89,6 +89,7 @@ struct conn {
 	uint32_t gen;
 	uint32_t mask;         /* epoll events registered */
 	int32_t bufs[DP_MAX_BUFFERS];
+	uint32_t ids[DP_MAX_BUFFERS];   /* bufs[i]'s id: a flip's lookup reads this array alone */
 	int nbufs;
 	uint32_t outputs;      /* bit per output that shows this guest */
 	int32_t latest;        /* frame, or -1 */
@@ -117,6 +118,8 @@ struct dp {
 	struct conn *conns[DP_MAX_CONNS];
 	struct buf bufs[MAX_BUFS];
 	struct frame frames[MAX_FRAMES];
+	int32_t free_frames[MAX_FRAMES];
+	int nfree_frames;
 	struct dp_event ring[RING];
 	unsigned ring_head, ring_len;
 	uint64_t ring_lost;
@@ -333,22 +336,28 @@ static void buf_unhold(struct dp *dp, int32_t b)
 	}
 }
 
+/* Frames come from a free list: every flip takes one, and a scan of the pool would touch more
+ * cache lines than the rest of the frame's path. */
 static int32_t frame_new(struct dp *dp, int32_t b, uint64_t seq, uint64_t recv_ns)
 {
-	for (int32_t i = 0; i < MAX_FRAMES; i++) {
-		struct frame *f = &dp->frames[i];
+	if (!dp->nfree_frames)
+		return -1;
+	int32_t i = dp->free_frames[--dp->nfree_frames];
+	struct frame *f = &dp->frames[i];
 
-		if (!f->used) {
-			f->used = 1;
-			f->refs = 0;
-			f->buf = b;
-			f->frame = seq;
-			f->recv_ns = recv_ns;
-			f->presented = 0;
-			return i;
-		}
-	}
-	return -1;
+	f->used = 1;
+	f->refs = 0;
+	f->buf = b;
+	f->frame = seq;
+	f->recv_ns = recv_ns;
+	f->presented = 0;
+	return i;
+}
+
+static void frame_free(struct dp *dp, int32_t f)
+{
+	dp->frames[f].used = 0;
+	dp->free_frames[dp->nfree_frames++] = f;
 }
 
 static void frame_ref(struct dp *dp, int32_t f)
@@ -363,7 +372,7 @@ static void frame_unref(struct dp *dp, int32_t f)
 
 	buf_unhold(dp, fr->buf);
 	if (--fr->refs <= 0)
-		fr->used = 0;
+		frame_free(dp, f);
 }
 
 /* Drop a frame reference whose hold on the buffer now belongs to Python. */
@@ -374,7 +383,7 @@ static int32_t frame_handover(struct dp *dp, int32_t f, uint64_t *seq)
 
 	*seq = fr->frame;
 	if (--fr->refs <= 0)
-		fr->used = 0;
+		frame_free(dp, f);
 	return b;
 }
 
@@ -579,10 +588,10 @@ static void card_readable(struct dp *dp, int index)
 
 /* --- connections: input ----------------------------------------------------------------------- */
 
-static int32_t conn_buffer(struct dp *dp, struct conn *c, uint32_t id)
+static int32_t conn_buffer(const struct conn *c, uint32_t id)
 {
 	for (int i = 0; i < c->nbufs; i++)
-		if (dp->bufs[c->bufs[i]].id == id)
+		if (c->ids[i] == id)
 			return c->bufs[i];
 	return -1;
 }
@@ -648,7 +657,7 @@ static void consume(struct dp *dp, int index, uint64_t recv_ns)
 		int n = fs_decode(c->in + pos, c->in_len - pos, 2, FS_SERVER, recs, 64, &used, &error);
 
 		for (int i = 0; i < n; i++) {
-			int32_t b = recs[i].kind == FS_FLIP ? conn_buffer(dp, c, recs[i].id) : -1;
+			int32_t b = recs[i].kind == FS_FLIP ? conn_buffer(c, recs[i].id) : -1;
 
 			if (b < 0 || flip(dp, index, b, recs[i].frame, recv_ns, 1) < 0) {
 				pause_for_python(dp, index, pos + recs[i].start);
@@ -851,6 +860,8 @@ struct dp *dp_new(void)
 	dp->devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
 	for (int i = 0; i < DP_MAX_OUTPUTS; i++)
 		dp->outputs[i].conn = -1;
+	for (int32_t i = MAX_FRAMES - 1; i >= 0; i--)
+		dp->free_frames[dp->nfree_frames++] = i;
 	ev.events = EPOLLIN;
 	ev.data.u64 = tag(T_STOP, 0, 0);
 	if (dp->epfd < 0 || dp->stopfd < 0 || dp->notifyfd < 0 || dp->devnull < 0 ||
@@ -1391,7 +1402,7 @@ int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout)
 	}
 	struct conn *c = dp->conns[conn];
 
-	if (conn_buffer(dp, c, id) >= 0) {
+	if (conn_buffer(c, id) >= 0) {
 		ret = -EEXIST;
 		goto out;
 	}
@@ -1408,6 +1419,7 @@ int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout)
 		dp->bufs[b].conn = conn;
 		dp->bufs[b].id = id;
 		dp->bufs[b].layout = layout;
+		c->ids[c->nbufs] = id;
 		c->bufs[c->nbufs++] = b;
 		ret = buf_handle(dp, b);
 		break;
@@ -1449,7 +1461,9 @@ int dp_buffer_forget(struct dp *dp, int buffer)
 
 		for (int i = 0; i < c->nbufs; i++) {
 			if (c->bufs[i] == buffer) {
-				c->bufs[i] = c->bufs[--c->nbufs];
+				c->nbufs--;
+				c->bufs[i] = c->bufs[c->nbufs];
+				c->ids[i] = c->ids[c->nbufs];
 				break;
 			}
 		}
