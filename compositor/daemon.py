@@ -542,29 +542,36 @@ class Daemon:
     def _dataplane_events(self) -> None:
         """What the data plane reports, in a batch: guests' bytes it handed over, connections it
         closed, flip events of Python's commits, buffers nothing holds any more, failed commits."""
-        from compositor import dataplane as dpm
         if self.dataplane is None:
             return
         for ev in self.dataplane.events():
-            if ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
-                if self.frames is not None:
-                    self.frames.dataplane_event(ev)
-            elif ev.kind == dpm.FLIP:
-                card = self._dp_cards.get(ev.card)
-                if card is not None:
-                    card.deliver([FlipEvent(ev.crtc, ev.sequence, ev.timestamp_ns, ev.user_data)])
-            elif ev.kind == dpm.FREED:
-                buffer = self.dp_buffers.pop(ev.handle, None)
-                if buffer is not None:
-                    buffer.dp_handle = -1
-                    gs = buffer.owner
-                    if gs is not None:
-                        gs.forgotten.discard(buffer)
-                    self._free_buffer(buffer)
-            elif ev.kind == dpm.ERROR:
-                pipe = next((p for p in self.pipelines.values() if p.dp_output == ev.handle), None)
-                log.error("%s: flip failed: %s", pipe.name if pipe else f"data-plane output {ev.handle}",
-                          os.strerror(ev.a))
+            # One event that fails must not lose the others of the batch (a buffer to free among them).
+            try:
+                self._dataplane_event(ev)
+            except Exception:
+                log.exception("data plane event %s failed", ev)
+
+    def _dataplane_event(self, ev) -> None:
+        from compositor import dataplane as dpm
+        if ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
+            if self.frames is not None:
+                self.frames.dataplane_event(ev)
+        elif ev.kind == dpm.FLIP:
+            card = self._dp_cards.get(ev.card)
+            if card is not None:
+                card.deliver([FlipEvent(ev.crtc, ev.sequence, ev.timestamp_ns, ev.user_data)])
+        elif ev.kind == dpm.FREED:
+            buffer = self.dp_buffers.pop(ev.handle, None)
+            if buffer is not None:
+                buffer.dp_handle = -1
+                gs = buffer.owner
+                if gs is not None:
+                    gs.forgotten.discard(buffer)
+                self._free_buffer(buffer)
+        elif ev.kind == dpm.ERROR:
+            pipe = next((p for p in self.pipelines.values() if p.dp_output == ev.handle), None)
+            log.error("%s: flip failed: %s", pipe.name if pipe else f"data-plane output {ev.handle}",
+                      os.strerror(ev.a))
 
     def _dp_conn(self, guest: str | None) -> int:
         gs = self.guests.get(guest) if guest is not None else None
@@ -796,6 +803,7 @@ class Daemon:
         """The guest will not flip `buffer` again: close it now, or once nothing holds it."""
         if buffer.dp_handle >= 0 and self.dataplane is not None:
             buffer.forgotten = True
+            buffer.owner = gs   # DP_EV_FREED finds it here: a buffer only ever flipped there has no owner yet
             gs.forgotten.add(buffer)
             try:
                 self.dataplane.forget(buffer.dp_handle)   # freed by DP_EV_FREED, now or later
@@ -1572,6 +1580,10 @@ class Daemon:
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
                         "held": sum(self._holds(b) for b in [*gs.conn.buffers.values(), *gs.forgotten])}
                        for name, gs in self.guests.items()],
+            # Guests gone whose buffers are still held (on screen until replaced): freed after that.
+            "departed": [{"name": gs.conn.name, "buffers": len(gs.forgotten),
+                          "held": sum(self._holds(b) for b in gs.forgotten)} for gs in self.departed],
+            "data_plane": None if self.dataplane is None else {"buffers": len(self.dp_buffers)},
         }
 
 
@@ -1671,8 +1683,8 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
     p.add_argument("--pure-python", action="store_true",
                    help="flip through the Python atomic path and copy (the copy rung) in Python "
                    "instead of native/kms_helpers.c (for comparison)")
-    p.add_argument("--data-plane", choices=("native", "python"), default="native",
+    p.add_argument("--data-plane", choices=("native", "python"), default="python",
                    help="who flips the frames of frame-socket guests (protocol version 2) shown zero copy: "
-                   "native = the C data plane's thread (native/dataplane.c), python = the daemon's loop "
-                   "(default: %(default)s)")
+                   "native = the C data plane's thread (native/dataplane.c, docs/data-plane.md), python = "
+                   "the daemon's loop (default: %(default)s)")
     p.set_defaults(func=_run)

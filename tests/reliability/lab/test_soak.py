@@ -92,6 +92,8 @@ def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugf
         print(f"soak: {flips} flips in {elapsed:.0f} s across {len(outs)} monitors, presented {presented}, "
               f"dropped {dropped}, soak-c restarted {len(samples)} times")
         print(f"  after warm-up ({base_flips} flips, one restart): {base}\n  at the end:    {end}")
+        held = [(g["name"], g["buffers"], g["held"]) for g in st["guests"]]
+        print(f"  buffers: data plane {st.get('data_plane')}, guests {held}, departed {st.get('departed')}")
         print(f"  RSS growth {end.rss_kib - base.rss_kib} KiB over {flips - base_flips} flips and "
               f"{len(samples) - 1} restarts; RSS after each restart: "
               f"{', '.join(str(s.rss_kib) for s in samples)} KiB (before the first: {warm.rss_kib})")
