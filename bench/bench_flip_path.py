@@ -8,7 +8,7 @@ light guest (three XRGB8888 buffers filled once, then only flip messages over th
 flips at a fixed rate. Three paths on the same card and mode:
 
 - C zero-copy: the guest's buffers are virtio-gpu dumb buffers, imported back into the same card
-  (zero copy), flipped by the data plane's thread (native/dataplane.c) once the output is settled;
+  (zero copy), flipped by native/kms_helpers.c from the daemon's loop (the default --data-plane);
 - Python zero-copy: the same, `directflip run --pure-python` (the flip built with AtomicRequest);
 - C copy: the guest's buffers are on vgem; virtio-gpu refuses a foreign dma-buf (ENODEV), so the
   compositor copies every committed frame into its own dumb buffer.

@@ -46,7 +46,8 @@ BASE = {"office": "left", "media": "centre", "build": "right", "vg": "wb"}
 @pytest.fixture(scope="module")
 def compositor(cards, tmp_path_factory):
     comp = Compositor(tmp_path_factory.mktemp("compositor"))
-    comp.start(policy(BASE))
+    # The native data plane carries the frame-socket guests here (docs/data-plane.md).
+    comp.start(policy(BASE), "--data-plane", "native")
     yield comp
     code = comp.stop()
     print(comp.tail(15))
