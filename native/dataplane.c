@@ -709,8 +709,14 @@ static void conn_readable(struct dp *dp, int index)
 		conn_fail(dp, index, errno);
 		return;
 	}
-	if (n < 0)
-		n = 0;   /* reset with our messages unread: Linux says so once all it sent was read */
+	if (n < 0) {
+		/* Reset with our messages unread: Linux says so once all it sent was read. A failed
+		 * recvmsg fills in no control data: the buffer holds whatever an earlier call left, which
+		 * must not be read as descriptors received now (they were handed over already). */
+		n = 0;
+		msg.msg_controllen = 0;
+		msg.msg_flags = 0;
+	}
 	c->in_len += (size_t)n;
 	c->nfds = 0;
 	for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {

@@ -374,3 +374,28 @@ def test_a_late_flip_event_of_a_removed_output_does_not_complete_its_successor(r
         rig.dp.close()
         os.close(r)
         os.close(w)
+
+
+def test_a_reset_connection_hands_over_its_descriptors_once(rig):
+    # A guest killed with our messages unread: recvmsg fails with ECONNRESET and fills in no control
+    # data. The descriptors of the earlier recvmsg were handed over then; they must not come again
+    # (Python would close them a second time, by then maybe another file's number).
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    r, w = os.pipe()
+    try:
+        socket.send_fds(rig.client, [encode({"type": "buffer", "id": 9})], [r])
+        rig.events(lambda e: any(x.kind == DATA for x in e), "handover")
+        first = rig.dp.take(rig.conn)
+        assert len(first.fds) == 1
+        os.close(first.fds[0])
+        rig.dp.resume(rig.conn, fast=True)
+        rig.dp.send(rig.conn, b"unread by the guest")
+        time.sleep(0.1)   # sent: the guest's socket holds it
+        rig.client.close()   # unread data: the compositor's next recvmsg says ECONNRESET
+        rig.events(lambda e: sum(x.kind == DATA for x in e) == 2, "the end of the stream")
+        last = rig.dp.take(rig.conn)
+        assert (last.data, last.fds, last.eof) == (b"", [], True), last
+    finally:
+        os.close(r)
+        os.close(w)
