@@ -404,6 +404,10 @@ class Daemon:
     async def apply(self, assignment: Assignment) -> None:
         """Make the screens show `assignment`, touching only outputs whose assignment changed."""
         async with self._apply_lock:
+            if self._stopping:
+                # shutdown() took the outputs down while this waited for the lock: a plan made
+                # before would light them again on cards about to close
+                return
             # Outputs of a paused card are left as they are: resuming re-takes them all.
             paused = self.session.paused
             new = {(o.card, o.connector): o for o in assignment.outputs if o.card not in paused}
