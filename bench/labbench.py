@@ -166,7 +166,8 @@ def plug(head: int, width: int, height: int, card: str) -> None:
 class Compositor:
     """`directflip run` as a subprocess with its own sockets and policy in a temporary directory."""
 
-    def __init__(self, policy: str, *args: str, name: str = "bench") -> None:
+    def __init__(self, policy: str, *args: str, name: str = "bench",
+                 env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix=f"directflip-{name}-"))
         self.policy = self.dir / "policy.yaml"
         self.socket = str(self.dir / "frames.sock")
@@ -176,7 +177,7 @@ class Compositor:
         cmd = [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
                "--socket", self.socket, "--control", self.control, "--vt", "none", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=REPO)
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env)
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:

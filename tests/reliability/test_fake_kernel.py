@@ -1,0 +1,120 @@
+"""The real compositor (`directflip run`, its C data plane included) on bench/fakedrm.c's fake display
+kernel, on the host: guests killed in mid-flight, restarted, and at the end nothing left behind.
+
+The lab's soak (tests/reliability/lab/test_soak.py) checks the same on real kernels; this runs in
+seconds on any machine, so a leak or a descriptor handled twice shows in every `make test`. The fake
+kernel is strict where the lab's drivers are: a second nonblocking commit on a busy CRTC is EBUSY, an
+unknown framebuffer is EINVAL. What it holds (framebuffers, buffer handles, blobs) is read from its
+stats file, as the lab reads DRM debugfs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import labbench as lb  # noqa: E402
+from fakedrm import FakeKernel  # noqa: E402
+
+MONITORS = 3
+FLIPS = int(os.environ.get("DIRECTFLIP_FAKE_SOAK_FLIPS", "6000"))
+RESTARTS = 4
+DEADLINE = 600.0   # seconds for the whole run: a stall fails it, a busy machine does not
+SIZE = "640x480"
+
+
+@pytest.fixture(scope="module")
+def fake():
+    with FakeKernel(outputs=MONITORS, delay_us=1000) as kernel:
+        yield kernel
+
+
+def guest(fake: FakeKernel, comp: lb.Compositor, name: str) -> subprocess.Popen:
+    """A synthetic guest with its buffers on the fake card (memfds: the compositor imports them)."""
+    return subprocess.Popen([sys.executable, "-m", "compositor.cli", "guest", "--name", name, "--socket",
+                             comp.socket, "--on", fake.path, "--size", SIZE, "--rate", "240",
+                             "--duration", "3600"], env=fake.env(stats=False), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def frames(status: dict) -> int:
+    return sum(o.get("frames", 0) for o in status["outputs"] if o.get("guest"))
+
+
+def holdings(fake: FakeKernel, comp: lb.Compositor) -> tuple[int, dict]:
+    """The compositor's descriptors and fake-kernel objects, once two looks 0.3 s apart agree (the
+    control connection of the status call just made closes on its own time)."""
+    last = None
+    for _ in range(50):
+        now = len(os.listdir(f"/proc/{comp.pid}/fd")), fake.stats()
+        if now == last:
+            return now
+        last = now
+        time.sleep(0.3)
+    return last
+
+
+@pytest.mark.parametrize("data_plane", ["native", "python"])
+def test_guests_killed_in_mid_flight_leave_nothing_behind(fake, data_plane):
+    placed = {f"m{i}": f"g{i}" for i in range(MONITORS)}
+    policy = lb.policy({m: f"{{connector: Virtual-{i + 1}, mode: 1280x720}}" for i, m in enumerate(placed)},
+                       {g: m for m, g in placed.items()})
+    comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
+                         "--data-plane", data_plane, name="fake-soak", env=fake.env())
+    procs: dict[str, subprocess.Popen] = {}
+    try:
+        procs = {m: guest(fake, comp, g) for m, g in placed.items()}
+        comp.wait_shown(placed, timeout=120)
+        victim = "m2"
+        restart_at = [FLIPS * (k + 1) // (RESTARTS + 1) for k in range(RESTARTS)]
+        base = None
+        t0 = time.monotonic()
+        while (done := frames(comp.status())) < FLIPS:
+            assert time.monotonic() - t0 < DEADLINE, f"{done} of {FLIPS} flips in {DEADLINE:.0f} s"
+            assert comp.proc.poll() is None, comp.tail()
+            if restart_at and done >= restart_at[0]:
+                restart_at.pop(0)
+                procs[victim].send_signal(signal.SIGKILL)
+                procs[victim].wait(timeout=30)
+                procs[victim] = guest(fake, comp, placed[victim])
+                comp.wait_shown({victim: placed[victim]}, timeout=120)
+                if base is None:
+                    # after the first restart: what a guest's first coming and going allocates once
+                    # (a slate, the label) is not a leak
+                    base = holdings(fake, comp)
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        time.sleep(0.5)
+        end = holdings(fake, comp)
+        st = comp.status()
+        outs = [o for o in st["outputs"] if o.get("guest")]
+        print(f"{data_plane}: {frames(st)} flips in {elapsed:.1f} s, {placed[victim]} killed and restarted "
+              f"{RESTARTS} times; after the first restart {base}, at the end {end}; "
+              f"data plane {st.get('data_plane')}, departed {st.get('departed')}")
+        assert not restart_at and base is not None
+        assert end == base, f"descriptors and fake-kernel objects {base} -> {end}"
+        assert st.get("departed") == [], st.get("departed")
+        for o in outs:
+            assert o["path"] == "zero-copy" and o["data_plane"] == (data_plane == "native"), o
+            assert (o["errors"], o["busy"], o["max_in_flight"], o["max_pending"]) == (0, 0, 1, 1), o
+        if data_plane == "native":
+            live = sum(g["buffers"] for g in st["guests"])
+            assert st["data_plane"]["buffers"] == live, (st["data_plane"], st["guests"])
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait(timeout=30)
+        comp.stop()
+    log = comp.log.read_text()
+    assert comp.proc.returncode == 0, comp.tail()
+    problems = [line for line in log.splitlines() if " ERROR: " in line or "Traceback" in line]
+    assert not problems, "\n".join(problems[:20])
