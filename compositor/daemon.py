@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -174,6 +175,8 @@ class Daemon:
         self._replan_task: asyncio.Task | None = None
         self._replan_again = False
         self._apply_lock = asyncio.Lock()
+        # The copy rung's copies run here, off the loop: two workers, as two outputs may copy at once.
+        self.copier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="copy")
         self._stopped: asyncio.Event | None = None
         self._stopping = False
         self.departed: list[GuestState] = []  # disconnected guests whose buffers are still held
@@ -360,6 +363,7 @@ class Daemon:
             self._free_guest(gs)
         self.guests.clear()
         self.departed.clear()
+        self.copier.shutdown(wait=True)   # the pipelines settled their copies as they stopped
         for path in self.cards:
             self.caches[path].clear()
         await self.session.close()   # drops master, closes the cards, gives the VT back
@@ -436,7 +440,7 @@ class Daemon:
                     if pipe is None:
                         pipe = ScanoutPipeline(self.cards[out.card], self.caches[out.card], out,
                                                release=self._release, present=self._present,
-                                               native=self.native)
+                                               native=self.native, copier=self.copier)
                         self.pipelines[key] = pipe
                         pipe.on_path_change = self._status_changed
                         pipe.dataplane = self.dataplane

@@ -14,7 +14,8 @@ Which framebuffer a frame becomes is decided by a ladder, each rung logged and s
      guest's buffer id) and scanned out directly; the guest's memory is on the plane;
   2. copy: the card refused the buffer (a foreign dma-buf on virtio-gpu, a buffer the TEST_ONLY commit
      rejects), so the pixels are copied into the pipeline's own dumb buffers, one copy per committed
-     frame (dropped frames are never copied);
+     frame (dropped frames are never copied); with a `copier` (the daemon's worker threads) a flip's
+     copy runs there and the frame is committed when it is over, the CRTC busy meanwhile;
   3. slate: nothing of the guest can be shown (a tiled buffer that cannot be copied, a refused
      configuration); the output shows its slate with the reason instead.
 A pipeline stays on the rung it fell to until it is configured again (the next assignment).
@@ -30,6 +31,7 @@ exactly as a flipped frame is.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import logging
@@ -40,6 +42,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -122,6 +125,15 @@ class FramebufferCache:
             self.drop(key)
 
 
+@dataclass(eq=False)
+class _CopyJob:
+    buffer: Buffer
+    src_map: mmap.mmap | bytearray
+    dst_buf: DumbBuffer
+    dst_map: mmap.mmap
+    fb: Framebuffer
+
+
 class CopyBuffers:
     """The pipeline's own dumb buffers for the copy rung, the size of the mode: the planned `src`
     rectangle of the guest's buffer is copied to the planned `dst` rectangle, the rest stays black.
@@ -150,6 +162,9 @@ class CopyBuffers:
                                       DRM_FORMAT_MOD_LINEAR)
             self.slots.append((buf, fb))
         self._maps: dict[tuple[str, int, int], mmap.mmap] = {}
+        self._busy = 0            # copies prepared and not finished
+        self._forgotten: list[tuple[str, int, int]] = []
+        self._closing = False
 
     def fits(self, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> bool:
         return ((info.width, info.height, info.fourcc, size, src, dst)
@@ -157,37 +172,71 @@ class CopyBuffers:
 
     def copy(self, buffer: Buffer, on_screen: Framebuffer | None = None) -> Framebuffer:
         """Copy the buffer's pixels into a slot that is not `on_screen`; returns its framebuffer."""
+        job = self.prepare(buffer, on_screen)
+        try:
+            self.run(job)
+        finally:
+            self.finish(job)
+        return job.fb
+
+    def prepare(self, buffer: Buffer, on_screen: Framebuffer | None = None) -> _CopyJob:
+        """The copy of `buffer` into a slot that is not `on_screen`, ready for run() (on any thread).
+        Until finish(), forget() and close() leave what the copy reads and writes mapped."""
         src_map = self._maps.get(buffer.key)
         if src_map is None:
             src_map = _source(buffer)
             self._maps[buffer.key] = src_map
+        dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
+        self._busy += 1
+        return _CopyJob(buffer, src_map, dst_buf, dst_buf.map(), fb)
+
+    def run(self, job: _CopyJob) -> None:
+        """The copy itself: no Python object of the pipeline is touched, and the C copy runs without
+        the GIL, so a worker thread can do it while the loop goes on."""
+        buffer, src_map = job.buffer, job.src_map
         if isinstance(src_map, bytearray):
             _read_file(buffer, src_map)
-        dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
-        dst_map = dst_buf.map()
         info, src, dst = buffer.info, self.src, self.dst
         bpp = info.bytes_per_pixel
         row = src.w * bpp
+        pitch = job.dst_buf.pitch
         sync = buffer.copy_only is None  # a device region is no dma-buf: nothing to sync
         if sync:
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
             # One strided copy of the planned rectangle, row pitch to row pitch, every row checked
             # against both buffers' sizes (the guest's layout is the guest's to get wrong).
-            copy_rows(dst_map, dst.y * dst_buf.pitch + dst.x * bpp, dst_buf.pitch,
+            copy_rows(job.dst_map, dst.y * pitch + dst.x * bpp, pitch,
                       src_map, info.offset + src.y * info.stride + src.x * bpp, info.stride, src.h, row,
                       native=self.native)
         finally:
             if sync:
                 _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
-        return fb
+
+    def finish(self, job: _CopyJob) -> None:
+        """The copy is over (done or failed): what was let go of meanwhile is unmapped now."""
+        self._busy -= 1
+        if self._busy:
+            return
+        for key in self._forgotten:
+            self.forget(key)
+        self._forgotten.clear()
+        if self._closing:
+            self.close()
 
     def forget(self, key: tuple[str, int, int]) -> None:
+        if self._busy:
+            self._forgotten.append(key)   # a copy may be reading it: unmapped when it is over
+            return
         m = self._maps.pop(key, None)
         if isinstance(m, mmap.mmap):
             m.close()
 
     def close(self) -> None:
+        if self._busy:
+            self._closing = True   # a copy is writing a slot: freed when it is over
+            return
+        self._closing = False
         for m in self._maps.values():
             if isinstance(m, mmap.mmap):
                 m.close()
@@ -329,6 +378,9 @@ class _Commit:
     src: Rect | None = None
     dst: Rect | None = None
     cursor_only: bool = False  # moved the cursor plane alone: the primary plane kept its frame
+    # The copy rung's copy of the frame, still running on a worker thread: (the job, its future). The
+    # commit is made when it is over; till then this holds the CRTC as a commit in flight does.
+    copying: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -354,8 +406,12 @@ class ScanoutPipeline:
 
     def __init__(self, card: Card, fbcache: FramebufferCache, out: OutputAssignment, *,
                  release: Callable[[Frame], None], present: Callable[[Frame, object], None],
-                 native: bool = True) -> None:
+                 native: bool = True, copier: Executor | None = None) -> None:
         self.card = card
+        # Where the copy rung's per-frame copies run, off the loop (a 1080p copy takes milliseconds,
+        # which no other output's frame should wait for); None: on the loop, as configuration
+        # commits always do.
+        self.copier = copier
         self.fbcache = fbcache
         self.release = release
         self.present = present
@@ -655,12 +711,12 @@ class ScanoutPipeline:
         self.metrics.frames += 1
 
     def _commit_frame(self, frame: Frame, *, modeset: bool = False, old_plane=None, token: int,
-                      blocking: bool = False) -> _Commit | None:
+                      blocking: bool = False, copied: Framebuffer | None = None) -> _Commit | None:
         """Walk the ladder from the pipeline's rung: the first framebuffer whose configuration the
         kernel accepts is committed, blocking or nonblocking, with a flip event carrying `token`
         either way. None when every rung refused. A nonblocking frame that keeps the plane's
         configuration is only an FB_ID flip, the hot path. KmsError from the commit propagates."""
-        for fb, path, src, dst in self._ladder(frame):
+        for fb, path, src, dst in self._ladder(frame, copied):
             key = self._plane_key(fb, src, dst)
             layers = self._layers_due(blocking or modeset)
             if not blocking and key == self.plane_key and not layers:
@@ -700,9 +756,9 @@ class ScanoutPipeline:
             return _Commit(frame, fb, token, src, dst)
         return None
 
-    def _ladder(self, frame: Frame):
+    def _ladder(self, frame: Frame, copied: Framebuffer | None = None):
         """(framebuffer, path, src, dst) for the frame, best rung first, from the rung the pipeline
-        is on."""
+        is on. `copied`: the copy rung's framebuffer, the frame copied into it already (off the loop)."""
         buffer, out = frame.buffer, self.out
         if ZERO_COPY not in self.fallbacks and buffer.copy_only:
             self._fall(ZERO_COPY, buffer.copy_only)
@@ -711,7 +767,10 @@ class ScanoutPipeline:
                 yield self.fbcache.framebuffer(buffer), ZERO_COPY, out.src, out.dst
             except KmsError as exc:
                 self._fall(ZERO_COPY, f"import refused: {exc}")
-        if COPY not in self.fallbacks:
+        if COPY not in self.fallbacks and copied is not None:
+            full = Rect(0, 0, self.mode.width, self.mode.height)
+            yield copied, COPY, full, full
+        elif COPY not in self.fallbacks:
             size = (self.mode.width, self.mode.height)
             try:
                 if self.copy is None or not self.copy.fits(buffer.info, size, out.src, out.dst):
@@ -818,8 +877,14 @@ class ScanoutPipeline:
             self.release(frame)
             return
         ScanoutPipeline._tokens += 1
+        token = ScanoutPipeline._tokens
+        if self._copy_off_loop(frame, token):
+            return
+        self._commit_now(frame, token)
+
+    def _commit_now(self, frame: Frame, token: int, copied: Framebuffer | None = None) -> None:
         try:
-            commit = self._commit_frame(frame, token=ScanoutPipeline._tokens)
+            commit = self._commit_frame(frame, token=token, copied=copied)
             done_ns = time.monotonic_ns()
         except KmsError as exc:
             self.metrics.errors += 1
@@ -838,6 +903,72 @@ class ScanoutPipeline:
         self.metrics.commits += 1
         self.metrics.commit_delays_ns.append(done_ns - frame.received_ns)
         self.metrics.max_in_flight = max(self.metrics.max_in_flight, len(self._outstanding))
+
+    def _copy_off_loop(self, frame: Frame, token: int) -> bool:
+        """On the copy rung, with a worker to copy on: start the frame's copy there and commit when
+        it is over (_copied); the CRTC counts as busy meanwhile. False: commit on the loop."""
+        copy = self.copy
+        if (self.copier is None or ZERO_COPY not in self.fallbacks or COPY in self.fallbacks
+                or copy is None or not copy.fits(frame.buffer.info, (self.mode.width, self.mode.height),
+                                                 self.out.src, self.out.dst)):
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+            job = copy.prepare(frame.buffer, self.on_screen.fb if self.on_screen else None)
+        except (RuntimeError, OSError, ValueError):
+            return False   # no loop here, or the source cannot be mapped: the ladder says why
+        future = self.copier.submit(copy.run, job)
+        commit = _Commit(frame, job.fb, token, copying=(job, future, copy))
+        self.in_flight = commit
+        future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._copied, commit))
+        return True
+
+    def _copied(self, commit: _Commit) -> None:
+        """A frame's copy is over: commit it, unless the pipeline let go of it meanwhile."""
+        if commit.copying is None or self.in_flight is not commit:
+            return   # settled by _settle_copy already (stop, abandon)
+        job, future, copy = commit.copying
+        commit.copying = None
+        copy.finish(job)
+        self.in_flight = None
+        frame = commit.frame
+        if not self.may_commit:
+            # The card was paused meanwhile (a VT switch): the frame waits, unless a newer one does.
+            if self.pending is None:
+                self.pending = frame
+            else:
+                self.release(frame)
+            return
+        exc = future.exception()
+        if exc is not None:
+            # As a copy on the loop would have: the rung is given up, the ladder goes on below it.
+            self._fall(COPY, f"copy impossible: {exc}")
+            self._commit_now(frame, commit.token)
+        else:
+            self.metrics.copies += 1
+            self._commit_now(frame, commit.token, copied=job.fb)
+        if self.in_flight is None and self.may_commit:
+            if self.pending is not None:
+                self._commit_pending()
+            elif self._layers_due(False):
+                self._commit_layers()
+
+    def _settle_copy(self) -> None:
+        """Wait for a copy on the worker (milliseconds) and drop its frame: the pipeline is about to
+        stop or forget what is in flight, and the copy must not write into a slot being freed."""
+        commit = self.in_flight
+        if commit is None or commit.copying is None:
+            return
+        job, future, copy = commit.copying
+        commit.copying = None
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 — the frame is dropped either way
+            pass
+        copy.finish(job)
+        self.in_flight = None
+        if commit.frame is not None:
+            self.release(commit.frame)
 
     def _flip(self, fb: Framebuffer, token: int) -> None:
         if self.native:
@@ -980,6 +1111,7 @@ class ScanoutPipeline:
         """Turn the output off (blocking) and free what the pipeline owns. `commit=False` when the
         card is not ours to commit to (the session is paused; a reset commit turned it off)."""
         self.take_back()
+        self._settle_copy()
         if self._lit and commit:
             req = self.card.atomic().add_plane(self.plane, None, None)
             for layer in self._layers():
@@ -1029,6 +1161,7 @@ class ScanoutPipeline:
     def abandon_in_flight(self) -> None:
         """The flip event never came (a driver bug): take the commit as done."""
         self.take_back()
+        self._settle_copy()
         if self.in_flight is not None:
             commit, self.in_flight = self.in_flight, None
             self._outstanding.discard(commit.token)

@@ -17,14 +17,17 @@ Each test's comment says what it expects and why.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import mmap
 import os
+import threading
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -392,7 +395,8 @@ def composed(pitch: int, tag: int, src: Rect, dst: Rect) -> bytes:
 class Rig:
     """A pipeline on a fake card, recording what it hands back."""
 
-    def __init__(self, out: OutputAssignment | None = None, *, native: bool = True, pitch_align: int = 64):
+    def __init__(self, out: OutputAssignment | None = None, *, native: bool = True, pitch_align: int = 64,
+                 copier=None):
         self.card = FakeCard(pitch_align=pitch_align)
         self.cache = FramebufferCache(self.card)
         self.released: list[Frame] = []
@@ -400,7 +404,7 @@ class Rig:
         self.presented: list[tuple[Frame, FlipEvent]] = []
         self.pipe = ScanoutPipeline(self.card, self.cache, out or assignment(), release=self._release,
                                     present=lambda frame, event: self.presented.append((frame, event)),
-                                    native=native)
+                                    native=native, copier=copier)
 
     def _release(self, frame: Frame) -> None:
         # Only meaningful when every frame has its own buffer: is the card still reading it?
@@ -1257,3 +1261,107 @@ def test_a_label_plane_the_plan_gives_to_the_picture_is_not_committed_to(new_rig
     last = r.card.log[-1]
     assert last.planes[OVERLAY] is not None and last.planes[OVERLAY].fb.origin == "prime"
     assert r.pipe.label_layer is None and not r.card.violations
+
+
+# ----------------------------------------------------------------------- 9. the copy off the loop
+
+
+class GatedCopy:
+    """scanout.copy_rows that waits for `gate` before it copies, and says when a copy began."""
+
+    def __init__(self) -> None:
+        self.gate, self.began = threading.Event(), threading.Event()
+        self.threads: list[str] = []
+        self.real = scanout.copy_rows
+
+    def __call__(self, *args, **kw):
+        self.threads.append(threading.current_thread().name)
+        self.began.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        return self.real(*args, **kw)
+
+
+async def until(condition, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not {what} within {timeout} s"
+        await asyncio.sleep(0.005)
+
+
+def test_a_copy_runs_on_a_worker_and_no_other_output_waits_for_it(bufs, monkeypatch):
+    # Output A is on the copy rung, B zero copy. While A's copy of a frame runs (held at the gate) on
+    # the worker, the loop goes on: B's frame is committed at once, and A's next frame waits as A's
+    # pending one (A's CRTC counts as busy). When the copy is over A commits the copied pixels, and
+    # its pending frame follows after the flip, copied on the worker too.
+    gated = GatedCopy()
+    monkeypatch.setattr(scanout, "copy_rows", gated)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
+            a, b = Rig(copier=pool), Rig(copier=pool)
+            a.card.refuse_import = lambda fd: True
+            gated.gate.set()   # the first frames light the outputs: blocking, copied on the loop
+            a.pipe.start(Frame(bufs(1)))
+            b.pipe.start(Frame(bufs(2)))
+            a.read_events()
+            b.read_events()
+            assert gated.threads == ["MainThread"] and a.pipe.path == "copy" and b.pipe.path == "zero-copy"
+            gated.gate.clear()
+            gated.began.clear()
+            first = Frame(bufs(3))
+            a.pipe.submit(first)
+            assert gated.began.wait(10) and gated.threads[-1].startswith("copy")
+            assert a.pipe.in_flight is not None and a.pipe.in_flight.copying is not None
+            assert not a.card.in_flight, "committed before its copy was over"
+            b.pipe.submit(Frame(bufs(4)))
+            assert b.card.in_flight, "B's frame waited for A's copy"
+            second = Frame(bufs(5))
+            a.pipe.submit(second)
+            assert a.pipe.pending is second and a.card.nonblocking_commits() == []
+            gated.gate.set()
+            await until(lambda: a.card.in_flight, "A committed after its copy")
+            shown = a.card.state[PLANE].fb
+            assert a.is_copy_fb(shown) and a.card.pixels(shown) == composed(
+                a.card.dumbs[shown.handle].pitch, 3, FULL, FULL)
+            a.flip()   # `first` on screen; `second` is copied next, on the worker
+            await until(lambda: a.card.in_flight, "A's second frame committed")
+            shown = a.card.state[PLANE].fb
+            assert a.card.pixels(shown) == composed(a.card.dumbs[shown.handle].pitch, 5, FULL, FULL)
+            assert a.pipe.metrics.copies == 3 and a.pipe.metrics.errors == 0
+            assert [t.startswith("copy") for t in gated.threads] == [False, True, True]
+            assert a.card.violations == [] and b.card.violations == []
+
+    asyncio.run(main())
+
+
+def test_stopping_or_forgetting_during_a_copy_waits_for_it(bufs, monkeypatch):
+    # The guest forgets the buffer being copied (its mapping must stay until the copy is over), then
+    # the output stops while the copy runs: stop() waits for the copy before it frees the copy
+    # buffers, hands the frame back once, and the copy's late completion commits nothing.
+    gated = GatedCopy()
+    monkeypatch.setattr(scanout, "copy_rows", gated)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
+            a = Rig(copier=pool)
+            a.card.refuse_import = lambda fd: True
+            gated.gate.set()
+            a.pipe.start(Frame(bufs(1)))
+            a.read_events()
+            gated.gate.clear()
+            gated.began.clear()
+            frame = Frame(bufs(2))
+            a.pipe.submit(frame)
+            assert gated.began.wait(10)
+            copy = a.pipe.copy
+            a.pipe.forget(frame.buffer.key)
+            assert frame.buffer.key in copy._maps, "unmapped while the copy reads it"
+            threading.Timer(0.2, gated.gate.set).start()
+            a.pipe.stop()
+            assert a.count(frame) == 1 and a.pipe.in_flight is None
+            assert frame.buffer.key not in copy._maps and copy.slots == []
+            await asyncio.sleep(0.05)   # the copy's completion, scheduled on the loop, finds nothing to do
+            assert a.card.nonblocking_commits() == [] and a.count(frame) == 1
+            assert a.card.violations == []
+
+    asyncio.run(main())
