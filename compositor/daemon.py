@@ -185,6 +185,9 @@ class Daemon:
         self.loaded_ns = 0  # when the watcher handed over the last valid edit
         self.plans = 0
         self.vfio_tasks: dict[str, asyncio.Task] = {}
+        # The QEMU displays this instance connects to itself (`kind: qemu-dbus` with a `display`),
+        # by guest name: each reconnects while its VM is away, until its policy entry goes.
+        self.qemu_sources: dict[str, QemuDisplaySource] = {}
         self.hotplug = None
         self.hotplugs = 0  # re-probes done for udev events
         self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
@@ -358,8 +361,7 @@ class Daemon:
                 log.info("stopping %s's launched process (pid %d)", name, proc.pid)
                 proc.terminate()
         for gs in list(self.guests.values()) + self.departed:
-            if isinstance(gs.conn, VfioGuest | QemuDisplaySource):
-                gs.conn.close()
+            gs.conn.close("compositor shutting down")   # a frame-socket guest's was, just above
             self._free_guest(gs)
         self.guests.clear()
         self.departed.clear()
@@ -837,12 +839,11 @@ class Daemon:
             self.own_input_names.difference_update(getattr(gs.input, "names", ()))
             gs.input.close()   # its VM's keyboard and tablet are unplugged with it
             gs.input = None
-        if isinstance(conn, VfioGuest):
-            task = self.vfio_tasks.pop(conn.name, None)
-            if task is not None:
-                task.cancel()
-            for buffer in conn.evicted():
-                self._forget(gs, buffer)
+        task = self.vfio_tasks.pop(conn.name, None)   # a vGPU's polling
+        if task is not None:
+            task.cancel()
+        for buffer in conn.evicted():
+            self._forget(gs, buffer)
         for buffer in list(conn.buffers.values()):
             self._forget(gs, buffer)
         conn.buffers.clear()
@@ -852,8 +853,7 @@ class Daemon:
                 self._release(latest)
         del self.guests[conn.name]
         self.departed.append(gs)
-        if isinstance(conn, VfioGuest):
-            conn.close()
+        conn.let_go()
         self.replan()
 
     def _free_forgotten(self, gs: GuestState) -> None:
@@ -1059,11 +1059,11 @@ class Daemon:
         if changes.mdevs_added:
             self.open_vfio_guests()
         for gs in list(self.guests.values()):
-            if isinstance(gs.conn, VfioGuest) and gs.conn.uuid in changes.mdevs_removed:
-                if (vfio.MDEV_DEVICES / gs.conn.uuid).exists():
+            if gs.conn.mdev is not None and gs.conn.mdev in changes.mdevs_removed:
+                if (vfio.MDEV_DEVICES / gs.conn.mdev).exists():
                     # A `remove` written to the uevent file, or one replayed: the vGPU is still there.
                     log.warning("udev said vGPU %s was removed, but it is still present; ignored",
-                                gs.conn.uuid)
+                                gs.conn.mdev)
                     continue
                 self._guest_gone(gs, "vGPU removed")
         # Only our own cards: another seat's card is another instance's business.
@@ -1336,18 +1336,20 @@ class Daemon:
         # The policy allows `display` only with a literal name: the pattern is the guest's name.
         wanted = {r.pattern.pattern: (r, QemuTarget.parse(r.display, r.console)) for r in self.policy.guests
                   if r.kind == "qemu-dbus" and r.opened_here}
-        for name, gs in list(self.guests.items()):
-            if isinstance(gs.conn, QemuDisplaySource):
-                rule, target = wanted.get(name, (None, None))
-                if target != gs.conn.target:
-                    gs.conn.close("its policy entry changed" if rule else "no longer in the policy")
+        for name, source in list(self.qemu_sources.items()):
+            rule, target = wanted.get(name, (None, None))
+            if source.closed or target != source.target:
+                source.close("its policy entry changed" if rule else "no longer in the policy")
+                del self.qemu_sources[name]
         for name, (rule, target) in wanted.items():
+            if name in self.qemu_sources:
+                continue
             if name in self.guests:
-                if not isinstance(self.guests[name].conn, QemuDisplaySource):
-                    log.error("guest %s: a %s guest of that name is connected; not connecting to the "
-                              "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
+                log.error("guest %s: a %s guest of that name is connected; not connecting to the "
+                          "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
                 continue
             source = QemuDisplaySource(name, target, self, uuid=rule.uuid)
+            self.qemu_sources[name] = source
             self.guests[name] = GuestState(source, Guest(name, "qemu-dbus", rule.uuid))
             log.info("guest %s: QEMU display at %s", name, source.target.describe())
             source.start()
@@ -1480,30 +1482,16 @@ class Daemon:
         """EDID passthrough: each vGPU's EDID region holds the EDID of the monitor it is shown on
         (its main view); a vGPU shown nowhere sees its link down."""
         for gs in self.guests.values():
-            vg = gs.conn
-            if not isinstance(vg, VfioGuest):
-                continue
-            shown = self._showing(vg.name)
+            shown = self._showing(gs.conn.name)
             if not shown:
-                vg.show_monitor(None)
+                gs.conn.show_monitor(None)
                 continue
             try:
                 edid = shown[0].connector.edid_blob
             except KmsError:
                 edid = None
             if edid:
-                vg.show_monitor(edid)
-
-    @staticmethod
-    def _vfio_status(vg: VfioGuest) -> dict:
-        return {"vgpu": vg.uuid or vg.device.name,
-                "plane": vg.plane.describe() if vg.plane is not None else None,
-                "error": vg.last_error,
-                "edid": None if vg.edid_written is None else len(vg.edid_written),
-                # the vGPU's cursor plane: why there is none, "off" (disabled now), or the image's size
-                "cursor": (vg.cursor_unsupported if vg.cursor_unsupported is not None
-                           else "off" if vg.cursor_off
-                           else f"{vg.cursor.width}x{vg.cursor.height}" if vg.cursor is not None else None)}
+                gs.conn.show_monitor(edid)
 
     # --- status -----------------------------------------------------------------------------------
 
@@ -1581,8 +1569,7 @@ class Daemon:
             "guests": [{"name": name, "kind": gs.guest.kind,
                         "pid": gs.conn.peer.pid if gs.conn.peer else None,
                         "uid": gs.conn.peer.uid if gs.conn.peer else None,
-                        **(self._vfio_status(gs.conn) if isinstance(gs.conn, VfioGuest) else {}),
-                        **({"qemu": gs.conn.status()} if isinstance(gs.conn, QemuDisplaySource) else {}),
+                        **gs.conn.guest_status(),
                         "buffers": len(gs.conn.buffers), "flips": gs.flips + self._dp_flips(gs),
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),

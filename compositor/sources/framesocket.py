@@ -333,6 +333,22 @@ class GuestConnection:
         """Send error(reason) if still open, close the socket and call on_close (if past hello)."""
         self._finish(reason, logging.INFO)
 
+    # --- the rest of compositor.sources.Source: a frame-socket guest forgets its buffers itself,
+    # shows no monitor's EDID and has no fields of its own in status.
+    mdev = None
+
+    def let_go(self) -> None:
+        pass
+
+    def evicted(self) -> list[Buffer]:
+        return []
+
+    def show_monitor(self, edid: bytes | None) -> None:
+        pass
+
+    def guest_status(self) -> dict[str, Any]:
+        return {}
+
     # --- reading
 
     def _on_readable(self) -> None:

@@ -971,6 +971,22 @@ class QemuDisplaySource:
     def presented(self, buffer_id: int, frame: int, timestamp_ns: int, sequence: int) -> None:
         pass
 
+    # --- compositor.sources.Source: the source outlives its guest's comings and goings (it
+    # reconnects to the VM), so letting go of the guest frees nothing of it; no EDID to pass on.
+    mdev = None
+
+    def let_go(self) -> None:
+        pass
+
+    def evicted(self) -> list[Buffer]:
+        return []
+
+    def show_monitor(self, edid: bytes | None) -> None:
+        pass
+
+    def guest_status(self) -> dict[str, Any]:
+        return {"qemu": self.status()}
+
     def close(self, reason: str = "closed") -> None:
         """Stop for good: disconnect, and hand every buffer to the handler through on_close."""
         if self.closed:

@@ -25,6 +25,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compositor.kms.fourcc import ARGB8888, fourcc_name
 from compositor.sources.frame import (
@@ -517,6 +518,26 @@ class VfioGuest:
         self.edid_written = edid
         log.info("%s: EDID region %s", self.name,
                  "link down" if edid is None else f"holds a {len(edid)}-byte EDID")
+
+    # --- compositor.sources.Source
+
+    @property
+    def mdev(self) -> str | None:
+        return self.uuid
+
+    def let_go(self) -> None:
+        self.close("its guest is gone")
+
+    def guest_status(self) -> dict[str, Any]:
+        return {"vgpu": self.uuid or self.device.name,
+                "plane": self.plane.describe() if self.plane is not None else None,
+                "error": self.last_error,
+                "edid": None if self.edid_written is None else len(self.edid_written),
+                # the vGPU's cursor plane: why there is none, "off" (disabled now), or the image's size
+                "cursor": (self.cursor_unsupported if self.cursor_unsupported is not None
+                           else "off" if self.cursor_off
+                           else f"{self.cursor.width}x{self.cursor.height}" if self.cursor is not None
+                           else None)}
 
     def close(self, reason: str = "") -> None:
         if self.closed:

@@ -47,6 +47,24 @@ class Conn:
     def released(self, buffer_id: int) -> None:
         self.said.append(("released", buffer_id))
 
+    # compositor.sources.Source
+    mdev = None
+
+    def close(self, reason: str) -> None:
+        self.closed = True
+
+    def let_go(self) -> None:
+        pass
+
+    def evicted(self) -> list:
+        return []
+
+    def show_monitor(self, edid: bytes | None) -> None:
+        self.said.append(("monitor", edid))
+
+    def guest_status(self) -> dict:
+        return {}
+
 
 @pytest.fixture
 def daemon(tmp_path):
@@ -171,3 +189,20 @@ def test_a_frame_a_replan_shows_is_presented_once(daemon):
             pipe.stop()
         big.close()
         small.close()
+
+
+def test_every_source_and_this_fake_answer_what_the_daemon_asks_of_a_source():
+    # The daemon asks no source its type (compositor.sources.Source): a source class missing one of
+    # the protocol's members would fail only when a guest of its kind comes or goes.
+    from compositor.sources import Source
+    from compositor.sources.framesocket import GuestConnection
+    from compositor.sources.qemu_dbus import QemuDisplaySource
+    from compositor.sources.vfio import VfioGuest
+
+    members = {name for name in vars(Source) if not name.startswith("_")} | set(Source.__annotations__)
+    assert {"close", "let_go", "evicted", "show_monitor", "guest_status", "mdev", "name"} <= members
+    for cls in (GuestConnection, VfioGuest, QemuDisplaySource, Conn):
+        methods = {name for name in members if callable(getattr(Source, name, None))}
+        missing = [name for name in methods if not callable(getattr(cls, name, None))]
+        assert not missing, f"{cls.__name__} lacks {missing}"
+        assert hasattr(cls, "mdev") or "mdev" in getattr(cls, "__annotations__", {}), cls

@@ -57,6 +57,8 @@ class FakeProperty:
 class FakeObject:
     """A connector, CRTC or plane: its id and the property ids scanout.py reads."""
 
+    edid_blob: bytes | None = None   # a connector's: no monitor EDID
+
     def __init__(self, kind: str, obj_id: int, type: str = "overlay", crtcs: tuple = ()) -> None:
         self.kind, self.id, self.type, self.possible_crtcs = kind, obj_id, type, list(crtcs)
         self._props = {"FB_ID": FakeProperty(obj_id * 100 + 1), "CRTC_ID": FakeProperty(obj_id * 100 + 2)}
