@@ -44,7 +44,8 @@ bench: lab-setup
 	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
 	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 
-# The native data plane against the floors of any frame path, on this machine: no KMS device, no lab.
+# The real compositor on a fake display kernel: the C data plane against the Python frame path, the
+# copy path and the floors of any frame path, on this machine: no KMS device, no lab.
 bench-host: deps
 	$(PYTHON) bench/bench_host.py
 

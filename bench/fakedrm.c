@@ -7,9 +7,10 @@
  * ENODEV with FAKEDRM_PRIME_IMPORT=0: a driver that cannot scan out another device's buffer), AddFB2,
  * property blobs, master, and atomic commits checked for unknown objects, properties and
  * framebuffers, modesets without ALLOW_MODESET, planes on inactive CRTCs, and a second nonblocking
- * commit on a CRTC with one in flight (EBUSY). A commit that asks for an event gets one flip event
- * per CRTC it touches, written into the pipe $FAKEDRM_DELAY_US (default 1000) later by a thread
- * named "fakekms", as a display engine would at its vblank; its CPU is the kernel's, not ours.
+ * commit on a CRTC with one in flight (EBUSY). A nonblocking commit that asks for an event gets one
+ * flip event per CRTC it touches, written into the pipe $FAKEDRM_DELAY_US (default 1000) later, at the
+ * first 1 ms tick of a thread named "fakekms" past that time, as a display engine would at its
+ * vblank; its CPU is the kernel's, not ours. A blocking commit's events are there when it returns.
  *
  * Every atomic commit also makes one real ioctl (on /dev/null), so the caller pays a syscall as it
  * would with a real card. Everything else is answered in process. Requests this fake does not know
@@ -117,7 +118,7 @@ static struct {
 	unsigned qlen;
 	pthread_t thread;
 	int thread_started;
-} K = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER, .fd = -1, .wfd = -1,
+} K = {.lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1, .wfd = -1,
        .devnull = -1};
 
 static int (*real_ioctl)(int, unsigned long, ...);
@@ -186,30 +187,29 @@ static void write_event(uint32_t crtc, uint64_t user_data, uint64_t now)
 		fprintf(stderr, "fakedrm: flip event of CRTC %u lost: %s\n", crtc, strerror(errno));
 }
 
+/* The display engine: it looks at its queue every TICK_NS, as a vblank interrupt would come on its
+ * own, so a commit never wakes it (a futex wake on the committer's CPU would be charged to the
+ * compositor, which a real kernel's interrupt is not). */
+#define TICK_NS 1000000ull
+
 static void *kernel_thread(void *arg)
 {
 	(void)arg;
 	pthread_mutex_lock(&K.lock);
 	for (;;) {
-		if (!K.qlen) {
-			pthread_cond_wait(&K.cond, &K.lock);
-			continue;
+		uint64_t now = now_ns();
+		while (K.qlen && K.q[0].due_ns <= now) {
+			struct event ev = K.q[0];
+			memmove(K.q, K.q + 1, (K.qlen - 1) * sizeof(K.q[0]));
+			K.qlen--;
+			K.pending[ev.crtc - 10] = 0;
+			write_event(ev.crtc, ev.user_data, now);
 		}
-		uint64_t now = now_ns(), due = K.q[0].due_ns;
-		if (due > now) {
-			struct timespec until;
-			clock_gettime(CLOCK_MONOTONIC, &until);
-			uint64_t t = (uint64_t)until.tv_sec * 1000000000ull + (uint64_t)until.tv_nsec + (due - now);
-			until.tv_sec = (time_t)(t / 1000000000ull);
-			until.tv_nsec = (long)(t % 1000000000ull);
-			pthread_cond_timedwait(&K.cond, &K.lock, &until);
-			continue;
-		}
-		struct event ev = K.q[0];
-		memmove(K.q, K.q + 1, (K.qlen - 1) * sizeof(K.q[0]));
-		K.qlen--;
-		K.pending[ev.crtc - 10] = 0;
-		write_event(ev.crtc, ev.user_data, now);
+		uint64_t wake = now + TICK_NS;
+		if (K.qlen && K.q[0].due_ns < wake)
+			wake = K.q[0].due_ns;
+		struct timespec until = {(time_t)(wake / 1000000000ull), (long)(wake % 1000000000ull)};
+		pthread_cond_timedwait(&K.cond, &K.lock, &until);
 	}
 	return NULL;
 }
@@ -226,7 +226,6 @@ static void queue_event(uint32_t crtc, uint64_t user_data, uint64_t delay)
 	K.q[at] = (struct event){due, user_data, crtc};
 	K.qlen++;
 	K.pending[crtc - 10] = 1;
-	pthread_cond_signal(&K.cond);
 }
 
 /* ---- objects -------------------------------------------------------------------------------- */
@@ -880,6 +879,11 @@ static int open_card(int flags)
 	if (K.devnull < 0)
 		K.devnull = real_open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (!K.thread_started) {
+		pthread_condattr_t attr;   /* deadlines are CLOCK_MONOTONIC, like the events' times */
+		pthread_condattr_init(&attr);
+		pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+		pthread_cond_init(&K.cond, &attr);
+		pthread_condattr_destroy(&attr);
 		pthread_create(&K.thread, NULL, kernel_thread, NULL);
 		pthread_setname_np(K.thread, "fakekms");
 		K.thread_started = 1;
