@@ -143,7 +143,7 @@ class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
                  native: bool = True, seat: str | None = None, session: Session | None = None,
-                 input: bool = True, data_plane: bool = False) -> None:
+                 input: bool = True, data_plane: bool = True) -> None:
         self.policy_path = Path(policy_path)
         self.seat = seat
         self.session = session if session is not None else DirectSession(None)
@@ -1678,8 +1678,9 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
     p.add_argument("--pure-python", action="store_true",
                    help="flip through the Python atomic path and copy (the copy rung) in Python "
                    "instead of native/kms_helpers.c (for comparison)")
-    p.add_argument("--data-plane", choices=("native", "python"), default="python",
+    p.add_argument("--data-plane", choices=("native", "python"), default="native",
                    help="who flips the frames of frame-socket guests (protocol version 2) shown zero copy: "
                    "native = the C data plane's thread (native/dataplane.c, docs/data-plane.md), python = "
-                   "the daemon's loop (default: %(default)s)")
+                   "the daemon's loop, kept for comparison (default: %(default)s; --pure-python implies "
+                   "python)")
     p.set_defaults(func=_run)
