@@ -39,10 +39,11 @@ from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, FlipEvent, KmsError, list_cards
 from compositor.kms.fourcc import ARGB8888, fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
+from compositor.output import OutputLayer
 from compositor.planner import Assignment, Guest, OutputAssignment
 from compositor.policy import Policy
 from compositor.probe import SCHEMA, probe_card
-from compositor.scanout import FramebufferCache, ScanoutPipeline
+from compositor.scanout import ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
 from compositor.sources import vfio
 from compositor.sources.frame import BadPlane, Buffer, Cursor, Frame, PlaneInfo, Pointer
@@ -164,7 +165,7 @@ class Daemon:
         self._layouts: dict[PlaneInfo, int] = {}    # layouts by number, for the data plane
         self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
         self.cards: dict[str, Card] = {}
-        self.caches: dict[str, FramebufferCache] = {}
+        self.layers: dict[str, OutputLayer] = {}   # each card's output layer, by its path
         self.topology: topology.Topology | None = None
         self.guests: dict[str, GuestState] = {}
         self.pipelines: dict[tuple[str, str], ScanoutPipeline] = {}
@@ -228,7 +229,7 @@ class Daemon:
                 continue
             self.card_seats[path] = seat
             self.cards[path] = card
-            self.caches[path] = FramebufferCache(card)
+            self.layers[path] = OutputLayer(card, native=self.native)
             card.flip_handlers.append(lambda ev, path=path: self._flip_event(path, ev))
             log.info("%s (%s): %d connectors, %d CRTCs, %d planes", path, card.driver,
                      len(card.connectors), len(card.crtcs), len(card.planes))
@@ -244,24 +245,11 @@ class Daemon:
         return topology.from_probe(doc, "the live cards")
 
     def reset_outputs(self, cards: list[Card] | None = None) -> None:
-        """The first commit after gaining master ("reset the world"): every plane, CRTC and connector
-        off, so nothing another program left on screen (fbcon, a crashed compositor) stays visible."""
+        """The first commit after gaining master ("reset the world", OutputLayer.reset) on each card
+        (all of them by default) that the session has not paused."""
         for card in cards if cards is not None else self.cards.values():
-            if card.path in self.session.paused:
-                continue
-            req = card.atomic()
-            for plane in card.planes:
-                req.add_plane(plane, None, None)
-            for conn in card.connectors:
-                if conn.crtc is not None:
-                    req.add(conn, "CRTC_ID", None)
-            for crtc in card.crtcs:
-                if crtc.active:
-                    req.add(crtc, "ACTIVE", 0).add(crtc, "MODE_ID", None)
-            try:
-                req.commit(allow_modeset=True)
-            except KmsError as exc:
-                log.error("%s: resetting the outputs failed: %s", card.path, exc)
+            if card.path not in self.session.paused:
+                self.layers[card.path].reset()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -367,9 +355,10 @@ class Daemon:
         self.departed.clear()
         self.copier.shutdown(wait=True)   # the pipelines settled their copies as they stopped
         for path in self.cards:
-            self.caches[path].clear()
+            self.layers[path].fbcache.clear()
         await self.session.close()   # drops master, closes the cards, gives the VT back
         self.cards.clear()
+        self.layers.clear()
 
     # --- planning -------------------------------------------------------------------------------
 
@@ -440,9 +429,8 @@ class Daemon:
                 first = self._first_frame(out)
                 try:
                     if pipe is None:
-                        pipe = ScanoutPipeline(self.cards[out.card], self.caches[out.card], out,
-                                               release=self._release, present=self._present,
-                                               native=self.native, copier=self.copier)
+                        pipe = ScanoutPipeline(self.layers[out.card], out, release=self._release,
+                                               present=self._present, copier=self.copier)
                         self.pipelines[key] = pipe
                         pipe.on_path_change = self._status_changed
                         pipe.dataplane = self.dataplane
@@ -540,12 +528,10 @@ class Daemon:
                       key=lambda p: p.out.mirror)
 
     def _flip_event(self, card_path: str, event) -> None:
-        for pipe in self.pipelines.values():
-            if pipe.out.card == card_path and pipe.out.crtc_id == event.crtc_id:
-                pipe.on_flip(event)
-                if self.dataplane is not None and pipe.out.guest is not None:
-                    self._hand_over(pipe.out.guest)
-                return
+        layer = self.layers.get(card_path)
+        pipe = layer.route(event) if layer is not None else None
+        if pipe is not None and self.dataplane is not None and pipe.out.guest is not None:
+            self._hand_over(pipe.out.guest)
 
     # --- the data plane ---------------------------------------------------------------------------
 
@@ -872,7 +858,7 @@ class Daemon:
     def _free_buffer(self, buffer: Buffer) -> None:
         for pipe in self.pipelines.values():
             pipe.forget(buffer.key)
-        for cache in self.caches.values():
+        for cache in [layer.fbcache for layer in self.layers.values()]:
             cache.drop(buffer.key)
         buffer.close()
 

@@ -48,8 +48,7 @@ from typing import TYPE_CHECKING
 
 from compositor.cursor import CursorLayer
 from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
-from compositor.kms.card import DumbBuffer, lib
-from compositor.kms.errors import kms_error
+from compositor.kms.card import DumbBuffer
 from compositor.kms.fourcc import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
@@ -58,6 +57,7 @@ from compositor.stats import percentile
 
 if TYPE_CHECKING:
     from compositor.dataplane import OutputStats
+    from compositor.output import OutputLayer
 
 log = logging.getLogger("directflip.scanout")
 
@@ -404,18 +404,22 @@ class ScanoutPipeline:
 
     _tokens = 0
 
-    def __init__(self, card: Card, fbcache: FramebufferCache, out: OutputAssignment, *,
+    def __init__(self, layer: OutputLayer, out: OutputAssignment, *,
                  release: Callable[[Frame], None], present: Callable[[Frame, object], None],
-                 native: bool = True, copier: Executor | None = None) -> None:
-        self.card = card
+                 copier: Executor | None = None) -> None:
+        # Its card's output layer (compositor/output.py): every commit goes through it, and it routes
+        # this CRTC's flip events here.
+        self.layer = layer
+        self.card = layer.card
+        self.crtc = None
         # Where the copy rung's per-frame copies run, off the loop (a 1080p copy takes milliseconds,
         # which no other output's frame should wait for); None: on the loop, as configuration
         # commits always do.
         self.copier = copier
-        self.fbcache = fbcache
+        self.fbcache = layer.fbcache
         self.release = release
         self.present = present
-        self.native = native
+        self.native = layer.native
         self.out = out
         self.metrics = Metrics()
         self.path = SLATE
@@ -480,7 +484,10 @@ class ScanoutPipeline:
             elif layer.crtc is not crtc:
                 self._drop_layer(layer)  # another CRTC: its cursor plane is another too
                 setattr(self, attr, None)
+        if self.crtc is not None and self.crtc is not crtc:
+            self.layer.unbind(self.crtc.id, self)
         self.crtc = crtc
+        self.layer.bind(crtc.id, self)
         self.plane = next(p for p in self.card.planes if p.id == out.plane_id)
         self.fb_prop = self.plane.prop("FB_ID").id
         self.mode = live_mode(out.mode)
@@ -537,7 +544,7 @@ class ScanoutPipeline:
 
     def _request(self, fb: Framebuffer, src: Rect, dst: Rect, modeset: bool, old_plane=None,
                  layers: list[CursorLayer] | None = None):
-        req = self.card.atomic()
+        req = self.layer.atomic()
         if modeset:
             req.add_output(self.connector, self.crtc, self.mode)
         if old_plane is not None and old_plane.id != self.plane.id:
@@ -653,7 +660,7 @@ class ScanoutPipeline:
         due = self._layers_due(False)
         ScanoutPipeline._tokens += 1
         token = ScanoutPipeline._tokens
-        req = self.card.atomic()
+        req = self.layer.atomic()
         for layer in due:
             layer.add_to(req)
         new_image = any(layer.wanted is not None and (layer.committed is None
@@ -971,12 +978,7 @@ class ScanoutPipeline:
             self.release(commit.frame)
 
     def _flip(self, fb: Framebuffer, token: int) -> None:
-        if self.native:
-            ret = lib.kms_flip(self.card.fd, self.plane.id, self.fb_prop, fb.id, token)
-            if ret < 0:
-                raise kms_error("kms_flip", -ret, f"plane {self.plane.id} FB {fb.id}")
-        else:
-            self.card.atomic().add(self.plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=token)
+        self.layer.flip(self.plane, self.fb_prop, fb, token)
 
     def on_flip(self, event) -> None:
         """The flip event of this CRTC. A token that is not ours (a commit made before the last
@@ -1113,7 +1115,7 @@ class ScanoutPipeline:
         self.take_back()
         self._settle_copy()
         if self._lit and commit:
-            req = self.card.atomic().add_plane(self.plane, None, None)
+            req = self.layer.atomic().add_plane(self.plane, None, None)
             for layer in self._layers():
                 if layer.committed is not None:
                     req.add_plane(layer.plane, None, None)
@@ -1142,6 +1144,7 @@ class ScanoutPipeline:
         self.copy = self._slate = self.cursor_layer = self.label_layer = None
         self._free_retired()
         self._drop_dp_output()
+        self.layer.unbind(self.crtc.id, self)
 
     def blank(self, reason: str) -> None:
         """The guest shows nothing now (its display is off): the slate, until its next frame. Called

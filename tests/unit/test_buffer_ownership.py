@@ -31,7 +31,7 @@ def test_a_buffer_forgotten_on_screen_is_closed_once_off_it_even_when_its_id_com
         assert ("released", 1) in lab.conn.said
 
         (pipe,) = d.pipelines.values()
-        cache = d.caches[CARD]
+        cache = d.layers[CARD].fbcache
         two_fb = pipe.on_screen.fb
         d.on_forget(lab.conn, lab.conn.buffers.pop(2))   # forgotten while on screen: kept
         assert two.fd >= 0 and two.forgotten and gs.forgotten == {two}

@@ -24,8 +24,9 @@ from compositor.capture import CaptureError
 from compositor.control import ControlServer, describe_capture
 from compositor.daemon import Daemon
 from compositor.kms.fourcc import XRGB8888, fourcc
+from compositor.output import OutputLayer
 from compositor.planner import Rect
-from compositor.scanout import COPY, SLATE, ZERO_COPY, FramebufferCache, render_slate
+from compositor.scanout import COPY, SLATE, ZERO_COPY, render_slate
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
 from compositor.sources.framesocket import Peer
 
@@ -216,7 +217,7 @@ class Lab:
         for conn in self.card.connectors:
             conn.is_writeback = False
         daemon.native = False
-        daemon.cards, daemon.caches = {CARD: self.card}, {CARD: FramebufferCache(self.card)}
+        daemon.cards, daemon.layers = {CARD: self.card}, {CARD: OutputLayer(self.card, native=False)}
         daemon.topology = fake_topology()
         self.conn = Conn("office", Peer(100, 0, 0))
         self.buffers: list[Buffer] = []

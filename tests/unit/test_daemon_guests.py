@@ -16,7 +16,7 @@ from test_scanout import CONNECTOR, CRTC, PLANE, FakeCard, H, W, guest_buffer
 from compositor import topology
 from compositor.daemon import Daemon
 from compositor.kms import FlipEvent
-from compositor.scanout import FramebufferCache
+from compositor.output import OutputLayer
 from compositor.sources.frame import Frame
 from compositor.sources.framesocket import Peer, Refused
 
@@ -138,7 +138,7 @@ def test_a_frame_a_replan_shows_is_presented_once(daemon):
     # status counts it. `released` is as for any flip: a buffer goes back once another replaced it.
     card = FakeCard()
     daemon.native = False
-    daemon.cards, daemon.caches = {CARD: card}, {CARD: FramebufferCache(card)}
+    daemon.cards, daemon.layers = {CARD: card}, {CARD: OutputLayer(card, native=False)}
     daemon.topology = fake_topology()
     conn = Conn("office", Peer(100, 0, 0))
     big, small = guest_buffer(1), guest_buffer(2, 24, 16)

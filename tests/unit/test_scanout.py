@@ -34,10 +34,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compositor import scanout, topology
+from compositor import output, scanout, topology
 from compositor.kms import DumbBuffer, FlipEvent, Framebuffer, KmsError, Rejected
 from compositor.kms.errors import kms_error
 from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, XRGB8888
+from compositor.output import OutputLayer
 from compositor.planner import OutputAssignment, Rect, Slate
 from compositor.scanout import FramebufferCache, Metrics, ScanoutPipeline
 from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
@@ -349,7 +350,7 @@ class FakeNativeLib:
 @pytest.fixture(autouse=True, scope="module")
 def fake_native_flip():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(scanout, "lib", FakeNativeLib())
+        mp.setattr(output, "lib", FakeNativeLib())
         yield
 
 
@@ -400,13 +401,14 @@ class Rig:
     def __init__(self, out: OutputAssignment | None = None, *, native: bool = True, pitch_align: int = 64,
                  copier=None):
         self.card = FakeCard(pitch_align=pitch_align)
-        self.cache = FramebufferCache(self.card)
+        self.layer = OutputLayer(self.card, native=native)
+        self.cache = self.layer.fbcache
         self.released: list[Frame] = []
         self.released_while_busy: list[Frame] = []
         self.presented: list[tuple[Frame, FlipEvent]] = []
-        self.pipe = ScanoutPipeline(self.card, self.cache, out or assignment(), release=self._release,
+        self.pipe = ScanoutPipeline(self.layer, out or assignment(), release=self._release,
                                     present=lambda frame, event: self.presented.append((frame, event)),
-                                    native=native, copier=copier)
+                                    copier=copier)
 
     def _release(self, frame: Frame) -> None:
         # Only meaningful when every frame has its own buffer: is the card still reading it?
@@ -1219,7 +1221,7 @@ def test_without_a_cursor_plane_a_lent_overlay_carries_the_cursor(bufs):
 
     r = Rig()
     r.card.planes = [p for p in r.card.planes if p.id != CURSOR]   # a CRTC with no cursor plane
-    r.pipe = ScanoutPipeline(r.card, r.cache, assignment(), release=r._release,
+    r.pipe = ScanoutPipeline(r.layer, assignment(), release=r._release,
                              present=lambda frame, event: r.presented.append((frame, event)))
     assert r.pipe.cursor_plane is None and "no cursor plane" in r.pipe.status()["cursor"]["disabled"]
     # the daemon lends the overlay the plan leaves free; the primary (the guest's plane) is never lent
@@ -1367,3 +1369,32 @@ def test_stopping_or_forgetting_during_a_copy_waits_for_it(bufs, monkeypatch):
             assert a.card.violations == []
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- 10. the output layer
+
+
+def test_the_output_layer_routes_flip_events_by_crtc_to_the_pipeline_driving_it(bufs):
+    # Flip events reach the pipeline on their CRTC through a table, not a scan of every output. A
+    # pipeline that stops lets go of its CRTC, but never of one another pipeline has taken over.
+    r = Rig()
+    r.pipe.start(Frame(bufs(1)))
+    (event,) = r.card.events
+    r.card.events.clear()
+    assert r.layer.route(event) is r.pipe and len(r.presented) == 1
+
+    class Successor:
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def on_flip(self, ev) -> None:
+            self.events.append(ev)
+
+    other = Successor()
+    r.layer.bind(CRTC, other)          # the plan gave the CRTC to another output
+    r.pipe.stop()                      # the old pipeline goes: the CRTC stays the successor's
+    late = FlipEvent(CRTC, 9, time.monotonic_ns(), 12345)
+    assert r.layer.route(late) is other and other.events == [late]
+    r.layer.unbind(CRTC, other)
+    assert r.layer.route(late) is None
+    assert r.card.violations == []

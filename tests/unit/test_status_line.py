@@ -16,7 +16,7 @@ from test_scanout import CRTC, FakeCard, guest_buffer
 from compositor.control import format_status
 from compositor.daemon import Daemon, status_line
 from compositor.notify import Notifier
-from compositor.scanout import FramebufferCache
+from compositor.output import OutputLayer
 from compositor.sources.frame import Frame
 from compositor.sources.framesocket import Peer
 
@@ -71,7 +71,7 @@ def rig(tmp_path: Path):
                     control_socket=str(tmp_path / "c.sock"))
     card = FakeCard()
     daemon.native = False
-    daemon.cards, daemon.caches = {CARD: card}, {CARD: FramebufferCache(card)}
+    daemon.cards, daemon.layers = {CARD: card}, {CARD: OutputLayer(card, native=False)}
     daemon.topology = fake_topology()
     sock = receiver(str(tmp_path / "notify"))
     daemon.notifier = Notifier(str(tmp_path / "notify"))
