@@ -826,10 +826,22 @@ static int handle(unsigned long req, void *arg)
 		int ret = atomic(arg);
 		if (K.trace) {
 			struct drm_mode_atomic *a = arg;
+			const uint32_t *objs = (const uint32_t *)(uintptr_t)a->objs_ptr;
+			const uint32_t *counts = (const uint32_t *)(uintptr_t)a->count_props_ptr;
+			const uint32_t *props = (const uint32_t *)(uintptr_t)a->props_ptr;
+			const uint64_t *vals = (const uint64_t *)(uintptr_t)a->prop_values_ptr;
+			uint32_t at = 0;
+
 			fprintf(stderr, "fakedrm: %.3f atomic flags %#x objs %u user_data %llu -> %d; pending",
 				now_ns() / 1e9, a->flags, a->count_objs, (unsigned long long)a->user_data, ret);
 			for (int c = 0; c < K.outputs; c++)
 				fprintf(stderr, " %d", K.pending[c]);
+			for (uint32_t o = 0; o < a->count_objs; o++) {   /* each object and what it sets */
+				fprintf(stderr, "; obj %u", objs[o]);
+				for (uint32_t j = 0; j < counts[o]; j++, at++)
+					if (props[at] > 0 && props[at] < P_COUNT)
+						fprintf(stderr, " %s=%lld", PROPS[props[at]].name, (long long)vals[at]);
+			}
 			fprintf(stderr, "\n");
 		}
 		return ret;

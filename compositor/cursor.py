@@ -169,6 +169,29 @@ class CursorLayer:
         slot.serial = key
         self.updates += 1
 
+    def plane_values(self) -> list[int] | None:
+        """The wanted state as the values of the data plane's cursor properties (FB_ID, CRTC_ID,
+        SRC_X/Y/W/H, CRTC_X/Y/W/H), or None when it needs an image not drawn in a slot yet."""
+        if self.wanted is None:
+            return [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+        key, x, y = self.wanted
+        slot = next((i for i, s in enumerate(self.slots) if s.serial == key), None)
+        if slot is None:
+            return None
+        self._pending_slot = slot
+        return [self.slots[slot].fb.id, self.crtc.id, 0, 0, self.width << 16, self.height << 16,
+                x, y, self.width, self.height]
+
+    def handed_over(self) -> None:
+        """The state of plane_values() went to the data plane, which commits it (latest wins): the
+        same as done() for what comes after. If the data plane gives the output back before it
+        committed it, unsure() says so."""
+        self.done()
+
+    def unsure(self) -> None:
+        """What the plane shows may not be what was last handed over: the next commit sets it all."""
+        self.committed = None
+
     def done(self) -> None:
         """The commit carrying add_to's state was accepted."""
         if self.disabled is None:

@@ -55,6 +55,7 @@ class Held(NamedTuple):
     in_flight_token: int
     in_flight_presented: bool   # the guest was told `presented` for it already (a mirror showed it)
     pending_presented: bool
+    cursor_pending: bool        # a cursor state given with set_cursor was not committed yet
 
 
 @dataclass
@@ -106,6 +107,8 @@ class DataPlane:
         self._events = ffi.new("struct dp_event[]", _BATCH)
         self._stats = ffi.new("struct dp_output_stats *")
         self._state = ffi.new("struct dp_output_state *")
+        self._cursor_props = ffi.new("uint32_t[10]")
+        self._cursor_values = ffi.new("uint64_t[10]")
         self._take_buf = ffi.new("uint8_t[]", lib.DP_IN_SIZE + 64)
         self._take_fds = ffi.new("int[]", lib.DP_MAX_FDS)
         self._take_n = ffi.new("int *")
@@ -157,7 +160,21 @@ class DataPlane:
         s = self._state
         return Held(s.on_screen, s.on_screen_frame, s.in_flight, s.in_flight_frame, s.pending,
                     s.pending_frame, s.in_flight_token, bool(s.in_flight_presented),
-                    bool(s.pending_presented))
+                    bool(s.pending_presented), bool(s.cursor_pending))
+
+    CURSOR_PROPS = ("FB_ID", "CRTC_ID", "SRC_X", "SRC_Y", "SRC_W", "SRC_H", "CRTC_X", "CRTC_Y", "CRTC_W",
+                    "CRTC_H")
+
+    def set_cursor(self, output: int, plane_id: int, props: list[int], values: list[int]) -> None:
+        """The output's cursor plane state: plane `plane_id`, the ids of its CURSOR_PROPS and their
+        values (FB_ID and CRTC_ID 0: off). Committed with the output's next frame, or alone at once
+        when its CRTC is idle; the latest state wins."""
+        if len(props) != len(self.CURSOR_PROPS) or len(values) != len(self.CURSOR_PROPS):
+            raise ValueError(f"a cursor state has {len(self.CURSOR_PROPS)} properties")
+        self._cursor_props[0:len(props)] = props
+        self._cursor_values[0:len(values)] = [v & 0xFFFFFFFFFFFFFFFF for v in values]
+        _check(lib.dp_output_cursor(self._live(), output, plane_id, self._cursor_props,
+                                    self._cursor_values), f"output {output}: cursor")
 
     def watch(self, output: int, watch: bool = True) -> None:
         _check(lib.dp_output_watch(self._live(), output, int(watch)), f"output {output}: watch")

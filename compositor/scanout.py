@@ -558,7 +558,11 @@ class ScanoutPipeline:
 
     def set_cursor(self, cursor: Cursor | None, pointer: Pointer | None) -> None:
         """The guest's pointer image and position (guest buffer pixels): shown on this CRTC's cursor
-        plane with the next commit — the next frame's, or one of its own if no frame is due."""
+        plane with the next commit — the next frame's, or one of its own if no frame is due. On the
+        data plane a move (or a hide) of an image already drawn stays there: the data plane commits
+        it; a new image takes the output back to be drawn and committed from here."""
+        if self.on_dp and self._dp_cursor(cursor, pointer):
+            return
         self.take_back()
         if self.cursor_plane is None:
             return
@@ -570,6 +574,28 @@ class ScanoutPipeline:
             cursor = pointer = None  # a slate shows no pointer
         if self.cursor_layer.set(cursor, pointer, self.out.src, self.out.dst):
             self._layers_kick()
+
+    def _dp_cursor(self, cursor: Cursor | None, pointer: Pointer | None) -> bool:
+        """Hand the cursor plane's new state to the data plane; False when it needs Python (no layer
+        yet, the plane refused it, or an image not drawn in a slot yet)."""
+        layer = self.cursor_layer
+        if layer is None or layer.disabled is not None or self.out.guest is None:
+            return False
+        before = (layer.cursor, layer.pointer, layer.wanted)
+        if not layer.set(cursor, pointer, self.out.src, self.out.dst):
+            return True   # nothing changes on the plane
+        values = layer.plane_values()
+        if values is None:
+            layer.cursor, layer.pointer, layer.wanted = before   # as it was: Python draws it
+            return False
+        props = [layer.plane.prop(name).id for name in self.dataplane.CURSOR_PROPS]
+        try:
+            self.dataplane.set_cursor(self.dp_output, layer.plane.id, props, values)
+        except OSError:
+            layer.cursor, layer.pointer, layer.wanted = before
+            return False
+        layer.handed_over()
+        return True
 
     def use_cursor_plane(self, plane, reason: str, taken: bool = False) -> None:
         """The daemon's choice where the CRTC has no cursor plane: a free overlay plane, or none and why.
@@ -1069,11 +1095,19 @@ class ScanoutPipeline:
 
         if held.on_screen >= 0 and (f := frame(held.on_screen, held.on_screen_frame, True)) is not None:
             self.on_screen = _Commit(f, self.fbcache.framebuffer(f.buffer), 0, out.src, out.dst)
-        if held.in_flight >= 0 and (f := frame(held.in_flight, held.in_flight_frame,
-                                               held.in_flight_presented)) is not None:
-            self.in_flight = _Commit(f, self.fbcache.framebuffer(f.buffer), held.in_flight_token,
-                                     out.src, out.dst)
+        if held.in_flight_token:
+            # A commit in flight: a frame's, or the cursor's alone. Either way the CRTC is busy until
+            # its event, which comes here by its token.
+            f = None if held.in_flight < 0 else frame(held.in_flight, held.in_flight_frame,
+                                                      held.in_flight_presented)
+            if f is not None:
+                self.in_flight = _Commit(f, self.fbcache.framebuffer(f.buffer), held.in_flight_token,
+                                         out.src, out.dst)
+            else:
+                self.in_flight = _Commit(None, None, held.in_flight_token, cursor_only=True)
             self._outstanding.add(held.in_flight_token)
+        if held.cursor_pending and self.cursor_layer is not None:
+            self.cursor_layer.unsure()   # the data plane never committed it: the next commit here does
         if held.pending >= 0:
             self.pending = frame(held.pending, held.pending_frame, held.pending_presented)
 

@@ -231,6 +231,7 @@ struct dp_output_state {
     uint64_t on_screen_frame, in_flight_frame, pending_frame;
     uint64_t in_flight_token;
     int32_t in_flight_presented, pending_presented;
+    int32_t cursor_pending;
 };
 struct dp;
 struct dp *dp_new(void);
@@ -242,6 +243,9 @@ int dp_card_add(struct dp *dp, int fd, int fake_write_fd, uint64_t fake_delay_ns
 int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, uint32_t fb_prop_id);
 int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t frame);
 int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
+#define DP_CURSOR_PROPS 10
+int dp_output_cursor(struct dp *dp, int output, uint32_t plane_id, const uint32_t *props,
+                     const uint64_t *values);
 int dp_output_watch(struct dp *dp, int output, int watch);
 int dp_output_remove(struct dp *dp, int output);
 int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out);

@@ -81,6 +81,12 @@ struct output {
 	int watch;
 	struct dp_output_stats stats;
 	uint32_t sample_next;
+	/* the cursor plane's state (dp_output_cursor), committed with the next frame or alone */
+	uint32_t cursor_plane;
+	uint32_t cursor_props[DP_CURSOR_PROPS];
+	uint64_t cursor_values[DP_CURSOR_PROPS];
+	int cursor_dirty;      /* set and not committed yet */
+	int cursor_flight;     /* a commit of the cursor alone is in flight (token) */
 };
 
 struct conn {
@@ -410,51 +416,77 @@ static void sample(struct output *o, uint32_t *array, uint64_t ns)
 	array[o->sample_next % DP_SAMPLES] = ns > UINT32_MAX ? UINT32_MAX : (uint32_t)ns;
 }
 
-/* A nonblocking atomic commit of one property (a plane's FB_ID) with a flip event: the
- * DRM_IOCTL_MODE_ATOMIC request built on the stack. libdrm's drmModeAtomicCommit builds the same
- * from a drmModeAtomicReq, but allocates and sorts four arrays per call; this is every frame. */
-static int atomic_flip(int fd, uint32_t object, uint32_t prop, uint64_t value, uint64_t user_data)
+/* A nonblocking atomic commit with a flip event: a frame's FB_ID on the output's plane (fb != 0),
+ * the cursor plane's state (cursor), or both in one commit, the DRM_IOCTL_MODE_ATOMIC request built
+ * on the stack. libdrm's drmModeAtomicCommit builds the same from a drmModeAtomicReq, but allocates
+ * and sorts four arrays per call; this is every frame. */
+static int atomic_flip(int fd, const struct output *o, uint32_t fb, int cursor, uint64_t user_data)
 {
-	uint32_t count = 1;
+	uint32_t objs[2], counts[2], props[1 + DP_CURSOR_PROPS];
+	uint64_t values[1 + DP_CURSOR_PROPS];
+	uint32_t n = 0, np = 0;
 	struct drm_mode_atomic req;
 
+	if (fb) {
+		objs[n] = o->plane;
+		counts[n++] = 1;
+		props[np] = o->fb_prop;
+		values[np++] = fb;
+	}
+	if (cursor) {
+		objs[n] = o->cursor_plane;
+		counts[n++] = DP_CURSOR_PROPS;
+		memcpy(props + np, o->cursor_props, sizeof(o->cursor_props));
+		memcpy(values + np, o->cursor_values, sizeof(o->cursor_values));
+		np += DP_CURSOR_PROPS;
+	}
 	memset(&req, 0, sizeof(req));
 	req.flags = DRM_MODE_ATOMIC_NONBLOCK | DRM_MODE_PAGE_FLIP_EVENT;
-	req.count_objs = 1;
-	req.objs_ptr = (uint64_t)(uintptr_t)&object;
-	req.count_props_ptr = (uint64_t)(uintptr_t)&count;
-	req.props_ptr = (uint64_t)(uintptr_t)&prop;
-	req.prop_values_ptr = (uint64_t)(uintptr_t)&value;
+	req.count_objs = n;
+	req.objs_ptr = (uint64_t)(uintptr_t)objs;
+	req.count_props_ptr = (uint64_t)(uintptr_t)counts;
+	req.props_ptr = (uint64_t)(uintptr_t)props;
+	req.prop_values_ptr = (uint64_t)(uintptr_t)values;
 	req.user_data = user_data;
 	return drmIoctl(fd, DRM_IOCTL_MODE_ATOMIC, &req) ? -errno : 0;
 }
 
+/* The output's next commit, if it may make one (nothing in flight) and has something to commit:
+ * the pending frame, the cursor's new state, or both. */
 static int commit_pending(struct dp *dp, int index)
 {
 	struct output *o = &dp->outputs[index];
 	int32_t f = o->pending;
 	struct card *card = &dp->cards[o->card];
-	uint32_t fb;
+	int cursor = o->cursor_dirty && o->cursor_plane;
+	uint32_t fb = 0;
 	int ret;
 
-	if (f < 0 || o->in_flight >= 0)
+	if (o->in_flight >= 0 || o->cursor_flight || (f < 0 && !cursor))
 		return 0;
 	o->pending = -1;
-	fb = dp->bufs[dp->frames[f].buf].fb[index];
+	if (f >= 0)
+		fb = dp->bufs[dp->frames[f].buf].fb[index];
 	o->token = DP_TOKEN_BIT | (uint64_t)index << 40 | (++o->serial & 0xffffffffffull);
-	ret = atomic_flip(card->fake_write_fd < 0 ? card->fd : dp->devnull, o->plane, o->fb_prop, fb, o->token);
+	ret = atomic_flip(card->fake_write_fd < 0 ? card->fd : dp->devnull, o, fb, cursor, o->token);
 	if (card->fake_write_fd >= 0) {
 		/* the same request and syscall went to a file that is no DRM device (ENOTTY): the
 		 * kernel's share is faked, its flip event comes from the fake kernel */
 		ret = 0;
 		fake_schedule(dp, o->card, o->crtc, o->token);
 	}
+	o->cursor_dirty = 0;   /* committed, or refused: a refused state is not tried again */
 	if (ret < 0) {
 		o->stats.errors++;
 		o->stats.busy += ret == -EBUSY;
 		push_simple(dp, DP_EV_ERROR, index, -ret);
-		frame_unref(dp, f);
+		if (f >= 0)
+			frame_unref(dp, f);
 		return ret;
+	}
+	if (f < 0) {
+		o->cursor_flight = 1;
+		return 0;
 	}
 	o->in_flight = f;
 	o->stats.commits++;
@@ -474,7 +506,7 @@ static void submit(struct dp *dp, int index, int32_t f)
 		o->stats.dropped++;
 	}
 	o->pending = f;
-	if (o->in_flight >= 0)
+	if (o->in_flight >= 0 || o->cursor_flight)
 		o->stats.max_pending = 1;
 	commit_pending(dp, index);
 }
@@ -546,11 +578,18 @@ static void on_flip_event(int fd, unsigned int sequence, unsigned int tv_sec, un
 	if (token & DP_TOKEN_BIT) {
 		uint64_t index = (token >> 40) & 0x7fffff;
 
-		if (index < DP_MAX_OUTPUTS && dp->outputs[index].used && dp->outputs[index].in_flight >= 0 &&
-		    dp->outputs[index].token == token && dp->outputs[index].crtc == crtc_id &&
-		    dp->outputs[index].card == drain.card) {
-			present(dp, (int)index, sequence, ts);
-			return;
+		struct output *o = index < DP_MAX_OUTPUTS ? &dp->outputs[index] : NULL;
+
+		if (o && o->used && o->token == token && o->crtc == crtc_id && o->card == drain.card) {
+			if (o->in_flight >= 0) {
+				present(dp, (int)index, sequence, ts);
+				return;
+			}
+			if (o->cursor_flight) {   /* the cursor's own commit is done: the next may go */
+				o->cursor_flight = 0;
+				commit_pending(dp, (int)index);
+				return;
+			}
 		}
 	}
 	struct dp_event ev;
@@ -1116,7 +1155,10 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 	struct output *o = &dp->outputs[output];
 
 	memset(state, 0, sizeof(*state));
-	state->in_flight_token = o->in_flight >= 0 ? o->token : 0;
+	state->in_flight_token = o->in_flight >= 0 || o->cursor_flight ? o->token : 0;
+	state->cursor_pending = o->cursor_dirty && o->cursor_plane;
+	o->cursor_plane = 0;   /* Python commits the cursor from now on */
+	o->cursor_dirty = o->cursor_flight = 0;
 	state->in_flight_presented = o->in_flight >= 0 && dp->frames[o->in_flight].presented;
 	state->pending_presented = o->pending >= 0 && dp->frames[o->pending].presented;
 	state->on_screen = o->on_screen >= 0 ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame)) : -1;
@@ -1129,6 +1171,29 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 	if (o->conn >= 0 && dp->conns[o->conn])
 		dp->conns[o->conn]->outputs = 0;
 	o->conn = -1;
+out:
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_output_cursor(struct dp *dp, int output, uint32_t plane_id, const uint32_t *props,
+		     const uint64_t *values)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&dp->lock);
+	if (!valid_output(dp, output) || !plane_id) {
+		ret = valid_output(dp, output) ? -EINVAL : -ENOENT;
+		goto out;
+	}
+	struct output *o = &dp->outputs[output];
+
+	o->cursor_plane = plane_id;
+	memcpy(o->cursor_props, props, sizeof(o->cursor_props));
+	memcpy(o->cursor_values, values, sizeof(o->cursor_values));
+	o->cursor_dirty = 1;
+	if (o->conn >= 0)   /* shown here: commit it now if the CRTC is idle and no frame is due */
+		commit_pending(dp, output);
 out:
 	pthread_mutex_unlock(&dp->lock);
 	return ret;

@@ -130,10 +130,19 @@ int64_t dp_conn_flips(struct dp *dp, int conn);
 struct dp_output_state {
 	int32_t on_screen, in_flight, pending;
 	uint64_t on_screen_frame, in_flight_frame, pending_frame;
-	uint64_t in_flight_token;
+	uint64_t in_flight_token;     /* a commit in flight: a frame's (in_flight >= 0) or the cursor's alone */
 	int32_t in_flight_presented, pending_presented; /* already told `presented` (on a mirror) */
+	int32_t cursor_pending;       /* a cursor state set with dp_output_cursor was not committed yet */
 };
 int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
+/* The state of the output's cursor plane (the CRTC's cursor plane, or an overlay standing in): its
+ * plane id, and DP_CURSOR_PROPS property ids with their values, in this order: FB_ID, CRTC_ID,
+ * SRC_X, SRC_Y, SRC_W, SRC_H, CRTC_X, CRTC_Y, CRTC_W, CRTC_H (FB_ID and CRTC_ID 0: the plane off).
+ * It goes with the output's next commit: the next frame's, or a commit of its own at once when no
+ * commit is in flight and no frame is due. The latest state wins. */
+#define DP_CURSOR_PROPS 10
+int dp_output_cursor(struct dp *dp, int output, uint32_t plane_id, const uint32_t *props,
+		     const uint64_t *values);
 int dp_output_watch(struct dp *dp, int output, int watch);
 int dp_output_remove(struct dp *dp, int output);
 int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out);

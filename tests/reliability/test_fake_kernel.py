@@ -123,3 +123,70 @@ def test_guests_killed_in_mid_flight_leave_nothing_behind(fake, data_plane, path
     assert comp.proc.returncode == 0, comp.tail()
     problems = [line for line in log.splitlines() if " ERROR: " in line or "Traceback" in line]
     assert not problems, "\n".join(problems[:20])
+
+
+def test_cursor_moves_stay_on_the_data_plane_and_ride_with_the_frames(fake):
+    # A guest flips and moves its pointer (cursor-move, as fast as it flips). The output stays on the
+    # data plane throughout: a move of an image already drawn is the data plane's to commit, with the
+    # next frame when one is due, else alone. Read from the fake kernel's log of every commit: the
+    # cursor plane ends where the guest last put it, some commits carry a frame and the cursor
+    # together, and none was refused.
+    from compositor.sources.framesocket import FrameSocketClient, Released
+
+    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720}"}, {"g0": "m0"})
+    env = fake.env()
+    env["FAKEDRM_TRACE"] = "1"
+    comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
+                         name="fake-cursor", env=env)
+    fds = []
+    try:
+        client = FrameSocketClient(comp.socket, "g0", version=2)
+        for buffer_id in (1, 2, 3):
+            fd = os.memfd_create(f"g0-{buffer_id}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 640 * 4 * 480)
+            client.announce(buffer_id, fd, "XR24", 640, 480, 640 * 4)
+            fds.append(fd)
+        client.set_cursor(16, 16, 0, 0, b"\xff\x00\xff\xff" * 256)
+        busy: set[int] = set()
+        flips = 0
+        for i in range(900):
+            for ev in client.poll(0):
+                if isinstance(ev, Released):
+                    busy.discard(ev.id)
+            free = [b for b in (1, 2, 3) if b not in busy]
+            if free and i % 2 == 0:
+                busy.add(free[0])
+                client.flip(free[0], frame=flips)
+                flips += 1
+            client.move_cursor(i % 600, i % 400)
+            time.sleep(1 / 600)
+        client.move_cursor(100, 50)
+        deadline = time.monotonic() + 60
+        while True:
+            out = comp.outputs()["m0"]
+            if out.get("data_plane") and (out.get("cursor") or {}).get("position") == [420, 170]:
+                break
+            assert time.monotonic() < deadline, out
+            time.sleep(0.1)
+        time.sleep(0.5)
+        out = comp.outputs()["m0"]
+        client.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+        comp.stop()
+    # while the guest was there: not the slate after it left, nor the commits turning the output off
+    served = comp.log.read_text().split("guest g0 disconnected")[0]
+    commits = [line for line in served.splitlines()
+               if line.startswith("fakedrm:") and " atomic " in line and "flags 0x200 " not in line]
+    cursor = [c for c in commits if "; obj 72 " in c]   # Virtual-1's CRTC 10: primary 70, cursor 72
+    both = [c for c in cursor if "; obj 70 FB_ID=" in c]
+    refused = [c for c in commits if "-> 0;" not in c]
+    print(f"{flips} flips; {len(commits)} commits, {len(cursor)} with the cursor plane, {len(both)} of them "
+          f"with a frame too; output {out['path']}, data plane {out['data_plane']}, cursor {out['cursor']}")
+    assert out["path"] == "zero-copy" and out["data_plane"], out
+    assert (out["errors"], out["busy"]) == (0, 0), out
+    assert not refused, refused[:5]
+    assert cursor and "CRTC_X=420 CRTC_Y=170" in cursor[-1], cursor[-3:]
+    assert both, "no commit carried a frame and the cursor together"
+    assert comp.proc.returncode == 0, comp.tail()

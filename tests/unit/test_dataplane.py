@@ -32,11 +32,11 @@ DEADLINE = 10.0
 
 
 class Rig:
-    def __init__(self) -> None:
+    def __init__(self, delay_ns: int = 1_000_000) -> None:
         self.dp = DataPlane()
         self.dp.start()
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.card = self.dp.add_card(self.r, fake_write_fd=self.w, fake_delay_ns=1_000_000)
+        self.card = self.dp.add_card(self.r, fake_write_fd=self.w, fake_delay_ns=delay_ns)
         self.output = self.dp.add_output(self.card, CRTC, PLANE, FB_PROP)
         self.server, self.client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.setblocking(False)
@@ -399,3 +399,58 @@ def test_a_reset_connection_hands_over_its_descriptors_once(rig):
     finally:
         os.close(r)
         os.close(w)
+
+
+CURSOR_PLANE = 33
+CURSOR_PROPS = list(range(301, 311))
+
+
+def cursor_at(x: int, y: int) -> list[int]:
+    return [901, CRTC, 0, 0, 64 << 16, 64 << 16, x, y, 64, 64]
+
+
+@pytest.fixture
+def slow_rig():
+    r = Rig(delay_ns=300_000_000)   # each flip takes 300 ms: what is in flight stays so while looked at
+    yield r
+    r.close()
+
+
+def test_a_cursor_move_on_an_idle_crtc_is_committed_alone_and_the_next_frame_waits_for_it(slow_rig):
+    rig = slow_rig
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS, cursor_at(-5, 7))   # negative: off the edge
+    rig.client.send(flip_record(2, 1))
+    time.sleep(0.05)   # read by the data plane; the cursor's commit (300 ms) is still in flight
+    held = rig.dp.release_output(rig.output)
+    assert held.in_flight_token and held.in_flight == -1 and not held.cursor_pending, held
+    assert held.pending == rig.buffers[2] and held.pending_frame == 1, held
+    assert not any(e.kind == FLIP for e in rig.dp.events())
+
+
+def test_a_cursor_move_during_a_flip_waits_and_is_handed_back_uncommitted(slow_rig):
+    rig = slow_rig
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    rig.client.send(flip_record(2, 1))
+    time.sleep(0.05)   # frame 1 in flight for 300 ms
+    rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS, cursor_at(10, 10))
+    held = rig.dp.release_output(rig.output)
+    assert held.in_flight == rig.buffers[2] and held.cursor_pending, held
+
+
+def test_the_cursor_commits_flip_event_stays_in_the_data_plane(rig):
+    # The cursor's own commit completes inside the data plane: Python hears of no flip event, and the
+    # guest's next frame is committed and presented as usual.
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    for x in range(20):
+        rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS, cursor_at(x, x))
+        time.sleep(0.002)
+    rig.client.send(flip_record(3, 1))
+    rig.read(lambda s: any(m.id == 3 for m in presented(s)), "presented for buffer 3")
+    assert not [e for e in rig.events(lambda e: True, "nothing") if e.kind == FLIP]
+    assert rig.dp.stats(rig.output).errors == 0
+    with pytest.raises(ValueError):
+        rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS[:3], cursor_at(0, 0))
