@@ -168,6 +168,7 @@ class Daemon:
         self.layers: dict[str, OutputLayer] = {}   # each card's output layer, by its path
         self.topology: topology.Topology | None = None
         self.guests: dict[str, GuestState] = {}
+        self._shown_by: dict[str, list[ScanoutPipeline]] | None = None   # guest -> pipelines (_showing)
         self.pipelines: dict[tuple[str, str], ScanoutPipeline] = {}
         self.failed: dict[tuple[str, str], str] = {}   # outputs the last apply could not light, and why
         self.assignment = Assignment(())
@@ -335,6 +336,7 @@ class Daemon:
                 await self._idle(pipe)
                 pipe.stop(commit=not pipe.suspended)
                 del self.pipelines[key]
+                self._shown_by = None
         if self.frames is not None:
             self.frames.close()
         if self.dataplane is not None:
@@ -412,6 +414,7 @@ class Daemon:
             self._take_back_changing(new, old_keys)
             for key in old_keys - set(new):
                 pipe = self.pipelines.pop(key)
+                self._shown_by = None
                 if key in present:
                     await self._idle(pipe)
                 else:
@@ -432,6 +435,7 @@ class Daemon:
                         pipe = ScanoutPipeline(self.layers[out.card], out, release=self._release,
                                                present=self._present, copier=self.copier)
                         self.pipelines[key] = pipe
+                        self._shown_by = None
                         pipe.on_path_change = self._status_changed
                         pipe.dataplane = self.dataplane
                         pipe.dp_buffer = self.dp_buffers.get
@@ -440,6 +444,7 @@ class Daemon:
                     else:
                         pipe.paused = True
                         await self._idle(pipe)
+                        self._shown_by = None   # it may show another guest from here on
                         pipe.reconfigure(out, first)
                     self.failed.pop(key, None)
                 except (KmsError, OSError) as exc:
@@ -450,6 +455,7 @@ class Daemon:
                     if pipe is not None:
                         pipe.stop()
                         self.pipelines.pop(key, None)
+                        self._shown_by = None
                 finally:
                     if pipe is not None:
                         pipe.paused = False
@@ -523,9 +529,16 @@ class Daemon:
     # --- flip events ------------------------------------------------------------------------------
 
     def _showing(self, guest: str) -> list[ScanoutPipeline]:
-        """The pipelines showing `guest` (its main view first, then mirrors)."""
-        return sorted((p for p in self.pipelines.values() if p.out.guest == guest),
-                      key=lambda p: p.out.mirror)
+        """The pipelines showing `guest` (its main view first, then mirrors): an index rebuilt only
+        after the outputs changed (every place that adds, removes or reconfigures a pipeline sets
+        `_shown_by` to None), so a frame or flip event never scans every output."""
+        if self._shown_by is None:
+            index: dict[str, list[ScanoutPipeline]] = {}
+            for p in sorted(self.pipelines.values(), key=lambda p: p.out.mirror):
+                if p.out.guest is not None:
+                    index.setdefault(p.out.guest, []).append(p)
+            self._shown_by = index
+        return self._shown_by.get(guest, [])
 
     def _flip_event(self, card_path: str, event) -> None:
         layer = self.layers.get(card_path)
@@ -1022,6 +1035,7 @@ class Daemon:
                 if pipe.card is card:
                     pipe.stop(commit=False)
                     del self.pipelines[key]
+                    self._shown_by = None
             for key in [k for k in self.failed if k[0] == path]:
                 del self.failed[key]
             try:
