@@ -64,6 +64,11 @@ def crtc_position(pointer: Pointer, src: Rect, dst: Rect) -> tuple[int, int]:
     return int(x), int(y)
 
 
+# `committed` when what the plane shows is not known: equal to no wanted state (so the layer is dirty)
+# and not None (so the plane counts as maybe lit: turned off with the output, never left on).
+_UNKNOWN = ("unknown", None, None)
+
+
 @dataclass
 class _Slot:
     buffer: DumbBuffer
@@ -184,13 +189,19 @@ class CursorLayer:
 
     def handed_over(self) -> None:
         """The state of plane_values() went to the data plane, which commits it (latest wins): the
-        same as done() for what comes after. If the data plane gives the output back before it
-        committed it, unsure() says so."""
+        same as done() for what comes after. When the data plane gives the output back, taken_back()
+        says what it really committed."""
         self.done()
 
-    def unsure(self) -> None:
-        """What the plane shows may not be what was last handed over: the next commit sets it all."""
-        self.committed = None
+    def taken_back(self, pending: bool, committed_fb: int | None) -> None:
+        """The data plane gave the output back. `committed_fb`: the FB_ID of the last cursor state it
+        committed (0: the plane off; None: it committed none, so front is still right). `pending`:
+        the last state handed over never reached the plane (not committed yet, or refused), so the
+        plane's state is unknown and the next commit sets it all."""
+        if committed_fb is not None:
+            self.front = next((i for i, s in enumerate(self.slots) if s.fb.id == committed_fb), -1)
+        if pending:
+            self.committed = _UNKNOWN
 
     def done(self) -> None:
         """The commit carrying add_to's state was accepted."""

@@ -55,7 +55,8 @@ class Held(NamedTuple):
     in_flight_token: int
     in_flight_presented: bool   # the guest was told `presented` for it already (a mirror showed it)
     pending_presented: bool
-    cursor_pending: bool        # a cursor state given with set_cursor was not committed yet
+    cursor_pending: bool        # a cursor state given with set_cursor was not committed (yet, or refused)
+    cursor_fb: int | None       # the FB_ID of the last cursor state committed here (0: off); None: none was
 
 
 @dataclass
@@ -160,7 +161,8 @@ class DataPlane:
         s = self._state
         return Held(s.on_screen, s.on_screen_frame, s.in_flight, s.in_flight_frame, s.pending,
                     s.pending_frame, s.in_flight_token, bool(s.in_flight_presented),
-                    bool(s.pending_presented), bool(s.cursor_pending))
+                    bool(s.pending_presented), bool(s.cursor_pending),
+                    int(s.cursor_fb) if s.cursor_committed else None)
 
     CURSOR_PROPS = ("FB_ID", "CRTC_ID", "SRC_X", "SRC_Y", "SRC_W", "SRC_H", "CRTC_X", "CRTC_Y", "CRTC_W",
                     "CRTC_H")

@@ -561,8 +561,13 @@ class ScanoutPipeline:
         plane with the next commit — the next frame's, or one of its own if no frame is due. On the
         data plane a move (or a hide) of an image already drawn stays there: the data plane commits
         it; a new image takes the output back to be drawn and committed from here."""
-        if self.on_dp and self._dp_cursor(cursor, pointer):
-            return
+        if self.on_dp:
+            layer = self.cursor_layer
+            if self.cursor_plane is None or (layer is None and cursor is None) or (
+                    layer is not None and layer.disabled is not None):
+                return   # nothing of it reaches this output's planes: no reason to take it back
+            if self._dp_cursor(cursor, pointer):
+                return
         self.take_back()
         if self.cursor_plane is None:
             return
@@ -1106,8 +1111,8 @@ class ScanoutPipeline:
             else:
                 self.in_flight = _Commit(None, None, held.in_flight_token, cursor_only=True)
             self._outstanding.add(held.in_flight_token)
-        if held.cursor_pending and self.cursor_layer is not None:
-            self.cursor_layer.unsure()   # the data plane never committed it: the next commit here does
+        if self.cursor_layer is not None:
+            self.cursor_layer.taken_back(held.cursor_pending, held.cursor_fb)
         if held.pending >= 0:
             self.pending = frame(held.pending, held.pending_frame, held.pending_presented)
 

@@ -232,6 +232,8 @@ struct dp_output_state {
     uint64_t in_flight_token;
     int32_t in_flight_presented, pending_presented;
     int32_t cursor_pending;
+    int32_t cursor_committed;
+    uint32_t cursor_fb;
 };
 struct dp;
 struct dp *dp_new(void);

@@ -87,6 +87,9 @@ struct output {
 	uint64_t cursor_values[DP_CURSOR_PROPS];
 	int cursor_dirty;      /* set and not committed yet */
 	int cursor_flight;     /* a commit of the cursor alone is in flight (token) */
+	int cursor_lost;       /* a state the kernel refused: Python commits the cursor again */
+	int cursor_committed;  /* a cursor state was committed here; cursor_fb is its FB_ID */
+	uint32_t cursor_fb;
 };
 
 struct conn {
@@ -475,7 +478,14 @@ static int commit_pending(struct dp *dp, int index)
 		ret = 0;
 		fake_schedule(dp, o->card, o->crtc, o->token);
 	}
-	o->cursor_dirty = 0;   /* committed, or refused: a refused state is not tried again */
+	o->cursor_dirty = 0;   /* committed, or refused: a refused state is not tried again here */
+	if (cursor) {
+		o->cursor_lost = ret < 0;
+		if (ret == 0) {
+			o->cursor_committed = 1;
+			o->cursor_fb = (uint32_t)o->cursor_values[0];
+		}
+	}
 	if (ret < 0) {
 		o->stats.errors++;
 		o->stats.busy += ret == -EBUSY;
@@ -1156,9 +1166,11 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 
 	memset(state, 0, sizeof(*state));
 	state->in_flight_token = o->in_flight >= 0 || o->cursor_flight ? o->token : 0;
-	state->cursor_pending = o->cursor_dirty && o->cursor_plane;
+	state->cursor_pending = (o->cursor_dirty || o->cursor_lost) && o->cursor_plane;
+	state->cursor_committed = o->cursor_committed;
+	state->cursor_fb = o->cursor_fb;
 	o->cursor_plane = 0;   /* Python commits the cursor from now on */
-	o->cursor_dirty = o->cursor_flight = 0;
+	o->cursor_dirty = o->cursor_flight = o->cursor_lost = o->cursor_committed = 0;
 	state->in_flight_presented = o->in_flight >= 0 && dp->frames[o->in_flight].presented;
 	state->pending_presented = o->pending >= 0 && dp->frames[o->pending].presented;
 	state->on_screen = o->on_screen >= 0 ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame)) : -1;

@@ -132,7 +132,11 @@ struct dp_output_state {
 	uint64_t on_screen_frame, in_flight_frame, pending_frame;
 	uint64_t in_flight_token;     /* a commit in flight: a frame's (in_flight >= 0) or the cursor's alone */
 	int32_t in_flight_presented, pending_presented; /* already told `presented` (on a mirror) */
-	int32_t cursor_pending;       /* a cursor state set with dp_output_cursor was not committed yet */
+	int32_t cursor_pending;       /* a cursor state set with dp_output_cursor was not committed (yet,
+				       * or the kernel refused it) */
+	int32_t cursor_committed;     /* a cursor state was committed here: cursor_fb is its FB_ID, which
+				       * the plane shows or is about to (0: the plane off) */
+	uint32_t cursor_fb;
 };
 int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
 /* The state of the output's cursor plane (the CRTC's cursor plane, or an overlay standing in): its

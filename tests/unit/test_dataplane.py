@@ -454,3 +454,16 @@ def test_the_cursor_commits_flip_event_stays_in_the_data_plane(rig):
     assert rig.dp.stats(rig.output).errors == 0
     with pytest.raises(ValueError):
         rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS[:3], cursor_at(0, 0))
+
+
+def test_taking_an_output_back_says_which_cursor_state_the_plane_shows(rig):
+    # What the data plane committed of the cursor (its FB_ID), so Python knows which of the cursor's
+    # buffers is on screen; nothing pending once the commit went out.
+    rig.first_frame(1)
+    rig.read(lambda s: len(presented(s)) == 1, "presented for the first frame")
+    assert rig.dp.release_output(rig.output).cursor_fb is None   # none committed here
+    rig.dp.show(rig.output, rig.conn)
+    rig.dp.conn_show(rig.conn)
+    rig.dp.set_cursor(rig.output, CURSOR_PLANE, CURSOR_PROPS, cursor_at(3, 4))
+    held = rig.dp.release_output(rig.output)
+    assert (held.cursor_fb, held.cursor_pending) == (901, False), held

@@ -1398,3 +1398,42 @@ def test_the_output_layer_routes_flip_events_by_crtc_to_the_pipeline_driving_it(
     r.layer.unbind(CRTC, other)
     assert r.layer.route(late) is None
     assert r.card.violations == []
+
+
+def test_a_cursor_state_the_data_plane_never_committed_is_committed_again_from_here(bufs):
+    # The data plane was handed a hide (and a switch back to an image drawn earlier) but gave the
+    # output back before committing it: the layer must not think the plane is off, nor that the
+    # handed-over slot is on screen. The plane counts as maybe lit (turned off with the output), the
+    # next commit sets it again, and a new image is drawn into the slot the plane does not show.
+    from compositor.cursor import CursorLayer
+
+    card = FakeCard()
+    crtc, plane = card.crtcs[CRTC], next(p for p in card.planes if p.id == CURSOR)
+    layer = CursorLayer(card, plane, crtc)
+    src = dst = Rect(0, 0, W, H)
+    x_img, y_img = cursor_image(1), cursor_image(2)
+    for image in (x_img, y_img, x_img):   # X in one slot, Y in the other; X shown
+        layer.set(image, Pointer(5, 5, True), src, dst)
+        req = card.atomic()
+        layer.add_to(req)
+        layer.done()
+    shown = layer.front
+    x_fb = layer.slots[shown].fb.id
+    layer.set(y_img, Pointer(6, 6, True), src, dst)      # handed over: Y's slot, never committed
+    assert layer.plane_values()[0] == layer.slots[1 - shown].fb.id
+    layer.handed_over()
+    layer.set(y_img, Pointer(6, 6, False), src, dst)     # then a hide, handed over too
+    assert layer.plane_values()[:2] == [0, 0]
+    layer.handed_over()
+    assert not layer.dirty
+    layer.taken_back(pending=True, committed_fb=x_fb)    # the data plane committed neither
+    assert layer.dirty and layer.committed is not None and layer.front == shown
+    z = cursor_image(3)
+    layer.set(z, Pointer(7, 7, True), src, dst)
+    req = card.atomic()
+    layer.add_to(req)
+    assert req.planes[CURSOR].fb.id != x_fb, "a new image drawn into the slot on screen"
+
+    # Had the data plane committed the switch to Y, the plane would show Y's slot.
+    layer.taken_back(pending=False, committed_fb=layer.slots[1 - shown].fb.id)
+    assert layer.front == 1 - shown
