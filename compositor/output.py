@@ -34,6 +34,7 @@ class OutputLayer:
         self.native = native
         self.fbcache = FramebufferCache(card)
         self._by_crtc: dict[int, ScanoutPipeline] = {}
+        self._pipes: list[ScanoutPipeline] = []   # every pipeline bound here and not stopped
 
     @property
     def path(self) -> str:
@@ -78,16 +79,25 @@ class OutputLayer:
     def bind(self, crtc_id: int, pipe: ScanoutPipeline) -> None:
         """`pipe` drives `crtc_id` from now on: its flip events go there."""
         self._by_crtc[crtc_id] = pipe
+        if pipe not in self._pipes:
+            self._pipes.append(pipe)
 
-    def unbind(self, crtc_id: int, pipe: ScanoutPipeline) -> None:
-        """`pipe` lets go of `crtc_id` (unless another pipeline has taken it over already)."""
+    def unbind(self, crtc_id: int, pipe: ScanoutPipeline, *, gone: bool = False) -> None:
+        """`pipe` lets go of `crtc_id` (unless another pipeline has taken it over already); `gone`:
+        it stopped for good."""
         if self._by_crtc.get(crtc_id) is pipe:
             del self._by_crtc[crtc_id]
+        if gone and pipe in self._pipes:
+            self._pipes.remove(pipe)
 
     def route(self, event: FlipEvent) -> ScanoutPipeline | None:
-        """Hand a flip event of this card to the pipeline driving its CRTC; that pipeline, or None
-        when none does (an event of a commit made before the output went away)."""
+        """Hand a flip event of this card to the pipeline whose commit it completes: the one driving
+        its CRTC, a table lookup. Only when that one does not expect it (a plan moved CRTCs between
+        outputs while a flip was in flight) are the card's other pipelines asked, by the event's
+        token. The pipeline it went to, or None when none is left (a commit of an output gone)."""
         pipe = self._by_crtc.get(event.crtc_id)
+        if pipe is None or not pipe.expects(event.user_data):
+            pipe = next((p for p in self._pipes if p.expects(event.user_data)), pipe)
         if pipe is not None:
             pipe.on_flip(event)
         return pipe

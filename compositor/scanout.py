@@ -37,6 +37,7 @@ import fcntl
 import logging
 import mmap
 import os
+import select
 import stat
 import struct
 import time
@@ -125,6 +126,13 @@ class FramebufferCache:
             self.drop(key)
 
 
+FENCE_TIMEOUT = 0.5   # seconds a copy waits for the writes pending on a guest's dma-buf
+
+
+class FenceTimeout(OSError):
+    """A guest's dma-buf still had writes pending (an unsignalled fence) when a copy wanted it."""
+
+
 @dataclass(eq=False)
 class _CopyJob:
     buffer: Buffer
@@ -202,6 +210,12 @@ class CopyBuffers:
         pitch = job.dst_buf.pitch
         sync = buffer.copy_only is None  # a device region is no dma-buf: nothing to sync
         if sync:
+            # DMA_BUF_IOCTL_SYNC waits, without a bound, for the writes pending on the buffer; a
+            # guest whose fence never signals must not hold a worker (or, at shutdown, the daemon).
+            if not select.select([buffer.fd], [], [], FENCE_TIMEOUT)[0]:
+                raise FenceTimeout(errno.ETIMEDOUT, f"the guest's buffer {buffer.id} is still being "
+                                   f"written after {FENCE_TIMEOUT:g} s (its fence has not signalled): "
+                                   f"frame skipped")
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
         try:
             # One strided copy of the planned rectangle, row pitch to row pitch, every row checked
@@ -946,16 +960,23 @@ class ScanoutPipeline:
         """On the copy rung, with a worker to copy on: start the frame's copy there and commit when
         it is over (_copied); the CRTC counts as busy meanwhile. False: commit on the loop."""
         copy = self.copy
+        # Only a guest's dma-buf: a buffer its source writes in place on this loop (a QEMU pixel
+        # surface, a vGPU's region) is copied on the loop, between two of its writes.
         if (self.copier is None or ZERO_COPY not in self.fallbacks or COPY in self.fallbacks
-                or copy is None or not copy.fits(frame.buffer.info, (self.mode.width, self.mode.height),
-                                                 self.out.src, self.out.dst)):
+                or frame.buffer.copy_only is not None or copy is None
+                or not copy.fits(frame.buffer.info, (self.mode.width, self.mode.height),
+                                 self.out.src, self.out.dst)):
             return False
         try:
             loop = asyncio.get_running_loop()
             job = copy.prepare(frame.buffer, self.on_screen.fb if self.on_screen else None)
         except (RuntimeError, OSError, ValueError):
             return False   # no loop here, or the source cannot be mapped: the ladder says why
-        future = self.copier.submit(copy.run, job)
+        try:
+            future = self.copier.submit(copy.run, job)
+        except RuntimeError:   # the workers are shutting down
+            copy.finish(job)
+            return False
         commit = _Commit(frame, job.fb, token, copying=(job, future, copy))
         self.in_flight = commit
         future.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._copied, commit))
@@ -963,6 +984,12 @@ class ScanoutPipeline:
 
     def _copied(self, commit: _Commit) -> None:
         """A frame's copy is over: commit it, unless the pipeline let go of it meanwhile."""
+        try:
+            self._copied_now(commit)
+        except Exception:  # noqa: BLE001 — a callback of the loop: nothing above it would say why
+            log.exception("%s: committing a copied frame failed", self.name)
+
+    def _copied_now(self, commit: _Commit) -> None:
         if commit.copying is None or self.in_flight is not commit:
             return   # settled by _settle_copy already (stop, abandon)
         job, future, copy = commit.copying
@@ -978,7 +1005,12 @@ class ScanoutPipeline:
                 self.release(frame)
             return
         exc = future.exception()
-        if exc is not None:
+        if isinstance(exc, FenceTimeout):
+            # The guest is still writing the buffer: this frame is skipped, the rung stays.
+            self.metrics.errors += 1
+            log.warning("%s: %s", self.name, exc)
+            self.release(frame)
+        elif exc is not None:
             # As a copy on the loop would have: the rung is given up, the ladder goes on below it.
             self._fall(COPY, f"copy impossible: {exc}")
             self._commit_now(frame, commit.token)
@@ -1010,6 +1042,10 @@ class ScanoutPipeline:
 
     def _flip(self, fb: Framebuffer, token: int) -> None:
         self.layer.flip(self.plane, self.fb_prop, fb, token)
+
+    def expects(self, token: int) -> bool:
+        """Whether a flip event carrying `token` completes a commit of this pipeline."""
+        return token in self._outstanding or token in self._awaiting_event
 
     def on_flip(self, event) -> None:
         """The flip event of this CRTC. A token that is not ours (a commit made before the last
@@ -1183,7 +1219,7 @@ class ScanoutPipeline:
         self.copy = self._slate = self.cursor_layer = self.label_layer = None
         self._free_retired()
         self._drop_dp_output()
-        self.layer.unbind(self.crtc.id, self)
+        self.layer.unbind(self.crtc.id, self, gone=True)
 
     def blank(self, reason: str) -> None:
         """The guest shows nothing now (its display is off): the slate, until its next frame. Called

@@ -1384,8 +1384,12 @@ def test_the_output_layer_routes_flip_events_by_crtc_to_the_pipeline_driving_it(
     assert r.layer.route(event) is r.pipe and len(r.presented) == 1
 
     class Successor:
-        def __init__(self) -> None:
+        def __init__(self, tokens=()) -> None:
             self.events: list = []
+            self.tokens = set(tokens)
+
+        def expects(self, token: int) -> bool:
+            return token in self.tokens
 
         def on_flip(self, ev) -> None:
             self.events.append(ev)
@@ -1437,3 +1441,66 @@ def test_a_cursor_state_the_data_plane_never_committed_is_committed_again_from_h
     # Had the data plane committed the switch to Y, the plane would show Y's slot.
     layer.taken_back(pending=False, committed_fb=layer.slots[1 - shown].fb.id)
     assert layer.front == 1 - shown
+
+
+def test_a_flip_event_finds_its_commit_when_a_plan_gave_the_crtc_to_another_output(bufs):
+    # A plan moves output A off a CRTC while its flip is in flight there, and gives the CRTC to a new
+    # output B, which binds it first. The event of A's flip still reaches A (by its token): A must
+    # not wait for it until the daemon gives up. B gets its own events as before.
+    r = Rig()
+    r.pipe.start(Frame(bufs(1)))
+    r.read_events()
+    r.pipe.submit(Frame(bufs(2)))
+    token = r.pipe.in_flight.token
+    assert r.pipe.expects(token)
+
+    class Newcomer:
+        def __init__(self) -> None:
+            self.events: list = []
+
+        def expects(self, t: int) -> bool:
+            return t == 777
+
+        def on_flip(self, ev) -> None:
+            self.events.append(ev)
+
+    b = Newcomer()
+    r.layer.bind(CRTC, b)
+    assert r.layer.route(r.card.complete(CRTC)) is r.pipe and r.pipe.in_flight is None and b.events == []
+    own = FlipEvent(CRTC, 5, time.monotonic_ns(), 777)
+    assert r.layer.route(own) is b and b.events == [own]
+
+
+def test_a_copy_waits_a_bounded_time_for_the_guests_writes_then_skips_the_frame(bufs, monkeypatch):
+    # The guest's dma-buf never becomes readable (a fence that does not signal): the worker gives up
+    # after FENCE_TIMEOUT instead of blocking in DMA_BUF_IOCTL_SYNC, the frame is skipped and handed
+    # back, the output stays on the copy rung, and the next frame is copied as usual.
+    real_select = scanout.select.select
+    stuck = {"on": False}
+
+    def select(r, w, x, timeout=None):
+        if stuck["on"]:
+            return [], [], []
+        return real_select(r, w, x, timeout)
+
+    monkeypatch.setattr(scanout.select, "select", select)
+
+    async def main() -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
+            a = Rig(copier=pool)
+            a.card.refuse_import = lambda fd: True
+            a.pipe.start(Frame(bufs(1)))
+            a.read_events()
+            stuck["on"] = True
+            frame = Frame(bufs(2))
+            a.pipe.submit(frame)
+            await until(lambda: a.pipe.in_flight is None, "the stuck copy given up")
+            assert a.count(frame) == 1 and a.pipe.metrics.errors == 1 and a.pipe.path == "copy"
+            assert a.card.nonblocking_commits() == []
+            stuck["on"] = False
+            a.pipe.submit(Frame(bufs(3)))
+            await until(lambda: a.card.in_flight, "the next frame committed")
+            shown = a.card.state[PLANE].fb
+            assert a.card.pixels(shown) == composed(a.card.dumbs[shown.handle].pitch, 3, FULL, FULL)
+
+    asyncio.run(main())
