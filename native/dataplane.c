@@ -1018,6 +1018,13 @@ int dp_card_add(struct dp *dp, int fd, int fake_write_fd, uint64_t fake_delay_ns
 	struct epoll_event ev;
 	int ret = -ENOSPC;
 
+	/* This thread must never wait in a read: a card fd handed over blocking (logind's TakeDevice)
+	 * would hold dp->lock, and with it every call of Python's, in a read that an event read
+	 * elsewhere or a spurious wakeup leaves waiting. */
+	int flags = fcntl(fd, F_GETFL);
+
+	if (flags < 0 || (!(flags & O_NONBLOCK) && fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0))
+		return -errno;
 	pthread_mutex_lock(&dp->lock);
 	for (int i = 0; i < DP_MAX_CARDS; i++) {
 		if (dp->cards[i].used)

@@ -395,6 +395,10 @@ class Card:
         """Open `path`, or adopt `fd` (an open descriptor of `path` handed over by logind; the Card
         owns it from then on). `writeback="try"` asks for writeback connectors where the driver has them."""
         self.path = path
+        if fd is not None:
+            # A descriptor handed over (logind's TakeDevice opens it blocking): events are read
+            # without ever waiting, on the loop and on the data plane's thread alike.
+            os.set_blocking(fd, False)
         try:
             self.fd = fd if fd is not None else os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
