@@ -114,6 +114,18 @@ class Host:
         self.channel.input([{"type": "btn", "data": {"down": False, "button": button}}])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_compositor_outlives_its_module():
+    """Set up before a module's other fixtures, torn down after them: a compositor a failed fixture
+    left running is killed here, so it cannot hold DRM master over the next module's tests."""
+    import labkit
+
+    yield
+    killed = labkit.kill_leftovers()
+    if killed:
+        print(f"killed compositor(s) left running: pids {killed}")
+
+
 @pytest.fixture(scope="session")
 def host() -> Host:
     try:

@@ -36,6 +36,8 @@ LAB_MONITORS = """monitors:
   wb:     {connector: "Virtual-*", driver: vkms, label: 0}
 """
 START_WITHIN = 180.0
+STATUS_WITHIN = 60.0   # a status answer from a compositor on an emulated CPU that is kept busy
+_LAUNCHED: list[subprocess.Popen] = []   # every compositor process started, for kill_leftovers()
 CAPTURE_WITHIN = 120.0   # a capture reads, composes and encodes a PNG in the emulated CPU
 DRM_IOCTL_SET_MASTER = 0x641E
 DRM_IOCTL_DROP_MASTER = 0x641F
@@ -79,6 +81,7 @@ class Compositor:
              "--socket", self.socket, "--control", self.control, *args],
             stdout=self.log.open("a" if append else "w"), stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})})
+        _LAUNCHED.append(self.proc)
 
     def answers(self) -> bool:
         """Whether its control socket answers."""
@@ -89,7 +92,7 @@ class Compositor:
             return False
 
     def status(self) -> dict:
-        return request(self.control, {"cmd": "status"})
+        return request(self.control, {"cmd": "status"}, timeout=STATUS_WITHIN)
 
     def capture(self, monitor: str, path) -> np.ndarray:
         """What `monitor` scans out, read back through its card's writeback connector."""
@@ -315,3 +318,17 @@ def vkms_on_seat1(cards: dict[str, str], rule: Path):
         udev("trigger", "--subsystem-match=drm", "--action=change")
         udev("settle")
     assert card_seat(vkms) == "seat0"
+
+
+def kill_leftovers() -> list[int]:
+    """Kill every compositor a test started and did not stop (a fixture that failed between its
+    start and its yield never reaches its teardown): one left running would keep DRM master and
+    fail every later test with EBUSY. The pids killed."""
+    killed = []
+    for proc in _LAUNCHED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+            killed.append(proc.pid)
+    _LAUNCHED.clear()
+    return killed

@@ -15,3 +15,4 @@ _spec = importlib.util.spec_from_file_location("lab_guest_fixtures", _GUEST / "c
 _fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_fixtures)
 host, cards, debugfs = _fixtures.host, _fixtures.cards, _fixtures.debugfs
+no_compositor_outlives_its_module = _fixtures.no_compositor_outlives_its_module
