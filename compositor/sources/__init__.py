@@ -39,3 +39,19 @@ class Source(Protocol):
 
     def guest_status(self) -> dict[str, Any]:
         """The source's own fields of the guest's entry in `directflip status --json`."""
+
+
+class SourceDefaults:
+    """What a source that asks nothing of these hooks answers: no vGPU, nothing freed when its guest
+    goes, no buffers evicted, no EDID to pass on. Sources inherit it and override what they need."""
+
+    mdev: str | None = None
+
+    def let_go(self) -> None:
+        pass
+
+    def evicted(self) -> list[Buffer]:
+        return []
+
+    def show_monitor(self, edid: bytes | None) -> None:
+        pass

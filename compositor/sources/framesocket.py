@@ -58,6 +58,7 @@ from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
 # The socket paths live in compositor.paths, which `directflip status` imports without asyncio and the
 # KMS layer; they are re-exported here, where the daemon and the synthetic guest import them from.
 from compositor.paths import DEFAULT_FRAME_SOCKET, RUN_DIR, socket_paths  # noqa: F401
+from compositor.sources import SourceDefaults
 from compositor.sources.frame import (
     MAX_DIMENSION,
     BadPlane,
@@ -247,7 +248,7 @@ class _PendingFd(NamedTuple):
     until: int
 
 
-class GuestConnection:
+class GuestConnection(SourceDefaults):
     """One client of the frame socket: its guest's identity, buffers and socket.
 
     Buffers: the server creates a Buffer (owning a duplicate of the guest's dma-buf fd) when the guest
@@ -333,18 +334,8 @@ class GuestConnection:
         """Send error(reason) if still open, close the socket and call on_close (if past hello)."""
         self._finish(reason, logging.INFO)
 
-    # --- the rest of compositor.sources.Source: a frame-socket guest forgets its buffers itself,
-    # shows no monitor's EDID and has no fields of its own in status.
-    mdev = None
-
-    def let_go(self) -> None:
-        pass
-
-    def evicted(self) -> list[Buffer]:
-        return []
-
-    def show_monitor(self, edid: bytes | None) -> None:
-        pass
+    # --- the rest of compositor.sources.Source (SourceDefaults for the others): a frame-socket
+    # guest has no fields of its own in status.
 
     def guest_status(self) -> dict[str, Any]:
         return {}

@@ -89,6 +89,7 @@ from compositor.input.qnum import key_name, qnum
 from compositor.input.sink import TOUCH_KINDS
 from compositor.kms.fourcc import FORMATS, fourcc, fourcc_name
 from compositor.pixelcopy import copy_rows
+from compositor.sources import SourceDefaults
 from compositor.sources.frame import (
     MAX_CURSOR,
     BadPlane,
@@ -899,7 +900,7 @@ class _HeldUpdate:
     data: bytes
 
 
-class QemuDisplaySource:
+class QemuDisplaySource(SourceDefaults):
     """One console of one QEMU VM as a guest source.
 
     The daemon-facing side looks like the other sources' (a frame-socket GuestConnection, a VfioGuest):
@@ -971,18 +972,8 @@ class QemuDisplaySource:
     def presented(self, buffer_id: int, frame: int, timestamp_ns: int, sequence: int) -> None:
         pass
 
-    # --- compositor.sources.Source: the source outlives its guest's comings and goings (it
-    # reconnects to the VM), so letting go of the guest frees nothing of it; no EDID to pass on.
-    mdev = None
-
-    def let_go(self) -> None:
-        pass
-
-    def evicted(self) -> list[Buffer]:
-        return []
-
-    def show_monitor(self, edid: bytes | None) -> None:
-        pass
+    # --- compositor.sources.Source (SourceDefaults for the rest: the source outlives its guest's
+    # comings and goings, as it reconnects to the VM, so letting go of the guest frees nothing of it)
 
     def guest_status(self) -> dict[str, Any]:
         return {"qemu": self.status()}
