@@ -325,6 +325,21 @@ static int props_of(enum kind k, const uint32_t **props)
 	}
 }
 
+/* An object's property ids and current values into the caller's arrays when they have room; the
+ * count always says how many there are (GETCONNECTOR and OBJ_GETPROPERTIES answer alike). */
+static void put_props(enum kind k, int i, uint64_t ids_ptr, uint64_t vals_ptr, uint32_t *count)
+{
+	const uint32_t *props;
+	uint32_t n = (uint32_t)props_of(k, &props);
+
+	if (ids_ptr && vals_ptr && *count >= n)
+		for (uint32_t j = 0; j < n; j++) {
+			((uint32_t *)(uintptr_t)ids_ptr)[j] = props[j];
+			((uint64_t *)(uintptr_t)vals_ptr)[j] = prop_value(&K.st, k, i, props[j]);
+		}
+	*count = n;
+}
+
 /* ---- atomic ---------------------------------------------------------------------------------- */
 
 static int set_prop(struct state *s, uint32_t obj, uint32_t prop, uint64_t val)
@@ -624,18 +639,9 @@ static int handle(unsigned long req, void *arg)
 		int i;
 		if (kind_of(c->connector_id, &i) != K_CONN)
 			return -ENOENT;
-		uint32_t enc = 30 + (uint32_t)i, ids[NPROPS(CONN_PROPS)];
-		uint64_t vals[NPROPS(CONN_PROPS)];
-		for (uint32_t j = 0; j < NPROPS(CONN_PROPS); j++) {
-			ids[j] = CONN_PROPS[j];
-			vals[j] = prop_value(&K.st, K_CONN, i, CONN_PROPS[j]);
-		}
+		uint32_t enc = 30 + (uint32_t)i;
 		put_u32(c->encoders_ptr, &c->count_encoders, &enc, 1);
-		if (c->props_ptr && c->count_props >= NPROPS(CONN_PROPS)) {
-			memcpy((void *)(uintptr_t)c->props_ptr, ids, sizeof(ids));
-			memcpy((void *)(uintptr_t)c->prop_values_ptr, vals, sizeof(vals));
-		}
-		c->count_props = NPROPS(CONN_PROPS);
+		put_props(K_CONN, i, c->props_ptr, c->prop_values_ptr, &c->count_props);
 		if (c->modes_ptr && c->count_modes >= 2) {
 			struct drm_mode_modeinfo *m = (void *)(uintptr_t)c->modes_ptr;
 			mode(&m[0], 1);
@@ -669,18 +675,9 @@ static int handle(unsigned long req, void *arg)
 		int i;
 		enum kind k = kind_of(o->obj_id, &i);
 		const uint32_t *props;
-		uint32_t n = (uint32_t)props_of(k, &props);
-		if (!n)
+		if (!props_of(k, &props))
 			return -ENOENT;
-		if (o->props_ptr && o->count_props >= n) {
-			uint32_t *ids = (void *)(uintptr_t)o->props_ptr;
-			uint64_t *vals = (void *)(uintptr_t)o->prop_values_ptr;
-			for (uint32_t j = 0; j < n; j++) {
-				ids[j] = props[j];
-				vals[j] = prop_value(&K.st, k, i, props[j]);
-			}
-		}
-		o->count_props = n;
+		put_props(k, i, o->props_ptr, o->prop_values_ptr, &o->count_props);
 		return 0;
 	}
 	case DRM_IOCTL_MODE_GETPROPERTY:
