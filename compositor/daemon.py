@@ -28,12 +28,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from compositor import capture as readback
 from compositor import planner, topology
 from compositor.capture import CaptureError
+from compositor.guests import GuestRegistry, GuestState
 from compositor.input.seats import SeatInput
 from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, FlipEvent, KmsError, list_cards
@@ -46,7 +47,7 @@ from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
 from compositor.sources import vfio
-from compositor.sources.frame import BadPlane, Buffer, Cursor, Frame, PlaneInfo, Pointer
+from compositor.sources.frame import BadPlane, Buffer, Frame, Pointer
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
     RUN_DIR,
@@ -83,19 +84,6 @@ def card_seat(path: str) -> str:
         log.debug("%s: no udev record (%s): taking it as seat0", path, exc)
         return topology.DEFAULT_SEAT
     return dev.properties.get("ID_SEAT") or topology.DEFAULT_SEAT
-
-
-@dataclass(eq=False)
-class GuestState:
-    conn: GuestConnection
-    guest: Guest
-    latest: Frame | None = None
-    blanked: bool = False  # a vGPU whose display is off: its monitors show the slate
-    forgotten: set[Buffer] = field(default_factory=set)  # freed once nothing holds them (Buffer.holds)
-    flips: int = 0
-    input: InputSink | None = None  # a sink of the daemon's own (a launched vGPU's uinput devices)
-    cursor: Cursor | None = None   # the guest's pointer image, on the cursor planes of its monitors
-    pointer: Pointer | None = None  # where its pointer is (guest buffer pixels) and whether it shows
 
 
 def status_line(shown: Sequence[tuple[str, str | None, str]], *, failed: Sequence[str] = (),
@@ -159,15 +147,14 @@ class Daemon:
         # carries the frames of frame-socket guests (version 2) that are shown zero copy; the
         # pipelines hand their CRTCs to it once settled and take them back for anything else.
         self.use_dataplane = data_plane and native
-        self.dataplane = None
-        self.dp_buffers: dict[int, Buffer] = {}     # data-plane buffer handle → Buffer
+        # Who is connected, their buffers and their holds (compositor.guests); holds of buffers on
+        # the data plane are counted there.
+        self.registry = GuestRegistry(self._drop_buffer)
         self._dp_cards: dict[int, Card] = {}        # data-plane card index → Card
-        self._layouts: dict[PlaneInfo, int] = {}    # layouts by number, for the data plane
         self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
         self.cards: dict[str, Card] = {}
         self.layers: dict[str, OutputLayer] = {}   # each card's output layer, by its path
         self.topology: topology.Topology | None = None
-        self.guests: dict[str, GuestState] = {}
         self._shown_by: dict[str, list[ScanoutPipeline]] | None = None   # guest -> pipelines (_showing)
         self.pipelines: dict[tuple[str, str], ScanoutPipeline] = {}
         self.failed: dict[tuple[str, str], str] = {}   # outputs the last apply could not light, and why
@@ -181,7 +168,6 @@ class Daemon:
         self.copier = ThreadPoolExecutor(max_workers=2, thread_name_prefix="copy")
         self._stopped: asyncio.Event | None = None
         self._stopping = False
-        self.departed: list[GuestState] = []  # disconnected guests whose buffers are still held
         self.applied_generation = -1  # the policy generation the screens show, and since when
         self.applied_ns = 0
         self.loaded_ns = 0  # when the watcher handed over the last valid edit
@@ -208,6 +194,23 @@ class Daemon:
     @property
     def policy(self) -> Policy:
         return self.watcher.policy
+
+    @property
+    def guests(self) -> dict[str, GuestState]:
+        return self.registry.guests
+
+    @property
+    def departed(self) -> list[GuestState]:
+        """Disconnected guests whose buffers are still held."""
+        return self.registry.departed
+
+    @property
+    def dataplane(self):
+        return self.registry.dataplane
+
+    @dataplane.setter
+    def dataplane(self, dataplane) -> None:
+        self.registry.dataplane = dataplane
 
     # --- start and stop ---------------------------------------------------------------------------
 
@@ -350,11 +353,7 @@ class Daemon:
             if proc.poll() is None:
                 log.info("stopping %s's launched process (pid %d)", name, proc.pid)
                 proc.terminate()
-        for gs in list(self.guests.values()) + self.departed:
-            gs.conn.close("compositor shutting down")   # a frame-socket guest's was, just above
-            self._free_guest(gs)
-        self.guests.clear()
-        self.departed.clear()
+        self.registry.close_all("compositor shutting down")   # a frame-socket guest's was, just above
         self.copier.shutdown(wait=True)   # the pipelines settled their copies as they stopped
         for path in self.cards:
             self.layers[path].fbcache.clear()
@@ -432,13 +431,13 @@ class Daemon:
                 first = self._first_frame(out)
                 try:
                     if pipe is None:
-                        pipe = ScanoutPipeline(self.layers[out.card], out, release=self._release,
-                                               present=self._present, copier=self.copier)
+                        pipe = ScanoutPipeline(self.layers[out.card], out, release=self.registry.release,
+                                               present=self.registry.present, copier=self.copier)
                         self.pipelines[key] = pipe
                         self._shown_by = None
                         pipe.on_path_change = self._status_changed
                         pipe.dataplane = self.dataplane
-                        pipe.dp_buffer = self.dp_buffers.get
+                        pipe.dp_buffer = self.registry.dp_buffers.get
                         pipe.paused = True
                         pipe.start(first)
                     else:
@@ -451,7 +450,7 @@ class Daemon:
                     log.error("%s:%s (%s): cannot light it: %s", out.card, out.connector, out.monitor, exc)
                     self.failed[key] = str(exc)
                     if pipe is None and first is not None:
-                        self._release(first)   # no pipeline took it (the pipeline releases what it did)
+                        self.registry.release(first)   # no pipeline took it (a pipeline releases its own)
                     if pipe is not None:
                         pipe.stop()
                         self.pipelines.pop(key, None)
@@ -469,10 +468,8 @@ class Daemon:
             if changed:
                 # What each monitor shows now, in one line: the journal's record of every plan.
                 log.info("applied plan %d: %d output(s) changed; %s", self.plans, changed, self.status_line())
-            for gs in list(self.guests.values()) + self.departed:
-                self._free_forgotten(gs)
+            self.registry.sweep()
             self._pass_edids()
-            self.departed = [gs for gs in self.departed if gs.forgotten]
             if self.input is not None:  # input follows the plan first; names and cursors are cosmetic
                 self.input.plan_applied(assignment, self.card_seats)
             self._assign_label_planes()
@@ -489,28 +486,11 @@ class Daemon:
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
         gs = self.guests.get(out.guest) if out.guest else None
-        latest = self._latest(gs) if gs is not None else None
+        latest = self.registry.latest(gs) if gs is not None else None
         if latest is None:
             return None
-        self._hold(gs, latest.buffer)  # the pipeline's hold; released through _release
+        self.registry.hold(gs, latest.buffer)  # the pipeline's hold; released through _release
         return latest
-
-    def _latest(self, gs: GuestState) -> Frame | None:
-        """The guest's latest frame. The data plane keeps (and holds) it for its guests: it may have
-        shown newer frames than Python saw."""
-        conn = gs.conn
-        if self.dataplane is None or getattr(conn, "dp_conn", -1) < 0:
-            return gs.latest
-        try:
-            handle, seq, presented = self.dataplane.latest(conn.dp_conn)
-        except OSError:
-            return None
-        buffer = self.dp_buffers.get(handle)
-        if buffer is None:
-            return None
-        if gs.latest is None or gs.latest.buffer is not buffer or gs.latest.seq != seq:
-            gs.latest = Frame(buffer=buffer, seq=seq, presented=presented)
-        return gs.latest
 
     async def _idle(self, pipe: ScanoutPipeline, timeout: float = 1.0) -> None:
         """Wait until the pipeline has no flip in flight (its event can be lost only to a driver bug:
@@ -570,26 +550,16 @@ class Daemon:
             if card is not None:
                 card.deliver([FlipEvent(ev.crtc, ev.sequence, ev.timestamp_ns, ev.user_data)])
         elif ev.kind == dpm.FREED:
-            buffer = self.dp_buffers.pop(ev.handle, None)
-            if buffer is not None:
-                buffer.dp_handle = -1
-                gs = buffer.owner
-                if gs is not None:
-                    gs.forgotten.discard(buffer)
-                self._free_buffer(buffer)
+            self.registry.freed(ev.handle)
         elif ev.kind == dpm.ERROR:
             pipe = next((p for p in self.pipelines.values() if p.dp_output == ev.handle), None)
             log.error("%s: flip failed: %s", pipe.name if pipe else f"data-plane output {ev.handle}",
                       os.strerror(ev.a))
 
-    def _dp_conn(self, guest: str | None) -> int:
-        gs = self.guests.get(guest) if guest is not None else None
-        return getattr(gs.conn, "dp_conn", -1) if gs is not None else -1
-
     def _hand_over(self, guest: str) -> None:
         """Give the data plane every output of `guest`, if each is ready (dp_ready): all or none, so
         a guest and its mirrors see the same frames."""
-        conn = self._dp_conn(guest)
+        conn = self.registry.dp_conn(guest)
         if conn < 0 or self._apply_lock.locked():   # a plan being applied: after it
             return
         pipes = self._showing(guest)
@@ -630,135 +600,31 @@ class Daemon:
         for pipe in self._showing(guest):
             pipe.take_back()
 
-    def _layout(self, info: PlaneInfo) -> int:
-        return self._layouts.setdefault(info, len(self._layouts) + 1)
-
-    def _register(self, conn: GuestConnection, buffer: Buffer) -> None:
-        """The data plane keeps the buffer's holds from now on (those already taken move there).
-        A buffer it cannot take ends the connection: a guest's holds are counted in one place."""
-        try:
-            handle = self.dataplane.add_buffer(conn.dp_conn, buffer.id, self._layout(buffer.info))
-        except OSError as exc:
-            raise Refused(f"buffer {buffer.id}: the compositor's data plane cannot take it "
-                          f"({exc.strerror})") from None
-        for _ in range(buffer.holds):
-            self.dataplane.hold(handle)
-        buffer.holds = 0
-        buffer.dp_handle = handle
-        self.dp_buffers[handle] = buffer
-
     def on_dataplane(self, conn: GuestConnection) -> None:
         """The data plane serves `conn` from now on: its buffers and its latest frame go there."""
-        gs = self.guests.get(conn.name)
-        if gs is None:
-            return
-        for buffer in conn.buffers.values():
-            self._register(conn, buffer)
-        latest, gs.latest = gs.latest, None
-        if latest is None:
-            return
-        if latest.buffer.dp_handle >= 0:
-            # The hold moved with the buffer; the data plane keeps it as the guest's latest.
-            self.dataplane.set_latest(conn.dp_conn, latest.buffer.dp_handle, latest.seq,
-                                      self._layout(latest.buffer.info))
-            gs.latest = latest
-        self._release(latest)   # a buffer forgotten before: freed once nothing else holds it
-
-    def _dp_flips(self, gs: GuestState) -> int:
-        """The guest's flips its data plane showed without the daemon (status counts them too)."""
-        conn = getattr(gs.conn, "dp_conn", -1)
-        if self.dataplane is None or conn < 0:
-            return 0
-        try:
-            return self.dataplane.flips(conn)
-        except OSError:
-            return 0
-
-    def _holds(self, buffer: Buffer) -> int:
-        if buffer.dp_handle >= 0 and self.dataplane is not None:
-            try:
-                return self.dataplane.holds(buffer.dp_handle)
-            except OSError:
-                return 0
-        return buffer.holds
-
-    def _hold(self, gs: GuestState, buf: Buffer) -> None:
-        buf.owner = gs
-        if buf.dp_handle >= 0 and self.dataplane is not None:
-            self.dataplane.hold(buf.dp_handle)
-        else:
-            buf.holds += 1
-
-    def _release(self, frame: Frame) -> None:
-        """One holder of frame's buffer is done with it: the last one frees a forgotten buffer, or
-        tells its guest `released`."""
-        buf = frame.buffer
-        gs = buf.owner
-        if buf.dp_handle >= 0:
-            # The data plane counts: the last hold tells the guest `released`, or frees the buffer
-            # (DP_EV_FREED) if its guest forgot it.
-            if self.dataplane is not None:
-                try:
-                    self.dataplane.release(buf.dp_handle)
-                except OSError:
-                    pass   # freed already
-            return
-        if gs is None or buf.holds <= 0:
-            return   # never held (a frame of a guest that was already gone), or freed already
-        buf.holds -= 1
-        if buf.holds == 0:
-            if buf.forgotten:
-                gs.forgotten.discard(buf)
-                self._free_buffer(buf)
-            elif not gs.conn.closed:
-                gs.conn.released(buf.id)
-
-    def _present(self, frame: Frame, event) -> None:
-        if frame.presented:
-            return
-        frame.presented = True
-        gs = frame.buffer.owner   # not the guest's name: a guest that connected again has new buffers
-        if gs is not None and not gs.conn.closed:
-            gs.conn.presented(frame.buffer.id, frame.seq, event.timestamp_ns, event.sequence)
+        self.registry.adopt(conn)
 
     # --- guests (the frame socket's handler) ------------------------------------------------------
 
     def on_hello(self, conn: GuestConnection) -> None:
         own = next((r.opened_here for r in self.policy.guests
                     if r.opened_here and r.pattern.matches(conn.name)), None)
-        if own is not None:
-            # The daemon opens this guest itself; a client by that name would only keep it out.
-            raise Refused(f"guest {conn.name} is the {own}, which directflip opens itself; it cannot "
-                          f"connect over the frame socket")
-        # Every rule that matches the name must admit the uid, not just the first.
         rules = [r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)]
-        default = {0, os.getuid()}   # a rule without `users`, or no rule at all
-        allowed = set.intersection(*(default if r.uids is None else set(r.uids) for r in rules)) \
-            if rules else default
-        if conn.peer.uid not in allowed:
-            raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
-                          f"uid {', '.join(map(str, sorted(allowed))) or 'none'})")
-        if conn.name in self.guests:
-            other = self.guests[conn.name].conn
-            raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
-        if not rules:
-            log.warning("guest %s connected, but no guest rule of the policy matches it: it is not shown",
-                        conn.name)
-        self.guests[conn.name] = GuestState(conn, Guest(conn.name, "socket", conn.uuid))
+        self.registry.admit(conn, rules, own)
         log.info("guest %s connected (pid %d, uid %d)", conn.name, conn.peer.pid, conn.peer.uid)
         self._status_changed()  # not shown anywhere until its first frame is planned: say so
 
     def on_buffer(self, conn: GuestConnection, buffer: Buffer) -> None:
         log.debug("guest %s: buffer %d: %s", conn.name, buffer.id, buffer.info.describe())
         if self.dataplane is not None and conn.dp_conn >= 0:
-            self._register(conn, buffer)
+            self.registry.register(conn, buffer)
 
     def on_flip(self, conn: GuestConnection, frame: Frame) -> None:
         gs = self.guests[conn.name]
         gs.flips += 1
         info = frame.buffer.info
         on_dp = frame.buffer.dp_handle >= 0 and self.dataplane is not None
-        latest = self._latest(gs) if on_dp else gs.latest
+        latest = self.registry.latest(gs) if on_dp else gs.latest
         # The planner's view of the guest changes only with its buffer's layout: look only then.
         if latest is None or info != latest.buffer.info:
             guest = replace(gs.guest, width=info.width, height=info.height, fourcc=fourcc_name(info.fourcc),
@@ -769,9 +635,7 @@ class Daemon:
             if self._flip_on_dataplane(gs, frame, guest != gs.guest):
                 return
         else:
-            self._hold(gs, frame.buffer)  # as the latest frame
-            if gs.latest is not None:
-                self._release(gs.latest)
+            self.registry.new_latest(gs, frame)
         gs.latest = frame
         if guest != gs.guest:
             first = gs.guest.width is None
@@ -780,7 +644,7 @@ class Daemon:
             self.replan()
             return  # the new plan shows it (and later frames go through the pipelines)
         for pipe in self._showing(conn.name):
-            self._hold(gs, frame.buffer)
+            self.registry.hold(gs, frame.buffer)
             pipe.submit(frame)
 
     def _flip_on_dataplane(self, gs: GuestState, frame: Frame, new_layout: bool) -> bool:
@@ -801,29 +665,13 @@ class Daemon:
             except (OSError, KmsError) as exc:
                 log.info("guest %s: buffer %d: from Python (%s)", conn.name, buffer.id, exc)
         self._take_back(conn.name)
-        self.dataplane.set_latest(conn.dp_conn, buffer.dp_handle, frame.seq, self._layout(buffer.info))
+        self.dataplane.set_latest(conn.dp_conn, buffer.dp_handle, frame.seq,
+                                  self.registry.layout(buffer.info))
         return False
 
     def on_forget(self, conn: GuestConnection, buffer: Buffer) -> None:
         gs = self.guests[conn.name]
-        self._forget(gs, buffer)
-
-    def _forget(self, gs: GuestState, buffer: Buffer) -> None:
-        """The guest will not flip `buffer` again: close it now, or once nothing holds it."""
-        if buffer.dp_handle >= 0 and self.dataplane is not None:
-            buffer.forgotten = True
-            buffer.owner = gs   # DP_EV_FREED finds it here: a buffer only ever flipped there has no owner yet
-            gs.forgotten.add(buffer)
-            try:
-                self.dataplane.forget(buffer.dp_handle)   # freed by DP_EV_FREED, now or later
-            except OSError:
-                pass
-            return
-        if buffer.holds > 0:
-            buffer.forgotten = True
-            gs.forgotten.add(buffer)
-        else:
-            self._free_buffer(buffer)
+        self.registry.forget(gs, buffer)
 
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         gs = self.guests.get(conn.name)
@@ -841,39 +689,16 @@ class Daemon:
         task = self.vfio_tasks.pop(conn.name, None)   # a vGPU's polling
         if task is not None:
             task.cancel()
-        for buffer in conn.evicted():
-            self._forget(gs, buffer)
-        for buffer in list(conn.buffers.values()):
-            self._forget(gs, buffer)
-        conn.buffers.clear()
-        if gs.latest is not None:
-            latest, gs.latest = gs.latest, None
-            if latest.buffer.dp_handle < 0:   # the data plane lets go of its own with the connection
-                self._release(latest)
-        del self.guests[conn.name]
-        self.departed.append(gs)
+        self.registry.depart(gs)
         conn.let_go()
         self.replan()
 
-    def _free_forgotten(self, gs: GuestState) -> None:
-        for buffer in [b for b in gs.forgotten if b.dp_handle < 0 and b.holds <= 0]:
-            gs.forgotten.discard(buffer)
-            self._free_buffer(buffer)
-
-    def _free_guest(self, gs: GuestState) -> None:
-        if gs.input is not None and hasattr(gs.input, "close"):
-            gs.input.close()
-            gs.input = None
-        for buffer in [*gs.forgotten, *gs.conn.buffers.values()]:
-            self._free_buffer(buffer)
-        gs.forgotten.clear()
-
-    def _free_buffer(self, buffer: Buffer) -> None:
+    def _drop_buffer(self, buffer: Buffer) -> None:
+        """A buffer about to be closed (the registry's `free`): off every pipeline and card."""
         for pipe in self.pipelines.values():
             pipe.forget(buffer.key)
         for cache in [layer.fbcache for layer in self.layers.values()]:
             cache.drop(buffer.key)
-        buffer.close()
 
     # --- capture ----------------------------------------------------------------------------------
 
@@ -983,16 +808,16 @@ class Daemon:
         buffer = frame.buffer
         readback.check_layout(buffer.info.fourcc, buffer.info.modifier)
         gs = buffer.owner
-        if gs is None or buffer.fd < 0 or (buffer.forgotten and self._holds(buffer) <= 0):
+        if gs is None or buffer.fd < 0 or (buffer.forgotten and self.registry.holds(buffer) <= 0):
             raise CaptureError(f"{buffer.guest}'s buffer {buffer.id} was freed as the capture began (its "
                                f"guest went away); capture again")
         # Held as a pipeline holds it: the guest is not told `released`, so it does not draw into the
         # buffer, until the read has really ended (a request that timed out included).
-        self._hold(gs, buffer)
+        self.registry.hold(gs, buffer)
         try:
             own = readback.dup_buffer(buffer)
         except OSError as exc:
-            self._release(frame)
+            self.registry.release(frame)
             raise CaptureError(f"{buffer.guest}'s buffer {buffer.id}: {exc.strerror}") from None
         reading = readback.in_thread(readback.read_guest_buffer, own, rect)
         reading.add_done_callback(lambda done: self._guest_buffer_read(frame, done))
@@ -1004,7 +829,7 @@ class Daemon:
                                f"pending on it)") from None
 
     def _guest_buffer_read(self, frame: Frame, done: asyncio.Future) -> None:
-        self._release(frame)
+        self.registry.release(frame)
         if not done.cancelled():
             done.exception()   # retrieved: a read that outlived its request is not an unhandled error
 
@@ -1286,8 +1111,7 @@ class Daemon:
         self._add_vfio(VfioGuest(conn.name, device, uuid=conn.uuid, peer=conn.peer, connection=conn))
 
     def _add_vfio(self, vg: VfioGuest) -> None:
-        gs = GuestState(vg, Guest(vg.name, "vfio", vg.uuid))
-        self.guests[vg.name] = gs
+        gs = self.registry.add(vg, Guest(vg.name, "vfio", vg.uuid))
         log.info("guest %s: vGPU %s (%s planes)", vg.name, vg.uuid or vg.device.name,
                  "dma-buf" if vg.device.kind == VFIO_GFX_PLANE_TYPE_DMABUF else "region")
         self.vfio_tasks[vg.name] = asyncio.get_running_loop().create_task(self._poll_vfio(gs))
@@ -1350,7 +1174,7 @@ class Daemon:
                 continue
             source = QemuDisplaySource(name, target, self, uuid=rule.uuid)
             self.qemu_sources[name] = source
-            self.guests[name] = GuestState(source, Guest(name, "qemu-dbus", rule.uuid))
+            self.registry.add(source, Guest(name, "qemu-dbus", rule.uuid))
             log.info("guest %s: QEMU display at %s", name, source.target.describe())
             source.start()
         self.replan()
@@ -1461,7 +1285,7 @@ class Daemon:
         log.info("guest %s: display off (%s)", gs.conn.name, reason)
         if gs.latest is not None:
             latest, gs.latest = gs.latest, None
-            self._release(latest)
+            self.registry.release(latest)
         for pipe in self._showing(gs.conn.name):
             asyncio.get_running_loop().create_task(self._blank_output(pipe, reason))
 
@@ -1570,15 +1394,16 @@ class Daemon:
                         "pid": gs.conn.peer.pid if gs.conn.peer else None,
                         "uid": gs.conn.peer.uid if gs.conn.peer else None,
                         **gs.conn.guest_status(),
-                        "buffers": len(gs.conn.buffers), "flips": gs.flips + self._dp_flips(gs),
+                        "buffers": len(gs.conn.buffers), "flips": self.registry.flips(gs),
                         "framebuffer": (None if gs.guest.width is None else
                                         f"{gs.guest.width}x{gs.guest.height} {gs.guest.fourcc}"),
-                        "held": sum(self._holds(b) for b in [*gs.conn.buffers.values(), *gs.forgotten])}
+                        "held": self.registry.held(gs)}
                        for name, gs in self.guests.items()],
             # Guests gone whose buffers are still held (on screen until replaced): freed after that.
             "departed": [{"name": gs.conn.name, "buffers": len(gs.forgotten),
-                          "held": sum(self._holds(b) for b in gs.forgotten)} for gs in self.departed],
-            "data_plane": None if self.dataplane is None else {"buffers": len(self.dp_buffers)},
+                          "held": self.registry.held(gs, forgotten_only=True)}
+                         for gs in self.departed],
+            "data_plane": None if self.dataplane is None else {"buffers": len(self.registry.dp_buffers)},
         }
 
 
