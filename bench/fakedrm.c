@@ -18,6 +18,13 @@
  *
  * FAKEDRM_TRACE set: every atomic commit and flip event is logged on stderr.
  *
+ * A fake vGPU too: with $FAKEDRM_VGPU naming a regular file, any descriptor of that file answers the
+ * VFIO display ioctls as a mediated device with dma-buf planes would. VFIO_DEVICE_QUERY_GFX_PLANE
+ * copies its answer from the file (struct vfio_device_gfx_plane_info: the primary plane's at offset 0,
+ * the cursor plane's at 64; all zero is a disabled plane), VFIO_DEVICE_GET_GFX_DMABUF of id N opens
+ * "$FAKEDRM_VGPU.N" (the test makes it) as the plane's dma-buf, VFIO_DEVICE_GET_INFO says there are no
+ * regions. Every query is counted in "$FAKEDRM_VGPU.queries" (one byte per query).
+ *
  * Only benchmarks and host tests load this; the compositor itself never does.
  */
 #define _GNU_SOURCE
@@ -149,6 +156,61 @@ static int fail(int err)
 {
 	errno = err;
 	return -1;
+}
+
+/* ---- the fake vGPU ---------------------------------------------------------------------------- */
+
+#define VFIO_TYPE_CHAR ';'
+#define VFIO_GET_INFO (VFIO_TYPE_CHAR << 8 | 107)
+#define VFIO_QUERY_GFX_PLANE (VFIO_TYPE_CHAR << 8 | 114)
+#define VFIO_GET_GFX_DMABUF (VFIO_TYPE_CHAR << 8 | 115)
+#define VFIO_PLANE_PROBE 1u
+#define VFIO_PLANE_DMABUF 2u
+
+static int is_vgpu(int fd, const char **path)
+{
+	struct stat want, st;
+	*path = getenv("FAKEDRM_VGPU");
+	return *path && fstat(fd, &st) == 0 && stat(*path, &want) == 0 && S_ISREG(st.st_mode) &&
+	       st.st_dev == want.st_dev && st.st_ino == want.st_ino;
+}
+
+static int vgpu_ioctl(int fd, const char *path, unsigned long req, void *arg)
+{
+	char name[4096];
+	if (req == VFIO_GET_INFO) {
+		uint32_t *info = arg;   /* argsz, flags, num_regions, num_irqs */
+		info[1] = info[2] = info[3] = 0;
+		return 0;
+	}
+	if (req == VFIO_GET_GFX_DMABUF) {
+		snprintf(name, sizeof(name), "%s.%u", path, *(uint32_t *)arg);
+		int dmabuf = real_open(name, O_RDWR | O_CLOEXEC);
+		return dmabuf < 0 ? fail(ENOENT) : dmabuf;
+	}
+	if (req != VFIO_QUERY_GFX_PLANE)
+		return fail(ENOTTY);
+	uint32_t *q = arg;   /* argsz, flags, drm_plane_type, then the answer */
+	uint8_t answer[64];
+	if (q[0] < 60)
+		return fail(EINVAL);
+	if (q[1] & VFIO_PLANE_PROBE)
+		return q[1] == (VFIO_PLANE_PROBE | VFIO_PLANE_DMABUF) ? 0 : fail(EINVAL);
+	if (q[1] != VFIO_PLANE_DMABUF)
+		return fail(EINVAL);
+	off_t at = q[2] == 2 ? 64 : 0;   /* DRM_PLANE_TYPE_CURSOR: the second answer */
+	if (pread(fd, answer, sizeof(answer), at) != (ssize_t)sizeof(answer))
+		memset(answer, 0, sizeof(answer));
+	memcpy((uint8_t *)arg + 12, answer + 12, 60 - 12);
+	snprintf(name, sizeof(name), "%s.queries", path);
+	int counter = real_open(name, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+	if (counter >= 0) {
+		if (write(counter, "q", 1) != 1) {
+			/* a lost count only makes the test's number smaller */
+		}
+		real_close(counter);
+	}
+	return 0;
 }
 
 static enum kind kind_of(uint32_t id, int *index)
@@ -951,6 +1013,9 @@ int ioctl(int fd, unsigned long req, ...)
 	void *arg = va_arg(ap, void *);
 	va_end(ap);
 	resolve();
+	const char *vgpu;
+	if (fd >= 0 && (req >> 8 & 0xff) == VFIO_TYPE_CHAR && is_vgpu(fd, &vgpu))
+		return vgpu_ioctl(fd, vgpu, req, arg);
 	if (fd < 0 || fd != K.fd)
 		return real_ioctl(fd, req, arg);
 	pthread_mutex_lock(&K.lock);

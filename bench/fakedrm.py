@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -60,6 +61,8 @@ class FakeKernel:
         env["FAKEDRM_OUTPUTS"] = str(override.get("outputs", self.outputs))
         env["FAKEDRM_DELAY_US"] = str(override.get("delay_us", self.delay_us))
         env["FAKEDRM_PRIME_IMPORT"] = "1" if override.get("prime_import", self.prime_import) else "0"
+        if override.get("vgpu") is not None:
+            env["FAKEDRM_VGPU"] = str(override["vgpu"].path)
         if override.get("stats", True):
             env["FAKEDRM_STATS"] = str(self.stats_path)
         else:
@@ -78,8 +81,47 @@ class FakeKernel:
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
+
     def __enter__(self) -> FakeKernel:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# struct vfio_device_gfx_plane_info: argsz, flags, drm_plane_type, drm_format, drm_format_mod, width,
+# height, stride, size, x_pos, y_pos, x_hot, y_hot, dmabuf_id, (padding)
+_PLANE = struct.Struct("<IIIIQIIIIIIIIII")
+XRGB8888 = 0x34325258
+
+
+class FakeVgpu:
+    """A fake mediated device for the fake kernel (FakeKernel.env(vgpu=...)): `path` is its device
+    file; a process given that environment and any descriptor of the file sees a vGPU with dma-buf
+    display planes. show(N) puts dma-buf N (a file of its own, made here) on the primary plane."""
+
+    def __init__(self, directory: str | Path, width: int, height: int, ids=(1, 2, 3)) -> None:
+        self.path = Path(directory) / "vgpu"
+        self.width, self.height = width, height
+        self.path.write_bytes(bytes(2 * _PLANE.size))   # both planes off
+        for ident in ids:
+            with open(f"{self.path}.{ident}", "wb") as f:
+                f.truncate(width * height * 4)
+        self.queries_path = Path(f"{self.path}.queries")
+
+    def show(self, dmabuf_id: int) -> None:
+        """The guest scans out dma-buf `dmabuf_id` now (XRGB8888, width x height)."""
+        w, h = self.width, self.height
+        answer = _PLANE.pack(_PLANE.size, 0, 1, XRGB8888, 0, w, h, w * 4, w * h * 4, 0, 0, 0, 0, dmabuf_id, 0)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, answer, 0)   # one write: a query sees the old answer or the new one
+        finally:
+            os.close(fd)
+
+    def queries(self) -> int:
+        """Plane queries answered so far (primary and cursor, by any process)."""
+        try:
+            return self.queries_path.stat().st_size
+        except FileNotFoundError:
+            return 0

@@ -151,6 +151,7 @@ class Daemon:
         # the data plane are counted there.
         self.registry = GuestRegistry(self._drop_buffer)
         self._dp_cards: dict[int, Card] = {}        # data-plane card index → Card
+        self._vgpus: dict[int, GuestState] = {}     # data-plane connection → a vGPU it can poll
         self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
         self.cards: dict[str, Card] = {}
         self.layers: dict[str, OutputLayer] = {}   # each card's output layer, by its path
@@ -542,7 +543,9 @@ class Daemon:
 
     def _dataplane_event(self, ev) -> None:
         from compositor import dataplane as dpm
-        if ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
+        if ev.kind == dpm.DATA and ev.handle in self._vgpus:
+            self._vgpu_handed_back(self._vgpus[ev.handle])
+        elif ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
             if self.frames is not None:
                 self.frames.dataplane_event(ev)
         elif ev.kind == dpm.FLIP:
@@ -575,6 +578,9 @@ class Daemon:
             self._take_back(guest)
             return
         log.debug("guest %s: %d output(s) on the data plane", guest, len(pipes))
+        gs = self._vgpus.get(conn)
+        if gs is not None:
+            self._vgpu_to_dataplane(gs)
 
     def _take_back_changing(self, new: dict, old_keys: set) -> None:
         """Before a plan is applied: every guest whose outputs change (the one leaving an output, the
@@ -689,6 +695,13 @@ class Daemon:
         task = self.vfio_tasks.pop(conn.name, None)   # a vGPU's polling
         if task is not None:
             task.cancel()
+        dp_conn = getattr(conn, "dp_conn", -1)
+        if self._vgpus.pop(dp_conn, None) is gs:   # the data plane lets go of its buffers with it
+            conn.on_dp = False
+            try:
+                self.dataplane.remove_conn(dp_conn)
+            except OSError:
+                pass
         self.registry.depart(gs)
         conn.let_go()
         self.replan()
@@ -1114,6 +1127,15 @@ class Daemon:
         gs = self.registry.add(vg, Guest(vg.name, "vfio", vg.uuid))
         log.info("guest %s: vGPU %s (%s planes)", vg.name, vg.uuid or vg.device.name,
                  "dma-buf" if vg.device.kind == VFIO_GFX_PLANE_TYPE_DMABUF else "region")
+        vg.wake = asyncio.Event()
+        if self.dataplane is not None and vg.device.kind == VFIO_GFX_PLANE_TYPE_DMABUF:
+            # The data plane polls it once every output showing it is committed from there.
+            try:
+                vg.dp_conn = self.dataplane.add_vgpu(vg.device.fd, 100_000_000, True)
+                self._vgpus[vg.dp_conn] = gs
+            except OSError as exc:
+                log.warning("guest %s: the data plane cannot poll the vGPU (%s): polled from Python",
+                            vg.name, exc.strerror or exc)
         self.vfio_tasks[vg.name] = asyncio.get_running_loop().create_task(self._poll_vfio(gs))
         self.replan()
 
@@ -1123,34 +1145,87 @@ class Daemon:
         return 1.0 / max(1.0, showing[0].mode.refresh) if showing else 0.1
 
     async def _poll_vfio(self, gs: GuestState) -> None:
+        """Poll the vGPU once per refresh; while the data plane polls it (`on_dp`), wait until it
+        hands the vGPU back (something changed that it cannot show itself), then poll at once."""
         vg: VfioGuest = gs.conn
         while not vg.closed:
-            await asyncio.sleep(self._poll_period(vg.name))
-            try:
-                frame = vg.poll()
-                reason = f"{vg.name}'s display is off"
-                if vg.last_error is not None:
-                    log.info("guest %s: the vGPU answers again", vg.name)
-                    vg.last_error = None
-            except (VfioError, BadPlane, OSError) as exc:
-                frame, reason = None, f"{vg.name}: {exc}"
-                if str(exc) != vg.last_error:
-                    log.error("guest %s: %s", vg.name, exc)
-                    vg.last_error = str(exc)
-            for buffer in vg.evicted():
-                self.on_forget(vg, buffer)
-            if frame is None:
-                self._blank(gs, reason)
+            if vg.on_dp:
+                vg.wake.clear()
+                await vg.wake.wait()
+                if vg.on_dp:
+                    continue
             else:
-                self._guest_frame(gs, frame)
-                try:
-                    if vg.poll_cursor():
-                        gs.cursor, gs.pointer = vg.cursor, vg.pointer
-                        self._push_cursor(gs)
-                except (VfioError, BadPlane, OSError) as exc:  # the picture goes on; asked again next time
-                    if str(exc) != vg.cursor_error:
-                        log.error("guest %s: reading its cursor plane failed: %s", vg.name, exc)
-                    vg.cursor_error = str(exc)
+                await asyncio.sleep(self._poll_period(vg.name))
+                if vg.on_dp:
+                    continue
+            self._poll_vfio_once(gs)
+            self._vgpu_to_dataplane(gs)
+
+    def _poll_vfio_once(self, gs: GuestState) -> None:
+        vg: VfioGuest = gs.conn
+        try:
+            frame = vg.poll()
+            reason = f"{vg.name}'s display is off"
+            if vg.last_error is not None:
+                log.info("guest %s: the vGPU answers again", vg.name)
+                vg.last_error = None
+        except (VfioError, BadPlane, OSError) as exc:
+            frame, reason = None, f"{vg.name}: {exc}"
+            if str(exc) != vg.last_error:
+                log.error("guest %s: %s", vg.name, exc)
+                vg.last_error = str(exc)
+        for buffer in vg.evicted():
+            self.on_forget(vg, buffer)
+        if frame is None:
+            self._blank(gs, reason)
+            return
+        if vg.dp_conn >= 0 and frame.buffer.dp_handle < 0 and frame.buffer.copy_only is None:
+            self._register_vgpu_buffer(vg, frame.buffer)
+        self._guest_frame(gs, frame)
+        try:
+            if vg.poll_cursor():
+                gs.cursor, gs.pointer = vg.cursor, vg.pointer
+                self._push_cursor(gs)
+        except (VfioError, BadPlane, OSError) as exc:  # the picture goes on; asked again next time
+            if str(exc) != vg.cursor_error:
+                log.error("guest %s: reading its cursor plane failed: %s", vg.name, exc)
+            vg.cursor_error = str(exc)
+
+    def _register_vgpu_buffer(self, vg: VfioGuest, buffer: Buffer) -> None:
+        """A vGPU's new dma-buf goes to the data plane, with the layout it was fetched with: the
+        data plane flips it itself when the vGPU shows it again with that layout."""
+        try:
+            self.registry.register(vg, buffer)
+            info = buffer.info
+            self.dataplane.buffer_plane(buffer.dp_handle, info.fourcc, info.modifier, info.width,
+                                        info.height, info.stride)
+        except (Refused, OSError) as exc:
+            log.warning("guest %s: dma-buf %d stays with Python: %s", vg.name, buffer.id, exc)
+
+    def _vgpu_to_dataplane(self, gs: GuestState) -> None:
+        """The data plane polls the vGPU from now on, if every output that shows it is committed from
+        there (a vGPU shown anywhere else, or blanked, is polled here)."""
+        vg: VfioGuest = gs.conn
+        if vg.on_dp or vg.dp_conn < 0 or vg.closed or gs.blanked or self.dataplane is None:
+            return
+        pipes = self._showing(vg.name)
+        if not pipes or not all(p.on_dp for p in pipes):
+            return
+        try:
+            self.dataplane.vgpu_set(vg.dp_conn, int(self._poll_period(vg.name) * 1e9),
+                                    vg.cursor_unsupported is None)
+            self.dataplane.resume(vg.dp_conn, True)
+        except OSError as exc:
+            log.warning("guest %s: the data plane cannot poll the vGPU (%s)", vg.name, exc.strerror or exc)
+            return
+        vg.on_dp = True
+        log.debug("guest %s: the data plane polls the vGPU", vg.name)
+
+    def _vgpu_handed_back(self, gs: GuestState) -> None:
+        """The data plane stopped polling the vGPU (DP_EV_DATA): Python polls it now."""
+        vg: VfioGuest = gs.conn
+        vg.on_dp = False
+        vg.wake.set()
 
     # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
 
@@ -1268,7 +1343,8 @@ class Daemon:
     def _guest_frame(self, gs: GuestState, frame: Frame) -> None:
         """A frame from a source that shows its buffers in place (a polled vGPU, a QEMU display)."""
         gs.blanked = False
-        same = gs.latest is not None and frame.buffer is gs.latest.buffer
+        latest = self.registry.latest(gs)
+        same = latest is not None and frame.buffer is latest.buffer
         if same and self._scanned_directly(gs.conn.name):
             return  # the plane reads the guest's memory itself: nothing to flip
         self.on_flip(gs.conn, frame)
@@ -1283,9 +1359,7 @@ class Daemon:
             return
         gs.blanked = True
         log.info("guest %s: display off (%s)", gs.conn.name, reason)
-        if gs.latest is not None:
-            latest, gs.latest = gs.latest, None
-            self.registry.release(latest)
+        self.registry.drop_latest(gs)
         for pipe in self._showing(gs.conn.name):
             asyncio.get_running_loop().create_task(self._blank_output(pipe, reason))
 

@@ -280,6 +280,20 @@ class DataPlane:
     def flip(self, conn: int, buffer: int, frame: int, received_ns: int) -> None:
         _check(lib.dp_flip(self._live(), conn, buffer, frame, received_ns), f"buffer {buffer}: flip")
 
+    # --- vGPUs
+
+    def add_vgpu(self, device_fd: int, period_ns: int, cursor: bool) -> int:
+        """A vGPU's connection (paused: Python polls it until resume)."""
+        return _check(lib.dp_vgpu_add(self._live(), device_fd, period_ns, int(cursor)), "adding a vGPU")
+
+    def vgpu_set(self, conn: int, period_ns: int, cursor: bool) -> None:
+        _check(lib.dp_vgpu_set(self._live(), conn, period_ns, int(cursor)), f"vGPU {conn}: set")
+
+    def buffer_plane(self, buffer: int, fourcc: int, modifier: int, width: int, height: int,
+                     stride: int) -> None:
+        _check(lib.dp_buffer_plane(self._live(), buffer, fourcc, modifier, width, height, stride),
+               f"buffer {buffer}: plane")
+
 
 __all__ = ["DataPlane", "Event", "Held", "Taken", "OutputStats", "DATA", "CLOSED", "FLIP", "FREED",
            "PRESENTED", "ERROR", "DRAINED", "MAX_OUTPUTS", "MAX_OUT", "TOKEN_BIT"]

@@ -232,6 +232,18 @@ class GuestRegistry:
             self.release(gs.latest)
         gs.latest = frame
 
+    def drop_latest(self, gs: GuestState) -> None:
+        """The guest has no latest frame any more (a vGPU's display went off): its hold goes."""
+        latest, gs.latest = gs.latest, None
+        if latest is not None and latest.buffer.dp_handle < 0:
+            self.release(latest)
+        conn = getattr(gs.conn, "dp_conn", -1)
+        if self.dataplane is not None and conn >= 0:
+            try:
+                self.dataplane.set_latest(conn, -1, 0, 0)   # the data plane holds its guests' latest
+            except OSError:
+                pass
+
     # --- buffers the guest lets go of
 
     def forget(self, gs: GuestState, buffer: Buffer) -> None:

@@ -1,6 +1,7 @@
 /* directflip's data plane; see dataplane.h for the contract.
  *
- * One thread, one epoll set: the stop eventfd, every card's DRM fd and every connection's socket.
+ * One thread, one epoll set: the stop eventfd, every card's DRM fd, every connection's socket and
+ * every vGPU's timerfd.
  * Each wakeup takes the lock, handles what is ready (at most one recvmsg per connection, so a guest
  * that never stops writing cannot starve the others, and every flip event each DRM fd holds), then
  * sends what it queued for each client in one send, and lets go of the lock.
@@ -19,9 +20,11 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <linux/vfio.h>
 #include <xf86drm.h>
 #include <xf86drmMode.h>
 
@@ -55,6 +58,10 @@ struct buf {
 	int holds;
 	int forgotten;
 	uint32_t fb[DP_MAX_OUTPUTS];
+	/* a vGPU's buffer: the plane layout it was fetched with (dp_buffer_plane) */
+	int has_plane;
+	uint32_t plane_format, plane_width, plane_height, plane_stride;
+	uint64_t plane_modifier;
 };
 
 struct fake_flip {
@@ -94,7 +101,15 @@ struct output {
 
 struct conn {
 	int state;
-	int fd;
+	int fd;                /* the client's socket, or a vGPU's device (never read or closed here) */
+	/* A vGPU (dp_vgpu_add): its planes are queried at each expiry of timer_fd, the fd in the epoll
+	 * set, while the connection is FAST; -1 for a frame-socket client. */
+	int timer_fd;
+	uint64_t period_ns;
+	int cursor;            /* also query the cursor plane; any change of its answer goes to Python */
+	int cursor_seen;
+	int cursor_errno;
+	struct vfio_device_gfx_plane_info cursor_answer;
 	uint32_t gen;
 	uint32_t mask;         /* epoll events registered */
 	int32_t bufs[DP_MAX_BUFFERS];
@@ -196,6 +211,11 @@ static void push_simple(struct dp *dp, uint32_t kind, int handle, int a)
 
 /* --- connections: output ---------------------------------------------------------------------- */
 
+static int conn_poll_fd(const struct conn *c)
+{
+	return c->timer_fd >= 0 ? c->timer_fd : c->fd;
+}
+
 static void conn_watch(struct dp *dp, int index)
 {
 	struct conn *c = dp->conns[index];
@@ -211,13 +231,13 @@ static void conn_watch(struct dp *dp, int index)
 	/* Nothing to wait for: out of the set, for epoll reports a hang-up (EPOLLHUP) whatever the
 	 * mask, and a paused connection whose client hung up would wake this thread for ever. */
 	if (!mask) {
-		if (epoll_ctl(dp->epfd, EPOLL_CTL_DEL, c->fd, NULL) == 0)
+		if (epoll_ctl(dp->epfd, EPOLL_CTL_DEL, conn_poll_fd(c), NULL) == 0)
 			c->mask = 0;
 		return;
 	}
 	ev.events = mask;
 	ev.data.u64 = tag(T_CONN, c->gen, index);
-	if (epoll_ctl(dp->epfd, c->mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, c->fd, &ev) == 0)
+	if (epoll_ctl(dp->epfd, c->mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, conn_poll_fd(c), &ev) == 0)
 		c->mask = mask;
 }
 
@@ -271,7 +291,7 @@ static int conn_queue(struct dp *dp, int index, const uint8_t *data, size_t len)
 
 	if (c->state == C_DEAD)
 		return -EPIPE;
-	if (len == 0)
+	if (len == 0 || c->timer_fd >= 0)   /* a vGPU is told nothing: its memory is its own */
 		return (int)c->out_len;
 	if (c->out_len + len > DP_MAX_OUT) {
 		conn_fail(dp, index, ENOBUFS);
@@ -797,6 +817,85 @@ static void conn_readable(struct dp *dp, int index)
 		pause_for_python(dp, index, 0);
 }
 
+/* --- vGPUs ------------------------------------------------------------------------------------ */
+
+static int vgpu_query(int fd, uint32_t plane_type, struct vfio_device_gfx_plane_info *info)
+{
+	memset(info, 0, sizeof(*info));
+	info->argsz = sizeof(*info);
+	info->flags = VFIO_GFX_PLANE_TYPE_DMABUF;
+	info->drm_plane_type = plane_type;
+	return ioctl(fd, VFIO_DEVICE_QUERY_GFX_PLANE, info) < 0 ? -errno : 0;
+}
+
+static void vgpu_timer(struct conn *c, uint64_t period_ns)
+{
+	struct itimerspec its;
+
+	memset(&its, 0, sizeof(its));
+	its.it_interval.tv_sec = (time_t)(period_ns / 1000000000ull);
+	its.it_interval.tv_nsec = (long)(period_ns % 1000000000ull);
+	its.it_value = its.it_interval;
+	timerfd_settime(c->timer_fd, 0, &its, NULL);   /* cannot fail with a valid fd and times */
+}
+
+/* Hand the vGPU to Python: its poll runs there until dp_conn_resume. */
+static void vgpu_pause(struct dp *dp, int index)
+{
+	vgpu_timer(dp->conns[index], 0);
+	pause_for_python(dp, index, 0);
+}
+
+/* A tick of a vGPU's timer: ask for its planes. The same dma-buf on the primary plane: nothing to
+ * do, the planes read the guest's memory. Another one this thread has a framebuffer for on every
+ * output, of the same layout: flipped here. Anything else (a new buffer or layout, the display off,
+ * a failed query, the cursor plane changed, no output shown from here) goes to Python. */
+static void vgpu_tick(struct dp *dp, int index)
+{
+	struct conn *c = dp->conns[index];
+	struct vfio_device_gfx_plane_info p;
+	uint64_t expirations;
+	int32_t b;
+
+	if (read(c->timer_fd, &expirations, sizeof(expirations)) < 0) {
+		/* EAGAIN: nothing expired after all */
+	}
+	if (c->state != C_FAST)
+		return;
+	if (!c->outputs || vgpu_query(c->fd, DRM_PLANE_TYPE_PRIMARY, &p) < 0 ||
+	    !p.drm_format || !p.width || !p.height || !p.size) {
+		vgpu_pause(dp, index);
+		return;
+	}
+	b = conn_buffer(c, p.dmabuf_id);
+	if (b < 0 || !dp->bufs[b].has_plane || dp->bufs[b].plane_format != p.drm_format ||
+	    dp->bufs[b].plane_modifier != p.drm_format_mod || dp->bufs[b].plane_width != p.width ||
+	    dp->bufs[b].plane_height != p.height || dp->bufs[b].plane_stride != p.stride) {
+		vgpu_pause(dp, index);
+		return;
+	}
+	if (c->cursor) {
+		struct vfio_device_gfx_plane_info q;
+		int err = vgpu_query(c->fd, DRM_PLANE_TYPE_CURSOR, &q);
+
+		if (!c->cursor_seen || err != c->cursor_errno ||
+		    (!err && memcmp(&q, &c->cursor_answer, sizeof(q)) != 0)) {
+			c->cursor_seen = 1;
+			c->cursor_errno = err;
+			c->cursor_answer = q;
+			vgpu_pause(dp, index);
+			return;
+		}
+	}
+	if (c->latest >= 0 && dp->frames[c->latest].buf == b)
+		return;
+	if (flip(dp, index, b, 0, now_ns(), 1) < 0) {
+		vgpu_pause(dp, index);
+		return;
+	}
+	c->flips++;
+}
+
 /* Send what each client was queued, one send per client. */
 static void flush_dirty(struct dp *dp)
 {
@@ -838,7 +937,9 @@ static void *run(void *arg)
 
 				if (!c || c->state == C_FREE || (c->gen & 0xffffffff) != gen)
 					continue;   /* removed since epoll_wait returned */
-				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				if (c->timer_fd >= 0)
+					vgpu_tick(dp, index);
+				else if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
 					conn_readable(dp, index);
 				if (evs[i].events & EPOLLOUT)
 					c->dirty = 1;
@@ -1306,6 +1407,7 @@ int dp_conn_add(struct dp *dp, int fd)
 		c->want_drained = c->dirty = 0;
 		c->gen = gen;
 		c->fd = fd;
+		c->timer_fd = -1;
 		c->latest = -1;
 		c->state = C_FAST;
 		c->mask = EPOLLIN;
@@ -1336,7 +1438,12 @@ int dp_conn_remove(struct dp *dp, int conn)
 	struct conn *c = dp->conns[conn];
 
 	if (c->mask)
-		epoll_ctl(dp->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+		epoll_ctl(dp->epfd, EPOLL_CTL_DEL, conn_poll_fd(c), NULL);
+	c->mask = 0;
+	if (c->timer_fd >= 0) {
+		close(c->timer_fd);
+		c->timer_fd = -1;
+	}
 	for (int o = 0; o < DP_MAX_OUTPUTS; o++) {
 		if (dp->outputs[o].used && dp->outputs[o].conn == conn) {
 			/* Its frames stay where they are until the output is given another guest or
@@ -1426,11 +1533,17 @@ int dp_conn_resume(struct dp *dp, int conn, int fast)
 		ret = -EPIPE;   /* the stream ended: Python closes it */
 		goto out;
 	}
+	if (c->timer_fd >= 0 && !fast) {
+		ret = -EINVAL;   /* a vGPU is polled here or by Python, never half */
+		goto out;
+	}
 	for (int k = 0; k < c->nfds; k++)
 		close(c->fds[k]);
 	c->nfds = 0;
 	c->in_len = c->taken = 0;
 	c->state = fast ? C_FAST : C_SLOW;
+	if (c->timer_fd >= 0)
+		vgpu_timer(c, c->period_ns);
 	conn_watch(dp, conn);
 out:
 	pthread_mutex_unlock(&dp->lock);
@@ -1515,6 +1628,29 @@ int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout)
 		break;
 	}
 out:
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_buffer_plane(struct dp *dp, int buffer, uint32_t format, uint64_t modifier, uint32_t width,
+		    uint32_t height, uint32_t stride)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&dp->lock);
+	buffer = buf_index(dp, buffer);
+	if (buffer < 0) {
+		ret = -ENOENT;
+	} else {
+		struct buf *b = &dp->bufs[buffer];
+
+		b->has_plane = 1;
+		b->plane_format = format;
+		b->plane_modifier = modifier;
+		b->plane_width = width;
+		b->plane_height = height;
+		b->plane_stride = stride;
+	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
 }
@@ -1628,6 +1764,18 @@ int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint
 
 	pthread_mutex_lock(&dp->lock);
 	conn = conn_index(dp, conn);
+	if (conn >= 0 && buffer == -1) {   /* no latest frame any more (a vGPU's display went off) */
+		struct conn *c = dp->conns[conn];
+
+		if (c->latest >= 0) {
+			int32_t latest = c->latest;
+
+			c->latest = -1;
+			frame_unref(dp, latest);
+			flush_dirty(dp);
+		}
+		goto out;
+	}
 	buffer = buf_index(dp, buffer);
 	if (conn < 0 || buffer < 0 || dp->bufs[buffer].conn != conn) {
 		ret = -ENOENT;
@@ -1666,7 +1814,60 @@ int dp_conn_pause(struct dp *dp, int conn)
 
 		c->state = C_PAUSED;
 		c->taken = 0;
+		if (c->timer_fd >= 0)
+			vgpu_timer(c, 0);
 		conn_watch(dp, conn);
+	}
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor)
+{
+	int timer, conn, index;
+
+	if (device_fd < 0 || period_ns < 1000000ull || period_ns > 10000000000ull)
+		return -EINVAL;
+	timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+	if (timer < 0)
+		return -errno;
+	conn = dp_conn_add(dp, timer);   /* in the epoll set, as a client's socket would be */
+	if (conn < 0) {
+		close(timer);
+		return conn;
+	}
+	pthread_mutex_lock(&dp->lock);
+	index = conn_index(dp, conn);
+	struct conn *c = dp->conns[index];
+
+	epoll_ctl(dp->epfd, EPOLL_CTL_DEL, timer, NULL);   /* polled from dp_conn_resume on */
+	c->mask = 0;
+	c->fd = device_fd;
+	c->timer_fd = timer;
+	c->period_ns = period_ns;
+	c->cursor = cursor != 0;
+	c->state = C_PAUSED;
+	pthread_mutex_unlock(&dp->lock);
+	return conn;
+}
+
+int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor)
+{
+	int ret = 0;
+
+	if (period_ns < 1000000ull || period_ns > 10000000000ull)
+		return -EINVAL;
+	pthread_mutex_lock(&dp->lock);
+	conn = conn_index(dp, conn);
+	if (conn < 0 || dp->conns[conn]->timer_fd < 0) {
+		ret = conn < 0 ? -ENOENT : -EINVAL;
+	} else {
+		struct conn *c = dp->conns[conn];
+
+		if (c->period_ns != period_ns && c->state == C_FAST)
+			vgpu_timer(c, period_ns);
+		c->period_ns = period_ns;
+		c->cursor = cursor != 0;
 	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;

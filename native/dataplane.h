@@ -1,4 +1,4 @@
-/* directflip's data plane: the per-frame traffic of frame-socket guests, on its own thread.
+/* directflip's data plane: the per-frame traffic of frame-socket guests and vGPUs, on its own thread.
  *
  * Python (the control plane) decides what is shown where and prepares it: it imports a guest's
  * buffers, adds their framebuffers, sets modes, tests configurations. This thread moves frames: it
@@ -175,7 +175,8 @@ int dp_conn_send(struct dp *dp, int conn, const uint8_t *data, size_t len, int d
 int dp_conn_latest(struct dp *dp, int conn, int *buffer, uint64_t *frame, int *presented);
 
 /* Python showed a frame itself (no output of the guest is run from here): it is the guest's latest
- * now, held as such, and `layout` the layout the guest's next flips are checked against. */
+ * now, held as such, and `layout` the layout the guest's next flips are checked against. `buffer`
+ * -1: the guest has no latest frame any more (its hold is let go). */
 int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint32_t layout);
 
 /* Buffers: `layout` is Python's name for the buffer's layout; a flip of a buffer of another layout
@@ -186,6 +187,21 @@ int dp_buffer_forget(struct dp *dp, int buffer);
 int dp_buffer_hold(struct dp *dp, int buffer);     /* returns the holds now */
 int dp_buffer_release(struct dp *dp, int buffer);  /* returns the holds now */
 int dp_buffer_holds(struct dp *dp, int buffer);
+
+/* vGPUs (VFIO mediated devices with dma-buf display planes). `device_fd` stays Python's: this thread
+ * only queries it. The connection starts paused (Python polls the device); from dp_conn_resume (fast)
+ * on, this thread asks for the primary plane every `period_ns` (a timerfd) and, with `cursor`, for
+ * the cursor plane too. The dma-buf on screen unchanged: nothing happens. Another dma-buf whose
+ * buffer (dp_buffer_add with the dmabuf_id as the id, dp_buffer_plane with the layout it was fetched
+ * with) has a framebuffer on every output that shows the guest: it is flipped here, as a frame-socket
+ * flip would be. Anything else (an unknown dmabuf_id or another layout, the plane off, a failed
+ * query, any change of the cursor plane's answer, the guest shown on no output from here) pauses the
+ * connection and goes to Python as DP_EV_DATA with nothing to take: Python polls the device itself
+ * and resumes. A vGPU is told nothing (no `presented`, no `released`). Periods: 1 ms to 10 s. */
+int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
+int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor);
+int dp_buffer_plane(struct dp *dp, int buffer, uint32_t format, uint64_t modifier, uint32_t width,
+		    uint32_t height, uint32_t stride);
 
 /* A frame Python read (a flip the fast path handed over, once Python added what it lacked): shown
  * exactly as this thread shows the flips it reads. -ENOENT: an output showing the guest has no

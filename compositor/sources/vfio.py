@@ -378,6 +378,12 @@ class VfioGuest:
         self.cursor_error: str | None = None  # the last failure to read it, logged once
         self._cursor_fds: dict[int, tuple[int, PlaneInfo]] = {}  # cursor dmabuf_id → (fd, layout)
         self._cursor_serial = 0
+        # The daemon's native data plane: this vGPU's connection there (-1: none), whether the data
+        # plane polls it now, and the event that wakes the daemon's poll when it hands it back.
+        self.dp_conn = -1
+        self.on_dp = False
+        self.wake = None
+        self.polls = 0   # polls made here (the data plane's are not counted)
 
     def released(self, buffer_id: int) -> None:  # a vGPU has no release: its memory is its own
         pass
@@ -386,6 +392,7 @@ class VfioGuest:
         pass
 
     def poll(self) -> Frame | None:
+        self.polls += 1
         plane = self.device.query()
         self.plane = plane
         if not plane.enabled:
@@ -532,6 +539,9 @@ class VfioGuest:
         return {"vgpu": self.uuid or self.device.name,
                 "plane": self.plane.describe() if self.plane is not None else None,
                 "error": self.last_error,
+                # who asks the vGPU for its planes now: the data plane's thread or the daemon's loop
+                "polled_by": "data plane" if self.on_dp else "compositor",
+                "polls": self.polls,
                 "edid": None if self.edid_written is None else len(self.edid_written),
                 # the vGPU's cursor plane: why there is none, "off" (disabled now), or the image's size
                 "cursor": (self.cursor_unsupported if self.cursor_unsupported is not None

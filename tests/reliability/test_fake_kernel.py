@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import labbench as lb  # noqa: E402
-from fakedrm import FakeKernel  # noqa: E402
+from fakedrm import FakeKernel, FakeVgpu  # noqa: E402
 
 MONITORS = 3
 FLIPS = int(os.environ.get("DIRECTFLIP_FAKE_SOAK_FLIPS", "6000"))
@@ -190,4 +190,87 @@ def test_cursor_moves_stay_on_the_data_plane_and_ride_with_the_frames(fake):
     assert not refused, refused[:5]
     assert cursor and "CRTC_X=420 CRTC_Y=170" in cursor[-1], cursor[-3:]
     assert both, "no commit carried a frame and the cursor together"
+    assert comp.proc.returncode == 0, comp.tail()
+
+
+def test_a_vgpu_is_polled_and_flipped_by_the_data_plane(fake, tmp_path):
+    # A VMM hands its vGPU's device over the frame socket; the guest flips between three dma-bufs.
+    # Once its monitor is committed from the data plane, the data plane polls the vGPU (the
+    # compositor's loop makes no query while the picture stands still) and shows each dma-buf it
+    # already has a framebuffer for; the vGPU's display turned off goes back to the compositor,
+    # which shows the slate, and the picture coming back goes to the data plane again.
+    from compositor.sources.framesocket import FrameSocketClient
+
+    vgpu = FakeVgpu(tmp_path, 1280, 720)
+    vgpu.show(1)
+    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720}"}, {"vg": "m0"})
+    policy = policy.replace("vg: {kind: socket}", "vg: {kind: vfio}")
+    comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
+                         name="fake-vgpu", env=fake.env(vgpu=vgpu))
+    device = os.open(vgpu.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        client = FrameSocketClient(comp.socket, "vg")
+        client.hand_over_vfio(device)
+        comp.wait_shown({"m0": "vg"}, timeout=120)
+
+        def guest() -> dict:
+            return next(g for g in comp.status()["guests"] if g["name"] == "vg")
+
+        def wait(what: str, cond, timeout: float = 60.0):
+            deadline = time.monotonic() + timeout
+            while not (got := cond()):
+                assert time.monotonic() < deadline, f"{what}: {comp.outputs()['m0']} {guest()}"
+                assert comp.proc.poll() is None, comp.tail()
+                time.sleep(0.05)
+            return got
+
+        def showing(ident: int) -> bool:
+            o = comp.outputs()["m0"]
+            return o["data_plane"] and (o.get("on_screen") or {}).get("buffer") == ident
+
+        # The first sight of each dma-buf is the compositor's (it fetches it); after that the data
+        # plane flips among the three itself.
+        t0 = time.monotonic()
+        for ident in (2, 3, 1):
+            vgpu.show(ident)
+            wait(f"dma-buf {ident} on the data plane", lambda ident=ident: showing(ident)
+                 and guest()["polled_by"] == "data plane")
+        learnt = time.monotonic() - t0
+        polls, queries, commits = guest()["polls"], vgpu.queries(), comp.outputs()["m0"]["commits"]
+        t1 = time.monotonic()
+        shown = 0
+        for _ in range(10):
+            for ident in (2, 3, 1):
+                vgpu.show(ident)
+                wait(f"dma-buf {ident} again", lambda ident=ident: showing(ident))
+                shown += 1
+        flipping = time.monotonic() - t1
+        time.sleep(1.0)   # the picture stands still: the data plane keeps asking, the loop does not
+        g, out = guest(), comp.outputs()["m0"]
+        print(f"3 dma-bufs learnt in {learnt:.2f} s; {shown} flips shown in {flipping:.2f} s with "
+              f"{g['polls'] - polls} polls by the compositor, {vgpu.queries() - queries} plane queries in "
+              f"all and {out['commits'] - commits} commits; {g}")
+        assert g["polls"] == polls, "the compositor polled a vGPU the data plane polls"
+        assert g["polled_by"] == "data plane" and out["data_plane"] and out["path"] == "zero-copy", (g, out)
+        assert vgpu.queries() - queries >= shown, "the data plane did not poll the vGPU"
+        assert out["commits"] - commits >= shown and (out["errors"], out["busy"]) == (0, 0), out
+        assert g["buffers"] == 3, g
+
+        vgpu.show(0)   # no such dma-buf: a display the compositor must look at (here: off)
+        fd = os.open(vgpu.path, os.O_WRONLY)
+        os.pwrite(fd, bytes(64), 0)
+        os.close(fd)
+        wait("the slate", lambda: comp.outputs()["m0"]["path"] == "slate")
+        assert guest()["polled_by"] == "compositor"
+        vgpu.show(2)
+        wait("the picture back on the data plane", lambda: showing(2)
+             and guest()["polled_by"] == "data plane")
+        client.close()
+        wait("the guest gone", lambda: not [g for g in comp.status()["guests"] if g["name"] == "vg"])
+    finally:
+        os.close(device)
+        comp.stop()
+    log = comp.log.read_text()
+    problems = [line for line in log.splitlines() if " ERROR: " in line or "Traceback" in line]
+    assert not problems, "\n".join(problems[:20])
     assert comp.proc.returncode == 0, comp.tail()
