@@ -152,6 +152,7 @@ class Daemon:
         self.registry = GuestRegistry(self._drop_buffer)
         self._dp_cards: dict[int, Card] = {}        # data-plane card index → Card
         self._vgpus: dict[int, GuestState] = {}     # data-plane connection → a vGPU it can poll
+        self._local_sources: dict[int, GuestState] = {}   # ... → a QEMU display whose frames go there
         self.watcher = PolicyWatcher(self.policy_path, self._policy_changed)  # raises on a bad policy
         self.cards: dict[str, Card] = {}
         self.layers: dict[str, OutputLayer] = {}   # each card's output layer, by its path
@@ -660,6 +661,7 @@ class Daemon:
         data plane holds the frame as the guest's latest, and on_flip goes on as for any guest."""
         conn, buffer = gs.conn, frame.buffer
         buffer.owner = gs
+        self.registry.latest_to_dataplane(gs)
         pipes = self._showing(conn.name)
         if not new_layout and pipes and all(p.on_dp for p in pipes):
             try:
@@ -696,12 +698,16 @@ class Daemon:
         if task is not None:
             task.cancel()
         dp_conn = getattr(conn, "dp_conn", -1)
-        if self._vgpus.pop(dp_conn, None) is gs:   # the data plane lets go of its buffers with it
-            conn.on_dp = False
-            try:
-                self.dataplane.remove_conn(dp_conn)
-            except OSError:
-                pass
+        vgpu = self._vgpus.pop(dp_conn, None) is gs
+        if vgpu or self._local_sources.pop(dp_conn, None) is gs:   # its buffers go with it there
+            if vgpu:
+                conn.on_dp = False
+            if self.dataplane is not None:   # None: shutting down, the data plane is gone already
+                try:
+                    self.dataplane.remove_conn(dp_conn)
+                except OSError:
+                    pass
+            conn.dp_conn = -1
         self.registry.depart(gs)
         conn.let_go()
         self.replan()
@@ -1158,11 +1164,17 @@ class Daemon:
                 await asyncio.sleep(self._poll_period(vg.name))
                 if vg.on_dp:
                     continue
-            self._poll_vfio_once(gs)
-            self._vgpu_to_dataplane(gs)
+            try:
+                self._poll_vfio_once(gs)
+                self._vgpu_to_dataplane(gs)
+            except Exception:   # the vGPU must not end up polled by nobody
+                log.exception("guest %s: polling its vGPU failed", vg.name)
+                vg.on_dp = False
+                await asyncio.sleep(self._poll_period(vg.name))
 
     def _poll_vfio_once(self, gs: GuestState) -> None:
         vg: VfioGuest = gs.conn
+        vg.needs_poll = False
         try:
             frame = vg.poll()
             reason = f"{vg.name}'s display is off"
@@ -1179,8 +1191,9 @@ class Daemon:
         if frame is None:
             self._blank(gs, reason)
             return
-        if vg.dp_conn >= 0 and frame.buffer.dp_handle < 0 and frame.buffer.copy_only is None:
-            self._register_vgpu_buffer(vg, frame.buffer)
+        if (vg.dp_conn >= 0 and frame.buffer.dp_handle < 0 and frame.buffer.copy_only is None
+                and frame.buffer.holds == 0):
+            self._register_source_buffer(vg, frame.buffer, plane=True)
         self._guest_frame(gs, frame)
         try:
             if vg.poll_cursor():
@@ -1191,22 +1204,26 @@ class Daemon:
                 log.error("guest %s: reading its cursor plane failed: %s", vg.name, exc)
             vg.cursor_error = str(exc)
 
-    def _register_vgpu_buffer(self, vg: VfioGuest, buffer: Buffer) -> None:
-        """A vGPU's new dma-buf goes to the data plane, with the layout it was fetched with: the
-        data plane flips it itself when the vGPU shows it again with that layout."""
+    def _register_source_buffer(self, source, buffer: Buffer, plane: bool = False) -> None:
+        """A vGPU's or a QEMU display's new dma-buf goes to the data plane (its holds are counted
+        there). A vGPU's goes with the layout it was fetched with (`plane`): the data plane flips it
+        itself when the vGPU shows it again with that layout. Only a buffer nothing holds yet: one
+        the data plane refused stays with Python, whose holds on it stay Python's."""
         try:
-            self.registry.register(vg, buffer)
-            info = buffer.info
-            self.dataplane.buffer_plane(buffer.dp_handle, info.fourcc, info.modifier, info.width,
-                                        info.height, info.stride)
+            self.registry.register(source, buffer)
+            if plane:
+                info = buffer.info
+                self.dataplane.buffer_plane(buffer.dp_handle, info.fourcc, info.modifier, info.width,
+                                            info.height, info.stride)
         except (Refused, OSError) as exc:
-            log.warning("guest %s: dma-buf %d stays with Python: %s", vg.name, buffer.id, exc)
+            log.warning("guest %s: dma-buf %d stays with Python: %s", source.name, buffer.id, exc)
 
     def _vgpu_to_dataplane(self, gs: GuestState) -> None:
         """The data plane polls the vGPU from now on, if every output that shows it is committed from
         there (a vGPU shown anywhere else, or blanked, is polled here)."""
         vg: VfioGuest = gs.conn
-        if vg.on_dp or vg.dp_conn < 0 or vg.closed or gs.blanked or self.dataplane is None:
+        if (vg.on_dp or vg.needs_poll or vg.dp_conn < 0 or vg.closed or gs.blanked
+                or self.dataplane is None):
             return
         pipes = self._showing(vg.name)
         if not pipes or not all(p.on_dp for p in pipes):
@@ -1225,6 +1242,7 @@ class Daemon:
         """The data plane stopped polling the vGPU (DP_EV_DATA): Python polls it now."""
         vg: VfioGuest = gs.conn
         vg.on_dp = False
+        vg.needs_poll = True   # what made the data plane hand it back is read before it goes again
         vg.wake.set()
 
     # --- QEMU VMs (-display dbus) ----------------------------------------------------------------------
@@ -1249,7 +1267,14 @@ class Daemon:
                 continue
             source = QemuDisplaySource(name, target, self, uuid=rule.uuid)
             self.qemu_sources[name] = source
-            self.registry.add(source, Guest(name, "qemu-dbus", rule.uuid))
+            gs = self.registry.add(source, Guest(name, "qemu-dbus", rule.uuid))
+            if self.dataplane is not None:   # its dma-buf frames are flipped through the data plane
+                try:
+                    source.dp_conn = self.dataplane.add_local()
+                    self._local_sources[source.dp_conn] = gs
+                except OSError as exc:
+                    log.warning("guest %s: the data plane cannot take its frames (%s): flipped from Python",
+                                name, exc.strerror or exc)
             log.info("guest %s: QEMU display at %s", name, source.target.describe())
             source.start()
         self.replan()
@@ -1257,6 +1282,10 @@ class Daemon:
     def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
         gs = self.guests.get(source.name)
         if gs is not None and gs.conn is source:
+            buffer = frame.buffer
+            if (source.dp_conn >= 0 and buffer.dp_handle < 0 and buffer.copy_only is None and buffer.fd >= 0
+                    and buffer.holds == 0):
+                self._register_source_buffer(source, buffer)
             self._guest_frame(gs, frame)
 
     def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
@@ -1346,13 +1375,17 @@ class Daemon:
         latest = self.registry.latest(gs)
         same = latest is not None and frame.buffer is latest.buffer
         if same and self._scanned_directly(gs.conn.name):
-            return  # the plane reads the guest's memory itself: nothing to flip
+            # The plane reads the guest's memory itself: nothing to flip. An output taken back (a
+            # capture, a cursor image) goes to the data plane again here, as no flip event will come.
+            if self.dataplane is not None and gs.conn.dp_conn >= 0:
+                self._hand_over(gs.conn.name)
+            return
         self.on_flip(gs.conn, frame)
 
     def _scanned_directly(self, name: str) -> bool:
         showing = self._showing(name)
-        return bool(showing) and all(p.path == "zero-copy" and p.on_screen is not None
-                                     and p.on_screen.frame is not None for p in showing)
+        return bool(showing) and all(p.on_dp or (p.path == "zero-copy" and p.on_screen is not None
+                                                 and p.on_screen.frame is not None) for p in showing)
 
     def _blank(self, gs: GuestState, reason: str) -> None:
         if gs.blanked:

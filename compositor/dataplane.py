@@ -280,6 +280,10 @@ class DataPlane:
     def flip(self, conn: int, buffer: int, frame: int, received_ns: int) -> None:
         _check(lib.dp_flip(self._live(), conn, buffer, frame, received_ns), f"buffer {buffer}: flip")
 
+    def add_local(self) -> int:
+        """A connection for a source Python reads itself (a QEMU display): frames with flip()."""
+        return _check(lib.dp_local_add(self._live()), "adding a source")
+
     # --- vGPUs
 
     def add_vgpu(self, device_fd: int, period_ns: int, cursor: bool) -> int:

@@ -117,7 +117,7 @@ class GuestRegistry:
     def adopt(self, conn: GuestConnection) -> None:
         """The data plane serves `conn` from now on: its buffers and its latest frame go there."""
         gs = self.guests.get(conn.name)
-        if gs is None:
+        if gs is None or gs.conn is not conn:   # (a VMM's socket whose vGPU took over the name)
             return
         for buffer in conn.buffers.values():
             self.register(conn, buffer)
@@ -155,7 +155,9 @@ class GuestRegistry:
             return None
         buffer = self.dp_buffers.get(handle)
         if buffer is None:
-            return None
+            # None there: a frame of a buffer the data plane could not take, if any, is Python's
+            latest = gs.latest
+            return latest if latest is not None and latest.buffer.dp_handle < 0 else None
         if gs.latest is None or gs.latest.buffer is not buffer or gs.latest.seq != seq:
             gs.latest = Frame(buffer=buffer, seq=seq, presented=presented)
         return gs.latest
@@ -225,12 +227,19 @@ class GuestRegistry:
             gs.conn.presented(frame.buffer.id, frame.seq, event.timestamp_ns, event.sequence)
 
     def new_latest(self, gs: GuestState, frame: Frame) -> None:
-        """`frame` is the guest's latest (Python frame path): it holds its buffer, the one before
-        lets go."""
+        """`frame`, of a buffer Python counts the holds of, is the guest's latest: it holds its
+        buffer, the one before lets go (the data plane's, if the data plane held it)."""
         self.hold(gs, frame.buffer)
-        if gs.latest is not None:
-            self.release(gs.latest)
+        self.drop_latest(gs)
         gs.latest = frame
+
+    def latest_to_dataplane(self, gs: GuestState) -> None:
+        """The data plane holds the guest's latest frame from now on: a frame before it that Python
+        held lets go."""
+        latest = gs.latest
+        if latest is not None and latest.buffer.dp_handle < 0:
+            gs.latest = None
+            self.release(latest)
 
     def drop_latest(self, gs: GuestState) -> None:
         """The guest has no latest frame any more (a vGPU's display went off): its hold goes."""

@@ -270,6 +270,7 @@ int dp_buffer_release(struct dp *dp, int buffer);
 int dp_buffer_holds(struct dp *dp, int buffer);
 int dp_flip(struct dp *dp, int conn, int buffer, uint64_t frame, uint64_t received_ns);
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
+int dp_local_add(struct dp *dp);
 int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor);
 int dp_buffer_plane(struct dp *dp, int buffer, uint32_t format, uint64_t modifier, uint32_t width,
                     uint32_t height, uint32_t stride);

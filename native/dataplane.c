@@ -105,6 +105,7 @@ struct conn {
 	/* A vGPU (dp_vgpu_add): its planes are queried at each expiry of timer_fd, the fd in the epoll
 	 * set, while the connection is FAST; -1 for a frame-socket client. */
 	int timer_fd;
+	int silent;            /* no client to tell anything (a vGPU, a source of Python's) */
 	uint64_t period_ns;
 	int cursor;            /* also query the cursor plane; any change of its answer goes to Python */
 	int cursor_seen;
@@ -291,7 +292,7 @@ static int conn_queue(struct dp *dp, int index, const uint8_t *data, size_t len)
 
 	if (c->state == C_DEAD)
 		return -EPIPE;
-	if (len == 0 || c->timer_fd >= 0)   /* a vGPU is told nothing: its memory is its own */
+	if (len == 0 || c->silent)   /* a vGPU or a source of Python's is told nothing */
 		return (int)c->out_len;
 	if (c->out_len + len > DP_MAX_OUT) {
 		conn_fail(dp, index, ENOBUFS);
@@ -846,51 +847,78 @@ static void vgpu_pause(struct dp *dp, int index)
 	pause_for_python(dp, index, 0);
 }
 
-/* A tick of a vGPU's timer: ask for its planes. The same dma-buf on the primary plane: nothing to
- * do, the planes read the guest's memory. Another one this thread has a framebuffer for on every
- * output, of the same layout: flipped here. Anything else (a new buffer or layout, the display off,
- * a failed query, the cursor plane changed, no output shown from here) goes to Python. */
-static void vgpu_tick(struct dp *dp, int index)
+/* A tick of a vGPU's timer (with the lock held). The queries themselves may wait on the driver's
+ * locks (and the VMM's use of the device), so they are made without the lock: this says whether
+ * to make them (1), after pausing a vGPU shown on no output from here. */
+static int vgpu_tick(struct dp *dp, int index)
 {
 	struct conn *c = dp->conns[index];
-	struct vfio_device_gfx_plane_info p;
 	uint64_t expirations;
-	int32_t b;
 
 	if (read(c->timer_fd, &expirations, sizeof(expirations)) < 0) {
 		/* EAGAIN: nothing expired after all */
 	}
 	if (c->state != C_FAST)
-		return;
-	if (!c->outputs || vgpu_query(c->fd, DRM_PLANE_TYPE_PRIMARY, &p) < 0 ||
-	    !p.drm_format || !p.width || !p.height || !p.size) {
+		return 0;
+	if (!c->outputs) {
 		vgpu_pause(dp, index);
-		return;
+		return 0;
 	}
-	b = conn_buffer(c, p.dmabuf_id);
-	if (b < 0 || !dp->bufs[b].has_plane || dp->bufs[b].plane_format != p.drm_format ||
-	    dp->bufs[b].plane_modifier != p.drm_format_mod || dp->bufs[b].plane_width != p.width ||
-	    dp->bufs[b].plane_height != p.height || dp->bufs[b].plane_stride != p.stride) {
-		vgpu_pause(dp, index);
-		return;
-	}
-	if (c->cursor) {
-		struct vfio_device_gfx_plane_info q;
-		int err = vgpu_query(c->fd, DRM_PLANE_TYPE_CURSOR, &q);
+	return 1;
+}
 
-		if (!c->cursor_seen || err != c->cursor_errno ||
-		    (!err && memcmp(&q, &c->cursor_answer, sizeof(q)) != 0)) {
+/* What the queries of one tick found, made without the lock. */
+struct vgpu_answer {
+	int index;
+	uint32_t gen;
+	int fd, cursor;
+	int err, cursor_err;
+	struct vfio_device_gfx_plane_info primary, cursor_plane;
+};
+
+static void vgpu_ask(struct vgpu_answer *a)
+{
+	a->err = vgpu_query(a->fd, DRM_PLANE_TYPE_PRIMARY, &a->primary);
+	a->cursor_err = a->cursor ? vgpu_query(a->fd, DRM_PLANE_TYPE_CURSOR, &a->cursor_plane) : 0;
+}
+
+/* The answers of a tick (the lock held again; the connection may have changed meanwhile). The same
+ * dma-buf on the primary plane: nothing to do, the planes read the guest's memory. Another one this
+ * thread has a framebuffer for on every output, of the same layout: flipped here. Anything else (a
+ * new buffer or layout, the display off, a failed query, the cursor plane changed) goes to Python. */
+static void vgpu_answered(struct dp *dp, const struct vgpu_answer *a)
+{
+	struct conn *c = dp->conns[a->index];
+	const struct vfio_device_gfx_plane_info *p = &a->primary;
+	int32_t b;
+
+	if (!c || c->state != C_FAST || c->gen != a->gen || c->timer_fd < 0)
+		return;   /* removed, paused or handed back since: the answer is stale */
+	if (!c->outputs || a->err < 0 || !p->drm_format || !p->width || !p->height || !p->size) {
+		vgpu_pause(dp, a->index);
+		return;
+	}
+	b = conn_buffer(c, p->dmabuf_id);
+	if (b < 0 || !dp->bufs[b].has_plane || dp->bufs[b].plane_format != p->drm_format ||
+	    dp->bufs[b].plane_modifier != p->drm_format_mod || dp->bufs[b].plane_width != p->width ||
+	    dp->bufs[b].plane_height != p->height || dp->bufs[b].plane_stride != p->stride) {
+		vgpu_pause(dp, a->index);
+		return;
+	}
+	if (a->cursor && c->cursor) {
+		if (!c->cursor_seen || a->cursor_err != c->cursor_errno ||
+		    (!a->cursor_err && memcmp(&a->cursor_plane, &c->cursor_answer, sizeof(a->cursor_plane)))) {
 			c->cursor_seen = 1;
-			c->cursor_errno = err;
-			c->cursor_answer = q;
-			vgpu_pause(dp, index);
+			c->cursor_errno = a->cursor_err;
+			c->cursor_answer = a->cursor_plane;
+			vgpu_pause(dp, a->index);
 			return;
 		}
 	}
 	if (c->latest >= 0 && dp->frames[c->latest].buf == b)
 		return;
-	if (flip(dp, index, b, 0, now_ns(), 1) < 0) {
-		vgpu_pause(dp, index);
+	if (flip(dp, a->index, b, 0, now_ns(), 1) < 0) {
+		vgpu_pause(dp, a->index);
 		return;
 	}
 	c->flips++;
@@ -919,7 +947,8 @@ static void *run(void *arg)
 		if (n < 0)
 			break;
 		pthread_mutex_lock(&dp->lock);
-		int stop = 0;
+		int stop = 0, asks = 0;
+		struct vgpu_answer answers[DP_MAX_CONNS];
 
 		for (int i = 0; i < n; i++) {
 			uint64_t t = evs[i].data.u64;
@@ -937,9 +966,15 @@ static void *run(void *arg)
 
 				if (!c || c->state == C_FREE || (c->gen & 0xffffffff) != gen)
 					continue;   /* removed since epoll_wait returned */
-				if (c->timer_fd >= 0)
-					vgpu_tick(dp, index);
-				else if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				if (c->timer_fd >= 0) {
+					if (vgpu_tick(dp, index) && asks < DP_MAX_CONNS) {
+						answers[asks].index = index;
+						answers[asks].gen = c->gen;
+						answers[asks].fd = c->fd;
+						answers[asks].cursor = c->cursor;
+						asks++;
+					}
+				} else if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
 					conn_readable(dp, index);
 				if (evs[i].events & EPOLLOUT)
 					c->dirty = 1;
@@ -947,6 +982,17 @@ static void *run(void *arg)
 		}
 		flush_dirty(dp);
 		pthread_mutex_unlock(&dp->lock);
+		if (asks) {
+			/* A removed vGPU's descriptor may be closed (even reused) meanwhile: a query of it
+			 * only reads, and its answer is dropped for the generation changed. */
+			for (int i = 0; i < asks; i++)
+				vgpu_ask(&answers[i]);
+			pthread_mutex_lock(&dp->lock);
+			for (int i = 0; i < asks; i++)
+				vgpu_answered(dp, &answers[i]);
+			flush_dirty(dp);
+			pthread_mutex_unlock(&dp->lock);
+		}
 		if (stop)
 			break;
 	}
@@ -1065,6 +1111,8 @@ void dp_free(struct dp *dp)
 		if (dp->conns[i]) {
 			for (int k = 0; k < dp->conns[i]->nfds; k++)
 				close(dp->conns[i]->fds[k]);
+			if (dp->conns[i]->state != C_FREE && dp->conns[i]->timer_fd >= 0)
+				close(dp->conns[i]->timer_fd);
 			free(dp->conns[i]->out);
 			free(dp->conns[i]);
 		}
@@ -1374,12 +1422,10 @@ int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out)
 	return ret;
 }
 
-int dp_conn_add(struct dp *dp, int fd)
+/* A free connection slot, set up for `fd` and paused (not in the epoll set): its index, or -errno.
+ * Called with the lock held. */
+static int conn_slot(struct dp *dp, int fd)
 {
-	struct epoll_event ev;
-	int ret = -ENOSPC;
-
-	pthread_mutex_lock(&dp->lock);
 	for (int i = 0; i < DP_MAX_CONNS; i++) {
 		struct conn *c = dp->conns[i];
 
@@ -1387,10 +1433,8 @@ int dp_conn_add(struct dp *dp, int fd)
 			continue;
 		if (!c) {
 			c = calloc(1, sizeof(*c));
-			if (!c) {
-				ret = -ENOMEM;
-				break;
-			}
+			if (!c)
+				return -ENOMEM;
 			dp->conns[i] = c;
 		}
 		uint32_t gen = c->gen + 1;
@@ -1409,17 +1453,43 @@ int dp_conn_add(struct dp *dp, int fd)
 		c->fd = fd;
 		c->timer_fd = -1;
 		c->latest = -1;
-		c->state = C_FAST;
-		c->mask = EPOLLIN;
-		ev.events = EPOLLIN;
-		ev.data.u64 = tag(T_CONN, gen, i);
-		if (epoll_ctl(dp->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
-			ret = -errno;
-			c->state = C_FREE;
-			break;
+		c->state = C_PAUSED;
+		return i;
+	}
+	return -ENOSPC;
+}
+
+int dp_conn_add(struct dp *dp, int fd)
+{
+	int ret;
+
+	pthread_mutex_lock(&dp->lock);
+	ret = conn_slot(dp, fd);
+	if (ret >= 0) {
+		int i = ret;
+
+		dp->conns[i]->state = C_FAST;
+		conn_watch(dp, i);
+		if (dp->conns[i]->mask != EPOLLIN) {   /* epoll refused the fd */
+			dp->conns[i]->state = C_FREE;
+			ret = -EBADF;
+		} else {
+			ret = conn_handle(dp, i);
 		}
-		ret = conn_handle(dp, i);
-		break;
+	}
+	pthread_mutex_unlock(&dp->lock);
+	return ret;
+}
+
+int dp_local_add(struct dp *dp)
+{
+	int ret;
+
+	pthread_mutex_lock(&dp->lock);
+	ret = conn_slot(dp, -1);
+	if (ret >= 0) {
+		dp->conns[ret]->silent = 1;
+		ret = conn_handle(dp, ret);
 	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
@@ -1533,8 +1603,8 @@ int dp_conn_resume(struct dp *dp, int conn, int fast)
 		ret = -EPIPE;   /* the stream ended: Python closes it */
 		goto out;
 	}
-	if (c->timer_fd >= 0 && !fast) {
-		ret = -EINVAL;   /* a vGPU is polled here or by Python, never half */
+	if ((c->timer_fd >= 0 && !fast) || c->fd < 0) {
+		ret = -EINVAL;   /* a vGPU is polled here or by Python, never half; a local source never */
 		goto out;
 	}
 	for (int k = 0; k < c->nfds; k++)
@@ -1824,31 +1894,28 @@ int dp_conn_pause(struct dp *dp, int conn)
 
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor)
 {
-	int timer, conn, index;
+	int timer, ret;
 
 	if (device_fd < 0 || period_ns < 1000000ull || period_ns > 10000000000ull)
 		return -EINVAL;
 	timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
 	if (timer < 0)
 		return -errno;
-	conn = dp_conn_add(dp, timer);   /* in the epoll set, as a client's socket would be */
-	if (conn < 0) {
-		close(timer);
-		return conn;
-	}
 	pthread_mutex_lock(&dp->lock);
-	index = conn_index(dp, conn);
-	struct conn *c = dp->conns[index];
+	ret = conn_slot(dp, device_fd);   /* paused: polled here from dp_conn_resume on */
+	if (ret >= 0) {
+		struct conn *c = dp->conns[ret];
 
-	epoll_ctl(dp->epfd, EPOLL_CTL_DEL, timer, NULL);   /* polled from dp_conn_resume on */
-	c->mask = 0;
-	c->fd = device_fd;
-	c->timer_fd = timer;
-	c->period_ns = period_ns;
-	c->cursor = cursor != 0;
-	c->state = C_PAUSED;
+		c->timer_fd = timer;
+		c->period_ns = period_ns;
+		c->cursor = cursor != 0;
+		c->silent = 1;
+		ret = conn_handle(dp, ret);
+	} else {
+		close(timer);
+	}
 	pthread_mutex_unlock(&dp->lock);
-	return conn;
+	return ret;
 }
 
 int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor)

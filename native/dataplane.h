@@ -199,6 +199,10 @@ int dp_buffer_holds(struct dp *dp, int buffer);
  * connection and goes to Python as DP_EV_DATA with nothing to take: Python polls the device itself
  * and resumes. A vGPU is told nothing (no `presented`, no `released`). Periods: 1 ms to 10 s. */
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
+/* A source whose frames Python reads itself (a QEMU display's D-Bus calls): a connection with no
+ * socket, never read here and told nothing. Its frames come with dp_flip; they are shown, held and
+ * released exactly as a frame-socket guest's, from the same tables. */
+int dp_local_add(struct dp *dp);
 int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor);
 int dp_buffer_plane(struct dp *dp, int buffer, uint32_t format, uint64_t modifier, uint32_t width,
 		    uint32_t height, uint32_t stride);

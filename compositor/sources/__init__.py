@@ -46,6 +46,7 @@ class SourceDefaults:
     goes, no buffers evicted, no EDID to pass on. Sources inherit it and override what they need."""
 
     mdev: str | None = None
+    dp_conn: int = -1   # its connection on the daemon's data plane (-1: none)
 
     def let_go(self) -> None:
         pass

@@ -382,6 +382,7 @@ class VfioGuest:
         # plane polls it now, and the event that wakes the daemon's poll when it hands it back.
         self.dp_conn = -1
         self.on_dp = False
+        self.needs_poll = False   # handed back by the data plane and not polled here since
         self.wake = None
         self.polls = 0   # polls made here (the data plane's are not counted)
 

@@ -274,3 +274,58 @@ def test_a_vgpu_is_polled_and_flipped_by_the_data_plane(fake, tmp_path):
     problems = [line for line in log.splitlines() if " ERROR: " in line or "Traceback" in line]
     assert not problems, "\n".join(problems[:20])
     assert comp.proc.returncode == 0, comp.tail()
+
+
+def test_a_qemu_displays_dma_bufs_are_flipped_by_the_data_plane(fake, tmp_path):
+    # A QEMU display (the protocol's peer, serving org.qemu on a private bus as `-display dbus`
+    # does) alternates two dma-bufs with ScanoutDMABUF, each followed by UpdateDMABUF. The daemon
+    # reads the D-Bus calls and hands each frame to the data plane: the output stays on the data
+    # plane while its commits go on, and an in-place update makes no commit.
+    bus = tmp_path / "bus"
+    daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
+                               f"--address=unix:path={bus}"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    peer = subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "serve",
+                             "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "memfd",
+                             "--mode", "dmabuf", "--buffers", "2", "--rate", "60"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720}"}, {"peer": "m0"})
+    policy = policy.replace("peer: {kind: socket}",
+                            f'peer: {{kind: qemu-dbus, display: "dbus:unix:path={bus}"}}')
+    comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
+                         name="fake-qemu", env=fake.env())
+    try:
+        comp.wait_shown({"m0": "peer"}, timeout=120)
+        deadline = time.monotonic() + 60
+        while not (out := comp.outputs()["m0"])["data_plane"]:
+            assert time.monotonic() < deadline, out
+            assert comp.proc.poll() is None, comp.tail()
+            time.sleep(0.05)
+        looks = []
+        for _ in range(20):
+            out = comp.outputs()["m0"]
+            calls = next(g for g in comp.status()["guests"] if g["name"] == "peer")["qemu"]["calls"]
+            looks.append((out["data_plane"], out["commits"], out["on_screen"], calls.get("ScanoutDMABUF", 0),
+                          calls.get("UpdateDMABUF", 0)))
+            time.sleep(0.1)
+        print(f"peer on m0 ({out['path']}): (data plane, commits, on screen, ScanoutDMABUF, UpdateDMABUF) "
+              f"every 0.1 s: {looks}")
+        assert all(on_dp for on_dp, *_ in looks), looks
+        commits, scanouts, updates = (looks[-1][i] - looks[0][i] for i in (1, 3, 4))
+        shown = {(s or {}).get("buffer") for _, _, s, _, _ in looks}
+        assert commits >= 10 and len(shown) == 2, looks   # both dma-bufs, flipped in turn
+        # one commit per ScanoutDMABUF (another dma-buf each time), none for an UpdateDMABUF
+        assert updates >= scanouts - 1 and scanouts - 2 <= commits <= scanouts + 2, looks
+        assert out["path"] == "zero-copy" and (out["errors"], out["busy"]) == (0, 0), out
+        guest = next(g for g in comp.status()["guests"] if g["name"] == "peer")
+        assert guest["qemu"]["path"] == "dmabuf", guest
+    finally:
+        comp.stop()
+        for proc in (peer, daemon):
+            proc.terminate()
+            proc.wait(timeout=20)
+    log = comp.log.read_text()
+    problems = [line for line in log.splitlines() if " ERROR: " in line or "Traceback" in line]
+    assert not problems, "\n".join(problems[:20])
+    assert "from Python" not in log, [line for line in log.splitlines() if "from Python" in line][:5]
+    assert comp.proc.returncode == 0, comp.tail()

@@ -174,9 +174,11 @@ def wb_bar(lab, name: str) -> int | None:
 
 
 def test_dmabuf_peer_is_zero_copy_and_followed_without_new_scanouts(lab):
-    out = lab.wait_shown("wb", "peer", path="zero-copy", timeout=60)
+    lab.wait_shown("wb", "peer", path="zero-copy", timeout=60)
     guest = next(g for g in lab.status()["guests"] if g["name"] == "peer")
     assert guest["qemu"]["path"] == "dmabuf", guest
+    # its frames go through the data plane (the daemon reads QEMU's calls, the data plane commits)
+    out = wait_for("wb on the data plane", lambda: (o := lab.output("wb"))["data_plane"] and o, timeout=30)
     commits = out["commits"]
     first = wait_for("the peer's bar on the writeback picture", lambda: wb_bar(lab, "wb1"), timeout=20)
     second = wait_for("the bar moving on the writeback picture",

@@ -132,7 +132,25 @@ def test_mbochs_on_vkms_zero_copy_follows_the_guests_mode(lab, tmp_path):
           "office", 1, 640, 480)
     print(f"wb: office 640x480 {out['path']}, writeback pixel-exact")
 
-    lab.office.mode(800, 600)
+    # Its monitor on the data plane, the data plane polls the vGPU, and the compositor's loop asks it
+    # nothing. (A capture takes the monitor back for a moment: the loop polls until it hands the
+    # monitor over again.)
+    def office() -> dict:
+        return next(g for g in lab.status()["guests"] if g["name"] == "office")
+
+    lab.office.draw("office", 9)   # drawn in place: the same dma-buf
+    whole("the redrawn frame 9 in the writeback", lambda: lab.capture("wb", tmp_path / "r.png"),
+          "office", 9, 640, 480)
+    wait_for("the data plane polling office's vGPU", lambda: office()["polled_by"] == "data plane")
+    before = office()
+    time.sleep(2)
+    after = office()
+    print(f"wb: redrawn in place; then 2 s with the data plane polling: {after['polls'] - before['polls']} "
+          f"polls by the compositor; {after}")
+    assert after["polls"] == before["polls"] and after["polled_by"] == "data plane", after
+    assert lab.output("wb")["data_plane"]
+
+    lab.office.mode(800, 600)   # a new dma-buf: the data plane hands the vGPU back
     lab.office.draw("office", 2)
     out = shown(lab, "wb", "office", "800x600", "zero-copy")
     whole("the 800x600 frame 2 in the writeback", lambda: lab.capture("wb", tmp_path / "b.png"),
