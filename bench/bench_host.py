@@ -8,7 +8,8 @@ What runs: `directflip run` itself (the daemon, the frame socket, the scanout pi
 plane), with only the kernel faked: bench/fakedrm.c, loaded with LD_PRELOAD, answers the DRM ioctls of
 a card with four 1920x1080 outputs; every atomic commit is checked as a driver would and makes one
 real ioctl (on /dev/null), and the flip event of a nonblocking commit is written into the card's fd 1
-ms later by the fake kernel's own thread. Real guest processes (one per output) connect over the frame
+to 5 ms later by the fake kernel's own thread (1 ms, then its next 4 ms tick, as a display engine's
+vblank would come). Real guest processes (one per output) connect over the frame
 socket with protocol version 2, announce three 1920x1080 XRGB8888 buffers (memfds, which the fake card
 imports as dma-bufs) and flip them at a fixed rate, reading the `presented` and `released` that come
 back.
@@ -278,11 +279,12 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from fakedrm import FakeKernel
 
-    print(f"bench_host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-          f"{args.rounds} rounds of {args.seconds:g} s per row; the compositor on a fake display kernel")
     rows: dict[tuple, list[dict]] = {}
     floors: dict[tuple[str, int], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, FakeKernel(outputs=4, delay_us=1000) as fake:
+        print(f"bench_host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+              f"{args.rounds} rounds of {args.seconds:g} s per row; the compositor on a fake display kernel "
+              f"(flip events {fake.delay_us} us after a commit, at its {fake.tick_us} us tick)")
         exe = build_floor(tmp)
         for _ in range(args.rounds):   # rows take turns, so a change in the machine's speed hits all
             for rate in (60, 144):

@@ -36,7 +36,8 @@ def build(directory: str | Path) -> Path:
 class FakeKernel:
     """A built fake kernel and its card path, in a temporary directory removed on close()."""
 
-    def __init__(self, *, outputs: int = 4, delay_us: int = 1000, prime_import: bool = True) -> None:
+    def __init__(self, *, outputs: int = 4, delay_us: int = 1000, prime_import: bool = True,
+                 tick_us: int = 4000) -> None:
         if not 1 <= outputs <= 8:
             raise ValueError(f"the fake card has 1 to 8 outputs, not {outputs}")
         self.dir = Path(tempfile.mkdtemp(prefix="directflip-fakedrm-"))
@@ -49,6 +50,7 @@ class FakeKernel:
         Path(self.path).touch()   # stat() works; udev knows nothing of it (seat0, as a bare card)
         self.stats_path = self.dir / "stats"
         self.outputs, self.delay_us, self.prime_import = outputs, delay_us, prime_import
+        self.tick_us = tick_us   # how often the fake display engine looks for flip events due
 
     def env(self, base: dict[str, str] | None = None, **override) -> dict[str, str]:
         """`base` (default: this process's environment) with the fake preloaded. Keyword arguments
@@ -60,6 +62,7 @@ class FakeKernel:
         env["FAKEDRM_PATH"] = self.path
         env["FAKEDRM_OUTPUTS"] = str(override.get("outputs", self.outputs))
         env["FAKEDRM_DELAY_US"] = str(override.get("delay_us", self.delay_us))
+        env["FAKEDRM_TICK_US"] = str(self.tick_us)
         env["FAKEDRM_PRIME_IMPORT"] = "1" if override.get("prime_import", self.prime_import) else "0"
         if override.get("vgpu") is not None:
             env["FAKEDRM_VGPU"] = str(override["vgpu"].path)
