@@ -26,7 +26,9 @@ commit ioctl returned). Rows:
 
 The floors, measured in the same run with the same guest flip loop: a bare C server (bench/floor.c,
 built here with gcc) and a bare Python epoll server that each do one wakeup, one recvmsg and one send
-per flip message, nothing else.
+per flip message, nothing else; and a bare C frame loop (bench/frame_floor.c) that does only the
+system calls a frame needs: a wakeup, a recvmsg and a commit ioctl per message, a wakeup, an event
+read and a send per flip event (its display engine thread, like the fake kernel's, not counted).
 
 Goals (issue 17): CPU per frame <= 2x the C floor; 4 outputs x 144 flips/s <= 2 % of one core; the
 Python path >= 5x the C path; 1080p copy >= 30x zero copy. The last line sums it up:
@@ -171,10 +173,10 @@ def python_floor_main(fd: int) -> None:
             return
 
 
-def build_floor(tmp: str) -> str:
-    exe = os.path.join(tmp, "floor")
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", exe, str(HERE / "floor.c")],
-                   check=True)
+def build_floor(tmp: str, name: str = "floor") -> str:
+    exe = os.path.join(tmp, name)
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", exe, str(HERE / f"{name}.c"),
+                    "-lpthread"], check=True)
     return exe
 
 
@@ -184,11 +186,11 @@ def floor(cmd: list[str], rate: float, seconds: float) -> float:
     server = subprocess.Popen([*cmd, str(ours.fileno())], pass_fds=[ours.fileno()])
     ours.close()
     time.sleep(0.3)   # started and waiting
-    before = thread_cpu_ns(server.pid)
+    before = thread_cpu_ns(server.pid, skip=("fakekms",))
     guest = start_guest(theirs, rate, seconds)
     theirs.close()
     out, _ = guest.communicate(timeout=seconds + 60)
-    after = thread_cpu_ns(server.pid)
+    after = thread_cpu_ns(server.pid, skip=("fakekms",))
     server.wait(timeout=30)
     sent = int(out.split()[0])
     return (after - before) / 1000 / sent
@@ -285,10 +287,11 @@ def main() -> None:
         print(f"bench_host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
               f"{args.rounds} rounds of {args.seconds:g} s per row; the compositor on a fake display kernel "
               f"(flip events {fake.delay_us} us after a commit, at its {fake.tick_us} us tick)")
-        exe = build_floor(tmp)
+        exe, frame_exe = build_floor(tmp), build_floor(tmp, "frame_floor")
         for _ in range(args.rounds):   # rows take turns, so a change in the machine's speed hits all
             for rate in (60, 144):
                 floors.setdefault(("C", rate), []).append(floor([exe], rate, args.seconds))
+                floors.setdefault(("C frame", rate), []).append(floor([frame_exe], rate, args.seconds))
                 floors.setdefault(("Python", rate), []).append(
                     floor([sys.executable, __file__, "--python-floor"], rate, args.seconds))
             for row in ROWS:
@@ -297,6 +300,7 @@ def main() -> None:
                                                                args.seconds))
     floor_us = {key: statistics.median(v) for key, v in floors.items()}
     c_floor = floor_us[("C", 60)]
+    frame_floor = floor_us[("C frame", 60)]
     py_floor = floor_us[("Python", 60)]
     print()
     print(f"{'path':<40} {'fps':>7} {'CPU µs/frame':>13} {'p50 µs':>8} {'p99 µs':>8} {'core %':>7}")
@@ -310,7 +314,8 @@ def main() -> None:
         print(f"{name:<40} {m['fps']:>7.1f} {m['cpu_per_frame_us']:>13.1f} {m['p50_us']:>8.1f}"
               f" {m['p99_us']:>8.1f} {m['core_share']:>7.2f}")
     for (kind, rate), us in sorted(floor_us.items()):
-        print(f"{f'floor: bare {kind} server, {rate}/s':<40} {'':>7} {us:>13.1f}")
+        what = "bare C frame loop" if kind == "C frame" else f"bare {kind} server"
+        print(f"{f'floor: {what}, {rate}/s':<40} {'':>7} {us:>13.1f}")
 
     def cpu(label: str, prime: bool, outputs: int, rate: int) -> float:
         return next(m["cpu_per_frame_us"] for (lab, _, p, o, r), m in med.items()
@@ -335,9 +340,12 @@ def main() -> None:
           f"({verdict(py_over_c >= GOAL_PYTHON_OVER_C)})")
     print(f"  1080p copy >= {GOAL_COPY_OVER_ZERO:g}x zero copy: {copy_over:.2f}x "
           f"({verdict(copy_over >= GOAL_COPY_OVER_ZERO)})")
+    print(f"the least any frame path costs here (the bare C frame loop): {frame_floor / c_floor:.2f}x the C "
+          f"floor; the C data plane is {c / frame_floor:.2f}x that")
     print(f"dataplane: cpu_per_frame_us={c:.1f} c_floor_us={c_floor:.1f} ratio_to_floor={c / c_floor:.2f} "
           f"python_over_c={py_over_c:.2f} copy_over_zero_copy={copy_over:.2f} "
-          f"four_x_144_core_share={share:.2f} python_floor_us={py_floor:.1f}")
+          f"four_x_144_core_share={share:.2f} python_floor_us={py_floor:.1f} "
+          f"frame_floor_us={frame_floor:.1f}")
 
 
 if __name__ == "__main__":
