@@ -559,6 +559,10 @@ class Daemon:
             pipe = next((p for p in self.pipelines.values() if p.dp_output == ev.handle), None)
             log.error("%s: flip failed: %s", pipe.name if pipe else f"data-plane output {ev.handle}",
                       os.strerror(ev.a))
+            if pipe is not None:
+                # What the plane shows is then not the guest's latest frame: the daemon commits the
+                # guest's next frame itself, redraws in place included, until it hands over again.
+                self._take_back(pipe.out.guest)
 
     def _hand_over(self, guest: str) -> None:
         """Give the data plane every output of `guest`, if each is ready (dp_ready): all or none, so
@@ -1167,8 +1171,13 @@ class Daemon:
             try:
                 self._poll_vfio_once(gs)
                 self._vgpu_to_dataplane(gs)
-            except Exception:   # the vGPU must not end up polled by nobody
+            except Exception:   # the vGPU must be polled by one side: this one, from now on
                 log.exception("guest %s: polling its vGPU failed", vg.name)
+                if vg.on_dp and self.dataplane is not None:
+                    try:
+                        self.dataplane.pause(vg.dp_conn)
+                    except OSError:
+                        pass
                 vg.on_dp = False
                 await asyncio.sleep(self._poll_period(vg.name))
 
@@ -1374,7 +1383,7 @@ class Daemon:
         gs.blanked = False
         latest = self.registry.latest(gs)
         same = latest is not None and frame.buffer is latest.buffer
-        if same and self._scanned_directly(gs.conn.name):
+        if same and self._scanned_directly(gs.conn.name, frame.buffer):
             # The plane reads the guest's memory itself: nothing to flip. An output taken back (a
             # capture, a cursor image) goes to the data plane again here, as no flip event will come.
             if self.dataplane is not None and gs.conn.dp_conn >= 0:
@@ -1382,10 +1391,12 @@ class Daemon:
             return
         self.on_flip(gs.conn, frame)
 
-    def _scanned_directly(self, name: str) -> bool:
+    def _scanned_directly(self, name: str, buffer: Buffer) -> bool:
+        """Every output of the guest's reads `buffer` itself (zero copy): on the data plane, whose
+        latest frame it is (a commit the data plane could not make takes the outputs back), or on
+        screen, in flight or pending in the output's pipeline."""
         showing = self._showing(name)
-        return bool(showing) and all(p.on_dp or (p.path == "zero-copy" and p.on_screen is not None
-                                                 and p.on_screen.frame is not None) for p in showing)
+        return bool(showing) and all(p.on_dp or p.shows(buffer) for p in showing)
 
     def _blank(self, gs: GuestState, reason: str) -> None:
         if gs.blanked:

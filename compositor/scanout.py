@@ -1087,6 +1087,15 @@ class ScanoutPipeline:
 
     # --- the data plane ---------------------------------------------------------------------------
 
+    def shows(self, buffer: Buffer) -> bool:
+        """Whether the plane reads `buffer` itself, now or once what is in flight or pending lands
+        (zero copy): a redraw in place then needs no commit."""
+        if self.path != ZERO_COPY:
+            return False
+        frames = [self.pending, self.in_flight.frame if self.in_flight is not None else None,
+                  self.on_screen.frame if self.on_screen is not None else None]
+        return any(f is not None and f.buffer is buffer for f in frames)
+
     def dp_ready(self) -> bool:
         """Whether the data plane could take the frames over now: the guest on screen zero copy with
         the plane's configuration settled, nothing in flight or waiting, no layer (cursor, label)

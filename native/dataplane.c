@@ -217,7 +217,7 @@ static int conn_poll_fd(const struct conn *c)
 	return c->timer_fd >= 0 ? c->timer_fd : c->fd;
 }
 
-static void conn_watch(struct dp *dp, int index)
+static int conn_watch(struct dp *dp, int index)
 {
 	struct conn *c = dp->conns[index];
 	uint32_t mask = 0;
@@ -228,18 +228,21 @@ static void conn_watch(struct dp *dp, int index)
 	if (c->state != C_DEAD && c->out_len)
 		mask |= EPOLLOUT;
 	if (mask == c->mask)
-		return;
+		return 0;
 	/* Nothing to wait for: out of the set, for epoll reports a hang-up (EPOLLHUP) whatever the
 	 * mask, and a paused connection whose client hung up would wake this thread for ever. */
 	if (!mask) {
-		if (epoll_ctl(dp->epfd, EPOLL_CTL_DEL, conn_poll_fd(c), NULL) == 0)
-			c->mask = 0;
-		return;
+		if (epoll_ctl(dp->epfd, EPOLL_CTL_DEL, conn_poll_fd(c), NULL) < 0)
+			return -errno;
+		c->mask = 0;
+		return 0;
 	}
 	ev.events = mask;
 	ev.data.u64 = tag(T_CONN, c->gen, index);
-	if (epoll_ctl(dp->epfd, c->mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, conn_poll_fd(c), &ev) == 0)
-		c->mask = mask;
+	if (epoll_ctl(dp->epfd, c->mask ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, conn_poll_fd(c), &ev) < 0)
+		return -errno;
+	c->mask = mask;
+	return 0;
 }
 
 /* The connection ends here: nothing more is read or sent; Python closes it (DP_EV_CLOSED). */
@@ -970,7 +973,9 @@ static void *run(void *arg)
 					if (vgpu_tick(dp, index) && asks < DP_MAX_CONNS) {
 						answers[asks].index = index;
 						answers[asks].gen = c->gen;
-						answers[asks].fd = c->fd;
+						/* a descriptor of its own: Python may close
+						 * the device's while the query runs */
+						answers[asks].fd = fcntl(c->fd, F_DUPFD_CLOEXEC, 0);
 						answers[asks].cursor = c->cursor;
 						asks++;
 					}
@@ -983,10 +988,14 @@ static void *run(void *arg)
 		flush_dirty(dp);
 		pthread_mutex_unlock(&dp->lock);
 		if (asks) {
-			/* A removed vGPU's descriptor may be closed (even reused) meanwhile: a query of it
-			 * only reads, and its answer is dropped for the generation changed. */
-			for (int i = 0; i < asks; i++)
+			/* Each query has a duplicate of the device's descriptor: the vGPU may be removed
+			 * meanwhile (its answer is then dropped, for the generation changed), never a
+			 * descriptor reused for something else queried. */
+			for (int i = 0; i < asks; i++) {
 				vgpu_ask(&answers[i]);
+				if (answers[i].fd >= 0)
+					close(answers[i].fd);
+			}
 			pthread_mutex_lock(&dp->lock);
 			for (int i = 0; i < asks; i++)
 				vgpu_answered(dp, &answers[i]);
@@ -1469,13 +1478,11 @@ int dp_conn_add(struct dp *dp, int fd)
 		int i = ret;
 
 		dp->conns[i]->state = C_FAST;
-		conn_watch(dp, i);
-		if (dp->conns[i]->mask != EPOLLIN) {   /* epoll refused the fd */
+		ret = conn_watch(dp, i);
+		if (ret < 0)   /* epoll refused the fd */
 			dp->conns[i]->state = C_FREE;
-			ret = -EBADF;
-		} else {
+		else
 			ret = conn_handle(dp, i);
-		}
 	}
 	pthread_mutex_unlock(&dp->lock);
 	return ret;
