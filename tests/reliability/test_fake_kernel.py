@@ -203,7 +203,8 @@ def test_a_vgpu_is_polled_and_flipped_by_the_data_plane(fake, tmp_path):
 
     vgpu = FakeVgpu(tmp_path, 1280, 720)
     vgpu.show(1)
-    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720}"}, {"vg": "m0"})
+    # label: 0: no name on the monitor, whose hiding later would take the monitor back for a moment
+    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720, label: 0}"}, {"vg": "m0"})
     policy = policy.replace("vg: {kind: socket}", "vg: {kind: vfio}")
     comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
                          name="fake-vgpu", env=fake.env(vgpu=vgpu))
@@ -289,7 +290,8 @@ def test_a_qemu_displays_dma_bufs_are_flipped_by_the_data_plane(fake, tmp_path):
                              "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "memfd",
                              "--mode", "dmabuf", "--buffers", "2", "--rate", "60"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720}"}, {"peer": "m0"})
+    # label: 0: no name on the monitor, whose hiding later would take the monitor back for a moment
+    policy = lb.policy({"m0": "{connector: Virtual-1, mode: 1280x720, label: 0}"}, {"peer": "m0"})
     policy = policy.replace("peer: {kind: socket}",
                             f'peer: {{kind: qemu-dbus, display: "dbus:unix:path={bus}"}}')
     comp = lb.Compositor(policy, "--device", fake.path, "--session", "direct", "--no-input",
