@@ -103,14 +103,18 @@ class FakeVgpu:
     file; a process given that environment and any descriptor of the file sees a vGPU with dma-buf
     display planes. show(N) puts dma-buf N (a file of its own, made here) on the primary plane."""
 
-    def __init__(self, directory: str | Path, width: int, height: int, ids=(1, 2, 3)) -> None:
+    def __init__(self, directory: str | Path, width: int, height: int, ids=(1, 2, 3), *,
+                 made: bool = False) -> None:
+        """`made`: the files are there already (another process made them): only drive them."""
         self.path = Path(directory) / "vgpu"
         self.width, self.height = width, height
+        self.queries_path = Path(f"{self.path}.queries")
+        if made:
+            return
         self.path.write_bytes(bytes(2 * _PLANE.size))   # both planes off
         for ident in ids:
             with open(f"{self.path}.{ident}", "wb") as f:
                 f.truncate(width * height * 4)
-        self.queries_path = Path(f"{self.path}.queries")
 
     def show(self, dmabuf_id: int) -> None:
         """The guest scans out dma-buf `dmabuf_id` now (XRGB8888, width x height)."""

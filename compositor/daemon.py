@@ -545,7 +545,7 @@ class Daemon:
     def _dataplane_event(self, ev) -> None:
         from compositor import dataplane as dpm
         if ev.kind == dpm.DATA and ev.handle in self._vgpus:
-            self._vgpu_handed_back(self._vgpus[ev.handle])
+            self._vgpu_handed_back(self._vgpus[ev.handle], ev.a)
         elif ev.kind in (dpm.DATA, dpm.CLOSED, dpm.DRAINED):
             if self.frames is not None:
                 self.frames.dataplane_event(ev)
@@ -702,10 +702,8 @@ class Daemon:
         if task is not None:
             task.cancel()
         dp_conn = getattr(conn, "dp_conn", -1)
-        vgpu = self._vgpus.pop(dp_conn, None) is gs
-        if vgpu or self._local_sources.pop(dp_conn, None) is gs:   # its buffers go with it there
-            if vgpu:
-                conn.on_dp = False
+        # a connection the daemon made for it (a vGPU's, a QEMU display's): its buffers go with it
+        if gs in (self._vgpus.pop(dp_conn, None), self._local_sources.pop(dp_conn, None)):
             if self.dataplane is not None:   # None: shutting down, the data plane is gone already
                 try:
                     self.dataplane.remove_conn(dp_conn)
@@ -1162,12 +1160,10 @@ class Daemon:
             if vg.on_dp:
                 vg.wake.clear()
                 await vg.wake.wait()
-                if vg.on_dp:
-                    continue
             else:
                 await asyncio.sleep(self._poll_period(vg.name))
-                if vg.on_dp:
-                    continue
+            if vg.on_dp:   # still, or handed over meanwhile
+                continue
             try:
                 self._poll_vfio_once(gs)
                 self._vgpu_to_dataplane(gs)
@@ -1200,9 +1196,6 @@ class Daemon:
         if frame is None:
             self._blank(gs, reason)
             return
-        if (vg.dp_conn >= 0 and frame.buffer.dp_handle < 0 and frame.buffer.copy_only is None
-                and frame.buffer.holds == 0):
-            self._register_source_buffer(vg, frame.buffer, plane=True)
         self._guest_frame(gs, frame)
         try:
             if vg.poll_cursor():
@@ -1213,17 +1206,19 @@ class Daemon:
                 log.error("guest %s: reading its cursor plane failed: %s", vg.name, exc)
             vg.cursor_error = str(exc)
 
-    def _register_source_buffer(self, source, buffer: Buffer, plane: bool = False) -> None:
+    def _register_source_buffer(self, source, buffer: Buffer) -> None:
         """A vGPU's or a QEMU display's new dma-buf goes to the data plane (its holds are counted
-        there). A vGPU's goes with the layout it was fetched with (`plane`): the data plane flips it
-        itself when the vGPU shows it again with that layout. Only a buffer nothing holds yet: one
-        the data plane refused stays with Python, whose holds on it stay Python's."""
+        there), with the layout it was fetched with: the data plane flips a vGPU's itself when the
+        vGPU shows it again with that layout. Only a buffer nothing holds yet: one the data plane
+        refused stays with Python, whose holds on it stay Python's."""
+        if (source.dp_conn < 0 or buffer.dp_handle >= 0 or buffer.copy_only is not None or buffer.fd < 0
+                or buffer.holds):
+            return
         try:
             self.registry.register(source, buffer)
-            if plane:
-                info = buffer.info
-                self.dataplane.buffer_plane(buffer.dp_handle, info.fourcc, info.modifier, info.width,
-                                            info.height, info.stride)
+            info = buffer.info
+            self.dataplane.buffer_plane(buffer.dp_handle, info.fourcc, info.modifier, info.width,
+                                        info.height, info.stride)
         except (Refused, OSError) as exc:
             log.warning("guest %s: dma-buf %d stays with Python: %s", source.name, buffer.id, exc)
 
@@ -1247,9 +1242,14 @@ class Daemon:
         vg.on_dp = True
         log.debug("guest %s: the data plane polls the vGPU", vg.name)
 
-    def _vgpu_handed_back(self, gs: GuestState) -> None:
-        """The data plane stopped polling the vGPU (DP_EV_DATA): Python polls it now."""
+    VGPU_WHY = {1: "no monitor of its on the data plane", 2: "a plane query failed", 3: "its display is off",
+                4: "a new dma-buf or layout", 5: "its cursor plane changed", 6: "a frame it cannot show"}
+
+    def _vgpu_handed_back(self, gs: GuestState, why: int) -> None:
+        """The data plane stopped polling the vGPU (DP_EV_DATA, `why`: dp_vgpu_why): Python polls it
+        now."""
         vg: VfioGuest = gs.conn
+        log.debug("guest %s: the data plane hands the vGPU back: %s", vg.name, self.VGPU_WHY.get(why, why))
         vg.on_dp = False
         vg.needs_poll = True   # what made the data plane hand it back is read before it goes again
         vg.wake.set()
@@ -1291,10 +1291,6 @@ class Daemon:
     def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
         gs = self.guests.get(source.name)
         if gs is not None and gs.conn is source:
-            buffer = frame.buffer
-            if (source.dp_conn >= 0 and buffer.dp_handle < 0 and buffer.copy_only is None and buffer.fd >= 0
-                    and buffer.holds == 0):
-                self._register_source_buffer(source, buffer)
             self._guest_frame(gs, frame)
 
     def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
@@ -1381,6 +1377,7 @@ class Daemon:
     def _guest_frame(self, gs: GuestState, frame: Frame) -> None:
         """A frame from a source that shows its buffers in place (a polled vGPU, a QEMU display)."""
         gs.blanked = False
+        self._register_source_buffer(gs.conn, frame.buffer)
         latest = self.registry.latest(gs)
         same = latest is not None and frame.buffer is latest.buffer
         if same and self._scanned_directly(gs.conn.name, frame.buffer):

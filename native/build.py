@@ -269,6 +269,8 @@ int dp_buffer_hold(struct dp *dp, int buffer);
 int dp_buffer_release(struct dp *dp, int buffer);
 int dp_buffer_holds(struct dp *dp, int buffer);
 int dp_flip(struct dp *dp, int conn, int buffer, uint64_t frame, uint64_t received_ns);
+enum dp_vgpu_why { DP_VGPU_NO_OUTPUT = 1, DP_VGPU_FAILED = 2, DP_VGPU_OFF = 3, DP_VGPU_NEW_BUFFER = 4,
+                  DP_VGPU_CURSOR = 5, DP_VGPU_NOT_HERE = 6 };
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
 int dp_local_add(struct dp *dp);
 int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor);

@@ -844,10 +844,15 @@ static void vgpu_timer(struct conn *c, uint64_t period_ns)
 }
 
 /* Hand the vGPU to Python: its poll runs there until dp_conn_resume. */
-static void vgpu_pause(struct dp *dp, int index)
+static void vgpu_pause(struct dp *dp, int index, int why)
 {
-	vgpu_timer(dp->conns[index], 0);
-	pause_for_python(dp, index, 0);
+	struct conn *c = dp->conns[index];
+
+	vgpu_timer(c, 0);
+	c->taken = 0;
+	c->state = C_PAUSED;
+	conn_watch(dp, index);
+	push_simple(dp, DP_EV_DATA, conn_handle(dp, index), why);
 }
 
 /* A tick of a vGPU's timer (with the lock held). The queries themselves may wait on the driver's
@@ -864,7 +869,7 @@ static int vgpu_tick(struct dp *dp, int index)
 	if (c->state != C_FAST)
 		return 0;
 	if (!c->outputs) {
-		vgpu_pause(dp, index);
+		vgpu_pause(dp, index, DP_VGPU_NO_OUTPUT);
 		return 0;
 	}
 	return 1;
@@ -898,14 +903,15 @@ static void vgpu_answered(struct dp *dp, const struct vgpu_answer *a)
 	if (!c || c->state != C_FAST || c->gen != a->gen || c->timer_fd < 0)
 		return;   /* removed, paused or handed back since: the answer is stale */
 	if (!c->outputs || a->err < 0 || !p->drm_format || !p->width || !p->height || !p->size) {
-		vgpu_pause(dp, a->index);
+		vgpu_pause(dp, a->index, !c->outputs ? DP_VGPU_NO_OUTPUT : a->err < 0 ? DP_VGPU_FAILED
+			   : DP_VGPU_OFF);
 		return;
 	}
 	b = conn_buffer(c, p->dmabuf_id);
 	if (b < 0 || !dp->bufs[b].has_plane || dp->bufs[b].plane_format != p->drm_format ||
 	    dp->bufs[b].plane_modifier != p->drm_format_mod || dp->bufs[b].plane_width != p->width ||
 	    dp->bufs[b].plane_height != p->height || dp->bufs[b].plane_stride != p->stride) {
-		vgpu_pause(dp, a->index);
+		vgpu_pause(dp, a->index, DP_VGPU_NEW_BUFFER);
 		return;
 	}
 	if (a->cursor && c->cursor) {
@@ -914,14 +920,14 @@ static void vgpu_answered(struct dp *dp, const struct vgpu_answer *a)
 			c->cursor_seen = 1;
 			c->cursor_errno = a->cursor_err;
 			c->cursor_answer = a->cursor_plane;
-			vgpu_pause(dp, a->index);
+			vgpu_pause(dp, a->index, DP_VGPU_CURSOR);
 			return;
 		}
 	}
 	if (c->latest >= 0 && dp->frames[c->latest].buf == b)
 		return;
 	if (flip(dp, a->index, b, 0, now_ns(), 1) < 0) {
-		vgpu_pause(dp, a->index);
+		vgpu_pause(dp, a->index, DP_VGPU_NOT_HERE);
 		return;
 	}
 	c->flips++;
@@ -1899,11 +1905,16 @@ int dp_conn_pause(struct dp *dp, int conn)
 	return ret;
 }
 
+static int valid_period(uint64_t period_ns)
+{
+	return period_ns >= 1000000ull && period_ns <= 10000000000ull;   /* 1 ms to 10 s */
+}
+
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor)
 {
 	int timer, ret;
 
-	if (device_fd < 0 || period_ns < 1000000ull || period_ns > 10000000000ull)
+	if (device_fd < 0 || !valid_period(period_ns))
 		return -EINVAL;
 	timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
 	if (timer < 0)
@@ -1929,7 +1940,7 @@ int dp_vgpu_set(struct dp *dp, int conn, uint64_t period_ns, int cursor)
 {
 	int ret = 0;
 
-	if (period_ns < 1000000ull || period_ns > 10000000000ull)
+	if (!valid_period(period_ns))
 		return -EINVAL;
 	pthread_mutex_lock(&dp->lock);
 	conn = conn_index(dp, conn);

@@ -198,6 +198,15 @@ int dp_buffer_holds(struct dp *dp, int buffer);
  * query, any change of the cursor plane's answer, the guest shown on no output from here) pauses the
  * connection and goes to Python as DP_EV_DATA with nothing to take: Python polls the device itself
  * and resumes. A vGPU is told nothing (no `presented`, no `released`). Periods: 1 ms to 10 s. */
+/* Why a vGPU was handed back: DP_EV_DATA's `a`. */
+enum dp_vgpu_why {
+	DP_VGPU_NO_OUTPUT = 1,   /* no output of the guest's is run from here any more */
+	DP_VGPU_FAILED = 2,      /* the plane query failed */
+	DP_VGPU_OFF = 3,         /* the primary plane is off */
+	DP_VGPU_NEW_BUFFER = 4,  /* a dma-buf not handed over, or in another layout */
+	DP_VGPU_CURSOR = 5,      /* the cursor plane's answer changed */
+	DP_VGPU_NOT_HERE = 6,    /* the frame cannot be shown from here (a framebuffer missing) */
+};
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
 /* A source whose frames Python reads itself (a QEMU display's D-Bus calls): a connection with no
  * socket, never read here and told nothing. Its frames come with dp_flip; they are shown, held and

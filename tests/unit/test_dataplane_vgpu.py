@@ -28,9 +28,7 @@ from compositor.dataplane import DATA, DataPlane
 from fakedrm import FakeVgpu
 
 XR24, W, H = 0x34325258, 64, 32
-vgpu = FakeVgpu.__new__(FakeVgpu)
-vgpu.path, vgpu.width, vgpu.height = os.environ["FAKEDRM_VGPU"], W, H
-vgpu.queries_path = __import__("pathlib").Path(vgpu.path + ".queries")
+vgpu = FakeVgpu(os.path.dirname(os.environ["FAKEDRM_VGPU"]), W, H, made=True)
 DEADLINE = 10.0
 
 dp = DataPlane()
