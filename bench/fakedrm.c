@@ -23,7 +23,9 @@
  * copies its answer from the file (struct vfio_device_gfx_plane_info: the primary plane's at offset 0,
  * the cursor plane's at 64; all zero is a disabled plane), VFIO_DEVICE_GET_GFX_DMABUF of id N opens
  * "$FAKEDRM_VGPU.N" (the test makes it) as the plane's dma-buf, VFIO_DEVICE_GET_INFO says there are no
- * regions. Every query is counted in "$FAKEDRM_VGPU.queries" (one byte per query).
+ * regions. Every query is counted in "$FAKEDRM_VGPU.queries" (one byte per query). readlink of
+ * "/proc/self/fd/N" for such a descriptor says "anon_inode:[vfio-device]", as for a real VFIO device,
+ * so that the compositor's descriptor check (compositor/fdguard.py) takes it.
  *
  * Only benchmarks and host tests load this; the compositor itself never does.
  */
@@ -133,6 +135,7 @@ static int (*real_open)(const char *, int, ...);
 static int (*real_openat)(int, const char *, int, ...);
 static int (*real_close)(int);
 static void *(*real_mmap)(void *, size_t, int, int, int, off_t);
+static ssize_t (*real_readlink)(const char *, char *, size_t);
 
 static void resolve(void)
 {
@@ -142,7 +145,8 @@ static void resolve(void)
 	real_openat = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
 	real_close = (int (*)(int))dlsym(RTLD_NEXT, "close");
 	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
-	real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
+	real_readlink = (ssize_t (*)(const char *, char *, size_t))dlsym(RTLD_NEXT, "readlink");
+	real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");   /* last: resolve() tests it */
 }
 
 static uint64_t now_ns(void)
@@ -996,6 +1000,23 @@ int openat(int dirfd, const char *path, int flags, ...)
 }
 
 int openat64(int dirfd, const char *path, int flags, ...) __attribute__((alias("openat")));
+
+ssize_t readlink(const char *path, char *buf, size_t size)
+{
+	static const char vfio[] = "anon_inode:[vfio-device]";
+	const char *vgpu;
+	int fd;
+	char end;
+
+	resolve();
+	if (sscanf(path, "/proc/self/fd/%d%c", &fd, &end) == 1 && is_vgpu(fd, &vgpu)) {
+		size_t n = sizeof(vfio) - 1 < size ? sizeof(vfio) - 1 : size;
+
+		memcpy(buf, vfio, n);
+		return (ssize_t)n;
+	}
+	return real_readlink(path, buf, size);
+}
 
 int close(int fd)
 {

@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from compositor import capture as readback
-from compositor import planner, topology
+from compositor import fdguard, planner, topology
 from compositor.capture import CaptureError
 from compositor.guests import GuestRegistry, GuestState
 from compositor.input.seats import SeatInput
@@ -362,6 +362,7 @@ class Daemon:
         await self.session.close()   # drops master, closes the cards, gives the VT back
         self.cards.clear()
         self.layers.clear()
+        fdguard.QUARANTINE.stop()   # no close of a guest's descriptor may keep the process from ending
 
     # --- planning -------------------------------------------------------------------------------
 
@@ -706,7 +707,7 @@ class Daemon:
         if gs in (self._vgpus.pop(dp_conn, None), self._local_sources.pop(dp_conn, None)):
             if self.dataplane is not None:   # None: shutting down, the data plane is gone already
                 try:
-                    self.dataplane.remove_conn(dp_conn)
+                    self.dataplane.remove_conn(dp_conn)   # a connection with no socket receives none
                 except OSError:
                     pass
             conn.dp_conn = -1

@@ -206,8 +206,12 @@ class DataPlane:
     def add_conn(self, fd: int) -> int:
         return _check(lib.dp_conn_add(self._live(), fd), "adding a connection")
 
-    def remove_conn(self, conn: int) -> None:
-        _check(lib.dp_conn_remove(self._live(), conn), f"connection {conn}: remove")
+    def remove_conn(self, conn: int) -> list[int]:
+        """Stop serving `conn`; the descriptors it received that Python had not taken yet, now the
+        caller's (let them go through compositor.fdguard.discard: nothing has looked at them)."""
+        n = _check(lib.dp_conn_remove(self._live(), conn, self._take_fds, lib.DP_MAX_FDS),
+                   f"connection {conn}: remove")
+        return [self._take_fds[i] for i in range(n)]
 
     def take(self, conn: int) -> Taken:
         """Everything a DP_EV_DATA handed over, in one piece."""

@@ -252,7 +252,7 @@ int dp_output_watch(struct dp *dp, int output, int watch);
 int dp_output_remove(struct dp *dp, int output);
 int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out);
 int dp_conn_add(struct dp *dp, int fd);
-int dp_conn_remove(struct dp *dp, int conn);
+int dp_conn_remove(struct dp *dp, int conn, int *fds, int max_fds);
 int dp_conn_take(struct dp *dp, int conn, uint8_t *buf, size_t cap, int *fds, int max_fds, int *nfds,
                  size_t *fds_from, int *flags);
 int dp_conn_pause(struct dp *dp, int conn);

@@ -1508,7 +1508,7 @@ int dp_local_add(struct dp *dp)
 	return ret;
 }
 
-int dp_conn_remove(struct dp *dp, int conn)
+int dp_conn_remove(struct dp *dp, int conn, int *fds, int max_fds)
 {
 	int ret = 0;
 
@@ -1519,6 +1519,11 @@ int dp_conn_remove(struct dp *dp, int conn)
 		goto out;
 	}
 	struct conn *c = dp->conns[conn];
+
+	if (c->nfds > max_fds) {
+		ret = -EINVAL;
+		goto out;
+	}
 
 	if (c->mask)
 		epoll_ctl(dp->epfd, EPOLL_CTL_DEL, conn_poll_fd(c), NULL);
@@ -1535,8 +1540,11 @@ int dp_conn_remove(struct dp *dp, int conn)
 		}
 	}
 	c->outputs = 0;
+	/* Descriptors received and not taken yet go back to Python, which tells what they are before
+	 * closing them: closing one of a file whose filesystem never answers would hold this lock. */
 	for (int k = 0; k < c->nfds; k++)
-		close(c->fds[k]);
+		fds[k] = c->fds[k];
+	ret = c->nfds;
 	c->nfds = 0;
 	c->state = C_FREE;
 	if (c->latest >= 0) {

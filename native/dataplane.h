@@ -153,7 +153,9 @@ int dp_output_stats(struct dp *dp, int output, struct dp_output_stats *out);
 
 /* Connections. */
 int dp_conn_add(struct dp *dp, int fd);
-int dp_conn_remove(struct dp *dp, int conn);   /* stops reading; Python closes the socket */
+/* Stops reading; Python closes the socket. Descriptors received and not yet taken are handed back in
+ * fds (at most max_fds: -EINVAL, and nothing done, if more are held); returns how many. */
+int dp_conn_remove(struct dp *dp, int conn, int *fds, int max_fds);
 /* What a DP_EV_DATA handed over: the bytes, the descriptors (Python owns them now) and where in the
  * bytes the recvmsg that brought the descriptors began (*fds_from). *flags: 1 = the stream ended
  * after these bytes, 2 = descriptors were lost (MSG_CTRUNC). Returns the byte count (at most cap;

@@ -52,6 +52,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from compositor import fdguard
 from compositor.input.sink import TOUCH_KINDS
 from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
 
@@ -246,6 +247,11 @@ class _PendingFd(NamedTuple):
     fd: int
     since: int  # stream offsets of the recvmsg chunk it came with: [since, until)
     until: int
+    described: fdguard.Described | None  # what it is (None: it could not be inspected)
+
+
+_BUFFER_KINDS = frozenset({fdguard.Kind.DMABUF, fdguard.Kind.MEMFD})
+_VFIO_KINDS = frozenset({fdguard.Kind.VFIO_DEVICE})
 
 
 class GuestConnection(SourceDefaults):
@@ -348,9 +354,16 @@ class GuestConnection(SourceDefaults):
     def _read_once(self) -> int | None:
         """One recvmsg and every message it completes; the bytes read (0 at the end of the stream),
         or None when nothing was there or the connection failed."""
+        if self._welcomed:
+            size, space = _RECV_SIZE, _ANCILLARY_SPACE
+        else:
+            # Until admitted: no room for descriptors, and no byte past the message being read, so that
+            # the descriptors of what a client sent behind its hello wait in the socket for the welcome.
+            # The kernel drops any that come with these bytes (it does not close them here, which
+            # could wait on their filesystem) and says so with MSG_CTRUNC.
+            size, space = self._decoder.needed(), 0
         try:
-            data, ancdata, flags, _ = self._sock.recvmsg(_RECV_SIZE, _ANCILLARY_SPACE,
-                                                         socket.MSG_CMSG_CLOEXEC)
+            data, ancdata, flags, _ = self._sock.recvmsg(size, space, socket.MSG_CMSG_CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return None
         except ConnectionResetError:
@@ -376,9 +389,19 @@ class GuestConnection(SourceDefaults):
         ended after `data`."""
         since = self._received
         self._received += len(data)
-        # Take ownership of every descriptor before anything can fail: from here on _finish closes them.
-        self._fds.extend(_PendingFd(fd, since + fds_from, self._received) for fd in fds)
+        # Take ownership of every descriptor before anything can fail: from here on _finish lets them go.
+        # What each one is comes first, from the kernel's word alone (compositor.fdguard).
+        pending = [_PendingFd(fd, since + fds_from, self._received, _describe(fd)) for fd in fds]
+        self._fds.extend(pending)
         try:
+            if lost_fds and not self._welcomed:
+                raise ProtocolError("file descriptors came with hello or before it: they are taken only "
+                                    "once the guest is admitted (with the messages after hello)")
+            for got in pending:
+                if got.described is None or got.described.kind is fdguard.Kind.OTHER:
+                    what = got.described or "of unknown kind"
+                    raise ProtocolError(f"a file descriptor sent is {what}, not "
+                                        f"{fdguard.wanted(_BUFFER_KINDS | _VFIO_KINDS)}")
             if lost_fds:
                 raise ProtocolError(f"file descriptors were lost: more than {MAX_FDS_PER_RECV} in one "
                                     "sendmsg, or the compositor is out of descriptors")
@@ -609,7 +632,7 @@ class GuestConnection(SourceDefaults):
                          stride=_int_field(msg, "stride", 0, _U32),
                          offset=_int_field(msg, "offset", 0, _U32, 0),
                          modifier=_int_field(msg, "modifier", 0, _U64, DRM_FORMAT_MOD_LINEAR))
-        fd = self._take_fd(buffer_id, start)
+        fd = self._take_fd(buffer_id, start, allowed=_BUFFER_KINDS)
         try:
             if buffer_id in self.buffers:
                 raise ProtocolError(f"buffer {buffer_id} is already announced (forget it first)")
@@ -639,7 +662,7 @@ class GuestConnection(SourceDefaults):
             raise ProtocolError("a VFIO device was already handed over on this connection")
         if self.buffers:
             raise ProtocolError("vfio-device after buffers: a connection is either a vGPU or a buffer source")
-        fd = self._take_fd(0, start, what="vfio-device")
+        fd = self._take_fd(0, start, what="vfio-device", allowed=_VFIO_KINDS)
         self.vfio_fd = fd
         log.info("%s: VFIO device handed over", self._who())
         self._call("on_vfio_device", fd)
@@ -677,14 +700,19 @@ class GuestConnection(SourceDefaults):
         if hasattr(self._server.handler, "on_cursor"):
             self._call("on_cursor")
 
-    def _take_fd(self, buffer_id: int, start: int, what: str = "") -> int:
-        """The descriptor that came in the same recvmsg chunk as this buffer message's first byte."""
+    def _take_fd(self, buffer_id: int, start: int, *, allowed: frozenset[fdguard.Kind],
+                 what: str = "") -> int:
+        """The descriptor that came in the same recvmsg chunk as this buffer message's first byte, if it
+        is of a kind in `allowed`."""
+        what = what or f"buffer {buffer_id}"
         if self._fds and self._fds[0].until <= start:
             raise ProtocolError(self._unclaimed_fds())
         if not self._fds or self._fds[0].since > start:
-            what = what or f"buffer {buffer_id}"
             raise ProtocolError(f"{what}: no file descriptor came with the message (send "
                                 "one as SCM_RIGHTS in the same sendmsg as its first bytes)")
+        described = self._fds[0].described
+        if described is None or described.kind not in allowed:
+            raise ProtocolError(f"{what}: the file descriptor is {described}, not {fdguard.wanted(allowed)}")
         return self._fds.popleft().fd
 
     def _unclaimed_fds(self) -> str:
@@ -856,8 +884,7 @@ class GuestConnection(SourceDefaults):
             self._loop.remove_writer(self._fileno)
         self._sock.close()
         self._out.clear()
-        while self._fds:
-            os.close(self._fds.popleft().fd)
+        self._let_go_fds()
         self._server._discard(self)
         if self._welcomed:
             try:
@@ -875,23 +902,34 @@ class GuestConnection(SourceDefaults):
                 dp.send(self.dp_conn, encode({"type": "error", "reason": reason}))
             except OSError:
                 pass
-        while self._fds:
-            os.close(self._fds.popleft().fd)
+        self._let_go_fds()
         self._server._discard(self)
         try:
             self._server.handler.on_close(self, reason)
         except Exception:
             log.exception("%s: on_close failed", self._who())
         try:
-            dp.remove_conn(self.dp_conn)
+            for fd in dp.remove_conn(self.dp_conn):
+                fdguard.discard(fd, self._who(), self.peer.uid)
         except OSError:
             pass
         self._server.dp_connections.pop(self.dp_conn, None)
         self._sock.close()
 
+    def _let_go_fds(self) -> None:
+        while self._fds:
+            fdguard.discard(self._fds.popleft().fd, self._who(), self.peer.uid)
+
     def _who(self) -> str:
         guest = f"guest {self.name!r}" if self.name else "before hello"
         return f"frame-socket client pid {self.peer.pid} uid {self.peer.uid} ({guest})"
+
+
+def _describe(fd: int) -> fdguard.Described | None:
+    try:
+        return fdguard.classify(fd)
+    except OSError:
+        return None
 
 
 def _contact(msg: dict[str, Any]) -> tuple[tuple[str, int] | None, bool | None]:

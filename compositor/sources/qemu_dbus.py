@@ -85,6 +85,7 @@ from dbus_fast.annotations import (
 )
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
+from compositor import fdguard
 from compositor.input.qnum import key_name, qnum
 from compositor.input.sink import TOUCH_KINDS
 from compositor.kms.fourcc import FORMATS, fourcc, fourcc_name
@@ -1243,6 +1244,11 @@ class QemuDisplaySource(SourceDefaults):
         start = time.perf_counter_ns()
         self.stats.count(method)
         try:
+            if fd is not None:   # before anything touches it: only a dma-buf or memfd never blocks
+                try:
+                    fdguard.expect(fd, _SCANOUT_KINDS, "the descriptor")
+                except fdguard.BadDescriptor as exc:
+                    raise BadPlane(str(exc)) from None
             fn(*args)
         except BadPlane as exc:
             self._refuse(method, ERROR_UNSUPPORTED if isinstance(exc, UnsupportedFormat) else ERROR_INVALID,
@@ -1567,11 +1573,13 @@ def _value(v: Any) -> Any:
     return v.value if isinstance(v, Variant) else v
 
 
+_SCANOUT_KINDS = frozenset({fdguard.Kind.DMABUF, fdguard.Kind.MEMFD})
+
+
 def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+    """Let go of a descriptor QEMU handed over: through compositor.fdguard, since it may be of a file
+    whose close waits on whoever serves it."""
+    fdguard.discard(fd, "a QEMU display peer")
 
 
 # A bus with nobody owning QEMU's name on it yet: the VM has not started (or not joined the bus).

@@ -1,0 +1,311 @@
+"""Hostile guests against the real compositor (`directflip run` on bench/fakedrm.c's fake display
+kernel): a local user the policy admits, running as `nobody`, tries to stop, starve or confuse it. Each
+case checks what the guest beside it sees (still flipping), that `status` answers, and that the
+compositor's descriptors come back to where they were. The times seen are printed, not asserted.
+
+The FUSE cases mount a filesystem served by tests/reliability/hostile.py that never answers a FLUSH:
+every close(2) of a descriptor of its file waits until the mount is aborted or its server dies, and
+that wait is one no signal ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(HERE))
+
+import hostile  # noqa: E402
+import labbench as lb  # noqa: E402
+from fakedrm import FakeKernel  # noqa: E402
+
+NOBODY = 65534
+POLICY = """version: 1
+monitors:
+  m0: {connector: Virtual-1, mode: 1280x720}
+  m1: {connector: Virtual-2, mode: 1280x720}
+guests:
+  g0: {kind: socket}
+  intruder: {kind: socket, users: [nobody]}
+placements:
+  - {guest: g0, monitor: m0}
+  - {guest: intruder, monitor: m1}
+"""
+
+pytestmark = [
+    pytest.mark.skipif(os.getuid() != 0, reason="mounting FUSE and dropping to nobody need root"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
+]
+
+
+class Arena:
+    def __init__(self, fake: FakeKernel) -> None:
+        self.fake = fake
+        self.comp = lb.Compositor(POLICY, "--device", fake.path, "--session", "direct", "--no-input",
+                                  name="hostile", env=fake.env(stats=False))
+        # nobody reaches the socket: a directory it may traverse, a socket it may connect to (in real
+        # use, the frame socket's group)
+        self.comp.dir.chmod(0o711)
+        os.chmod(self.comp.socket, 0o666)
+        self.good = subprocess.Popen([sys.executable, "-m", "compositor.cli", "guest", "--name", "g0",
+                                      "--socket", self.comp.socket, "--on", fake.path, "--size", "640x480",
+                                      "--rate", "60", "--duration", "3600"], env=fake.env(stats=False),
+                                     cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.comp.wait_shown({"m0": "g0"}, timeout=120)
+
+    def frames(self) -> int:
+        return self.comp.outputs()["m0"].get("frames", 0)
+
+    def fds(self) -> int:
+        """The compositor's open descriptors, once three looks 0.1 s apart agree (a status request's
+        connection, say, closes on its own time)."""
+        looks: list[int] = []
+        for _ in range(100):
+            looks = [*looks[-2:], len(os.listdir(f"/proc/{self.comp.pid}/fd"))]
+            if len(looks) == 3 and looks[0] == looks[1] == looks[2]:
+                break
+            time.sleep(0.1)
+        return looks[-1]
+
+    def fuse_waiters(self, timeout: float = 30) -> list[int]:
+        """Threads of the compositor waiting on a FUSE answer (their kernel wait channel says so),
+        once there is one (or `timeout` passed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            waiters = []
+            for tid in os.listdir(f"/proc/{self.comp.pid}/task"):
+                try:
+                    wchan = Path(f"/proc/{self.comp.pid}/task/{tid}/wchan").read_text()
+                except OSError:
+                    continue
+                if wchan == "request_wait_answer":
+                    waiters.append(int(tid))
+            if waiters or time.monotonic() > deadline:
+                return waiters
+            time.sleep(0.05)
+
+    def timed_status(self) -> float:
+        t0 = time.monotonic()
+        self.comp.status()
+        return time.monotonic() - t0
+
+    def still_serving(self, since: int) -> tuple[int, float]:
+        """Wait (generously) until the good guest's frames pass `since`; (frames, status seconds)."""
+        deadline = time.monotonic() + 60
+        while True:
+            took = self.timed_status()
+            now = self.frames()
+            if now > since + 10:
+                return now, took
+            assert time.monotonic() < deadline, f"g0 stuck at {now} frames\n{self.comp.tail(30)}"
+            assert self.comp.proc.poll() is None, self.comp.tail(30)
+            time.sleep(0.1)
+
+    def fds_back_to(self, before: int, timeout: float = 30) -> int:
+        deadline = time.monotonic() + timeout
+        while (now := self.fds()) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return now
+
+    def close(self) -> None:
+        self.good.kill()
+        self.good.wait(timeout=30)
+        self.comp.stop()
+
+
+@pytest.fixture(scope="module")
+def arena() -> Iterator[Arena]:
+    with FakeKernel(outputs=2, delay_us=1000) as fake:
+        a = Arena(fake)
+        try:
+            yield a
+        finally:
+            a.close()
+
+
+class Fuse:
+    """A mount of hostile.py's FUSE filesystem owned by `owner`, torn down whatever happened."""
+
+    def __init__(self, owner: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="directflip-fuse-"))
+        self.dir.chmod(0o755)
+        self.server = subprocess.Popen([sys.executable, str(HERE / "hostile.py"), "fuse", str(self.dir),
+                                        str(owner)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+        line = self.server.stdout.readline().strip()
+        assert line == "ready", f"the FUSE server did not mount: {line} {self.server.stdout.read()}"
+        self.file = str(self.dir / "frame")
+        self.clients: list[int] = []   # pids of guests that opened the file: their exit waits on it too
+
+    def aborted(self, timeout: float = 30) -> bool:
+        """Whether the server saw its connection end (it prints "gone" and exits)."""
+        try:
+            self.server.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return "gone" in self.server.stdout.read()
+
+    def close(self) -> None:
+        if self.server.poll() is None:
+            self.server.kill()   # any close still waiting on it returns once its server is gone
+            self.server.wait(timeout=30)
+        for pid in self.clients:
+            reap(pid)
+        self.clients.clear()
+        subprocess.run(["umount", "-l", str(self.dir)], capture_output=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def own_fuse() -> Iterator[Fuse]:
+    fuse = Fuse(NOBODY)
+    yield fuse
+    fuse.close()
+
+
+@pytest.fixture
+def foreign_fuse() -> Iterator[Fuse]:
+    fuse = Fuse(0)
+    yield fuse
+    fuse.close()
+
+
+def hostile_guest(arena: Arena, when: str, fuse: Fuse) -> list[dict]:
+    """Fork hostile.py's guest as nobody, passing the file of `fuse`; its messages once it has read to
+    the end of the stream (its exit may then wait on the FUSE server: `fuse` reaps it when it closes)."""
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: nothing here may return into pytest
+        try:
+            os.close(out_r)
+            os.dup2(out_w, 1)
+            os.close(out_w)
+            sys.stdout = open(1, "w", closefd=False)   # pytest's capture replaced it: print to the pipe
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            hostile.guest(arena.comp.socket, "intruder", when, fuse.file)
+        finally:
+            os._exit(1)
+    os.close(out_w)
+    fuse.clients.append(pid)
+    with os.fdopen(out_r) as lines:
+        return [json.loads(line) for line in lines]
+
+
+def reap(pid: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
+
+
+def attack(arena: Arena, when: str, fuse: Fuse) -> list[dict]:
+    """The hostile guest's attack, then g0 still flipping and the compositor's descriptors back where
+    they were (the times seen printed); what the hostile guest was told."""
+    before_fds, before_frames = arena.fds(), arena.frames()
+    t0 = time.monotonic()
+    messages = hostile_guest(arena, when, fuse)
+    answered = time.monotonic() - t0
+    frames, status_s = arena.still_serving(before_frames)
+    after = arena.fds_back_to(before_fds)
+    print(f"{when}: answered in {answered:.2f} s; g0 {before_frames} -> {frames} frames; status took "
+          f"{status_s:.3f} s; compositor fds {before_fds} -> {after}")
+    assert messages and messages[-1]["type"] == "error", messages
+    assert after == before_fds
+    return messages
+
+
+def test_a_fuse_descriptor_with_hello_is_never_taken(arena, own_fuse):
+    messages = attack(arena, "hello", own_fuse)
+    assert "file descriptors came with hello or before it" in messages[-1]["reason"], messages
+
+
+def test_a_fuse_descriptor_of_the_guests_own_mount_costs_it_that_mount(arena, own_fuse):
+    # Admitted, the guest passes its FUSE file as a buffer. The compositor tells it is no dma-buf from
+    # /proc alone, refuses it by name, aborts that FUSE connection (its close would wait forever) and
+    # closes it: the loop never waits, g0 keeps flipping, and nothing is left open.
+    messages = attack(arena, "buffer", own_fuse)
+    assert messages[0]["type"] == "welcome", messages
+    assert f"a file descriptor sent is {own_fuse.file}, not a dma-buf, memfd or VFIO device" in \
+        messages[-1]["reason"], messages
+    assert own_fuse.aborted(), arena.comp.tail(20)
+    assert "connection is aborted" in arena.comp.log.read_text()
+
+
+def test_another_users_fuse_file_stalls_only_the_quarantine(arena, foreign_fuse):
+    # The FUSE mount is not the guest's: the compositor does not abort it, and its close waits on
+    # the quarantine thread for as long as that server does not answer. The loop is not that thread.
+    before_fds, before_frames = arena.fds(), arena.frames()
+    messages = hostile_guest(arena, "buffer", foreign_fuse)
+    waiters = arena.fuse_waiters()
+    frames, status_s = arena.still_serving(before_frames)
+    frames, status_s = arena.still_serving(frames)   # and again, well after the refusal
+    still = arena.fuse_waiters(timeout=0)
+    foreign_fuse.close()   # its server gone, the waiting close returns
+    after = arena.fds_back_to(before_fds)
+    print(f"g0 {before_frames} -> {frames} frames while thread(s) {still} waited on FUSE; status took "
+          f"{status_s:.3f} s; compositor fds {before_fds} -> {after} after; left waiting "
+          f"{arena.fuse_waiters(timeout=0)}")
+    assert messages[-1]["type"] == "error" and "not a dma-buf, memfd or VFIO device" in messages[-1]["reason"]
+    assert len(waiters) == 1 and waiters[0] != arena.comp.pid, (waiters, arena.comp.tail(15))
+    assert still == waiters   # the whole time g0 flipped and status answered
+    assert arena.fuse_waiters(timeout=0) == [] and after == before_fds
+
+
+def test_sigterm_ends_the_compositor_while_a_close_waits_on_fuse():
+    # A close of another user's FUSE file waits on the quarantine thread; SIGTERM still ends the
+    # compositor: stopping, it aborts the connection that close waits on.
+    with FakeKernel(outputs=2, delay_us=1000) as fake:
+        a = Arena(fake)
+        fuse = Fuse(0)
+        try:
+            messages = hostile_guest(a, "buffer", fuse)
+            assert messages[-1]["type"] == "error", messages
+            a.still_serving(a.frames())
+            waiters = a.fuse_waiters()
+            t0 = time.monotonic()
+            a.comp.proc.send_signal(signal.SIGTERM)
+            code = a.comp.proc.wait(timeout=60)
+            print(f"thread(s) {waiters} waiting on FUSE; SIGTERM ended the compositor in "
+                  f"{time.monotonic() - t0:.3f} s with code {code}")
+            assert waiters, a.comp.tail(20)
+            assert code == 0, a.comp.tail(20)
+            assert fuse.aborted(), a.comp.tail(20)
+        finally:
+            fuse.close()
+            a.close()
+
+
+def test_sigkill_ends_the_compositor_after_a_fuse_attack():
+    # The attack of the test above, then SIGKILL: the process ends (no thread left in a FUSE wait).
+    with FakeKernel(outputs=2, delay_us=1000) as fake:
+        a = Arena(fake)
+        fuse = Fuse(NOBODY)
+        try:
+            messages = hostile_guest(a, "buffer", fuse)
+            assert messages[-1]["type"] == "error", messages
+            a.still_serving(a.frames())
+            t0 = time.monotonic()
+            a.comp.proc.send_signal(signal.SIGKILL)
+            a.comp.proc.wait(timeout=30)
+            print(f"SIGKILL ended the compositor in {time.monotonic() - t0:.3f} s")
+        finally:
+            fuse.close()
+            a.close()
