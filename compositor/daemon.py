@@ -695,10 +695,19 @@ class Daemon:
     def _guest_gone(self, gs: GuestState, reason: str) -> None:
         conn = gs.conn
         log.info("guest %s %s", conn.name, reason)
+        try:
+            self._unplug_input(gs)
+        finally:   # whatever that raised, the guest goes: a name left taken would outlive its client
+            self._guest_leaves(gs)
+
+    def _unplug_input(self, gs: GuestState) -> None:
         if gs.input is not None and hasattr(gs.input, "close"):
             self.own_input_names.difference_update(getattr(gs.input, "names", ()))
-            gs.input.close()   # its VM's keyboard and tablet are unplugged with it
-            gs.input = None
+            sink, gs.input = gs.input, None
+            sink.close()   # its VM's keyboard and tablet are unplugged with it
+
+    def _guest_leaves(self, gs: GuestState) -> None:
+        conn = gs.conn
         task = self.vfio_tasks.pop(conn.name, None)   # a vGPU's polling
         if task is not None:
             task.cancel()
@@ -711,9 +720,13 @@ class Daemon:
                 except OSError:
                     pass
             conn.dp_conn = -1
-        self.registry.depart(gs)
-        conn.let_go()
-        self.replan()
+        try:
+            self.registry.depart(gs)
+        finally:
+            try:
+                conn.let_go()
+            finally:
+                self.replan()
 
     def _drop_buffer(self, buffer: Buffer) -> None:
         """A buffer about to be closed (the registry's `free`): off every pipeline and card."""

@@ -276,18 +276,21 @@ class GuestRegistry:
         """The guest is gone: each of its buffers is freed once nothing holds it; until then it is
         among the departed."""
         conn = gs.conn
-        for buffer in conn.evicted():
-            self.forget(gs, buffer)
-        for buffer in list(conn.buffers.values()):
-            self.forget(gs, buffer)
+        if self.guests.get(conn.name) is gs:   # first: whatever fails below, the name is free again
+            del self.guests[conn.name]
+        self.departed.append(gs)
+        buffers = [*conn.evicted(), *conn.buffers.values()]
         conn.buffers.clear()
+        for buffer in buffers:
+            try:
+                self.forget(gs, buffer)
+            except Exception:   # one buffer that cannot be dropped must not keep the others open
+                log.exception("guest %s: freeing buffer %d failed", conn.name, buffer.id)
+                buffer.close()
         if gs.latest is not None:
             latest, gs.latest = gs.latest, None
             if latest.buffer.dp_handle < 0:   # the data plane lets go of its own with the connection
                 self.release(latest)
-        if self.guests.get(conn.name) is gs:
-            del self.guests[conn.name]
-        self.departed.append(gs)
 
     def sweep(self) -> None:
         """After a plan: free what nothing holds any more; drop departed guests with nothing left."""

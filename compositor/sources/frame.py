@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import os
 import stat
 import time
@@ -24,6 +25,8 @@ from compositor.kms.fourcc import (
     FORMATS,
     fourcc_name,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 16384  # no display engine we know scans out more per axis
 
@@ -113,9 +116,15 @@ class Buffer:
     dp_handle: int = field(default=-1, repr=False)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Close the descriptor once. Linux releases it even when close() reports an error (EIO from
+        the file's filesystem, say), so an error is logged and never raised: every caller closing
+        many buffers goes on to the next."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError as exc:
+                log.warning("guest %s: closing buffer %d said %s", self.guest, self.id, exc.strerror)
 
     @property
     def key(self) -> tuple[str, int, int]:

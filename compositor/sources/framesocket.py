@@ -38,6 +38,7 @@ import base64
 import binascii
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -49,6 +50,7 @@ import struct
 import termios
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -865,64 +867,71 @@ class GuestConnection(SourceDefaults):
     # --- closing
 
     def _finish(self, reason: str, level: int, *, send_error: bool = True) -> None:
+        """Close the connection: every step runs whatever an earlier one raised (a descriptor left open
+        or a name left taken would outlive the client for good)."""
         if self.closed:
             return
         self.closed = True
         log.log(level, "%s: closing: %s", self._who(), reason)
+        on_close = (lambda: self._server.handler.on_close(self, reason)) if self._welcomed else None
         if self.dp_conn >= 0:
-            self._finish_on_dataplane(reason, send_error)
+            # The handler forgets the guest's buffers first (the data plane frees each once nothing
+            # holds it), then the data plane lets go of the socket, and only then is it closed.
+            _each(self._who(), (lambda: self._dp_send_error(reason)) if send_error else None,
+                  self._let_go_fds, lambda: self._server._discard(self), on_close, self._dp_remove,
+                  self._sock.close)
             return
-        if send_error and len(self._out) <= MAX_QUEUED_OUTPUT:
+        _each(self._who(), (lambda: self._send_error(reason)) if send_error else None,
+              lambda: self._loop.remove_reader(self._fileno),
+              (lambda: self._loop.remove_writer(self._fileno)) if self._writing else None,
+              self._sock.close, self._out.clear, self._let_go_fds, lambda: self._server._discard(self),
+              on_close)
+
+    def _send_error(self, reason: str) -> None:
+        if len(self._out) <= MAX_QUEUED_OUTPUT:
             # best effort: a client that does not read loses the reason, never blocks the loop
             self._out += encode({"type": "error", "reason": reason})
             try:
                 self._sock.send(self._out, socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
             except OSError:
                 pass
-        self._loop.remove_reader(self._fileno)
-        if self._writing:
-            self._loop.remove_writer(self._fileno)
-        self._sock.close()
-        self._out.clear()
-        self._let_go_fds()
-        self._server._discard(self)
-        if self._welcomed:
-            try:
-                self._server.handler.on_close(self, reason)
-            except Exception:
-                log.exception("%s: on_close failed", self._who())
 
-    def _finish_on_dataplane(self, reason: str, send_error: bool) -> None:
-        """_finish of a connection the data plane serves: the handler forgets the guest's buffers
-        first (the data plane frees each once nothing holds it), then the data plane lets go of the
-        socket, and only then is it closed."""
-        dp = self._server.dataplane
-        if send_error:
-            try:   # best effort, as above: the data plane never blocks on a client
-                dp.send(self.dp_conn, encode({"type": "error", "reason": reason}))
-            except OSError:
-                pass
-        self._let_go_fds()
-        self._server._discard(self)
-        try:
-            self._server.handler.on_close(self, reason)
-        except Exception:
-            log.exception("%s: on_close failed", self._who())
-        try:
-            for fd in dp.remove_conn(self.dp_conn):
-                fdguard.discard(fd, self._who(), self.peer.uid)
+    def _dp_send_error(self, reason: str) -> None:
+        try:   # best effort, as above: the data plane never blocks on a client
+            self._server.dataplane.send(self.dp_conn, encode({"type": "error", "reason": reason}))
         except OSError:
             pass
-        self._server.dp_connections.pop(self.dp_conn, None)
-        self._sock.close()
+
+    def _dp_remove(self) -> None:
+        try:
+            fds = self._server.dataplane.remove_conn(self.dp_conn)
+        except OSError:
+            fds = []
+        finally:
+            self._server.dp_connections.pop(self.dp_conn, None)
+        for fd in fds:
+            fdguard.discard(fd, self._who(), self.peer.uid)
 
     def _let_go_fds(self) -> None:
-        while self._fds:
-            fdguard.discard(self._fds.popleft().fd, self._who(), self.peer.uid)
+        fds = [pending.fd for pending in self._fds]
+        self._fds.clear()
+        who = self._who()
+        _each(who, *(functools.partial(fdguard.discard, fd, who, self.peer.uid) for fd in fds))
 
     def _who(self) -> str:
         guest = f"guest {self.name!r}" if self.name else "before hello"
         return f"frame-socket client pid {self.peer.pid} uid {self.peer.uid} ({guest})"
+
+
+def _each(who: str, *steps: Callable[[], object] | None) -> None:
+    """Run every step in order, each whatever the ones before it raised (logged)."""
+    for step in steps:
+        if step is None:
+            continue
+        try:
+            step()
+        except Exception:
+            log.exception("%s: a step of closing the connection failed", who)
 
 
 def _describe(fd: int) -> fdguard.Described | None:

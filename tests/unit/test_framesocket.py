@@ -539,6 +539,44 @@ def test_fds_left_over_at_close_are_an_error_and_do_not_leak(env, caplog):
     assert open_fds() == before
 
 
+def test_a_failing_step_of_closing_skips_none_of_the_others(env, monkeypatch, caplog):
+    # Two descriptors wait for their messages when the client hangs up; letting the first go raises,
+    # and so does the handler's on_close. The second is closed all the same, the connection leaves
+    # the server (its name is free again) and its socket is closed.
+    from compositor import fdguard
+    before = open_fds()
+    rogue = socket.socket(socket.AF_UNIX)
+    rogue.connect(env.path)
+    rogue.sendall(encode(HELLO))
+    env.until(lambda: env.handler.hellos)
+    first, second = memfd(), memfd()
+    socket.send_fds(rogue, [encode(BUFFER)[:10]], [first, second])
+    os.close(first)
+    os.close(second)
+    real = fdguard.discard
+    calls = []
+
+    def failing_once(fd, who, uid=None):
+        calls.append(fd)
+        if len(calls) == 1:
+            os.close(fd)
+            raise OSError(5, "Input/output error")
+        real(fd, who, uid)
+
+    def on_close(conn, reason):
+        raise RuntimeError("handler broke")
+    monkeypatch.setattr(fdguard, "discard", failing_once)
+    monkeypatch.setattr(env.handler, "on_close", on_close)
+    with caplog.at_level(logging.ERROR, "directflip.framesocket"):
+        rogue.close()
+        env.until(lambda: not env.server.connections)
+    assert len(calls) == 2
+    assert caplog.text.count("a step of closing the connection failed") == 2
+    assert open_fds() == before
+    client = env.client("rogue")   # the name is free
+    assert client.version >= 1
+
+
 def test_hanging_up_mid_message_is_reported(env):
     rogue = socket.socket(socket.AF_UNIX)
     rogue.connect(env.path)
