@@ -37,7 +37,6 @@ import fcntl
 import logging
 import mmap
 import os
-import select
 import stat
 import struct
 import time
@@ -51,6 +50,7 @@ from compositor.cursor import CursorLayer
 from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
 from compositor.kms.card import DumbBuffer
 from compositor.kms.fourcc import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
+from compositor.kms.wait import readable
 from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
 from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
@@ -212,7 +212,7 @@ class CopyBuffers:
         if sync:
             # DMA_BUF_IOCTL_SYNC waits, without a bound, for the writes pending on the buffer; a
             # guest whose fence never signals must not hold a worker (or, at shutdown, the daemon).
-            if not select.select([buffer.fd], [], [], FENCE_TIMEOUT)[0]:
+            if not readable(buffer.fd, FENCE_TIMEOUT):
                 raise FenceTimeout(errno.ETIMEDOUT, f"the guest's buffer {buffer.id} is still being "
                                    f"written after {FENCE_TIMEOUT:g} s (its fence has not signalled): "
                                    f"frame skipped")

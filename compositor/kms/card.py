@@ -13,7 +13,6 @@ import errno as E
 import logging
 import mmap
 import os
-import select
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from .edid import EdidError, EdidIdentity, parse_edid
 from .errors import DeviceError, KmsError, NotMaster, Rejected, kms_error
 from .fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, BlobError, fourcc_name, parse_in_formats
 from .mode import Mode
+from .wait import readable
 
 if TYPE_CHECKING:
     from .atomic import AtomicRequest
@@ -731,8 +731,7 @@ class Card:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no flip event for CRTC(s) {sorted(want)} within {timeout:.1f}s")
-            ready, _, _ = select.select([self.fd], [], [], left)
-            if ready:
+            if readable(self.fd, left):
                 for ev in self.dispatch_events():
                     got.append(ev)
                     want.discard(ev.crtc_id)

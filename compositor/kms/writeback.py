@@ -7,10 +7,10 @@ show an operator what a screen shows without copying the guest's buffer on the f
 from __future__ import annotations
 
 import os
-import select
 
 from .atomic import AtomicRequest
 from .card import Connector, Crtc, Framebuffer, ffi
+from .wait import readable
 
 
 class WritebackJob:
@@ -28,8 +28,7 @@ class WritebackJob:
         if fd < 0:
             raise RuntimeError("the writeback was not committed (no out-fence)")
         try:
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
+            if not readable(fd, timeout):
                 raise TimeoutError(f"writeback did not complete within {timeout:.1f}s")
         finally:
             os.close(fd)

@@ -1475,15 +1475,15 @@ def test_a_copy_waits_a_bounded_time_for_the_guests_writes_then_skips_the_frame(
     # The guest's dma-buf never becomes readable (a fence that does not signal): the worker gives up
     # after FENCE_TIMEOUT instead of blocking in DMA_BUF_IOCTL_SYNC, the frame is skipped and handed
     # back, the output stays on the copy rung, and the next frame is copied as usual.
-    real_select = scanout.select.select
+    real_readable = scanout.readable
     stuck = {"on": False}
 
-    def select(r, w, x, timeout=None):
+    def readable(fd, timeout):
         if stuck["on"]:
-            return [], [], []
-        return real_select(r, w, x, timeout)
+            return False
+        return real_readable(fd, timeout)
 
-    monkeypatch.setattr(scanout.select, "select", select)
+    monkeypatch.setattr(scanout, "readable", readable)
 
     async def main() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
