@@ -21,6 +21,7 @@ import asyncio
 import functools
 import logging
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -50,9 +51,11 @@ from compositor.sources import vfio
 from compositor.sources.frame import BadPlane, Buffer, Frame, Pointer
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
+    DEFAULT_LIMITS,
     RUN_DIR,
     FrameSocketServer,
     GuestConnection,
+    Limits,
     Peer,
     Refused,
     socket_paths,
@@ -132,8 +135,9 @@ class Daemon:
     def __init__(self, policy_path: str | Path, *, frame_socket: str = DEFAULT_FRAME_SOCKET,
                  control_socket: str = DEFAULT_CONTROL_SOCKET, cards: list[str] | None = None,
                  native: bool = True, seat: str | None = None, session: Session | None = None,
-                 input: bool = True, data_plane: bool = True) -> None:
+                 input: bool = True, data_plane: bool = True, limits: Limits = DEFAULT_LIMITS) -> None:
         self.policy_path = Path(policy_path)
+        self.limits = limits   # what frame-socket clients may hold (compositor.sources.framesocket.Limits)
         self.seat = seat
         self.session = session if session is not None else DirectSession(None)
         self.session.on_pause = self._pause_card
@@ -284,7 +288,8 @@ class Daemon:
         self.topology = self.read_topology()
         self.reset_outputs()
         os.makedirs(os.path.dirname(self.frame_socket_path) or ".", exist_ok=True)
-        self.frames = FrameSocketServer(self.frame_socket_path, self)
+        self.frames = FrameSocketServer(self.frame_socket_path, self, limits=self.limits)
+        _descriptor_budget(self.limits)
         self.frames.dataplane = self.dataplane
         self.frames.start(loop)
         from compositor.control import ControlServer
@@ -617,6 +622,18 @@ class Daemon:
         self.registry.adopt(conn)
 
     # --- guests (the frame socket's handler) ------------------------------------------------------
+
+    def may_connect(self, uid: int) -> str | None:
+        """Checked as a frame-socket client connects, before it may send anything: None if `uid` may be
+        some guest of the policy (hello then checks the name), else why not."""
+        default = {0, os.getuid()}   # a name no rule matches, or a rule without `users`
+        allowed = set(default)
+        for rule in self.policy.guests:
+            if not rule.opened_here:
+                allowed |= default if rule.uids is None else set(rule.uids)
+        if uid in allowed:
+            return None
+        return f"uid {uid} may be no guest of this policy (no guest rule lists it in users:)"
 
     def on_hello(self, conn: GuestConnection) -> None:
         own = next((r.opened_here for r in self.policy.guests
@@ -1538,6 +1555,29 @@ class Daemon:
 
 # ------------------------------------------------------------------------------------------------ CLI
 
+# Descriptors the compositor holds besides its frame-socket clients': cards, buffers of its own,
+# framebuffers' dma-bufs, QEMU and vGPU guests, input devices, sockets, pipes.
+OWN_DESCRIPTORS = 4096
+
+
+def _descriptor_budget(limits: Limits) -> None:
+    """Raise the soft descriptor limit to what the frame socket's limits let clients take plus the
+    compositor's own, within the hard limit (the unit's LimitNOFILE); say so if it falls short."""
+    need = limits.descriptors() + OWN_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning("the descriptor limit is %d, below the %d that frame-socket clients within their "
+                    "limits and the compositor may hold: raise LimitNOFILE (or ulimit -n), or lower "
+                    "--max-connections or --max-buffers", soft, need)
+    else:
+        log.info("descriptor limit %s for a budget of %d (%d frame-socket connections)", soft, need,
+                 limits.connections)
+
+
 def _run(args) -> int:
     from compositor.policy import PolicyError
 
@@ -1551,7 +1591,9 @@ def _run(args) -> int:
         daemon = Daemon(args.policy, frame_socket=args.socket or frame_socket,
                         control_socket=args.control or control_socket, cards=args.device or None,
                         native=not args.pure_python, seat=args.seat, session=session,
-                        input=not args.no_input, data_plane=args.data_plane == "native")
+                        input=not args.no_input, data_plane=args.data_plane == "native",
+                        limits=Limits(hello_timeout=args.hello_timeout, connections=args.max_connections,
+                                      per_user=args.max_connections_per_user, buffers=args.max_buffers))
     except PolicyError as exc:
         print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
         return 1
@@ -1637,4 +1679,33 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
                    "native = the C data plane's thread (native/dataplane.c, docs/data-plane.md), python = "
                    "the daemon's loop, kept for comparison (default: %(default)s; --pure-python implies "
                    "python)")
+    limits = p.add_argument_group(
+        "limits of frame-socket clients",
+        "What clients of the frame socket may hold, so that none can starve the others. Each refusal "
+        "names the limit it hit. At start the descriptor limit is raised to cover connections x (17 + "
+        "buffers) plus the compositor's own (the unit's LimitNOFILE bounds it).")
+    limits.add_argument("--hello-timeout", type=_positive_float, default=Limits.hello_timeout,
+                        metavar="SECONDS", help="a client that has not said hello by then is closed "
+                        "(default: %(default)s)")
+    limits.add_argument("--max-connections", type=_positive_int, default=Limits.connections, metavar="N",
+                        help="connections at once, admitted or not; more are refused as they connect "
+                        "(default: %(default)s)")
+    limits.add_argument("--max-connections-per-user", type=_positive_int, default=Limits.per_user,
+                        metavar="N", help="... of one uid (default: %(default)s)")
+    limits.add_argument("--max-buffers", type=_positive_int, default=Limits.buffers, metavar="N",
+                        help="buffers one guest may have announced at once (default: %(default)s)")
     p.set_defaults(func=_run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
+    return value

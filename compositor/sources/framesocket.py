@@ -101,7 +101,7 @@ log = logging.getLogger("directflip.framesocket")
 PROTOCOL_VERSION = max(VERSIONS)  # the newest version spoken; hello and welcome agree on one
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
 MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
-MAX_BUFFERS = 64  # per connection: each one holds a descriptor of ours
+MAX_BUFFERS = 64  # per connection by default (Limits.buffers): each one holds a descriptor of ours
 MAX_QUEUED_OUTPUT = 1 << 20  # bytes waiting for a client that does not read its socket
 # Unsent bytes past which input is dropped: far below MAX_QUEUED_OUTPUT, so input alone never gets a
 # client closed, and a guest that catches up is not handed seconds of stale pointer motion.
@@ -121,6 +121,28 @@ _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _INTERNAL_ERROR = "internal error in the compositor"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client, one user and all clients together may hold of the server (`directflip run`
+    sets them: --hello-timeout, --max-connections, --max-connections-per-user, --max-buffers). Each
+    refusal names the limit it hit. The defaults bound the descriptors every client can make the
+    compositor hold at connections × (1 + MAX_PENDING_FDS + buffers) = 256 × 81; `directflip run`
+    raises its descriptor limit to cover that at start, so admitted guests never lose a descriptor
+    because other clients took them all."""
+
+    hello_timeout: float = 5.0  # seconds a client has to say hello
+    connections: int = 256  # frame-socket connections at once, admitted or not
+    per_user: int = 32  # ... of one uid
+    buffers: int = MAX_BUFFERS  # buffers announced per connection
+
+    def descriptors(self) -> int:
+        """The most descriptors frame-socket clients can make the server hold at once."""
+        return self.connections * (1 + MAX_PENDING_FDS + self.buffers)
+
+
+DEFAULT_LIMITS = Limits()
 
 
 class Refused(Exception):
@@ -314,6 +336,10 @@ class GuestConnection(SourceDefaults):
         self.dp_conn = -1
         self._dp_wanted = False
         self._catching_up = False  # reading on from _catch_up: the socket is not handed over meanwhile
+        timeout = server.limits.hello_timeout
+        self._hello_timer: asyncio.TimerHandle | None = self._loop.call_later(
+            timeout, lambda: None if self._welcomed else self._finish(
+                f"no hello within {timeout:g} s (directflip run --hello-timeout)", logging.WARNING))
 
     def __repr__(self) -> str:
         return f"<GuestConnection {self._who()}{' closed' if self.closed else ''}>"
@@ -619,6 +645,9 @@ class GuestConnection(SourceDefaults):
         if not self._call("on_hello"):
             return
         self._welcomed = True
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
         log.info("%s: welcome", self._who())
         self._send({"type": "welcome", "version": self.version})
         self._dp_wanted = self.version >= 2 and self._server.dataplane is not None
@@ -638,8 +667,10 @@ class GuestConnection(SourceDefaults):
         try:
             if buffer_id in self.buffers:
                 raise ProtocolError(f"buffer {buffer_id} is already announced (forget it first)")
-            if len(self.buffers) >= MAX_BUFFERS:
-                raise ProtocolError(f"buffer {buffer_id}: more than {MAX_BUFFERS} buffers announced")
+            most = self._server.limits.buffers
+            if len(self.buffers) >= most:
+                raise ProtocolError(f"buffer {buffer_id}: more than {most} buffers announced (the most one "
+                                    "guest may hold at once: directflip run --max-buffers)")
             try:
                 size = dmabuf_size(fd)
             except OSError as exc:
@@ -872,7 +903,9 @@ class GuestConnection(SourceDefaults):
         if self.closed:
             return
         self.closed = True
-        log.log(level, "%s: closing: %s", self._who(), reason)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        self._server.log.log(self.peer.uid, level, "%s: closing: %s", self._who(), reason)
         on_close = (lambda: self._server.handler.on_close(self, reason)) if self._welcomed else None
         if self.dp_conn >= 0:
             # The handler forgets the guest's buffers first (the data plane frees each once nothing
@@ -1018,10 +1051,12 @@ class FrameSocketServer:
     ("compositor shutting down") and removes the socket file if it is still ours.
     """
 
-    def __init__(self, path: str, handler: GuestHandler, *, mode: int = 0o660) -> None:
+    def __init__(self, path: str, handler: GuestHandler, *, mode: int = 0o660,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.path = path
         self.handler = handler
         self.mode = mode
+        self.limits = limits
         self.connections: list[GuestConnection] = []
         # The native data plane (compositor.dataplane.DataPlane) that serves version-2 clients once
         # welcomed, or None: this server reads and writes every socket. dp_connections maps its
@@ -1031,6 +1066,8 @@ class FrameSocketServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
+        self.refused = 0  # clients turned away at accept (a limit, or a uid no guest may have)
+        self.log = PeerLog(log)   # warnings about clients, at most a few per uid and minute
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         if self._listener is not None:
@@ -1094,10 +1131,29 @@ class FrameSocketServer:
                 log.error("frame socket %s: cannot read the peer's credentials (%s)", self.path, exc)
                 sock.close()
                 continue
+            refusal = self._refusal(uid)
+            if refusal is not None:
+                _refuse_at_once(sock, refusal)
+                self.refused += 1
+                self.log.warning(uid, "frame-socket client pid %d uid %d refused: %s", pid, uid, refusal)
+                continue
             conn = GuestConnection(self, sock, Peer(pid, uid, gid))
             self.connections.append(conn)
             self._loop.add_reader(sock.fileno(), conn._on_readable)
             log.debug("%s: connected", conn._who())
+
+    def _refusal(self, uid: int) -> str | None:
+        """Why a new client of `uid` is turned away at once, or None."""
+        limits = self.limits
+        if len(self.connections) >= limits.connections:
+            return (f"the compositor serves at most {limits.connections} frame-socket connections at once "
+                    "(directflip run --max-connections)")
+        mine = sum(1 for c in self.connections if c.peer.uid == uid)
+        if mine >= limits.per_user:
+            return (f"uid {uid} has {mine} frame-socket connections open, the most one user may have "
+                    "(directflip run --max-connections-per-user)")
+        check = getattr(self.handler, "may_connect", None)
+        return check(uid) if check is not None else None
 
     def dataplane_event(self, event) -> None:
         """An event of the data plane about one of this server's connections (DP_EV_DATA, _CLOSED,
@@ -1113,6 +1169,50 @@ class FrameSocketServer:
     def _discard(self, conn: GuestConnection) -> None:
         if conn in self.connections:
             self.connections.remove(conn)
+
+
+def _refuse_at_once(sock: socket.socket, reason: str) -> None:
+    """Tell a client just accepted why it is refused (if its socket takes it now) and close it."""
+    try:
+        sock.send(encode({"type": "error", "reason": reason}), socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT)
+    except OSError:
+        pass
+    sock.close()
+
+
+class PeerLog:
+    """Warnings about clients, rate-limited per uid: at most BURST in each WINDOW seconds, then one
+    line saying how many were suppressed once the window ends (so 10 000 bad clients of one user make
+    a handful of lines, and another user's trouble is still logged)."""
+
+    BURST = 5
+    WINDOW = 60.0
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._windows: dict[int, list[float | int]] = {}   # uid → [window start, lines, suppressed]
+
+    def warning(self, uid: int, msg: str, *args: Any) -> None:
+        self.log(uid, logging.WARNING, msg, *args)
+
+    def log(self, uid: int, level: int, msg: str, *args: Any) -> None:
+        if level < logging.WARNING:
+            self._log.log(level, msg, *args)
+            return
+        now = time.monotonic()
+        window = self._windows.get(uid)
+        if window is None or now - window[0] >= self.WINDOW:
+            if window is not None and window[2]:
+                self._log.warning("uid %d: %d more warnings about its frame-socket clients were not logged "
+                                  "in %.0f s", uid, window[2], now - window[0])
+            if len(self._windows) > 4096:   # uids seen long ago
+                self._windows = {u: w for u, w in self._windows.items() if now - w[0] < self.WINDOW}
+            window = self._windows[uid] = [now, 0, 0]
+        if window[1] < self.BURST:
+            window[1] += 1
+            self._log.log(level, msg, *args)
+        else:
+            window[2] += 1
 
 
 def _remove_stale_socket(path: str) -> None:

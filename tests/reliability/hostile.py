@@ -131,6 +131,51 @@ def guest(path: str, name: str, when: str, file: str) -> None:
     os._exit(0)
 
 
+def connections(path: str, names: list[str], then: int) -> None:
+    """Connect once per name and say hello as it (each waits for its welcome), then open `then` more
+    connections that say nothing; print one line per connection: what it was told first (`none`:
+    nothing within a second). The connections stay open until stdin ends."""
+    socks = []
+    for name in names:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.sendall(_frame({"type": "hello", "version": 1, "name": name}))
+        socks.append(sock)
+        print(json.dumps(_first(sock, 20)), flush=True)
+    for _ in range(then):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        socks.append(sock)
+        print(json.dumps(_first(sock, 1)), flush=True)
+    sys.stdin.read()
+
+
+def _first(sock: socket.socket, timeout: float) -> dict:
+    sock.settimeout(timeout)
+    try:
+        head = sock.recv(4, socket.MSG_WAITALL)
+    except TimeoutError:
+        return {"type": "none"}
+    if len(head) < 4:
+        return {"type": "eof"}
+    (n,) = struct.unpack("<I", head)
+    return json.loads(sock.recv(n, socket.MSG_WAITALL))
+
+
+def garbage(path: str, count: int) -> None:
+    """`count` clients, one after the other, each sending a malformed message; print how many were
+    closed with an error."""
+    errors = 0
+    for _ in range(count):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.sendall(_frame({"type": "hello", "version": 1, "name": "intruder-x", "pointer": 7}))
+        messages = _read_all(sock)
+        errors += bool(messages) and messages[-1]["type"] == "error"
+        sock.close()
+    print(json.dumps({"errors": errors}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fuse":
         serve_fuse(sys.argv[2], int(sys.argv[3]))

@@ -42,7 +42,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from compositor import control, policy, scanout
+from compositor import control, fdguard, policy, scanout
 from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, FORMATS, fourcc, fourcc_name
 from compositor.planner import Rect
 from compositor.sources import vfio
@@ -308,6 +308,7 @@ def survive(arena: Arena, scenario: Callable[[list[int]], list[dict[str, Any]]])
         for fd in mine:
             os.close(fd)
     arena.settle()
+    assert fdguard.QUARANTINE.wait_idle(10), "a refused descriptor is still being closed"
     assert open_fds() == before, "descriptors leaked"
     arena.good_guests_flip()
     arena.check_healthy()

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,11 +40,12 @@ monitors:
   m1: {connector: Virtual-2, mode: 1280x720}
 guests:
   g0: {kind: socket}
-  intruder: {kind: socket, users: [nobody]}
+  intruder: {name: "intruder*", kind: socket, users: [nobody]}
 placements:
   - {guest: g0, monitor: m0}
   - {guest: intruder, monitor: m1}
 """
+PER_USER, CONNECTIONS, HELLO_TIMEOUT = 8, 12, 2   # the arena's limits
 
 pytestmark = [
     pytest.mark.skipif(os.getuid() != 0, reason="mounting FUSE and dropping to nobody need root"),
@@ -55,6 +57,8 @@ class Arena:
     def __init__(self, fake: FakeKernel) -> None:
         self.fake = fake
         self.comp = lb.Compositor(POLICY, "--device", fake.path, "--session", "direct", "--no-input",
+                                  "--max-connections-per-user", str(PER_USER), "--max-connections",
+                                  str(CONNECTIONS), "--hello-timeout", str(HELLO_TIMEOUT),
                                   name="hostile", env=fake.env(stats=False))
         # nobody reaches the socket: a directory it may traverse, a socket it may connect to (in real
         # use, the frame socket's group)
@@ -183,27 +187,57 @@ def foreign_fuse() -> Iterator[Fuse]:
     fuse.close()
 
 
+class AsUser:
+    """A forked child running `fn(*args)` as `uid`: it prints JSON lines, read with lines(); its stdin
+    is a pipe, closed by release() (fn may wait for that)."""
+
+    def __init__(self, uid: int, fn, *args) -> None:
+        out_r, out_w = os.pipe()
+        in_r, in_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: nothing here may return into pytest
+            try:
+                os.close(out_r)
+                os.close(in_w)
+                os.dup2(out_w, 1)
+                os.dup2(in_r, 0)
+                os.close(out_w)
+                os.close(in_r)
+                sys.stdout = open(1, "w", closefd=False)   # pytest's capture replaced them
+                sys.stdin = open(0, closefd=False)
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                fn(*args)
+            finally:
+                os._exit(1)
+        os.close(out_w)
+        os.close(in_r)
+        self._out = os.fdopen(out_r)
+        self._in = in_w
+
+    def lines(self, count: int | None = None) -> list[dict]:
+        """The next `count` lines (None: all, until the child closes its stdout)."""
+        if count is None:
+            return [json.loads(line) for line in self._out]
+        return [json.loads(self._out.readline()) for _ in range(count)]
+
+    def release(self) -> None:
+        if self._in >= 0:
+            os.close(self._in)
+            self._in = -1
+        self._out.close()
+
+
 def hostile_guest(arena: Arena, when: str, fuse: Fuse) -> list[dict]:
     """Fork hostile.py's guest as nobody, passing the file of `fuse`; its messages once it has read to
     the end of the stream (its exit may then wait on the FUSE server: `fuse` reaps it when it closes)."""
-    out_r, out_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: nothing here may return into pytest
-        try:
-            os.close(out_r)
-            os.dup2(out_w, 1)
-            os.close(out_w)
-            sys.stdout = open(1, "w", closefd=False)   # pytest's capture replaced it: print to the pipe
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            hostile.guest(arena.comp.socket, "intruder", when, fuse.file)
-        finally:
-            os._exit(1)
-    os.close(out_w)
-    fuse.clients.append(pid)
-    with os.fdopen(out_r) as lines:
-        return [json.loads(line) for line in lines]
+    child = AsUser(NOBODY, hostile.guest, arena.comp.socket, "intruder", when, fuse.file)
+    fuse.clients.append(child.pid)
+    try:
+        return child.lines()
+    finally:
+        child.release()
 
 
 def reap(pid: int, timeout: float = 30) -> None:
@@ -309,3 +343,87 @@ def test_sigkill_ends_the_compositor_after_a_fuse_attack():
         finally:
             fuse.close()
             a.close()
+
+
+def raw_client(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(path)
+    return sock
+
+
+def test_connections_past_the_caps_are_refused_naming_the_limit(arena):
+    # nobody fills its share of connections (admitted guests), its next one is refused as it
+    # connects; root fills the rest, and the next connection of anyone is refused by the global cap.
+    # g0 flips throughout and every descriptor comes back.
+    before_fds, before_frames = arena.fds(), arena.frames()
+    child = AsUser(NOBODY, hostile.connections, arena.comp.socket,
+                   [f"intruder-{i}" for i in range(PER_USER)], 1)
+    roots: list[socket.socket] = []
+    try:
+        told = child.lines(PER_USER + 1)
+        roots = [raw_client(arena.comp.socket) for _ in range(CONNECTIONS - PER_USER - 1)]  # g0 is one
+        over = raw_client(arena.comp.socket)
+        refusal = hostile._first(over, 20)
+        over.close()
+        frames, status_s = arena.still_serving(before_frames)
+        st = arena.comp.status()
+    finally:
+        child.release()
+        reap(child.pid)
+        for sock in roots:
+            sock.close()
+    after = arena.fds_back_to(before_fds)
+    print(f"nobody: {[t['type'] for t in told]}; the last: {told[-1]}; then root's: {refusal}; g0 "
+          f"{before_frames} -> {frames} frames, status in {status_s:.3f} s; fds {before_fds} -> {after}")
+    assert [t["type"] for t in told] == ["welcome"] * PER_USER + ["error"]
+    assert told[-1]["reason"] == (f"uid {NOBODY} has {PER_USER} frame-socket connections open, the most one "
+                                  "user may have (directflip run --max-connections-per-user)")
+    assert refusal == {"type": "error", "reason": f"the compositor serves at most {CONNECTIONS} frame-socket "
+                       "connections at once (directflip run --max-connections)"}
+    assert any(g["name"] == "g0" for g in st["guests"])
+    assert after == before_fds
+
+
+def test_a_client_that_never_says_hello_is_closed_at_the_deadline(arena):
+    before_fds = arena.fds()
+    sock = raw_client(arena.comp.socket)
+    t0 = time.monotonic()
+    told = hostile._first(sock, 60)
+    took = time.monotonic() - t0
+    sock.close()
+    after = arena.fds_back_to(before_fds)
+    print(f"closed after {took:.2f} s (deadline {HELLO_TIMEOUT} s): {told}; fds {before_fds} -> {after}")
+    assert told == {"type": "error", "reason": f"no hello within {HELLO_TIMEOUT} s (directflip run "
+                    "--hello-timeout)"}
+    assert took >= HELLO_TIMEOUT * 0.9 and after == before_fds
+
+
+def test_a_user_no_rule_admits_is_refused_as_it_connects(arena):
+    child = AsUser(12345, hostile.connections, arena.comp.socket, [], 1)
+    try:
+        (told,) = child.lines(1)
+    finally:
+        child.release()
+        reap(child.pid)
+    assert told == {"type": "error", "reason": "uid 12345 may be no guest of this policy (no guest rule "
+                    "lists it in users:)"}
+
+
+def test_thousands_of_bad_clients_log_a_handful_of_lines(arena):
+    before_fds, before_frames = arena.fds(), arena.frames()
+    start = len(arena.comp.log.read_text().splitlines())
+    child = AsUser(NOBODY, hostile.garbage, arena.comp.socket, 1000)
+    try:
+        (result,) = child.lines()
+    finally:
+        child.release()
+        reap(child.pid)
+    frames, status_s = arena.still_serving(before_frames)
+    lines = arena.comp.log.read_text().splitlines()[start:]
+    about = [line for line in lines if f"uid {NOBODY}" in line and "WARNING" in line]
+    after = arena.fds_back_to(before_fds)
+    print(f"{result['errors']} bad clients closed with an error; {len(about)} warning lines about uid "
+          f"{NOBODY}; g0 {before_frames} -> {frames}; fds {before_fds} -> {after}")
+    assert result["errors"] == 1000
+    assert 1 <= len(about) <= 5, about
+    assert after == before_fds
