@@ -306,7 +306,7 @@ class Daemon:
         self.open_qemu_guests()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopped.set)
-        loop.add_signal_handler(signal.SIGHUP, self.watcher.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.watcher.reload_soon)
         await self.apply(self.plan())
         await self.start_input()
         await self.session.activate()

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 
+from compositor import policyfile
 from compositor.topology import Output
 
 if TYPE_CHECKING:
@@ -331,8 +332,22 @@ class Policy:
 
 
 def load(path: str | Path) -> Policy:
-    """Read and validate a policy file. Raises `PolicyError` (all problems) or `OSError`."""
-    return parse(Path(path).read_text(encoding="utf-8"), str(path))
+    """Read and validate a policy file. Raises `PolicyError` (all problems) or `OSError` (among them
+    compositor.policyfile.PolicyFileError: not a regular file, too large, not UTF-8).
+
+    A policy with `launch:` is refused unless nobody but root and the compositor's user could have
+    written it or swapped it (compositor.policyfile.unsafe): `launch` runs its command as root."""
+    pol = parse(policyfile.read(path), str(path))
+    launching = [rule for rule in pol.guests if rule.launch is not None]
+    if launching:
+        why = policyfile.unsafe(path)
+        if why is not None:
+            hint = ("launch runs its command as the compositor's user: the policy, every symlink to it "
+                    "and every directory above them must be owned by root or that user and writable by "
+                    "no one else")
+            raise PolicyError([Diagnostic(str(path), rule.line, 1, f"guest {rule.name}: `launch` is refused: "
+                                          f"{why}", hint) for rule in launching], list(pol.warnings))
+    return pol
 
 
 def parse(text: str, source: str = "<policy>") -> Policy:

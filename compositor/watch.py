@@ -75,6 +75,8 @@ class PolicyWatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: pyinotify.AsyncioNotifier | None = None
         self._pending: asyncio.TimerHandle | None = None
+        self._loading = False   # a load runs on a worker thread
+        self._again = False   # ... and another is due once it is in
 
     @property
     def directory(self) -> Path:
@@ -128,29 +130,57 @@ class PolicyWatcher:
 
     def _settle(self) -> None:
         self._pending = None
-        self.reload()
+        self.reload_soon()
 
     # -- loading
 
     def reload(self) -> bool:
-        """Load the file now; True if a new policy was applied. Also what SIGHUP calls."""
+        """Load the file now, on the caller's thread; True if a new policy was applied."""
+        return self._take(*self._attempt())
+
+    def reload_soon(self) -> None:
+        """Load the file on a worker thread and apply the result on the loop (what edits and SIGHUP
+        do): reading and parsing up to a policy's 1 MiB never stalls the loop."""
+        if self._loop is None:
+            self.reload()
+            return
+        if self._loading:
+            self._again = True   # once this load is in: the file may have changed since it was read
+            return
+        self._loading = True
+        self._loop.run_in_executor(None, self._attempt).add_done_callback(self._loaded)
+
+    def _loaded(self, future: asyncio.Future) -> None:
+        self._loading = False
+        if self._loop is None:   # stopped meanwhile
+            return
+        self._take(*future.result())
+        if self._again:
+            self._again = False
+            self.reload_soon()
+
+    def _attempt(self) -> tuple[Policy | None, BaseException | None]:
         try:
-            new = self.loader(self.path)
-        except PolicyError as exc:
+            return self.loader(self.path), None
+        except Exception as exc:
+            return None, exc
+
+    def _take(self, new: Policy | None, exc: BaseException | None) -> bool:
+        if isinstance(exc, PolicyError):
             self._reject("\n".join(str(d) for d in exc.errors))
             return False
-        except FileNotFoundError:
+        if isinstance(exc, FileNotFoundError):
             self.last_error = f"{self.path}: file removed"
             if not self._missing:
                 self._missing = True
                 log.warning("%s: policy file removed; keeping the last good policy", self.path)
             return False
-        except OSError as exc:
-            self._reject(f"{self.path}: {exc.strerror or exc}")
+        if isinstance(exc, OSError):
+            self._reject(exc.strerror and f"{self.path}: {exc.strerror}" or str(exc))
             return False
-        except Exception:
+        if exc is not None or new is None:
             # A loader bug must not take the running policy down with it.
-            log.exception("policy %s: loader failed; keeping the last good policy", self.path)
+            log.error("policy %s: loader failed; keeping the last good policy", self.path, exc_info=exc)
             self.last_error = f"{self.path}: internal error while loading (see the log)"
             return False
         if self._missing:

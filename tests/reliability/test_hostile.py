@@ -427,3 +427,63 @@ def test_thousands_of_bad_clients_log_a_handful_of_lines(arena):
     assert result["errors"] == 1000
     assert 1 <= len(about) <= 5, about
     assert after == before_fds
+
+
+LAUNCHING = POLICY.replace("guests:\n", """guests:
+  vm:
+    kind: vfio
+    uuid: 4b20d080-1b54-4048-85b3-a6a62d165c01
+    launch: "touch /tmp/directflip-launched-as-root"
+""")
+
+
+def test_policy_files_that_would_block_or_launch_for_others_keep_the_last_good_policy(arena):
+    # Each edit lands as editors save (a new file renamed over the policy): a FIFO nobody writes, a
+    # symlink to /dev/zero, a 2 MiB file, and a policy with `launch:` that its group may write. Each
+    # is refused by name; the loop never waits (g0 flips, status answers) and the running policy stays.
+    path = arena.comp.policy
+    generation = arena.comp.status()["policy"]["generation"]
+
+    def save(make) -> str:
+        tmp = path.with_name("incoming")
+        make(tmp)
+        os.replace(tmp, path)
+        deadline = time.monotonic() + 60
+        while not (error := arena.comp.status()["policy"]["last_error"]):
+            assert time.monotonic() < deadline, arena.comp.tail(20)
+            time.sleep(0.05)
+        return error
+
+    def group_writable(tmp: Path) -> None:
+        tmp.write_text(LAUNCHING)
+        tmp.chmod(0o664)
+
+    def restore() -> None:
+        tmp = path.with_name("incoming")
+        tmp.write_text(POLICY)
+        os.replace(tmp, path)
+        deadline = time.monotonic() + 60
+        while arena.comp.status()["policy"]["last_error"]:
+            assert time.monotonic() < deadline, arena.comp.tail(20)
+            time.sleep(0.05)
+
+    seen = {}
+    try:
+        for name, make, why in [
+            ("fifo", os.mkfifo, f"{path} is a FIFO: a policy is read only from a regular file"),
+            ("/dev/zero", lambda t: t.symlink_to("/dev/zero"), f"{path} is a character device"),
+            ("2 MiB", lambda t: t.write_bytes(b"#" * (2 << 20)), f"{path} holds {2 << 20} bytes"),
+            ("launch, group-writable", group_writable,
+             f"guest vm: `launch` is refused: the policy file {path} is writable by its group (mode 664)"),
+        ]:
+            before = arena.frames()
+            seen[name] = save(make)
+            frames, status_s = arena.still_serving(before)
+            print(f"{name}: {seen[name].splitlines()[0][:120]}; g0 {before} -> {frames}, "
+                  f"status {status_s:.3f} s")
+            assert why in seen[name], seen[name]
+            restore()
+    finally:
+        restore()
+    assert arena.comp.status()["policy"]["generation"] == generation
+    assert not os.path.exists("/tmp/directflip-launched-as-root")
