@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -169,12 +170,35 @@ def compose(rows: np.ndarray, fmt: int, src: Rect, dst: Rect, size: tuple[int, i
 
 
 def write_png(image: np.ndarray, path: str) -> None:
+    """Save `image` at `path` as the compositor's user (root) may: the directory is opened once, the
+    PNG is written to a new file in it (O_CREAT|O_EXCL|O_NOFOLLOW: never through a symlink someone
+    planted, never into a file that existed) and renamed over `path` within that directory, which
+    replaces a symlink at `path` rather than following it."""
     from PIL import Image
 
+    directory, name = os.path.split(path)
+    tmp = f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        Image.fromarray(image, "RGB").save(path, "PNG")
+        dfd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
         raise CaptureError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                Image.fromarray(image, "RGB").save(f, "PNG")
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        raise CaptureError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(dfd)
 
 
 def in_thread(fn: Callable[..., T], *args) -> asyncio.Future[T]:

@@ -411,3 +411,19 @@ def test_an_unwritable_file_is_a_capture_error(tmp_path):
     (tmp_path / "gone").write_text("a file where the directory was")
     with pytest.raises(CaptureError, match=r"cannot write .*/gone/a\.png: Not a directory"):
         readback.write_png(np.zeros((1, 1, 3), np.uint8), str(tmp_path / "gone" / "a.png"))
+
+
+def test_a_capture_replaces_a_planted_symlink_instead_of_following_it(tmp_path):
+    # Someone who may write the directory points the capture's name at a file of root's: the PNG
+    # lands in the directory and the file pointed at is untouched.
+    import numpy as np
+
+    from compositor.capture import write_png
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "shot.png").symlink_to(victim)
+    write_png(np.zeros((4, 4, 3), np.uint8), str(tmp_path / "shot.png"))
+    assert victim.read_text() == "precious"
+    assert not (tmp_path / "shot.png").is_symlink()
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shot.png", "victim"]   # no temporary left
