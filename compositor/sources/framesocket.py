@@ -1430,8 +1430,20 @@ class FrameSocketClient:
 
     def _connect(self, path: str, timeout: float) -> None:
         self._sock.settimeout(timeout)
+        deadline = time.monotonic() + timeout
         try:
-            self._sock.connect(path)
+            while True:
+                try:
+                    self._sock.connect(path)
+                    break
+                except BlockingIOError:
+                    # EAGAIN: the compositor's listen backlog is full (it is accepting as fast as it
+                    # can); try again until the timeout, as a connect on a TCP socket would wait.
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(errno.ETIMEDOUT, f"the frame socket {path} did not accept "
+                                           f"the connection within {timeout:g} s (its backlog stayed "
+                                           "full)") from None
+                    time.sleep(0.01)
         except FileNotFoundError as exc:
             raise FileNotFoundError(exc.errno, f"{exc.strerror}: no frame socket at {path} "
                                     "(is the directflip compositor running?)") from None

@@ -733,3 +733,31 @@ def test_garbage_is_a_protocol_error_or_messages_never_a_crash(chunks):
                 assert isinstance(msg, dict) and isinstance(msg["type"], str)
     except ProtocolError:
         pass
+
+
+def test_the_client_waits_out_a_full_backlog_until_its_timeout(tmp_path):
+    # A listener that never accepts: once its backlog is full, connect() says EAGAIN at once. The
+    # client keeps trying until its timeout, then says why.
+    path = str(tmp_path / "full.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(0)
+    fillers = []
+    try:
+        while True:
+            s = socket.socket(socket.AF_UNIX)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                s.close()
+                break
+            fillers.append(s)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not accept the connection within 0.5 s"):
+            FrameSocketClient(path, "late", timeout=0.5)
+        assert time.monotonic() - t0 >= 0.45
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
