@@ -1593,7 +1593,8 @@ def _run(args) -> int:
                         native=not args.pure_python, seat=args.seat, session=session,
                         input=not args.no_input, data_plane=args.data_plane == "native",
                         limits=Limits(hello_timeout=args.hello_timeout, connections=args.max_connections,
-                                      per_user=args.max_connections_per_user, buffers=args.max_buffers))
+                                      per_user=args.max_connections_per_user, buffers=args.max_buffers,
+                                      buffer_bytes=args.max_buffer_bytes))
     except PolicyError as exc:
         print(f"directflip run: the policy is invalid, not starting:\n{exc}", file=sys.stderr)
         return 1
@@ -1694,6 +1695,9 @@ Ask a running compositor with `directflip status` (`--seat NAME` for a seat inst
                         metavar="N", help="... of one uid (default: %(default)s)")
     limits.add_argument("--max-buffers", type=_positive_int, default=Limits.buffers, metavar="N",
                         help="buffers one guest may have announced at once (default: %(default)s)")
+    limits.add_argument("--max-buffer-bytes", type=_positive_int, default=Limits.buffer_bytes, metavar="N",
+                        help="bytes the planes of one guest's buffers may span together: what copying "
+                        "them may map or read (default: %(default)s, 2 GiB)")
     p.set_defaults(func=_run)
 
 

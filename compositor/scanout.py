@@ -834,8 +834,8 @@ class ScanoutPipeline:
                 self.metrics.copies += 1
                 full = Rect(0, 0, *size)
                 yield fb, COPY, full, full
-            except (KmsError, OSError, ValueError) as exc:
-                self._fall(COPY, f"copy impossible: {exc}")
+            except (KmsError, OSError, ValueError, MemoryError) as exc:
+                self._fall(COPY, f"copy impossible: {exc or type(exc).__name__}")
 
     def _refusal(self, path: str, dst: Rect, exc: KmsError) -> str:
         text = f"TEST_ONLY refused the {path} configuration ({exc})"
@@ -970,7 +970,7 @@ class ScanoutPipeline:
         try:
             loop = asyncio.get_running_loop()
             job = copy.prepare(frame.buffer, self.on_screen.fb if self.on_screen else None)
-        except (RuntimeError, OSError, ValueError):
+        except (RuntimeError, OSError, ValueError, MemoryError):
             return False   # no loop here, or the source cannot be mapped: the ladder says why
         try:
             future = self.copier.submit(copy.run, job)

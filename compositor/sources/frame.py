@@ -29,6 +29,10 @@ from compositor.kms.fourcc import (
 log = logging.getLogger(__name__)
 
 MAX_DIMENSION = 16384  # no display engine we know scans out more per axis
+# Bytes a row may be padded by (stride - width × bytes per pixel): what GPUs align a row to (64 bytes,
+# 256, a 4 KiB page for some tiled layouts), and no more. A plane's span then stays within its visible
+# bytes plus 4 KiB a row, so no valid plane makes a copy read gigabytes for a small picture.
+MAX_STRIDE_SLACK = 4096
 
 
 class BadPlane(ValueError):
@@ -73,6 +77,10 @@ class PlaneInfo:
                            f"{fourcc_name(self.fourcc)} pixels ({row} bytes)")
         if self.stride <= 0:
             raise BadPlane(f"stride {self.stride} is not positive")
+        if self.stride > row + MAX_STRIDE_SLACK:
+            raise BadPlane(f"stride {self.stride} is longer than a row of {self.width} "
+                           f"{fourcc_name(self.fourcc)} pixels ({row} bytes) needs, even with "
+                           f"{MAX_STRIDE_SLACK} bytes of padding")
         if dmabuf_size is not None and self.span > dmabuf_size:
             raise BadPlane(f"the plane ({self.width}x{self.height}, stride {self.stride}, offset "
                            f"{self.offset}) needs {self.span} bytes but the dma-buf has {dmabuf_size}")

@@ -136,6 +136,8 @@ class Limits:
     connections: int = 256  # frame-socket connections at once, admitted or not
     per_user: int = 32  # ... of one uid
     buffers: int = MAX_BUFFERS  # buffers announced per connection
+    # bytes their planes span, together, per connection: what a copy of each may map or read
+    buffer_bytes: int = 2 << 30
 
     def descriptors(self) -> int:
         """The most descriptors frame-socket clients can make the server hold at once."""
@@ -680,6 +682,12 @@ class GuestConnection(SourceDefaults):
                 info.validate(size)
             except BadPlane as exc:
                 raise ProtocolError(f"buffer {buffer_id}: {exc}") from None
+            budget = self._server.limits.buffer_bytes
+            total = info.span + sum(b.info.span for b in self.buffers.values())
+            if total > budget:
+                raise ProtocolError(f"buffer {buffer_id}: the guest's planes would span {total} bytes, "
+                                    f"more than the {budget} one guest may have announced at once "
+                                    "(directflip run --max-buffer-bytes)")
         except BaseException:
             os.close(fd)
             raise

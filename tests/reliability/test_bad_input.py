@@ -46,7 +46,7 @@ from compositor import control, fdguard, policy, scanout
 from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, FORMATS, fourcc, fourcc_name
 from compositor.planner import Rect
 from compositor.sources import vfio
-from compositor.sources.frame import MAX_DIMENSION, BadPlane, Buffer, Frame, PlaneInfo
+from compositor.sources.frame import MAX_DIMENSION, MAX_STRIDE_SLACK, BadPlane, Buffer, Frame, PlaneInfo
 from compositor.sources.framesocket import (
     MAX_MESSAGE,
     MAX_PENDING_FDS,
@@ -503,6 +503,8 @@ def plane_cause(info: PlaneInfo, size: int) -> str | None:
         return f"stride {info.stride} is shorter than a row"
     if info.stride <= 0:
         return f"stride {info.stride} is not positive"
+    if info.stride > row + MAX_STRIDE_SLACK:
+        return f"stride {info.stride} is longer than a row of {info.width}"
     needed = info.offset + info.stride * (info.height - 1) + row
     if needed > size:
         return f"needs {needed} bytes but the dma-buf has {size}"
@@ -527,7 +529,8 @@ def planes_and_sizes(draw: st.DrawFn) -> tuple[PlaneInfo, int]:
     width = draw(st.one_of(near(1, 7, 64, MAX_DIMENSION), st.integers(0, 20000)))
     height = draw(st.one_of(near(1, 2, 32, MAX_DIMENSION), st.integers(0, 20000)))
     row = width * bpp
-    stride = draw(st.one_of(near(0, row, row + 60), st.integers(0, 2**20), st.integers(0, U32)))
+    stride = draw(st.one_of(near(0, row, row + 60, row + MAX_STRIDE_SLACK), st.integers(0, 2**20),
+                            st.integers(0, U32)))
     offset = draw(st.one_of(st.just(0), near(0, 4096), st.integers(0, 2**20), st.integers(0, U32)))
     info = PlaneInfo(code, width, height, stride, offset, draw(MODIFIERS))
     span = offset + stride * max(height - 1, 0) + row

@@ -487,3 +487,50 @@ def test_policy_files_that_would_block_or_launch_for_others_keep_the_last_good_p
         restore()
     assert arena.comp.status()["policy"]["generation"] == generation
     assert not os.path.exists("/tmp/directflip-launched-as-root")
+
+
+def test_planes_cannot_make_a_copy_read_gigabytes(arena):
+    # A 64x16 picture with a 30 MiB stride over a sparse memfd (a 480 MiB span) is refused by its
+    # stride; planes of 1 GiB each (16384x16384, what such a plane needs) pass until the guest's
+    # announced spans would pass 2 GiB. The compositor's memory does not grow with any of them.
+    from compositor.sources.framesocket import FrameSocketClient, ServerError
+
+    rss_before = _rss(arena.comp.pid)
+    fds = []
+    try:
+        fd = os.memfd_create("wide", os.MFD_CLOEXEC)
+        fds.append(fd)
+        os.ftruncate(fd, 16 * 30 * 2**20)
+        client = FrameSocketClient(arena.comp.socket, "hog")
+        with pytest.raises(ServerError, match=r"stride 31457280 is longer than a row of 64 XR24 pixels "
+                                              r"\(256 bytes\) needs, even with 4096 bytes of padding"):
+            client.announce(1, fd, "XR24", 64, 16, 30 * 2**20)
+            client.poll(5)
+        client.close()
+        client = FrameSocketClient(arena.comp.socket, "hog")
+        side, stride = 16384, 16384 * 4
+        for buffer_id in (1, 2, 3):
+            fd = os.memfd_create(f"huge-{buffer_id}", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.ftruncate(fd, stride * side)
+            if buffer_id < 3:
+                client.announce(buffer_id, fd, "XR24", side, side, stride)
+        client.poll(0.5)
+        with pytest.raises(ServerError, match=r"buffer 3: the guest's planes would span 3221225472 bytes, "
+                                              r"more than the 2147483648 one guest may have announced"):
+            client.announce(3, fds[-1], "XR24", side, side, stride)
+            client.poll(5)
+        client.close()
+    finally:
+        for fd in fds:
+            os.close(fd)
+    rss_after = _rss(arena.comp.pid)
+    print(f"compositor RSS {rss_before >> 20} MiB -> {rss_after >> 20} MiB")
+    assert rss_after - rss_before < 64 << 20
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
