@@ -1305,7 +1305,8 @@ class Daemon:
                 log.error("guest %s: a %s guest of that name is connected; not connecting to the "
                           "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
                 continue
-            source = QemuDisplaySource(name, target, self, uuid=rule.uuid)
+            source = QemuDisplaySource(name, target, self, uuid=rule.uuid,
+                                       users=frozenset(rule.uids) if rule.uids is not None else None)
             self.qemu_sources[name] = source
             gs = self.registry.add(source, Guest(name, "qemu-dbus", rule.uuid))
             if self.dataplane is not None:   # its dma-buf frames are flipped through the data plane

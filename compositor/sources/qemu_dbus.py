@@ -56,6 +56,7 @@ always greets a bus with Hello; `PeerBus` runs it over an already connected sock
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import logging
 import mmap
@@ -913,8 +914,11 @@ class QemuDisplaySource(SourceDefaults):
 
     def __init__(self, name: str, target: QemuTarget, handler: QemuDisplayHandler, *,
                  uuid: str | None = None, offer_map: bool = True, retry_initial: float = 0.25,
-                 retry_max: float = 5.0) -> None:
+                 retry_max: float = 5.0, users: frozenset[int] | None = None) -> None:
         self.name = name
+        # Who QEMU's process may run as (the guest rule's `users`; default root and the compositor's
+        # user): whoever else serves the QMP socket or owns QEMU's bus name is not taken for the VM.
+        self.users = users if users is not None else frozenset({0, os.getuid()})
         self.target = target
         self.handler = handler
         self.uuid = uuid
@@ -1066,7 +1070,7 @@ class QemuDisplaySource(SourceDefaults):
             self.peer = await self._bus_peer(main, target.bus_name)
         else:
             if target.qmp is not None:
-                sock, self.peer = await _qmp_add_client(target.qmp)
+                sock, self.peer = await _qmp_add_client(target.qmp, self._check_peer)
             else:
                 sock, self._handed = self._handed, None
                 if sock is None:
@@ -1074,6 +1078,8 @@ class QemuDisplaySource(SourceDefaults):
             main = PeerBus(sock)
             self._main, self._dest = main, None
             await main.start()
+        if target.bus is not None:
+            self._check_peer(self.peer)
         main.add_message_handler(self._on_signal)
         if self._dest is not None:
             await self._call_main(Message(
@@ -1107,6 +1113,24 @@ class QemuDisplaySource(SourceDefaults):
         log.info("%s: showing console %d (%s) of VM %r over %s%s", self.name, target.console,
                  self.console_label, self.vm_name, target.describe(),
                  f" (QEMU pid {self.peer.pid})" if self.peer else "")
+
+    def _check_peer(self, peer: Peer | None) -> None:
+        """Refuse a display served by a process whose user may not be this guest: whoever binds the
+        QMP socket's path, or takes QEMU's name on the bus, while the VM is away is not the VM. A QMP
+        socket's server is checked before a byte is sent to it."""
+        where = (f"the QMP socket {self.target.qmp}" if self.target.qmp is not None
+                 else f"{self.target.bus_name} on the bus {self.target.bus}")
+        allowed = ", ".join(map(str, sorted(self.users)))
+        if peer is None:
+            if self.target.qmp is not None:
+                raise PermissionError(errno.EACCES,
+                                      f"cannot tell who serves {where}: not taken for the VM")
+            return   # nobody owns the name yet: the calls that follow say the VM is not there
+        if peer.uid not in self.users:
+            raise PermissionError(errno.EACCES,
+                                  f"{where} is served by uid {peer.uid} (pid {peer.pid}), which "
+                                  f"may not be guest {self.name} (allowed: uid {allowed}; the guest rule's "
+                                  "users: says who may)")
 
     async def _bus_peer(self, bus: MessageBus, name: str) -> Peer | None:
         """Who owns `name` on the bus (QEMU's pid and uid), for status; None if the bus will not say."""
@@ -1239,7 +1263,7 @@ class QemuDisplaySource(SourceDefaults):
         connection that was torn down is answered and ignored."""
         if generation != self._generation or self.closed:
             if fd is not None:
-                _close_quietly(fd)
+                _close_quietly(fd, self.peer)
             return
         start = time.perf_counter_ns()
         self.stats.count(method)
@@ -1260,7 +1284,7 @@ class QemuDisplaySource(SourceDefaults):
 
     def _refuse(self, method: str, name: str, text: str, fd: int | None) -> None:
         if fd is not None:
-            _close_quietly(fd)
+            _close_quietly(fd, self.peer)
         self.stats.errors += 1
         message = f"{method}: {text}"
         if message != self.last_error:
@@ -1576,10 +1600,11 @@ def _value(v: Any) -> Any:
 _SCANOUT_KINDS = frozenset({fdguard.Kind.DMABUF, fdguard.Kind.MEMFD})
 
 
-def _close_quietly(fd: int) -> None:
+def _close_quietly(fd: int, peer: Peer | None = None) -> None:
     """Let go of a descriptor QEMU handed over: through compositor.fdguard, since it may be of a file
-    whose close waits on whoever serves it."""
-    fdguard.discard(fd, "a QEMU display peer")
+    whose close waits on whoever serves it (`peer`: who sent it)."""
+    who = f"QEMU display peer pid {peer.pid}" if peer is not None else "a QEMU display peer"
+    fdguard.discard(fd, who, peer.uid if peer is not None else None)
 
 
 # A bus with nobody owning QEMU's name on it yet: the VM has not started (or not joined the bus).
@@ -1608,10 +1633,12 @@ def _describe_error(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _qmp_add_client(path: str | None) -> tuple[socket.socket, Peer | None]:
+async def _qmp_add_client(path: str | None,
+                          vet: Callable[[Peer | None], None]) -> tuple[socket.socket, Peer | None]:
     """Hand QEMU one end of a socket pair as a D-Bus display client (QMP getfd + add_client): our end,
-    and QEMU's credentials from the QMP socket (a socket pair's own say who created it: us). Needs the
-    VM started with -display dbus,p2p=yes."""
+    and QEMU's credentials from the QMP socket (a socket pair's own say who created it: us), which
+    `vet` sees (and may refuse by raising) before anything is sent. Needs the VM started with
+    -display dbus,p2p=yes."""
     from qemu.qmp import QMPClient  # the QMP client is only needed for this mode
 
     assert path is not None
@@ -1625,6 +1652,11 @@ async def _qmp_add_client(path: str | None) -> tuple[socket.socket, Peer | None]
         conn.close()
         raise
     peer = _peer_of(conn)
+    try:
+        vet(peer)
+    except BaseException:
+        conn.close()
+        raise
     qmp = QMPClient("directflip")
     await asyncio.wait_for(qmp.connect(conn), CALL_TIMEOUT)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

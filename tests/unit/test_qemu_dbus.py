@@ -630,3 +630,60 @@ def test_connection_tells_a_vm_not_there_yet_from_one_whose_display_is_unusable(
             source.close()
         assert {s.connection for s in sources} == {"closed"}
     run(body())
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="binding a socket as another user needs root")
+def test_a_qmp_socket_another_user_binds_is_not_taken_for_the_vm(tmp_path):
+    # While the VM is away, nobody binds its QMP socket's path. The source refuses it by the peer's
+    # credentials before sending it a byte (nobody would get our end of the display socket), says
+    # so in last_error, and keeps waiting for the real VM.
+    import shutil
+    import socket as socket_mod
+    import tempfile
+    import time as time_mod
+
+    where = Path(tempfile.mkdtemp(prefix="directflip-qmp-"))   # pytest's own are 0700: nobody cannot enter
+    where.chmod(0o777)
+    path = where / "qmp.sock"
+    got = where / "got"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            listener = socket_mod.socket(socket_mod.AF_UNIX)
+            listener.bind(str(path))
+            listener.listen(4)
+            listener.settimeout(20)
+            conn, _ = listener.accept()
+            conn.settimeout(2)
+            try:
+                data = conn.recv(4096)
+            except TimeoutError:
+                data = b"(nothing)"
+            got.write_bytes(data or b"(closed)")
+        finally:
+            os._exit(0)
+
+    async def body():
+        deadline = time_mod.monotonic() + 20
+        while not path.exists():
+            assert time_mod.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        rec = Recorder()
+        source = QemuDisplaySource("vm", QemuTarget(qmp=str(path)), rec, retry_initial=0.1, retry_max=0.5)
+        try:
+            source.start()
+            assert await wait_for(lambda: source.last_error and "uid 65534" in source.last_error, 20), \
+                source.status()
+        finally:
+            source.close()
+        return source.last_error
+    try:
+        error = run(body(), timeout=60)
+        os.waitpid(pid, 0)
+        sent = got.read_bytes()
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    assert f"the QMP socket {path} is served by uid 65534" in error and "which may not be guest vm" in error
+    assert sent == b"(closed)"   # not a byte was sent

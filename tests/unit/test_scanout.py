@@ -1504,3 +1504,17 @@ def test_a_copy_waits_a_bounded_time_for_the_guests_writes_then_skips_the_frame(
             assert a.card.pixels(shown) == composed(a.card.dumbs[shown.handle].pitch, 3, FULL, FULL)
 
     asyncio.run(main())
+
+
+def test_a_new_buffer_under_an_old_guest_name_and_id_is_never_the_old_framebuffer(bufs):
+    # A guest leaves with buffer 1 still cached; a new connection under the same name announces a
+    # buffer 1 of different pixels. The cache key carries each Buffer's serial, so the new one is
+    # imported anew and never handed the old framebuffer (or, on the copy rung, the old mapping).
+    card = FakeCard()
+    cache = FramebufferCache(card)
+    old, new = bufs(1), bufs(2)
+    new.id = old.id
+    assert (old.guest, old.id) == (new.guest, new.id) and old.key != new.key
+    first = cache.framebuffer(old)
+    second = cache.framebuffer(new)
+    assert second is not first and cache.imports == 2
