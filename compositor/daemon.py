@@ -35,7 +35,7 @@ from pathlib import Path
 from compositor import capture as readback
 from compositor import fdguard, planner, topology
 from compositor.capture import CaptureError
-from compositor.guests import GuestRegistry, GuestState
+from compositor.guests import GuestRegistry, GuestState, deciding_rules
 from compositor.input.seats import SeatInput
 from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, FlipEvent, KmsError, list_cards
@@ -638,8 +638,7 @@ class Daemon:
     def on_hello(self, conn: GuestConnection) -> None:
         own = next((r.opened_here for r in self.policy.guests
                     if r.opened_here and r.pattern.matches(conn.name)), None)
-        rules = [r for r in self.policy.guests if r.matches(conn.name, None, conn.uuid)]
-        self.registry.admit(conn, rules, own)
+        self.registry.admit(conn, *deciding_rules(self.policy.guests, conn.name, conn.uuid), own)
         log.info("guest %s connected (pid %d, uid %d)", conn.name, conn.peer.pid, conn.peer.uid)
         self._status_changed()  # not shown anywhere until its first frame is planned: say so
 

@@ -41,6 +41,15 @@ class GuestState:
     pointer: Pointer | None = None  # where its pointer is (guest buffer pixels) and whether it shows
 
 
+def deciding_rules(rules, name: str, uuid: str | None) -> tuple:
+    """The two guest rules whose `users` decide whether a frame-socket client may be guest `name`
+    (GuestRegistry.admit): the first whose name matches, and the first that matches its name and
+    claimed `uuid` (the one that binds it, as the planner binds). Either may be None."""
+    by_name = next((r for r in rules if r.pattern.matches(name)), None)
+    binding = next((r for r in rules if r.matches(name, None, uuid)), None)
+    return by_name, binding
+
+
 class GuestRegistry:
     """The guests by name, the departed ones whose buffers are still held, and every buffer's holds.
 
@@ -57,25 +66,30 @@ class GuestRegistry:
 
     # --- admission
 
-    def admit(self, conn: GuestConnection, rules: list, opened_here: str | None) -> GuestState:
-        """A frame-socket client said hello as `conn.name`, with `rules` the policy's guest rules that
-        match it: refused (Refused, with the reason) unless every rule admits its uid, no guest of
-        that name is connected, and the name is not one the daemon opens itself (`opened_here`)."""
+    def admit(self, conn: GuestConnection, by_name, binding, opened_here: str | None) -> GuestState:
+        """A frame-socket client said hello as `conn.name`: refused (Refused, with the reason) unless
+        its uid is allowed by both guest rules that decide (policies/README.md, "Who may connect"):
+        `by_name`, the first rule whose name matches (a UUID claim, which no one can prove, cannot get
+        past it), and `binding`, the rule that binds it as the planner does (the first that matches
+        its name and claimed UUID: it is shown only where that rule's users allow). A rule without
+        `users`, or no rule, allows root and the compositor's user. Also refused: a name that is
+        connected already, or one the daemon opens itself (`opened_here`)."""
         if opened_here:
             # The daemon opens this guest itself; a client by that name would only keep it out.
             raise Refused(f"guest {conn.name} is the {opened_here}, which directflip opens itself; it "
                           f"cannot connect over the frame socket")
-        # Every rule that matches the name must admit the uid, not just the first.
-        default = {0, os.getuid()}   # a rule without `users`, or no rule at all
-        allowed = set.intersection(*(default if r.uids is None else set(r.uids) for r in rules)) \
-            if rules else default
-        if conn.peer.uid not in allowed:
-            raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} (the policy allows "
-                          f"uid {', '.join(map(str, sorted(allowed))) or 'none'})")
+        default = {0, os.getuid()}
+        for rule, why in ((by_name, "the first guest rule its name matches"),
+                          (binding, "the guest rule that would show it")):
+            allowed = default if rule is None or rule.uids is None else set(rule.uids)
+            if conn.peer.uid not in allowed:
+                which = f"{why}, {rule.name}" if rule is not None else "no guest rule matches it"
+                raise Refused(f"uid {conn.peer.uid} may not connect as guest {conn.name} ({which}, "
+                              f"allows uid {', '.join(map(str, sorted(allowed))) or 'none'})")
         if conn.name in self.guests:
             other = self.guests[conn.name].conn
             raise Refused(f"a guest named {conn.name} is already connected (pid {other.peer.pid})")
-        if not rules:
+        if binding is None:
             log.warning("guest %s connected, but no guest rule of the policy matches it: it is not shown",
                         conn.name)
         return self.add(conn, Guest(conn.name, "socket", conn.uuid))

@@ -35,8 +35,8 @@ class Conn:
         self.closed = True
 
 
-def rule(uids=None):
-    return SimpleNamespace(uids=uids)
+def rule(uids=None, name="r"):
+    return SimpleNamespace(uids=uids, name=name)
 
 
 @pytest.fixture
@@ -49,18 +49,20 @@ def registry():
 
 
 def test_admission_names_the_reason_for_each_refusal(registry):
-    registry.admit(Conn("office"), [rule()], None)
+    registry.admit(Conn("office"), rule(), rule(), None)
     with pytest.raises(Refused, match="already connected .pid 4242"):
-        registry.admit(Conn("office"), [rule()], None)
+        registry.admit(Conn("office"), rule(), rule(), None)
     with pytest.raises(Refused, match="uid 54321 may not connect as guest media"):
-        registry.admit(Conn("media", uid=54321), [rule()], None)   # no `users`: root and us only
-    with pytest.raises(Refused, match="uid 1000 may not .* allows uid 1001[)]"):   # every rule must admit
-        registry.admit(Conn("media", uid=1000), [rule((1000, 1001)), rule((1001,))], None)
-    with pytest.raises(Refused, match="allows uid none"):
-        registry.admit(Conn("media", uid=1000), [rule((1000,)), rule((1001,))], None)
+        registry.admit(Conn("media", uid=54321), rule(), rule(), None)   # no `users`: root and us only
+    with pytest.raises(Refused, match="uid 1000 may not .*rule that would show it, b, allows uid 1001"):
+        registry.admit(Conn("media", uid=1000), rule((1000, 1001), "a"), rule((1001,), "b"), None)
+    with pytest.raises(Refused, match="the first guest rule its name matches, a, allows uid 1001[)]"):
+        registry.admit(Conn("media", uid=1000), rule((1001,), "a"), rule((1000,), "b"), None)
+    with pytest.raises(Refused, match="no guest rule matches it, allows uid 0"):
+        registry.admit(Conn("media", uid=1000), None, None, None)
     with pytest.raises(Refused, match="is the vGPU 1234, which directflip opens itself"):
-        registry.admit(Conn("kiosk"), [rule()], "vGPU 1234")
-    gs = registry.admit(Conn("media", uid=1000), [rule((1000,))], None)
+        registry.admit(Conn("kiosk"), rule(), rule(), "vGPU 1234")
+    gs = registry.admit(Conn("media", uid=1000), rule((1000,)), rule((1000,)), None)
     assert registry.get("media") is gs and gs.guest == Guest("media", "socket", None)
     assert sorted(registry.guests) == ["media", "office"]
 
@@ -68,7 +70,7 @@ def test_admission_names_the_reason_for_each_refusal(registry):
 def showing_one_of_two(registry):
     """A guest with buffers 1 and 2: 1 its latest frame and on a screen."""
     conn = Conn()
-    gs = registry.admit(conn, [rule()], None)
+    gs = registry.admit(conn, rule(), rule(), None)
     one, two = guest_buffer(1), guest_buffer(2)
     conn.buffers = {1: one, 2: two}
     registry.new_latest(gs, Frame(one, seq=1))
@@ -112,9 +114,63 @@ def test_a_departed_guest_stays_until_nothing_holds_its_buffers(registry):
 
 def test_closing_frees_every_buffer_held_or_not(registry):
     conn = Conn()
-    gs = registry.admit(conn, [rule()], None)
+    gs = registry.admit(conn, rule(), rule(), None)
     one = guest_buffer(1)
     conn.buffers = {1: one}
     registry.new_latest(gs, Frame(one, seq=1))
     registry.close_all("bye")
     assert conn.closed and one.fd == -1 and registry.guests == {} and registry.freed_buffers == [one]
+
+
+# --- admission as a table: policies/README.md, "Who may connect over the frame socket"
+
+ADMISSION_POLICY = """version: 1
+monitors:
+  left: {connector: DP-1}
+guests:
+  office:                      # the office VM, which says its UUID; root runs it
+    uuid: 8d3c1c1e-0000-4000-8000-000000000001
+    users: [root]
+  builds:
+    name: "build-*"
+    users: [nobody, root]
+  anyone:                      # a catch-all for nobody
+    name: "*"
+    users: [nobody]
+placements:
+  - {guest: office, monitor: left}
+  - {guest: builds, monitor: left}
+  - {guest: anyone, monitor: left}
+"""
+UUID = "8d3c1c1e-0000-4000-8000-000000000001"
+OTHER_UUID = "8d3c1c1e-0000-4000-8000-0000000000ff"
+NOBODY = 65534
+
+ADMISSION = [  # (uid, name, claimed uuid) → admitted, or the words of the refusal
+    (0, "office", UUID, True),
+    (0, "office", None, "rule that would show it, anyone"),   # office binds only its UUID; anyone is nobody's
+    (NOBODY, "office", None, "first guest rule its name matches, office"),   # omitting the UUID: no way in
+    (NOBODY, "office", UUID, "first guest rule its name matches, office"),
+    (NOBODY, "office", OTHER_UUID, "first guest rule its name matches, office"),   # nor a wrong one
+    (NOBODY, "build-7", None, True),
+    (0, "build-7", OTHER_UUID, True),                     # a UUID claim changes nothing for builds
+    (NOBODY, "kiosk", None, True),                        # the catch-all
+    (0, "kiosk", None, "first guest rule its name matches, anyone"),   # users: lists only nobody
+    (1000, "build-7", None, "first guest rule its name matches, builds"),
+]
+
+
+@pytest.mark.parametrize("uid, name, uuid, expect", ADMISSION)
+def test_admission_table(registry, uid, name, uuid, expect):
+    from compositor import policy
+    from compositor.guests import deciding_rules
+
+    rules = policy.parse(ADMISSION_POLICY).guests
+    conn = Conn(name, uid=uid)
+    conn.uuid = uuid
+    if expect is True:
+        registry.admit(conn, *deciding_rules(rules, name, uuid), None)
+        assert registry.get(name) is not None
+    else:
+        with pytest.raises(Refused, match=f"uid {uid} may not connect as guest {name} .*{expect}"):
+            registry.admit(conn, *deciding_rules(rules, name, uuid), None)
