@@ -166,9 +166,30 @@ def test_units_give_the_daemon_what_it_expects(unit: str, seat: str | None) -> N
     [runtime] = values(text, "RuntimeDirectory")
     for path in socket_paths(seat):
         assert os.path.dirname(path) == "/run/" + runtime.replace("%i", seat or "%i")
-    # Nothing that closes /dev: DRM master, the VT and VFIO need the host's device nodes.
+    # /dev is an allow-list that keeps what the compositor opens: the cards, the VT, evdev and
+    # uinput, VFIO. PrivateDevices would hide them.
     keys = {k for _s, k, _v in unit_entries(text)}
-    assert not keys & {"PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock"}
+    assert "PrivateDevices" not in keys
+    assert values(text, "DevicePolicy") == ["closed"]
+    allowed = {v.split()[0] for v in values(text, "DeviceAllow") if v.split()[1:] == ["rw"]}
+    assert {"char-drm", "char-tty", "char-input", "char-vfio", "/dev/vfio/vfio", "/dev/uinput"} <= allowed
+    # The descriptor budget of the frame socket's default limits fits the hard limit.
+    from compositor.daemon import OWN_DESCRIPTORS
+    from compositor.sources.framesocket import DEFAULT_LIMITS
+    assert int(values(text, "LimitNOFILE")[0]) >= DEFAULT_LIMITS.descriptors() + OWN_DESCRIPTORS
+
+
+@pytest.mark.parametrize("unit", ["directflip.service", "directflip@.service"])
+def test_the_units_exposure_is_below_5(unit: str, tmp_path: Path) -> None:
+    path = tmp_path / unit
+    path.write_text(shipped(unit))
+    out = subprocess.run([systemd_analyze(), "security", "--offline=true", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if "Overall exposure level" in line]
+    assert lines, out.stdout + out.stderr
+    exposure = float(lines[0].split(":")[1].split()[0])
+    print(f"{unit}: exposure {exposure}")
+    assert exposure < 5.0, out.stdout
 
 
 # ------------------------------------------------------------------------------------------ udev rules
