@@ -106,15 +106,16 @@ def classify(fd: int) -> Described:
 
 
 def expect(fd: int, allowed: frozenset[Kind] | set[Kind], what: str) -> Kind:
-    """The kind of `fd` if it is one of `allowed`; BadDescriptor naming what it is otherwise. The caller
+    """The kind of `fd` if it is one of `allowed`; BadDescriptor naming what it is otherwise (`what`:
+    how the message calls it, "the descriptor"). The caller
     still owns `fd` either way (and lets a refused one go through `discard`)."""
     try:
         described = classify(fd)
     except OSError as exc:
-        raise BadDescriptor(f"{what}: the descriptor cannot be inspected ({exc.strerror})") from None
+        raise BadDescriptor(f"{what} cannot be inspected ({exc.strerror})") from None
     if described.kind in allowed:
         return described.kind
-    raise BadDescriptor(f"{what}: the descriptor is {described}, not {wanted(allowed)}")
+    raise BadDescriptor(f"{what} is {described}, not {wanted(allowed)}")
 
 
 def wanted(allowed: frozenset[Kind] | set[Kind]) -> str:

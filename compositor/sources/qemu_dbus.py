@@ -1075,6 +1075,7 @@ class QemuDisplaySource(SourceDefaults):
                 sock, self._handed = self._handed, None
                 if sock is None:
                     raise ConnectionError("the handed-over display socket was used up")
+                self.peer = _peer_of(sock)   # of a socket pair: whoever made it, who handed it over
             main = PeerBus(sock)
             self._main, self._dest = main, None
             await main.start()

@@ -176,10 +176,37 @@ def garbage(path: str, count: int) -> None:
     print(json.dumps({"errors": errors}), flush=True)
 
 
+def qemu_peer(fd: int, file: str) -> None:
+    """A QEMU display peer (compositor.sources.qemu_dbus_peer) on the D-Bus connection `fd` that
+    answers the compositor's handshake, then calls ScanoutDMABUF with a descriptor of `file`; prints
+    what the compositor answered."""
+    from dbus_fast import DBusError
+
+    from compositor.kms.fourcc import XRGB8888
+    from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+
+    async def run() -> dict:
+        peer = QemuDisplayPeer(width=64, height=64)
+        await peer.serve_peer(socket.socket(fileno=fd))
+        listener = await peer.listener(timeout=60)
+        handed = os.open(file, os.O_RDWR)
+        try:
+            await listener.scanout_dmabuf(handed, 64, 64, 256, XRGB8888)
+            return {"answer": "accepted"}
+        except DBusError as exc:
+            return {"answer": "error", "text": exc.text}
+    import asyncio
+    print(json.dumps(asyncio.run(run())), flush=True)
+    os.close(1)   # before exit closes the file's descriptor, which may wait on the FUSE server
+    os._exit(0)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "fuse":
         serve_fuse(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "guest":
         guest(*sys.argv[2:6])
+    elif sys.argv[1] == "qemu-peer":
+        qemu_peer(int(sys.argv[2]), sys.argv[3])
     else:
         sys.exit(__doc__)

@@ -242,7 +242,12 @@ def hostile_guest(arena: Arena, when: str, fuse: Fuse) -> list[dict]:
 
 def reap(pid: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    while True:
+        try:
+            if os.waitpid(pid, os.WNOHANG) != (0, 0):
+                return
+        except ChildProcessError:   # reaped already (by subprocess, for a Popen)
+            return
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
@@ -534,3 +539,59 @@ def _rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_qemu_peer_passing_a_fuse_descriptor_stalls_nothing(foreign_fuse):
+    # A QEMU display peer (on a socket pair, as a frame-socket guest hands one over) answers the
+    # handshake, then passes its FUSE file as ScanoutDMABUF's dma-buf. The source refuses it by what
+    # it is, from /proc alone, with QEMU's error reply; its loop keeps ticking; the descriptor is let
+    # go off the loop, its FUSE connection aborted (the mount is the sender's: uid 0 on both sides).
+    own_fuse = foreign_fuse   # root's mount, and root's peer
+    import asyncio
+
+    from compositor import fdguard
+    from compositor.sources.qemu_dbus import QemuDisplaySource, QemuTarget
+
+    class Handler:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    async def body() -> tuple[dict, float, int]:
+        ours, theirs = socket.socketpair()
+        peer = subprocess.Popen([sys.executable, str(HERE / "hostile.py"), "qemu-peer", str(theirs.fileno()),
+                                 own_fuse.file], pass_fds=(theirs.fileno(),), cwd=REPO,
+                                env={**os.environ, "PYTHONPATH": str(REPO)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        own_fuse.clients.append(peer.pid)
+        theirs.close()
+        source = QemuDisplaySource("vm", QemuTarget(sock=ours), Handler())
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+        ticker = asyncio.create_task(tick())
+        source.start()
+        try:
+            line = await asyncio.get_running_loop().run_in_executor(None, peer.stdout.readline)
+            await asyncio.sleep(0.2)
+        finally:
+            source.close()
+            ticker.cancel()
+        return json.loads(line or '{"answer": "none"}'), max(gaps), source.stats.errors
+
+    before = len(os.listdir("/proc/self/fd"))
+    told, worst_gap, errors = asyncio.run(body())
+    assert fdguard.QUARANTINE.wait_idle(30)
+    aborted = own_fuse.aborted()
+    after = len(os.listdir("/proc/self/fd"))
+    print(f"QEMU peer told {told}; the loop's longest gap {worst_gap * 1000:.0f} ms; FUSE aborted {aborted}; "
+          f"fds {before} -> {after}")
+    assert told["answer"] == "error", told
+    assert f"the descriptor is {own_fuse.file}, not a dma-buf or memfd" in told["text"], told
+    assert errors == 1 and aborted
+    assert after <= before

@@ -32,8 +32,9 @@ def test_anything_else_is_other_and_named_by_its_link(make, link):
     try:
         described = fdguard.classify(fd)
         assert described.kind is Kind.OTHER and str(described).startswith(link), described
-        with pytest.raises(fdguard.BadDescriptor, match=r"the descriptor is .*, not a dma-buf or memfd"):
-            fdguard.expect(fd, {Kind.DMABUF, Kind.MEMFD}, "buffer 1")
+        with pytest.raises(fdguard.BadDescriptor,
+                           match=r"buffer 1's descriptor is .*, not a dma-buf or memfd"):
+            fdguard.expect(fd, {Kind.DMABUF, Kind.MEMFD}, "buffer 1's descriptor")
     finally:
         os.close(fd)
 
@@ -55,8 +56,8 @@ def test_a_real_file_named_like_a_memfd_is_not_one():
 def test_a_closed_descriptor_cannot_be_inspected():
     fd = os.memfd_create("gone")
     os.close(fd)
-    with pytest.raises(fdguard.BadDescriptor, match="cannot be inspected"):
-        fdguard.expect(fd, {Kind.MEMFD}, "buffer 1")
+    with pytest.raises(fdguard.BadDescriptor, match="the descriptor cannot be inspected"):
+        fdguard.expect(fd, {Kind.MEMFD}, "the descriptor")
 
 
 def test_discard_closes_safe_kinds_at_once_and_others_on_its_thread():
