@@ -132,7 +132,7 @@ def read_guest_buffer(buffer: Buffer, rect: Rect) -> np.ndarray:
                 f"only a writeback connector could read this monitor back") from None
         try:
             if isinstance(memory, bytearray):  # a file that may shrink: read, never mapped (see _source)
-                _read_file(buffer, memory)
+                _read_file(buffer, memory, rect)
             _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
             try:
                 return read_rect(memory, buffer.info.offset, buffer.info.stride, buffer.info.fourcc, rect)

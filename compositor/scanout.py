@@ -203,7 +203,7 @@ class CopyBuffers:
         the GIL, so a worker thread can do it while the loop goes on."""
         buffer, src_map = job.buffer, job.src_map
         if isinstance(src_map, bytearray):
-            _read_file(buffer, src_map)
+            _read_file(buffer, src_map, self.src)
         info, src, dst = buffer.info, self.src, self.dst
         bpp = info.bytes_per_pixel
         row = src.w * bpp
@@ -280,11 +280,25 @@ def _source(buffer: Buffer) -> mmap.mmap | bytearray:
                      offset=buffer.mmap_offset)
 
 
-def _read_file(buffer: Buffer, into: bytearray) -> None:
-    got = os.preadv(buffer.fd, [into], buffer.mmap_offset)
-    if got < len(into):
-        raise OSError(errno.EIO, f"the guest's buffer {buffer.id} holds {got} bytes but its plane needs "
-                      f"{len(into)}: it was shrunk after it was announced")
+def _read_file(buffer: Buffer, into: bytearray, rect: Rect | None = None) -> None:
+    """Read what a copy of `rect` (None: the whole plane) reads of the buffer's file into `into`, laid
+    out as the file is (into[k] is the file's byte mmap_offset + k): only the visible bytes of each
+    row of the rectangle, in one read where they are contiguous, never the rows' padding."""
+    info = buffer.info
+    bpp = info.bytes_per_pixel
+    rect = rect or Rect(0, 0, info.width, info.height)
+    first, width = info.offset + rect.y * info.stride + rect.x * bpp, rect.w * bpp
+    if rect.h == 1 or width == info.stride:
+        spans = [(first, width + (rect.h - 1) * info.stride)]
+    else:
+        spans = [(first + y * info.stride, width) for y in range(rect.h)]
+    view = memoryview(into)
+    for start, length in spans:
+        got = os.preadv(buffer.fd, [view[start:start + length]], buffer.mmap_offset + start)
+        if got < length:
+            end = buffer.mmap_offset + start
+            raise OSError(errno.EIO, f"the guest's buffer {buffer.id} holds less than its plane needs "
+                          f"({end + got} bytes, not {end + length}): it was shrunk after it was announced")
 
 
 def _dmabuf_sync(fd: int, flags: int) -> None:

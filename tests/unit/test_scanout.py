@@ -1518,3 +1518,28 @@ def test_a_new_buffer_under_an_old_guest_name_and_id_is_never_the_old_framebuffe
     first = cache.framebuffer(old)
     second = cache.framebuffer(new)
     assert second is not first and cache.imports == 2
+
+
+def test_a_file_buffer_is_read_row_by_row_without_its_padding(monkeypatch):
+    # An unsealed memfd is read with pread, not mapped. Only the bytes a copy of the rectangle uses
+    # are read: each row's visible part, never the stride's padding nor the rows outside it.
+    from compositor import scanout
+    from compositor.planner import Rect
+
+    buffer = guest_buffer(5, 8, 6, stride=8 * 4 + 4000, offset=64)
+    reads: list[tuple[int, int]] = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        reads.append((offset, sum(len(b) for b in buffers)))
+        return real(fd, buffers, offset)
+    monkeypatch.setattr(scanout.os, "preadv", counting)
+    into = bytearray(buffer.info.span)
+    scanout._read_file(buffer, into, Rect(2, 1, 4, 3))
+    stride = buffer.info.stride
+    assert reads == [(64 + y * stride + 2 * 4, 4 * 4) for y in (1, 2, 3)]
+    for y in (1, 2, 3):
+        at = 64 + y * stride + 8
+        assert into[at:at + 16] == os.pread(buffer.fd, 16, at)
+    assert into[:64] == bytes(64)   # what no copy reads is never read
+    buffer.close()
