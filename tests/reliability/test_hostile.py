@@ -37,7 +37,7 @@ NOBODY = 65534
 POLICY = """version: 1
 monitors:
   m0: {connector: Virtual-1, mode: 1280x720}
-  m1: {connector: Virtual-2, mode: 1280x720}
+  m1: {connector: Virtual-2, mode: 1280x720, label: 0}   # no name drawn: no buffers of its own
 guests:
   g0: {kind: socket}
   intruder: {name: "intruder*", kind: socket, users: [nobody]}
