@@ -287,11 +287,16 @@ def _read_file(buffer: Buffer, into: bytearray, rect: Rect | None = None) -> Non
     info = buffer.info
     bpp = info.bytes_per_pixel
     rect = rect or Rect(0, 0, info.width, info.height)
-    first, width = info.offset + rect.y * info.stride + rect.x * bpp, rect.w * bpp
-    if rect.h == 1 or width == info.stride:
-        spans = [(first, width + (rect.h - 1) * info.stride)]
+    # Within the plane only: a rectangle past it (a plan's mistake) is the copy's to refuse.
+    x0, y0 = max(rect.x, 0), max(rect.y, 0)
+    x1, y1 = min(rect.x + rect.w, info.width), min(rect.y + rect.h, info.height)
+    if x1 <= x0 or y1 <= y0:
+        return
+    first, width, rows = info.offset + y0 * info.stride + x0 * bpp, (x1 - x0) * bpp, y1 - y0
+    if rows == 1 or width == info.stride:
+        spans = [(first, width + (rows - 1) * info.stride)]
     else:
-        spans = [(first + y * info.stride, width) for y in range(rect.h)]
+        spans = [(first + y * info.stride, width) for y in range(rows)]
     view = memoryview(into)
     for start, length in spans:
         got = os.preadv(buffer.fd, [view[start:start + length]], buffer.mmap_offset + start)
