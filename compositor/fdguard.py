@@ -35,6 +35,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,6 @@ class Quarantine:
 
     def wait_idle(self, timeout: float) -> bool:
         """For tests: True once every discarded descriptor is closed."""
-        import time
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
