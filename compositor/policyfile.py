@@ -81,7 +81,8 @@ class _Walk:
         entry = os.path.join(parent, os.path.basename(path))
         st = os.lstat(entry)
         if stat.S_ISLNK(st.st_mode):
-            return self._entry(parent, entry, st) or self._follow(parent, entry, self.file)
+            target, why = self._target(parent, entry)
+            return self._entry(parent, entry, st) or why or self.file(target)
         return self._entry(parent, entry, st) or _writable(entry, st, "the policy file", self.trusted)
 
     def directory(self, path: str) -> tuple[str, str | None]:
@@ -100,20 +101,21 @@ class _Walk:
             if why:
                 break
             if stat.S_ISLNK(st.st_mode):
-                self.links += 1
-                if self.links > 40:
-                    return current, f"{entry}: more than 40 symlinks"
-                current, why = self.directory(os.path.normpath(os.path.join(current, os.readlink(entry))))
+                target, why = self._target(current, entry)
+                if why:
+                    break
+                current, why = self.directory(target)
             else:
                 why = _writable_dir(entry, st, self.trusted)
                 current = entry
         return current, why
 
-    def _follow(self, parent: str, link: str, then) -> str | None:
+    def _target(self, parent: str, link: str) -> tuple[str, str | None]:
+        """Where the symlink `link` in `parent` leads, counted against the kernel's bound of 40."""
         self.links += 1
         if self.links > 40:
-            return f"{link}: more than 40 symlinks"
-        return then(os.path.normpath(os.path.join(parent, os.readlink(link))))
+            return "", f"{link}: more than 40 symlinks"
+        return os.path.normpath(os.path.join(parent, os.readlink(link))), None
 
     def _entry(self, parent: str, entry: str, st: os.stat_result) -> str | None:
         """An entry of a directory that others may write: safe only in a sticky one, owned by a trusted
