@@ -290,6 +290,11 @@ def format_status(doc: dict) -> str:
                 lines.append(_qemu_line(g["qemu"]))
     for u in doc.get("unplaced", []):
         lines.append(f"unplaced: {u['guest']}: {u['reason']}")
+    for name, vmm in (doc.get("launched") or {}).items():
+        scope = f" in {vmm['scope']}" if vmm.get("scope") else ""
+        state = "running" if vmm.get("running") else "not running"
+        att = "shown" if vmm.get("attached") else vmm.get("error") or "not attached"
+        lines.append(f"launched: {name}: {vmm.get('command')} pid {vmm.get('pid')}{scope}, {state}; {att}")
     if doc.get("overrides"):
         shown = ", ".join(f"{g} on {m}" for m, g in doc["overrides"].items())
         lines.append(f"shown by `directflip show`: {shown} (`directflip show --reset` ends it)")

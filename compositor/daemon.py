@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from compositor import capture as readback
-from compositor import fdguard, planner, topology
+from compositor import fdguard, launched, planner, topology
 from compositor.capture import CaptureError
 from compositor.guests import GuestRegistry, GuestState, deciding_rules
 from compositor.input.seats import SeatInput
@@ -43,7 +43,7 @@ from compositor.kms.fourcc import ARGB8888, fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
 from compositor.output import OutputLayer
 from compositor.planner import Assignment, Guest, OutputAssignment
-from compositor.policy import Policy
+from compositor.policy import GuestRule, Policy
 from compositor.probe import SCHEMA, probe_card
 from compositor.scanout import ScanoutPipeline
 from compositor.session import DirectSession, MasterTaken, Session, SessionError, make_session
@@ -184,7 +184,12 @@ class Daemon:
         self.qemu_sources: dict[str, QemuDisplaySource] = {}
         self.hotplug = None
         self.hotplugs = 0  # re-probes done for udev events
-        self.launched: dict[str, subprocess.Popen] = {}  # VMMs started with a vGPU's device fd
+        self.launched: dict[str, subprocess.Popen] = {}  # VMMs this process started (reaped here)
+        # Every launched VMM known, this process's and an earlier one's: they outlive the compositor
+        # (compositor.launched); and why one could not be re-attached after a restart.
+        self.launch_records = launched.Registry(Path(control_socket).parent / "launched")
+        self.vmms: dict[str, launched.Launched] = {}
+        self.reattach_errors: dict[str, str] = {}
         self.notifier: Notifier | None = None
         self.started_ns = time.monotonic_ns()  # CLOCK_MONOTONIC at start, for the uptime in status
         self.status_text: str | None = None  # the last STATUS= the service manager took
@@ -356,10 +361,10 @@ class Daemon:
             self.dataplane = None
         for task in self.vfio_tasks.values():
             task.cancel()
-        for name, proc in self.launched.items():
-            if proc.poll() is None:
-                log.info("stopping %s's launched process (pid %d)", name, proc.pid)
-                proc.terminate()
+        for name, rec in self.vmms.items():
+            if rec.alive():   # a VM keeps running when its viewer goes
+                log.info("guest %s: its VMM (pid %d%s) keeps running", name, rec.pid,
+                         f", {rec.scope}" if rec.scope else "")
         self.registry.close_all("compositor shutting down")   # a frame-socket guest's was, just above
         self.copier.shutdown(wait=True)   # the pipelines settled their copies as they stopped
         for path in self.cards:
@@ -1091,6 +1096,8 @@ class Daemon:
         for rule in self.policy.guests:
             if rule.kind != "vfio" or not rule.opened_here or rule.name in self.guests:
                 continue
+            if rule.launch and self._reattach(rule):
+                continue
             try:
                 device = VfioDevice.open(rule.uuid)
                 device.probe()
@@ -1101,6 +1108,43 @@ class Daemon:
             self._add_vfio(VfioGuest(rule.name, device, uuid=rule.uuid, peer=me))
             if rule.launch:
                 self._launch(rule.name, rule.launch, device)
+
+    def _reattach(self, rule: GuestRule) -> bool:
+        """A VMM an earlier compositor launched for this guest and that still runs: take its duplicate
+        of the vGPU's device fd back and show the guest again (True). True also when it cannot be taken
+        (said in the log and status: the VMM holds the vGPU, so it is neither opened nor launched
+        again); False when there is no such VMM."""
+        rec = self.vmms.get(rule.name) or self.launch_records.load(rule.name)
+        if rec is None:
+            return False
+        if not rec.alive():
+            self.launch_records.forget(rule.name)
+            self.vmms.pop(rule.name, None)
+            return False
+        self.vmms[rule.name] = rec
+        if rule.name in self.launched:
+            return True   # ours, still running: its vGPU is shown (or was let go) already
+        try:
+            fd = launched.take_back(rec)
+            try:
+                fdguard.expect(fd, {fdguard.Kind.VFIO_DEVICE}, f"fd {rec.fd} of the VMM")
+                device = VfioDevice(fd, rule.uuid or rule.name)
+            except BaseException:
+                os.close(fd)
+                raise
+            device.probe()
+        except (OSError, VfioError, fdguard.BadDescriptor) as exc:
+            why = f"its VMM (pid {rec.pid}) still runs and holds vGPU {rule.uuid}, which cannot be " \
+                  f"re-attached: {exc}"
+            if self.reattach_errors.get(rule.name) != why:
+                log.error("guest %s: %s", rule.name, why)
+            self.reattach_errors[rule.name] = why
+            return True
+        self.reattach_errors.pop(rule.name, None)
+        me = Peer(os.getpid(), os.getuid(), os.getgid())
+        self._add_vfio(VfioGuest(rule.name, device, uuid=rule.uuid, peer=me))
+        log.info("guest %s: re-attached to the vGPU its VMM (pid %d) holds", rule.name, rec.pid)
+        return True
 
     def _uinput_for(self, name: str) -> dict[str, str]:
         """A launched vGPU guest's own keyboard and tablet (uinput), for its VMM to pass into the VM:
@@ -1140,14 +1184,37 @@ class Daemon:
             env = {k: v for k, v in os.environ.items() if k not in NOTIFY_ENV}  # systemd talks to us only
             env |= {"DIRECTFLIP_VFIO_FD": str(fd), "DIRECTFLIP_GUEST": name}
             env |= {f"DIRECTFLIP_INPUT_{k.upper()}": v for k, v in devices.items()}
-            proc = subprocess.Popen(argv, pass_fds=(fd,), env=env)
+            proc, rec = launched.spawn(name, argv, env, fd, device.name)
         except OSError as exc:
             log.error("guest %s: cannot launch %r: %s", name, template, exc)
             return
         finally:
             os.close(fd)
         self.launched[name] = proc
-        log.info("guest %s: launched %s (pid %d) with the vGPU's device fd", name, argv[0], proc.pid)
+        self.vmms[name] = rec
+        self._save_launch(rec)
+        log.info("guest %s: launched %s (pid %d) with the vGPU's device fd, in a session of its own",
+                 name, argv[0], proc.pid)
+        if launched.systemd_runs():
+            asyncio.get_running_loop().create_task(self._scope(rec))
+
+    def _save_launch(self, rec: launched.Launched) -> None:
+        try:
+            self.launch_records.save(rec)
+        except OSError as exc:
+            log.error("guest %s: the record of its VMM cannot be written (%s): a restarted compositor "
+                      "will not know it", rec.name, exc)
+
+    async def _scope(self, rec: launched.Launched) -> None:
+        """Move a launched VMM out of the compositor's cgroup into a scope of its own."""
+        try:
+            rec.scope = await launched.move_to_scope(rec)
+        except Exception as exc:  # noqa: BLE001 - no systemd bus, refused: the VMM runs on where it is
+            log.error("guest %s: its VMM (pid %d) stays in the compositor's cgroup, so stopping the "
+                      "compositor's unit stops it too: %s", rec.name, rec.pid, exc)
+            return
+        log.info("guest %s: its VMM runs in %s", rec.name, rec.scope)
+        self._save_launch(rec)
 
     def on_vfio_device(self, conn: GuestConnection, fd: int) -> None:
         """A VMM handed its vGPU's device fd over the frame socket: poll it as this guest."""
@@ -1531,6 +1598,8 @@ class Daemon:
                        "loaded_ns": self.loaded_ns},
             "outputs": outputs,
             "overrides": dict(self.overrides),
+            "launched": {name: {**rec.status(), "attached": name in self.guests,
+                                "error": self.reattach_errors.get(name)} for name, rec in self.vmms.items()},
             "input": self.input.status() if self.input is not None else None,
             "dark": [{"card": d.card, "connector": d.connector, "monitor": d.monitor, "reason": d.reason}
                      for d in self.assignment.dark],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,30 @@ def test_a_launched_vgpu_guest_gets_the_seats_keys_through_its_own_keyboard(lab,
     print("office's cursor plane:", office["cursor"])
     assert office["cursor"] == "off" or "refused" in office["cursor"] or "not an ARGB8888" in office["cursor"]
 
+
+
+def test_a_launched_vmm_outlives_a_killed_compositor_and_is_shown_again(lab, tmp_path):
+    """`launch:` starts the VMM in a session of its own and records it; SIGKILL of the compositor leaves
+    it running, and the next compositor takes the vGPU's device fd back from it (pidfd_getfd) and shows
+    the guest again, without starting another VMM."""
+    lab.office.mode(640, 480)
+    lab.office.draw("office", 3)
+    shown(lab, "wb", "office")
+    rec = lab.vmms()["office"]
+    assert lab.status()["launched"]["office"]["running"] is True
+    lab.proc.kill()
+    lab.proc.wait(timeout=30)
+    time.sleep(1)
+    assert Path(f"/proc/{rec['pid']}").exists(), "the VMM went with the compositor"
+    lab.launch(append=True)
+    serving = wait_for("the restarted compositor answering", lambda: lab.answers() and time.monotonic(),
+                       timeout=120)
+    out = shown(lab, "wb", "office")
+    back = time.monotonic() - serving
+    vmm = lab.status()["launched"]["office"]
+    print(f"office back on wb {back:.2f} s after the new compositor answered (goal 2 s); VMM pid "
+          f"{rec['pid']} kept; {vmm}; {out['path']}")
+    assert vmm["pid"] == rec["pid"] and vmm["running"] and vmm["attached"], vmm
+    lab.office.draw("office", 9)   # the same VMM's next frame reaches the screen, pixel-exact
+    whole("frame 9 of the kept VMM in the writeback", lambda: lab.capture("wb", tmp_path / "k.png"),
+          "office", 9, 640, 480)
