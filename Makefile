@@ -6,7 +6,10 @@
 
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86
+APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86 libvirt-dev \
+	libvirt-daemon-system
+# libvirt's binding, built against Debian 12's libvirt-dev (9.0)
+LIBVIRT_PYTHON = libvirt-python==9.0.0
 
 .PHONY: deps lab-setup test unit lab demo lint bench bench-host clean
 
@@ -16,7 +19,7 @@ deps:
 		echo "installing apt packages:$$missing"; \
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
 	fi
-	$(PIP) install -q --disable-pip-version-check -e '.[test]'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,libvirt]' '$(LIBVIRT_PYTHON)'
 
 lab-setup: deps
 	$(PYTHON) -m compositor.lab setup

@@ -33,10 +33,13 @@ guest per guest rule, shown by its name or pattern, framebuffer size unknown) un
 refuse the planned placement (the compositor then copies each frame into a screen-sized buffer).
 
 A monitor of the policy that matches no connected output is a warning; a policy that lights no
-monitor at all is an error (exit 1): `directflip init` writes one for the monitors plugged in."""
+monitor at all is an error (exit 1): `directflip init` writes one for the monitors plugged in.
+
+`kind: libvirt` guests are checked against libvirt when it can be asked (the domain must exist and
+have a <graphics type='dbus'> display); when it cannot, a note says why and the check goes on."""
 
 _EPILOG = """\
---guest SPEC describes one running guest: NAME[,kind=vfio|qemu-dbus|socket][,size=WxH]
+--guest SPEC describes one running guest: NAME[,kind=vfio|qemu-dbus|libvirt|socket][,size=WxH]
 [,format=FOURCC][,modifier=MOD][,uuid=UUID] (no kind: any kind). Repeat it for each guest; when
 given, only these run.
 
@@ -200,6 +203,11 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_INVALID
     for w in pol.warnings:
         print(w, file=err)
+    domain_errors = check_domains(pol, args.policy, out, err)
+    if domain_errors:
+        print(f"{args.policy}: invalid, {_count(range(domain_errors), 'libvirt domain')} cannot be shown",
+              file=err)
+        return EXIT_INVALID
     print(f"{args.policy}: valid ({_count(pol.monitors, 'monitor')}, {_count(pol.guests, 'guest')}, "
           f"{_count(pol.placements, 'placement')})", file=out)
 
@@ -258,6 +266,44 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             raise _Usage(f"cannot write {args.render}: {exc.strerror or exc}") from None
         print(f"\nlayout drawn to {args.render}", file=out)
     return EXIT_VALID
+
+
+def check_domains(pol: policy.Policy, path: str, out: TextIO, err: TextIO) -> int:
+    """Check each `kind: libvirt` guest's domain against libvirt, where libvirt can be asked: it must
+    exist and have a D-Bus display. Prints an error per bad domain (returned: how many) and a note
+    per URI that could not be asked (not an error: libvirtd may run later)."""
+    rules = [r for r in pol.guests if r.kind == "libvirt" and r.domain is not None and r.uri is not None]
+    if not rules:
+        return 0
+    import asyncio
+
+    from compositor.sources.libvirt_domain import DomainError, LibvirtMissing, list_domains
+
+    bad = 0
+    for uri in sorted({r.uri for r in rules if r.uri is not None}):
+        try:
+            domains = asyncio.run(list_domains(uri))
+        except (DomainError, LibvirtMissing) as exc:
+            print(f"{path}: note: libvirt domains not checked: {exc}", file=err)
+            continue
+        for rule in (r for r in rules if r.uri == uri):
+            found = [d for d in domains if rule.domain in (d["name"], d["uuid"]) or
+                     (rule.domain or "").lower() == d["uuid"].lower()]
+            if not found:
+                have = ", ".join(d["name"] for d in domains) or "none"
+                print(f"{path}:{rule.line}: error: guest {rule.name}: libvirt at {uri} has no domain "
+                      f"`{rule.domain}` (domains: {have})", file=err)
+                bad += 1
+            elif found[0]["dbus"] is None:
+                print(f"{path}:{rule.line}: error: guest {rule.name}: domain {found[0]['name']} has no D-Bus "
+                      f"display: add <graphics type='dbus' p2p='yes'/> to its <devices> (virsh edit "
+                      f"{found[0]['name']})", file=err)
+                bad += 1
+            else:
+                d = found[0]
+                print(f"libvirt: guest {rule.name} is domain {d['name']} at {uri} ({d['state']}, D-Bus "
+                      f"display {'peer to peer' if d['dbus'] == 'p2p' else 'on its bus'})", file=out)
+    return bad
 
 
 def _count(items: Sequence[object], word: str) -> str:

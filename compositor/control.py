@@ -248,7 +248,18 @@ def _qemu_line(qemu: dict) -> str:
         text = f"error: {error}"
     else:
         text = state + (f" ({error})" if error else "")
-    return f"    QEMU display {qemu.get('target', '?')}: {text}"
+    line = f"    QEMU display {qemu.get('target', '?')}: {text}"
+    lv = qemu.get("libvirt")
+    if lv:
+        daemon = lv.get("libvirtd") or {}
+        line += f"\n    libvirt: domain {lv.get('name') or lv.get('domain')} {lv.get('state') or 'unknown'}"
+        if lv.get("display"):
+            line += f", D-Bus display {'peer to peer' if lv['display'] == 'p2p' else 'on its bus'}"
+        if daemon.get("state") != "connected":
+            line += f"; libvirtd {daemon.get('state')}: {daemon.get('error') or ''}".rstrip(": ")
+        if lv.get("taken_over"):
+            line += f"; {lv['taken_over']}"
+    return line
 
 
 def format_status(doc: dict) -> str:

@@ -483,6 +483,7 @@ class Daemon:
                 log.info("applied plan %d: %d output(s) changed; %s", self.plans, changed, self.status_line())
             self.registry.sweep()
             self._pass_edids()
+            self._tell_sizes()
             if self.input is not None:  # input follows the plan first; names and cursors are cosmetic
                 self.input.plan_applied(assignment, self.card_seats)
             self._assign_label_planes()
@@ -1356,9 +1357,9 @@ class Daemon:
     def open_qemu_guests(self) -> None:
         """Connect to the display of every `kind: qemu-dbus` guest with a `display` (the source keeps
         reconnecting while the VM is away); close those whose rule is gone or changed."""
-        # The policy allows `display` only with a literal name: the pattern is the guest's name.
-        wanted = {r.pattern.pattern: (r, QemuTarget.parse(r.display, r.console)) for r in self.policy.guests
-                  if r.kind == "qemu-dbus" and r.opened_here}
+        # The policy allows `display` and `domain` only with a literal name: the pattern is the guest's.
+        wanted = {r.pattern.pattern: (r, _qemu_target(r)) for r in self.policy.guests
+                  if r.qemu_target is not None}
         for name, source in list(self.qemu_sources.items()):
             rule, target = wanted.get(name, (None, None))
             if source.closed or target != source.target:
@@ -1371,10 +1372,10 @@ class Daemon:
                 log.error("guest %s: a %s guest of that name is connected; not connecting to the "
                           "QEMU display %s", name, self.guests[name].guest.kind, rule.display)
                 continue
-            source = QemuDisplaySource(name, target, self, uuid=rule.uuid,
+            source = QemuDisplaySource(name, target, self, uuid=rule.uuid, resize=rule.resize,
                                        users=frozenset(rule.uids) if rule.uids is not None else None)
             self.qemu_sources[name] = source
-            gs = self.registry.add(source, Guest(name, "qemu-dbus", rule.uuid))
+            gs = self.registry.add(source, Guest(name, source.kind, rule.uuid))
             if self.dataplane is not None:   # its dma-buf frames are flipped through the data plane
                 try:
                     source.dp_conn = self.dataplane.add_local()
@@ -1474,7 +1475,7 @@ class Daemon:
 
     def _guest_frame(self, gs: GuestState, frame: Frame) -> None:
         """A frame from a source that shows its buffers in place (a polled vGPU, a QEMU display)."""
-        gs.blanked = False
+        gs.blanked, gs.blank_reason = False, None
         self._register_source_buffer(gs.conn, frame.buffer)
         latest = self.registry.latest(gs)
         same = latest is not None and frame.buffer is latest.buffer
@@ -1494,9 +1495,9 @@ class Daemon:
         return bool(showing) and all(p.on_dp or p.shows(buffer) for p in showing)
 
     def _blank(self, gs: GuestState, reason: str) -> None:
-        if gs.blanked:
+        if gs.blanked and reason == gs.blank_reason:
             return
-        gs.blanked = True
+        gs.blanked, gs.blank_reason = True, reason   # a new reason (a domain paused, then shut off) is shown
         log.info("guest %s: display off (%s)", gs.conn.name, reason)
         self.registry.drop_latest(gs)
         for pipe in self._showing(gs.conn.name):
@@ -1514,6 +1515,23 @@ class Daemon:
                 log.error("%s: showing the slate failed: %s", pipe.name, exc)
             finally:
                 pipe.paused = False
+
+    def _tell_sizes(self) -> None:
+        """Tell each QEMU guest the size of the monitor it is shown on (its main view), as virt-viewer
+        does, so a guest that can (virtio-gpu, a vGPU with a display) takes its resolution. Not where
+        its rule says `resize: false`, nor where the monitor's `mode: match-guest` follows the guest."""
+        matching = {m.name for m in self.policy.monitors if m.mode.kind == "match-guest"}
+        for name, source in self.qemu_sources.items():
+            shown = self._showing(name)
+            if not shown or not source.resize or shown[0].out.monitor in matching:
+                source.show_size(None)
+                continue
+            pipe = shown[0]
+            try:
+                mm = pipe.connector.mm_size
+            except (KmsError, AttributeError):
+                mm = (0, 0)
+            source.show_size((pipe.mode.width, pipe.mode.height, *mm))
 
     def _pass_edids(self) -> None:
         """EDID passthrough: each vGPU's EDID region holds the EDID of the monitor it is shown on
@@ -1627,6 +1645,15 @@ class Daemon:
 # Descriptors the compositor holds besides its frame-socket clients': cards, buffers of its own,
 # framebuffers' dma-bufs, QEMU and vGPU guests, input devices, sockets, pipes.
 OWN_DESCRIPTORS = 4096
+
+
+def _qemu_target(rule: GuestRule) -> QemuTarget:
+    """Where the QEMU display of a `kind: qemu-dbus` (display) or `kind: libvirt` guest is."""
+    where = rule.qemu_target
+    assert where is not None
+    if where[0] == "libvirt":
+        return QemuTarget(libvirt=(where[1], where[2]), console=rule.console)
+    return QemuTarget.parse(where[1], rule.console)
 
 
 def _descriptor_budget(limits: Limits) -> None:

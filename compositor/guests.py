@@ -33,7 +33,8 @@ class GuestState:
     conn: GuestConnection
     guest: Guest
     latest: Frame | None = None
-    blanked: bool = False  # a vGPU whose display is off: its monitors show the slate
+    blanked: bool = False  # a guest whose display is off: its monitors show the slate
+    blank_reason: str | None = None  # what the slate says while blanked
     forgotten: set[Buffer] = field(default_factory=set)  # freed once nothing holds them (Buffer.holds)
     flips: int = 0
     input: InputSink | None = None  # a sink of the daemon's own (a launched vGPU's uinput devices)

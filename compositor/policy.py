@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 # `hotkeys` section does not import evdev, which imports asyncio: `check` stays quick).
 HOTKEY_ACTIONS = ("next-guest", "next-monitor", "release-input")
 
-GUEST_KINDS = ("vfio", "qemu-dbus", "socket")
+GUEST_KINDS = ("vfio", "qemu-dbus", "libvirt", "socket")
+LIBVIRT_URI = "qemu:///system"  # where `kind: libvirt` guests are looked for unless `uri` says
 SCALINGS = ("none", "fit", "fill", "integer")
 SCALING_ALIASES = {"centre": "none", "center": "none"}
 DEFAULT_SLATE_TEXT = "no signal"
@@ -238,6 +239,11 @@ class GuestRule:
     # kind qemu-dbus: where the VM's display is (qmp:PATH or dbus:ADDRESS) and which console of it.
     display: str | None = None
     console: int = 0
+    # kind libvirt: the domain (name or UUID; default: the guest's name) and libvirt's URI.
+    domain: str | None = None
+    uri: str | None = None
+    # kind qemu-dbus / libvirt: tell the guest its monitor's size (SetUIInfo), so it can take it.
+    resize: bool = True
 
     @property
     def opened_here(self) -> str | None:
@@ -247,6 +253,17 @@ class GuestRule:
             return f"vGPU {self.uuid}"
         if self.kind == "qemu-dbus" and self.display is not None:
             return f"QEMU display {self.display}"
+        if self.kind == "libvirt" and self.domain is not None:
+            return f"libvirt domain {self.domain} at {self.uri}"
+        return None
+
+    @property
+    def qemu_target(self) -> tuple[str, ...] | None:
+        """Where a QEMU display this rule opens is: ("display", SPEC) or ("libvirt", URI, DOMAIN)."""
+        if self.kind == "qemu-dbus" and self.display is not None:
+            return ("display", self.display)
+        if self.kind == "libvirt" and self.domain is not None and self.uri is not None:
+            return ("libvirt", self.uri, self.domain)
         return None
 
     def matches(self, name: str, kind: str | None, uuid: str | None) -> bool:
@@ -365,7 +382,7 @@ _POSITION_KEYS = ("x", "y", *RELATIONS)
 _INPUT_KEYS = ("path", "name")
 _MATCH_KEYS = ("connector", "edid", "port")
 _EDID_KEYS = ("manufacturer", "product", "serial", "serial_string", "name", "identity")
-_GUEST_KEYS = ("name", "uuid", "kind", "users", "launch", "display", "console")
+_GUEST_KEYS = ("name", "uuid", "kind", "users", "launch", "display", "console", "domain", "uri", "resize")
 _SEAT_KEYS = ("monitors", "logind", "input")
 _PLACEMENT_KEYS = ("guest", "monitor", "failover", "mirror", "priority", "seats")
 _SLATE_KEYS = ("text", "colour", "color")
@@ -494,6 +511,12 @@ class _Validator:
             self.error(node, f"{what} must not be empty")
             return None
         return node.value
+
+    def boolean(self, node: yaml.Node, what: str) -> bool | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag != _BOOL:
+            self.error(node, f"{what} must be true or false, got {self.describe(node)}")
+            return None
+        return node.value.lower() in ("true", "yes", "on")
 
     def integer(self, node: yaml.Node, what: str, lo: int, hi: int) -> int | None:
         v = self.int_value(node)
@@ -746,16 +769,50 @@ class _Validator:
                       "not know where to connect, so it never runs",
                       "add `display: qmp:/path/to/qmp.sock` (QEMU with -display dbus,p2p=yes) or "
                        "`display: dbus:unix:path=/path/to/bus` (-display dbus,addr=...)")
+        domain, uri = self.libvirt_keys(name, pattern, kind, keys)
         if "console" in keys:
             vnode = keys["console"][1]
-            if kind != "qemu-dbus":
-                self.error(vnode, "`console` needs `kind: qemu-dbus`")
+            if kind not in ("qemu-dbus", "libvirt"):
+                self.error(vnode, "`console` needs `kind: qemu-dbus` or `kind: libvirt`")
             elif not (isinstance(vnode, yaml.ScalarNode) and _CONSOLE.fullmatch(vnode.value)):
                 shown = vnode.value if isinstance(vnode, yaml.ScalarNode) else "..."
                 self.error(vnode, f"`console` must be a console number (0, 1, ...), not `{shown}`")
             else:
                 console = int(vnode.value)
-        return GuestRule(name, line, pattern, uuid, kind, uids, launch, display, console)
+        resize = True
+        if "resize" in keys:
+            vnode = keys["resize"][1]
+            if kind not in ("qemu-dbus", "libvirt"):
+                self.error(vnode, "`resize` needs `kind: qemu-dbus` or `kind: libvirt`",
+                           "it tells a QEMU guest its monitor's size")
+            elif (v := self.boolean(vnode, "`resize`")) is not None:
+                resize = v
+        return GuestRule(name, line, pattern, uuid, kind, uids, launch, display, console, domain, uri, resize)
+
+    def libvirt_keys(self, name: str, pattern: Glob, kind: str | None,
+                     keys: _Keys) -> tuple[str | None, str | None]:
+        """`domain` and `uri` of a `kind: libvirt` guest (the domain defaults to the guest's name, the
+        URI to qemu:///system)."""
+        given = {k: self.string(keys[k][1], f"`{k}`") for k in ("domain", "uri") if k in keys}
+        if kind != "libvirt":
+            for k in given:
+                self.error(keys[k][1], f"`{k}` needs `kind: libvirt`",
+                           "it names the libvirt domain whose display directflip shows")
+            return None, None
+        domain = given.get("domain") or (pattern.pattern if pattern.literal else None)
+        if domain is None:
+            self.warn(keys["name"][1] if "name" in keys else keys["kind"][1],
+                      f"guest `{name}` has `kind: libvirt` and a pattern for a name (`{pattern}`): it names "
+                      "no domain, so directflip never shows one",
+                      "give `domain: NAME` (or UUID), or drop `name`")
+        elif not pattern.literal:
+            self.error(keys["name"][1], f"guest `{name}` names one libvirt domain, so its `name` cannot be "
+                       f"a pattern (`{pattern}`)", "give the guest's name, or drop `name`")
+        uri = given.get("uri") or LIBVIRT_URI
+        if "://" not in uri:
+            self.error(keys["uri"][1], f"`uri` `{uri}` is not a libvirt URI",
+                       "e.g. qemu:///system (the default) or qemu:///session")
+        return domain, uri
 
     def user_names(self, node: yaml.Node) -> list[tuple[str, yaml.Node]]:
         if isinstance(node, yaml.ScalarNode):

@@ -96,8 +96,8 @@ def _card_error(path: str, message: str) -> dict:
             "connectors": [], "crtcs": [], "planes": [], "error": message}
 
 
-def probe_all(paths: list[str] | None = None) -> dict:
-    """The probe document for the given cards (default: every /dev/dri/card*)."""
+def probe_all(paths: list[str] | None = None, libvirt_uris: list[str] | None = None) -> dict:
+    """The probe document for the given cards (default: every /dev/dri/card*) and libvirt URIs."""
     from dataclasses import asdict
 
     from .sources.vfio import discover
@@ -105,7 +105,20 @@ def probe_all(paths: list[str] | None = None) -> dict:
     if paths is None:
         paths = list_cards()
     return {"schema": SCHEMA, "cards": [probe_path(p) for p in paths],
-            "vgpus": [asdict(m) for m in discover()]}
+            "vgpus": [asdict(m) for m in discover()],
+            "libvirt": [probe_libvirt(uri) for uri in (libvirt_uris or [])]}
+
+
+def probe_libvirt(uri: str) -> dict:
+    """The domains at a libvirt URI and their D-Bus displays, or why libvirt could not be asked."""
+    import asyncio
+
+    from .sources.libvirt_domain import DomainError, LibvirtMissing, list_domains
+
+    try:
+        return {"uri": uri, "domains": asyncio.run(list_domains(uri)), "error": None}
+    except (DomainError, LibvirtMissing) as exc:
+        return {"uri": uri, "domains": [], "error": str(exc)}
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -160,6 +173,17 @@ def format_table(doc: dict) -> str:
         out.append("vGPUs (VFIO mediated devices):")
         for m in vgpus:
             out.append(f"  {m['uuid']}  {m['type']} on {m['parent']}, IOMMU group {m['iommu_group']}")
+    for lv in doc.get("libvirt") or []:
+        out.append(f"libvirt domains at {lv['uri']}:")
+        if lv["error"]:
+            out.append(f"  not listed: {lv['error']}")
+            continue
+        for d in lv["domains"]:
+            display = {"p2p": "D-Bus display, peer to peer", "bus": "D-Bus display on its bus",
+                       None: "no D-Bus display (add <graphics type='dbus' p2p='yes'/>)"}[d["dbus"]]
+            out.append(f"  {d['name']:<16} {d['uuid']}  {d['state']:<10} {display}")
+        if not lv["domains"]:
+            out.append("  none")
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -171,25 +195,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "modifiers). Needs read access to /dev/dri/card*, not DRM master.",
         epilog="The --json document is stable (schema directflip.probe/1, see docs/probe-json.md) and "
         "is what `directflip check --topology` reads. Exit status: 0 when at least one card was "
-        "probed, 1 when there is no KMS device.")
+        "probed (with --libvirt and no card: when a URI was listed), 1 when there is no KMS device.")
     p.add_argument("--device", action="append", metavar="PATH",
                    help="probe only this card (repeatable); default: every /dev/dri/card*")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of a table")
+    p.add_argument("--libvirt", action="append", metavar="URI", dest="libvirt_uris",
+                   help="also list the domains at this libvirt URI with their D-Bus displays (the "
+                   "`kind: libvirt` guests a policy can name; repeatable; e.g. qemu:///system)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     paths = args.device or list_cards()
-    if not paths:
+    if not paths and not args.libvirt_uris:
         print("directflip probe: no KMS device: /dev/dri has no card* node "
               "(no DRM driver loaded, or not a machine with a display device)", file=sys.stderr)
         return 1
-    doc = probe_all(paths)
+    doc = probe_all(paths, args.libvirt_uris)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(format_table(doc))
+    if args.libvirt_uris and not paths:
+        return 0 if any(lv["error"] is None for lv in doc["libvirt"]) else 1
     if not any(not c.get("error") for c in doc["cards"]):
         print("directflip probe: no KMS device could be probed: "
               + "; ".join(c["error"] for c in doc["cards"]), file=sys.stderr)

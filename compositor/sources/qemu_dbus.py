@@ -103,6 +103,13 @@ from compositor.sources.frame import (
     dmabuf_size,
 )
 from compositor.sources.framesocket import Peer
+from compositor.sources.libvirt_domain import (
+    PAUSED_STATE,
+    RUNNING_STATES,
+    DomainError,
+    LibvirtDomain,
+    state_text,
+)
 from compositor.stats import percentile
 
 log = logging.getLogger("directflip.qemu_dbus")
@@ -211,6 +218,7 @@ class DisplayStats:
     errors: int = 0  # calls answered with an error
     ignored: int = 0  # calls that had nothing to act on (an update with no scanout)
     connects: int = 0
+    resizes: int = 0  # times the guest was told its monitor's size (SetUIInfo answered)
     replies: dict[str, deque[int]] = field(default_factory=dict)
 
     def count(self, method: str) -> None:
@@ -229,6 +237,7 @@ class DisplayStats:
     def as_dict(self) -> dict[str, Any]:
         return {"calls": dict(self.calls), "frames": self.frames, "pixel_bytes": self.pixel_bytes,
                 "errors": self.errors, "ignored": self.ignored, "connects": self.connects,
+                "resizes": self.resizes,
                 "reply_us": {m: {"p50": self.reply_us(m, 0.5), "p99": self.reply_us(m, 0.99),
                                  "n": len(w)} for m, w in self.replies.items()}}
 
@@ -393,7 +402,10 @@ class QemuTarget:
     - `qmp`: QEMU's QMP socket, the VM started with `-display dbus,p2p=yes`: the source hands QEMU one
       end of a socket pair (getfd + add_client) and talks peer to peer;
     - `sock`: an already connected peer-to-peer socket to QEMU's display (a launcher did the QMP part);
-      used once, no reconnection.
+      used once, no reconnection;
+    - `libvirt`: (URI, domain name or UUID) of a libvirt domain with `<graphics type='dbus'>`
+      (compositor.sources.libvirt_domain): libvirt hands out the display, peer to peer or on the
+      domain's bus.
     """
 
     bus: str | None = None
@@ -401,11 +413,12 @@ class QemuTarget:
     sock: socket.socket | None = None
     console: int = 0
     bus_name: str = BUS_NAME
+    libvirt: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
-        given = [k for k in ("bus", "qmp", "sock") if getattr(self, k) is not None]
+        given = [k for k in ("bus", "qmp", "sock", "libvirt") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a QEMU display target needs exactly one of bus, qmp, sock (got "
+            raise ValueError(f"a QEMU display target needs exactly one of bus, qmp, sock, libvirt (got "
                              f"{', '.join(given) or 'none'})")
         if self.console < 0:
             raise ValueError(f"console {self.console} is negative")
@@ -427,6 +440,7 @@ class QemuTarget:
 
     def describe(self) -> str:
         where = (f"bus {self.bus}" if self.bus is not None else f"QMP {self.qmp}" if self.qmp is not None
+                 else f"libvirt domain {self.libvirt[1]} at {self.libvirt[0]}" if self.libvirt is not None
                  else "a handed-over socket")
         return f"{where}, console {self.console}"
 
@@ -914,8 +928,12 @@ class QemuDisplaySource(SourceDefaults):
 
     def __init__(self, name: str, target: QemuTarget, handler: QemuDisplayHandler, *,
                  uuid: str | None = None, offer_map: bool = True, retry_initial: float = 0.25,
-                 retry_max: float = 5.0, users: frozenset[int] | None = None) -> None:
+                 retry_max: float = 5.0, users: frozenset[int] | None = None, resize: bool = True) -> None:
         self.name = name
+        # Tell the guest its monitor's size (Console.SetUIInfo), so it can take that resolution.
+        self.resize = resize
+        self.ui_size: tuple[int, int, int, int] | None = None  # width, height, width_mm, height_mm
+        self._told_size: tuple[int, int, int, int] | None = None
         # Who QEMU's process may run as (the guest rule's `users`; default root and the compositor's
         # user): whoever else serves the QMP socket or owns QEMU's bus name is not taken for the VM.
         self.users = users if users is not None else frozenset({0, os.getuid()})
@@ -925,6 +943,11 @@ class QemuDisplaySource(SourceDefaults):
         self.offer_map = offer_map  # list Unix.Map in the listener's Interfaces
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.kind = "libvirt" if target.libvirt is not None else "qemu-dbus"
+        # A libvirt domain: libvirt hands out its display and says when its state changes.
+        self.domain = LibvirtDomain(*target.libvirt) if target.libvirt is not None else None
+        self._wake = asyncio.Event()  # cut a wait between attempts short (the domain started)
+        self._blanked_for: str | None = None  # the state the slate shows while the VM is away or paused
         self.peer: Peer | None = None  # QEMU's process, once connected peer to peer
         self.buffers: dict[int, Buffer] = {}
         self.closed = False
@@ -968,8 +991,36 @@ class QemuDisplaySource(SourceDefaults):
     def start(self) -> asyncio.Task:
         """Connect (and keep reconnecting) on the running loop."""
         if self._task is None:
+            if self.domain is not None:
+                self.domain.start(self._domain_changed)
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"qemu-dbus {self.name}")
         return self._task
+
+    def show_size(self, size: tuple[int, int, int, int] | None) -> None:
+        """The monitor the guest is shown on (pixels and millimetres), or None: nothing to tell."""
+        self.ui_size = size
+        self._tell_size()
+
+    def _tell_size(self) -> None:
+        size = self.ui_size
+        if size is None or size == self._told_size or self._main is None or not self.connected.is_set():
+            return
+        self._told_size = size
+        width, height, width_mm, height_mm = size
+        msg = Message(destination=self._dest, path=console_path(self.target.console), interface=CONSOLE_IFACE,
+                      member="SetUIInfo", signature="qqiiuu",
+                      body=[min(width_mm, 0xFFFF), min(height_mm, 0xFFFF), 0, 0, width, height])
+        task = asyncio.get_running_loop().create_task(self._call_main(msg))
+        task.add_done_callback(partial(self._told, size))
+
+    def _told(self, size: tuple[int, int, int, int], task: asyncio.Task) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is not None:
+            log.warning("%s: telling the guest its monitor's size %dx%d failed: %s", self.name, size[0],
+                        size[1], _describe_error(exc))
+        else:
+            log.info("%s: told the guest its monitor is %dx%d (%dx%d mm)", self.name, *size)
+            self.stats.resizes += 1
 
     def released(self, buffer_id: int) -> None:  # QEMU has no release: its buffers stay its own
         pass
@@ -993,6 +1044,8 @@ class QemuDisplaySource(SourceDefaults):
             self._task.cancel()
         self._disconnect()
         self._drop_scanout_state()
+        if self.domain is not None:
+            self.domain.close()
         log.info("%s: QEMU display source closed (%s)", self.name, reason)
         self._notify("on_close", reason)
 
@@ -1016,7 +1069,9 @@ class QemuDisplaySource(SourceDefaults):
                 "cursor": None if self.cursor is None else f"{self.cursor.width}x{self.cursor.height}",
                 "pointer": None if self.pointer is None else [self.pointer.x, self.pointer.y,
                                                                self.pointer.visible],
-                "error": self.last_error, "input": self.input.status(), **self.stats.as_dict()}
+                "error": self.last_error, "input": self.input.status(), **self.stats.as_dict(),
+                "ui_size": None if self.ui_size is None or not self.resize else list(self.ui_size[:2]),
+                **({"libvirt": self.domain.status()} if self.domain is not None else {})}
 
     # --- connection lifetime -----------------------------------------------------------------------
 
@@ -1042,12 +1097,19 @@ class QemuDisplaySource(SourceDefaults):
                         log.info("%s: QEMU display at %s not reachable (%s); retrying", self.name,
                                  self.target.describe(), reason)
                         reported = reason
+                        if self.domain is not None:   # the slate says what libvirt says
+                            self._blank_for(reason)
                     self.last_error = reason
                 else:
                     reported = None
                     reason = await self._serve()
                     self._disconnect()
                     self.vm_absent = True  # it ran and went away: wait for it to come back
+                    domain = self.domain
+                    if domain is not None and domain.mode == "p2p" and await domain.taken_over():
+                        reason = domain.takeover or reason
+                    elif domain is not None and domain.state not in (None, *RUNNING_STATES, PAUSED_STATE):
+                        reason = f"{domain.label} is {state_text(domain.state)}"
                     self._gone(reason)
                     if not self.target.reconnects:
                         self.close(reason)
@@ -1055,21 +1117,40 @@ class QemuDisplaySource(SourceDefaults):
                     # Back quickly after a VM that ran (a restart), slowly after one that keeps dying.
                     delay = self.retry_initial if time.monotonic() - started > 1.0 else delay
                 self.state = "waiting"
-                await asyncio.sleep(delay)
-                delay = min(self.retry_max, delay * 2)
+                delay = await self._pause(delay)
         except asyncio.CancelledError:
             self._disconnect()
             raise
 
+    async def _pause(self, delay: float) -> float:
+        """Wait `delay` seconds, or until woken (a domain started): the next delay. A libvirt domain
+        whose display another client took over is waited for until it starts again."""
+        while True:
+            self._wake.clear()
+            taken = self.domain is not None and self.domain.takeover is not None
+            try:
+                await asyncio.wait_for(self._wake.wait(), None if taken else delay)
+            except TimeoutError:
+                return min(self.retry_max, delay * 2)
+            if self.domain is None or self.domain.takeover is None:
+                return self.retry_initial   # woken: something changed
+
     async def _connect(self) -> None:
         target = self.target
-        if target.bus is not None:
+        bus, handed = target.bus, None
+        if self.domain is not None:
+            how, where = await self.domain.attach()
+            bus, handed = (where, None) if how == "bus" else (None, where)
+        if bus is not None:
             main: MessageBus = await asyncio.wait_for(
-                DisplayBus(bus_address=target.bus, negotiate_unix_fd=True).connect(), CALL_TIMEOUT)
+                DisplayBus(bus_address=bus, negotiate_unix_fd=True).connect(), CALL_TIMEOUT)
             self._main, self._dest = main, target.bus_name
             self.peer = await self._bus_peer(main, target.bus_name)
         else:
-            if target.qmp is not None:
+            if handed is not None:
+                sock = handed
+                self.peer = None   # libvirtd made the pair; QEMU is the domain's
+            elif target.qmp is not None:
                 sock, self.peer = await _qmp_add_client(target.qmp, self._check_peer)
             else:
                 sock, self._handed = self._handed, None
@@ -1110,7 +1191,10 @@ class QemuDisplaySource(SourceDefaults):
         self.stats.connects += 1
         self.state = "connected"
         self.last_error = None
+        self._blanked_for = None
         self.connected.set()
+        self._told_size = None
+        self._tell_size()   # a new connection: the guest hears its monitor's size again
         log.info("%s: showing console %d (%s) of VM %r over %s%s", self.name, target.console,
                  self.console_label, self.vm_name, target.describe(),
                  f" (QEMU pid {self.peer.pid})" if self.peer else "")
@@ -1202,6 +1286,28 @@ class QemuDisplaySource(SourceDefaults):
                 except OSError:
                     pass
         self._listener = self._main = None
+
+    def _domain_changed(self, text: str, state: int | None) -> None:
+        """libvirt says the domain changed state (state None: the link to libvirtd came or went)."""
+        if state is None:
+            if text == "libvirtd connected" and not self.connected.is_set():
+                self._wake.set()
+            return
+        if state in RUNNING_STATES:
+            if self.connected.is_set() and self._scanout is not None and self._blanked_for is not None:
+                self._blanked_for = None
+                self._emit(self._scanout, None)   # resumed: its picture again
+            elif not self.connected.is_set():
+                self._wake.set()
+            return
+        if state == PAUSED_STATE and not self.connected.is_set():
+            self._wake.set()   # a paused domain's display can be attached and shown behind the slate
+        self._blank_for(text)
+
+    def _blank_for(self, text: str) -> None:
+        if text != self._blanked_for:
+            self._blanked_for = text
+            self._notify("on_blank", text)
 
     def _gone(self, reason: str) -> None:
         log.info("%s: %s", self.name, reason)
@@ -1619,6 +1725,8 @@ def _vm_absent(exc: BaseException) -> bool:
     in time) is an error about a VM that is there."""
     if isinstance(exc, DBusError):
         return exc.type in _NO_OWNER
+    if isinstance(exc, DomainError):
+        return exc.absent
     return isinstance(exc, FileNotFoundError | ConnectionRefusedError | ConnectionResetError
                       | BrokenPipeError | EOFError)
 

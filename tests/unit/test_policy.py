@@ -225,3 +225,46 @@ def test_qemu_dbus_display_and_console() -> None:
             policy.parse(base + f"  vm: {bad}\n", "p.yaml")
     p = policy.parse(base + "  vm: {kind: qemu-dbus}\n", "p.yaml")   # allowed, but it never runs: said so
     assert any("no `display`" in w.message for w in p.warnings)
+
+
+LIBVIRT = """version: 1
+monitors:
+  desk: {connector: HDMI-A-1}
+guests:
+%s
+placements:
+  - {guest: win11, monitor: desk}
+"""
+
+
+def test_libvirt_guests_name_a_domain() -> None:
+    pol = policy.parse(LIBVIRT % "  win11: {kind: libvirt}")
+    rule = pol.guests[0]
+    assert (rule.domain, rule.uri, rule.resize) == ("win11", "qemu:///system", True)
+    assert rule.qemu_target == ("libvirt", "qemu:///system", "win11")
+    pol = policy.parse(LIBVIRT % "  win11: {kind: libvirt, domain: 5b3f0c1e-8d0a-4c4e-9f57-2c1d3e4f5a6b, "
+                       "uri: 'qemu+ssh://root@host/system', resize: false, console: 1}")
+    rule = pol.guests[0]
+    assert (rule.domain, rule.uri, rule.resize, rule.console) == (
+        "5b3f0c1e-8d0a-4c4e-9f57-2c1d3e4f5a6b", "qemu+ssh://root@host/system", False, 1)
+
+
+def test_libvirt_keys_are_checked() -> None:
+    assert errors(LIBVIRT % "  win11: {kind: qemu-dbus, display: 'qmp:/x', domain: win11}") == [
+        "p.yaml:5:55: `domain` needs `kind: libvirt` (it names the libvirt domain whose display directflip "
+        "shows)"]
+    pol = policy.parse(LIBVIRT % "  win11: {kind: libvirt, name: 'win*'}", "p.yaml")
+    assert [str(w) for w in pol.warnings] == [
+        "p.yaml:5:32: warning: guest `win11` has `kind: libvirt` and a pattern for a name (`win*`): it names "
+        "no domain, so directflip never shows one (give `domain: NAME` (or UUID), or drop `name`)"]
+    assert errors(LIBVIRT % "  win11: {kind: libvirt, name: 'win*', domain: w}") == [
+        "p.yaml:5:32: guest `win11` names one libvirt domain, so its `name` cannot be a pattern (`win*`) "
+        "(give the guest's name, or drop `name`)"]
+    assert errors(LIBVIRT % "  win11: {kind: libvirt, uri: system}") == [
+        "p.yaml:5:31: `uri` `system` is not a libvirt URI (e.g. qemu:///system (the default) or "
+        "qemu:///session)"]
+    assert errors(LIBVIRT % "  win11: {kind: libvirt, resize: sometimes}") == [
+        'p.yaml:5:34: `resize` must be true or false, got the string "sometimes"']
+    assert errors(LIBVIRT % "  win11: {kind: socket, resize: false}") == [
+        "p.yaml:5:33: `resize` needs `kind: qemu-dbus` or `kind: libvirt` (it tells a QEMU guest its "
+        "monitor's size)"]

@@ -687,3 +687,18 @@ def test_a_qmp_socket_another_user_binds_is_not_taken_for_the_vm(tmp_path):
         shutil.rmtree(where, ignore_errors=True)
     assert f"the QMP socket {path} is served by uid 65534" in error and "which may not be guest vm" in error
     assert sent == b"(closed)"   # not a byte was sent
+
+
+def test_the_guest_is_told_its_monitors_size():
+    async def body():
+        peer, source, listener, rec = await connected()
+        assert getattr(peer, "ui_info", None) is None   # not shown anywhere yet: nothing told
+        source.show_size((1920, 1080, 527, 296))
+        assert await wait_for(lambda: getattr(peer, "ui_info", None) is not None, 5)
+        assert peer.ui_info == (527, 296, 0, 0, 1920, 1080)
+        assert await wait_for(lambda: source.stats.resizes == 1, 5)
+        source.show_size((1920, 1080, 527, 296))   # the same size again: not sent again
+        await asyncio.sleep(0.1)
+        assert source.stats.resizes == 1 and source.status()["ui_size"] == [1920, 1080]
+        source.close()
+    run(body())
