@@ -66,6 +66,7 @@ ERR_OPERATION_DENIED = 55
 ERR_AUTH_CANCELLED = 79
 ERR_ACCESS_DENIED = 88
 ERR_AUTH_UNAVAILABLE = 94
+FROM_DBUS, FROM_POLKIT = 47, 60  # virErrorDomain values of libvirt's authorization layers
 DENIED = frozenset({ERR_AUTH_FAILED, ERR_OPERATION_DENIED, ERR_AUTH_CANCELLED, ERR_ACCESS_DENIED,
                     ERR_AUTH_UNAVAILABLE})
 
@@ -93,7 +94,13 @@ def load_libvirt() -> Any:
         raise LibvirtMissing("`kind: libvirt` needs libvirt's Python binding: install libvirt-python "
                              "(pip install 'directflip[libvirt]', which builds against libvirt-dev) "
                              f"({exc})") from None
+    # libvirt prints every error to stderr by default; here each one is raised, and said once, by name
+    libvirt.registerErrorHandler(_quiet, None)
     return libvirt
+
+
+def _quiet(_ctx: Any, _err: Any) -> None:
+    pass
 
 
 _event_loop: asyncio.AbstractEventLoop | None = None
@@ -121,7 +128,10 @@ def describe_error(exc: BaseException, uri: str) -> str:
     """A libvirt error as a user reads it: what failed and, for refusals, who decides."""
     code = _code(exc)
     text = _message(exc)
-    if code in DENIED or "Permission denied" in text or "authentication" in text.lower():
+    # libvirtd asks polkit (over the system bus) whether a user other than root may manage it: where it
+    # cannot ask, that user is refused with an error of the D-Bus or polkit layer.
+    asked = _domain(exc) in (FROM_DBUS, FROM_POLKIT) and os.getuid() != 0
+    if code in DENIED or asked or "Permission denied" in text or "authentication" in text.lower():
         return (f"{uri} may not be opened by this user: {text} (libvirtd decides: run directflip as "
                 "root, or give its user access, e.g. the libvirt group or a polkit rule)")
     if code in (ERR_SYSTEM_ERROR, ERR_NO_CONNECT, ERR_RPC) or "connect" in text.lower():
@@ -131,6 +141,14 @@ def describe_error(exc: BaseException, uri: str) -> str:
 
 def _code(exc: BaseException) -> int | None:
     get = getattr(exc, "get_error_code", None)
+    try:
+        return int(get()) if get is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _domain(exc: BaseException) -> int | None:
+    get = getattr(exc, "get_error_domain", None)
     try:
         return int(get()) if get is not None else None
     except (TypeError, ValueError):

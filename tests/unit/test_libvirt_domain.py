@@ -23,12 +23,15 @@ P2P = "<domain><devices><graphics type='vnc'/><graphics type='dbus' p2p='yes'/><
 
 
 class libvirtError(Exception):  # noqa: N801 - libvirt's own name
-    def __init__(self, code: int, text: str) -> None:
+    def __init__(self, code: int, text: str, domain: int = 7) -> None:
         super().__init__(text)
-        self.code, self.text = code, text
+        self.code, self.text, self.domain = code, text, domain
 
     def get_error_code(self) -> int:
         return self.code
+
+    def get_error_domain(self) -> int:
+        return self.domain
 
     def get_error_message(self) -> str:
         return self.text
@@ -200,13 +203,19 @@ def test_the_dbus_display_is_found_in_the_domains_xml():
         lv.dbus_display("<domain", "win11")
 
 
-def test_libvirt_errors_name_their_cause():
+def test_libvirt_errors_name_their_cause(monkeypatch):
     denied = lv.describe_error(libvirtError(38, "Failed to connect socket to '/var/run/libvirt/"
                                                 "libvirt-sock': Permission denied"), "qemu:///system")
     assert denied.startswith("qemu:///system may not be opened by this user") and "libvirt group" in denied
     away = lv.describe_error(libvirtError(38, "Failed to connect socket to '/var/run/libvirt/"
                                               "libvirt-sock': No such file or directory"), "qemu:///system")
     assert away.startswith("libvirtd at qemu:///system is not reachable: Failed to connect socket")
+    # what a user other than root gets where libvirtd cannot ask polkit (no system bus)
+    no_polkit = libvirtError(1, "internal error: Unable to get system bus connection: Could not connect: "
+                                "No such file or directory", domain=47)
+    monkeypatch.setattr(lv.os, "getuid", lambda: 65534)
+    assert lv.describe_error(no_polkit, "qemu:///system").startswith("qemu:///system may not be opened by "
+                                                                     "this user: internal error")
 
 
 def test_a_domain_is_shown_from_start_to_shut_off_and_back():
