@@ -252,3 +252,29 @@ def test_format_status_of_an_older_compositor_without_the_new_fields() -> None:
     assert text[0].startswith("session logind") and "/dev/dri/card1 paused (logind paused" in text[0]
     assert "    QEMU display QMP /run/vm2/qmp.sock, console 0: waiting for the VM " \
            "(No such file or directory (/run/vm2/qmp.sock))" in text
+
+
+def test_format_status_shows_libvirt_domains_and_launched_vmms() -> None:
+    doc = status_doc()
+    doc["guests"].append(
+        {"name": "win11", "kind": "libvirt", "pid": None, "uid": None, "buffers": 0, "flips": 0,
+         "framebuffer": None, "held": 0,
+         "qemu": {"target": "libvirt domain win11 at qemu:///system, console 0", "state": "waiting",
+                  "connection": "waiting", "error": "win11's display was taken over by another client",
+                  "libvirt": {"domain": "win11", "name": "win11", "state": "running", "display": "p2p",
+                              "taken_over": "win11's display was taken over by another client",
+                              "libvirtd": {"state": "waiting", "error": "lost the connection to libvirtd"}}}})
+    doc["launched"] = {
+        "office": {"pid": 4242, "command": "/usr/bin/qemu-system-x86_64",
+                   "scope": "directflip-vm-office.scope", "running": True, "attached": True, "error": None},
+        "media": {"pid": 4243, "command": "/usr/bin/qemu-system-x86_64", "scope": None, "running": True,
+                  "attached": False,
+                  "error": "its VMM (pid 4243) still runs and holds vGPU x, which cannot be re-attached: the "
+                           "kernel refuses"}}
+    text = format_status(doc).splitlines()
+    assert ("    libvirt: domain win11 running, D-Bus display peer to peer; libvirtd waiting: lost the "
+            "connection to libvirtd; win11's display was taken over by another client") in text
+    assert ("launched: office: /usr/bin/qemu-system-x86_64 pid 4242 in directflip-vm-office.scope, running; "
+            "shown") in text
+    assert ("launched: media: /usr/bin/qemu-system-x86_64 pid 4243, running; its VMM (pid 4243) still runs "
+            "and holds vGPU x, which cannot be re-attached: the kernel refuses") in text
