@@ -117,14 +117,16 @@ def spawn(name: str, argv: list[str], env: dict[str, str], fd: int, uuid: str | 
     return proc, rec
 
 
-async def move_to_scope(rec: Launched) -> str:
-    """Put the launched VMM in a transient scope unit of its own (systemd's StartTransientUnit), out of
-    the compositor's cgroup. Returns the unit's name; raises OSError/DBusError when systemd says no."""
+async def move_to_scope(rec: Launched, bus_address: str | None = None) -> str:
+    """Put the launched VMM in a transient scope unit of its own (systemd's StartTransientUnit on the
+    system bus, or on `bus_address`), out of the compositor's cgroup. Returns the unit's name; raises
+    OSError when systemd says no."""
     from dbus_fast import BusType, Message, MessageType, Variant
     from dbus_fast.aio import MessageBus
 
     unit = scope_name(rec.name)
-    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    bus = await (MessageBus(bus_address=bus_address) if bus_address else MessageBus(bus_type=BusType.SYSTEM)
+                 ).connect()
     try:
         props = [("PIDs", Variant("au", [rec.pid])),
                  ("Description", Variant("s", f"directflip guest {rec.name}: its VMM")),

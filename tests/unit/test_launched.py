@@ -8,8 +8,11 @@ import os
 import signal
 import sys
 import time
+from typing import Annotated
 
 import pytest
+from dbus_fast.annotations import DBusObjectPath, DBusSignature, DBusStr
+from dbus_fast.service import ServiceInterface, dbus_method
 
 from compositor import launched
 
@@ -69,3 +72,42 @@ def test_a_reused_pid_is_not_taken_for_the_vmm(tmp_path):
 def test_scope_names_are_unit_names():
     assert launched.scope_name("office") == "directflip-vm-office.scope"
     assert launched.scope_name("my vm/1") == "directflip-vm-my_vm_1.scope"
+
+
+Props = Annotated[list, DBusSignature("a(sv)")]
+AuxUnits = Annotated[list, DBusSignature("a(sa(sv))")]
+
+
+class FakeSystemd(ServiceInterface):
+    """org.freedesktop.systemd1's StartTransientUnit on a private bus: what a scope asks of systemd."""
+
+    def __init__(self) -> None:
+        super().__init__("org.freedesktop.systemd1.Manager")
+        self.calls: list[tuple] = []
+
+    @dbus_method(name="StartTransientUnit")
+    def start_transient_unit(self, name: DBusStr, mode: DBusStr, properties: Props,
+                             aux: AuxUnits) -> DBusObjectPath:
+        self.calls.append((name, mode, {k: v.value for k, v in properties}, aux))
+        return "/org/freedesktop/systemd1/job/1"
+
+
+def test_a_launched_vmm_is_moved_to_a_scope_of_its_own(private_bus):
+    import asyncio
+
+    from dbus_fast.aio import MessageBus
+
+    async def body():
+        systemd = FakeSystemd()
+        bus = await MessageBus(bus_address=private_bus).connect()
+        bus.export("/org/freedesktop/systemd1", systemd)
+        await bus.request_name("org.freedesktop.systemd1")
+        rec = launched.Launched("office", 4242, 1, 3, ["qemu-system-x86_64"])
+        unit = await launched.move_to_scope(rec, private_bus)
+        bus.disconnect()
+        return unit, systemd.calls
+    unit, calls = asyncio.run(body())
+    assert unit == "directflip-vm-office.scope"
+    assert calls == [("directflip-vm-office.scope", "fail",
+                      {"PIDs": [4242], "Description": "directflip guest office: its VMM",
+                       "CollectMode": "inactive-or-failed"}, [])]
