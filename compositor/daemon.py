@@ -380,7 +380,7 @@ class Daemon:
         assert self.topology is not None
         self.plans += 1
         return planner.plan(self.policy, self.topology.outputs(), [gs.guest for gs in self.guests.values()],
-                            self.overrides)
+                            self.overrides, self.reattach_errors)
 
     def replan(self) -> None:
         """Re-plan soon (coalescing bursts of changes) and apply the difference."""

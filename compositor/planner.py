@@ -365,13 +365,16 @@ class _Shown:
 
 
 def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
-         overrides: Mapping[str, str] | None = None) -> Assignment:
+         overrides: Mapping[str, str] | None = None, absent: Mapping[str, str] | None = None) -> Assignment:
     """Assign the running `guests` to the present `outputs` following `policy`. Pure.
 
     `overrides` (monitor → running guest's name, from `directflip show` and the next-guest hotkey)
     come before every placement: the guest is shown on that monitor as well as wherever its own
     placement puts it, provided its placements' `seats` allow the monitor (see `may_show`). An
-    override of a guest that is not running, or of an absent monitor, waits."""
+    override of a guest that is not running, or of an absent monitor, waits.
+
+    `absent` (guest name → why) says why a guest that is not running cannot be (its VMM holds its vGPU):
+    a monitor waiting for it shows that on its slate instead of "office is not running"."""
     outputs = list(outputs)
 
     # 1. policy monitors -> outputs
@@ -480,7 +483,10 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
             dark_reason[_key(bound[rule.name])] = f"monitor {rule.name} {why}"
             continue
         names = waiting.get(rule.name)
-        if names:
+        told = [f"{n}: {absent[n]}" for n in names or () if absent and n in absent]
+        if told:
+            reason = "; ".join(told)
+        elif names:
             reason = f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} not running"
         else:
             reason = "no guest is placed here"

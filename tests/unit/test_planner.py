@@ -629,3 +629,13 @@ def test_could_show_lists_the_guests_a_monitor_may_take_in_placement_order():
     assert could_show(pol, "right", outs["Virtual-3"]) == ["c", "d"]
     assert may_show(pol, "d", "right", outs["Virtual-3"])
     assert not may_show(pol, "d", "left", outs["Virtual-1"])
+
+
+def test_a_guest_that_cannot_run_says_why_on_its_monitors_slate():
+    pol = policy.parse(OVERRIDE_POLICY)
+    why = "its VMM (pid 4242) still runs and holds vGPU x, which cannot be re-attached: the kernel refuses"
+    a = plan(pol, machine(three_monitors()), [g("b"), g("c")], absent={"a": why})
+    left = a.for_monitor("left")
+    assert left.slate is not None and left.slate.reason == f"a: {why}"
+    b = plan(pol, machine(three_monitors()), [g("b"), g("c")])
+    assert b.for_monitor("left").slate.reason == "a is not running"
