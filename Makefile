@@ -6,8 +6,10 @@
 
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86 libvirt-dev \
-	libvirt-daemon-system
+APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86
+# libvirt for `kind: libvirt` guests and the lab's libvirtd, without its recommends (storage drivers,
+# dnsmasq, ...): libvirt-dev builds the binding below.
+LIBVIRT_APT = libvirt-dev libvirt-daemon-system
 # libvirt's binding, built against Debian 12's libvirt-dev (9.0)
 LIBVIRT_PYTHON = libvirt-python==9.0.0
 
@@ -18,6 +20,12 @@ deps:
 	if [ -n "$$missing" ]; then \
 		echo "installing apt packages:$$missing"; \
 		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	fi
+	@missing=""; for p in $(LIBVIRT_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages:$$missing"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends $$missing >/dev/null; \
 	fi
 	$(PIP) install -q --disable-pip-version-check -e '.[test,libvirt]' '$(LIBVIRT_PYTHON)'
 
