@@ -174,10 +174,18 @@ class Compositor:
         self.control = str(self.dir / "control.sock")
         self.log = self.dir / "compositor.log"
         self.policy.write_text(policy)
-        cmd = [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
-               "--socket", self.socket, "--control", self.control, "--vt", "none", *args]
-        self.proc = subprocess.Popen(cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=REPO, env=env)
+        self.cmd = [sys.executable, "-m", "compositor.cli", "-v", "run", "--policy", str(self.policy),
+                    "--socket", self.socket, "--control", self.control, "--vt", "none", *args]
+        self.env = env
+        self._spawn("w")
+
+    def restart(self) -> None:
+        """Start it again (after kill()) on the same policy and sockets, until it answers."""
+        self._spawn("a")
+
+    def _spawn(self, log_mode: str) -> None:
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open(log_mode), stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=self.env)
         deadline = time.monotonic() + 90
         while True:
             if self.proc.poll() is not None:

@@ -5,9 +5,9 @@
 `make bench` runs this (after bench_planner.py on the host). In order: bench_flip_path.py (the
 compositor's flip path at 1920x1080, C vs Python vs copy, and bench_flip.py's submit-only
 microbenchmark), bench_sustained.py (four outputs at 60 and 144 flips/s), bench_reaction.py (policy
-edit and hotplug to picture) and bench_input.py (an evdev event to the guest's message; a 1000 Hz
-mouse's cost). A bench that fails says why and the others still run; the exit status
-is then 1.
+edit and hotplug to picture), bench_input.py (an evdev event to the guest's message; a 1000 Hz
+mouse's cost) and bench_restart.py (SIGKILL and restart with VMs running: each back on screen). A
+bench that fails says why and the others still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_flip_path  # noqa: E402
 import bench_input  # noqa: E402
 import bench_reaction  # noqa: E402
+import bench_restart  # noqa: E402
 import bench_sustained  # noqa: E402
 import labbench as lb  # noqa: E402
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, module, bench_args in (("bench_flip_path", bench_flip_path, window),
                                      ("bench_sustained", bench_sustained, window),
                                      ("bench_reaction", bench_reaction, reaction),
-                                     ("bench_input", bench_input, [])):
+                                     ("bench_input", bench_input, []),
+                                     ("bench_restart", bench_restart, [])):
         print(f"\n===== {name} {' '.join(bench_args)}".rstrip(), flush=True)
         t0 = time.monotonic()
         try:
