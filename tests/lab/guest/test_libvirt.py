@@ -193,6 +193,22 @@ def test_a_p2p_domains_boot_screen_appears_on_its_monitor(lab, host):
     assert q["connection"] == "connected" and q["ui_size"] == mode, (q["ui_size"], mode)
 
 
+def test_the_seats_keys_reach_the_domain_through_its_display(lab, host):
+    """Input goes to the domain's console over the connection libvirt handed out: QEMU answers each
+    key call (org.qemu.Display1.Keyboard) on it."""
+    from compositor.control import request
+
+    wait_for("df-p2p connected", lambda: libvirt_state(lab, "p2p")["connection"] == "connected", timeout=240)
+    request(lab.control, {"cmd": "focus", "monitor": "left"})
+    before = libvirt_state(lab, "p2p")["input"]
+    host.keys("a")
+    after = wait_for("QEMU answering the key calls",
+                     lambda: (i := libvirt_state(lab, "p2p")["input"])["answered"] >= before["answered"] + 2
+                     and i, timeout=60)
+    print(f"df-p2p input: {before} -> {after}")
+    assert after["refused"] == before["refused"] and after["keyboard"]
+
+
 def test_a_domain_on_its_own_bus_appears_on_its_monitor(lab, host):
     wait_for("SeaBIOS text on df-bus's screen",
              lambda: text_pixels(screenshot("df-bus", lab.work / "probe-bus.ppm")) > 0.003, timeout=240)
