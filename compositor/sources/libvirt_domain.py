@@ -140,15 +140,16 @@ def describe_error(exc: BaseException, uri: str) -> str:
 
 
 def _code(exc: BaseException) -> int | None:
-    get = getattr(exc, "get_error_code", None)
-    try:
-        return int(get()) if get is not None else None
-    except (TypeError, ValueError):
-        return None
+    return _number(exc, "get_error_code")
 
 
 def _domain(exc: BaseException) -> int | None:
-    get = getattr(exc, "get_error_domain", None)
+    return _number(exc, "get_error_domain")
+
+
+def _number(exc: BaseException, getter: str) -> int | None:
+    """A number a libvirtError carries (its code, its domain); None for another exception."""
+    get = getattr(exc, getter, None)
     try:
         return int(get()) if get is not None else None
     except (TypeError, ValueError):
@@ -405,6 +406,11 @@ class LibvirtDomain:
         if self._hub is not None:
             self._hub.release()
             self._hub = None
+
+    @property
+    def linked(self) -> bool:
+        """Whether the connection to libvirtd is up."""
+        return self._hub is not None and self._hub.conn is not None
 
     @property
     def label(self) -> str:

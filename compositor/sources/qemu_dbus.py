@@ -1290,8 +1290,8 @@ class QemuDisplaySource(SourceDefaults):
     def _domain_changed(self, text: str, state: int | None) -> None:
         """libvirt says the domain changed state (state None: the link to libvirtd came or went)."""
         if state is None:
-            if text == "libvirtd connected" and not self.connected.is_set():
-                self._wake.set()
+            if self.domain is not None and self.domain.linked and not self.connected.is_set():
+                self._wake.set()   # libvirtd is back: ask it now rather than after the backoff
             return
         if state in RUNNING_STATES:
             if self.connected.is_set() and self._scanout is not None and self._blanked_for is not None:
