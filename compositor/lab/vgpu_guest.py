@@ -100,7 +100,9 @@ BOCHS_MIN_SIDE = 64      # mbochs refuses smaller modes
 MDPY_VENDORCAP = 0x40
 MDPY_FORMAT, MDPY_WIDTH, MDPY_HEIGHT = 0x44, 0x48, 0x4C
 
-CONTROL_TIMEOUT = 30.0   # VgpuGuestControl waits this long for the server's socket
+# VgpuGuestControl waits this long for the server's socket (a guest starting on an emulated CPU that is
+# kept busy; one that exits ends the wait at once)
+CONTROL_TIMEOUT = 180.0
 CALL_TIMEOUT = 60.0      # and for one answer (drawing a 1920x1080 background under TCG takes a while)
 
 

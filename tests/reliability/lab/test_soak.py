@@ -10,7 +10,7 @@ import os
 import signal
 import time
 
-from labkit import Compositor
+from labkit import START_WITHIN, Compositor
 from reliakit import HEADS, MONITORS, dri_debugfs, moving, sample, shows, start_guest, total
 
 FLIPS = int(os.environ.get("DIRECTFLIP_SOAK_FLIPS", "100000"))
@@ -74,7 +74,7 @@ def test_soak_keeps_descriptors_framebuffers_and_memory_flat(cards, host, debugf
                 procs["right"].send_signal(signal.SIGKILL)
                 procs["right"].wait(timeout=10)
                 procs["right"] = start_guest(comp, "right", PLACED["right"])
-                comp.wait_shown("right", "soak-c", timeout=60)
+                comp.wait_shown("right", "soak-c", timeout=START_WITHIN)
                 samples.append(sample(comp.proc.pid, dri))
                 if base is None:
                     # Warm-up ends after the first restart: what a guest's coming and going allocates
