@@ -127,6 +127,10 @@ def lab(cards, tmp_path_factory):
             for name in ("df-p2p", "df-bus"):
                 virsh("destroy", name, check=False)
         daemon.stop()
+        left = subprocess.run(["pkill", "-9", "-e", "-f", "guest=df-|/run/libvirt/qemu/dbus/"],
+                              capture_output=True, text=True).stdout.strip()
+        if left:
+            print(f"killed what libvirt left running: {left}")
 
 
 def served(work: Path, daemon: Libvirtd):
