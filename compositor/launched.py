@@ -52,7 +52,10 @@ class Launched:
     scope: str | None = None  # the transient systemd scope it runs in, if any
 
     def alive(self) -> bool:
-        return start_time(self.pid) == self.start_time
+        """The recorded process still runs: same start time (not a later process with its pid), and
+        not a zombie waiting for its parent."""
+        stat = _stat(self.pid)
+        return stat is not None and stat[0] != "Z" and stat[1] == self.start_time
 
     def status(self) -> dict:
         return {"pid": self.pid, "command": self.argv[0] if self.argv else None, "scope": self.scope,
@@ -60,13 +63,19 @@ class Launched:
 
 
 def start_time(pid: int) -> int | None:
+    stat = _stat(pid)
+    return None if stat is None else stat[1]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, start time) of a process, from /proc/PID/stat; None if there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     # the command name, in parentheses, may hold spaces and parentheses: fields follow the last ")"
     fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[19]) if len(fields) > 19 else None
+    return (fields[0], int(fields[19])) if len(fields) > 19 else None
 
 
 def scope_name(guest: str) -> str:

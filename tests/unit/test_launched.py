@@ -111,3 +111,17 @@ def test_a_launched_vmm_is_moved_to_a_scope_of_its_own(private_bus):
     assert calls == [("directflip-vm-office.scope", "fail",
                       {"PIDs": [4242], "Description": "directflip guest office: its VMM",
                        "CollectMode": "inactive-or-failed"}, [])]
+
+
+def test_a_vmm_that_exited_is_not_running_even_before_it_is_reaped(tmp_path):
+    fd = os.memfd_create("vgpu-stand-in")
+    proc, rec = launched.spawn("office", [sys.executable, "-c", "pass"], dict(os.environ), fd, None)
+    os.close(fd)
+    try:
+        deadline = time.monotonic() + 30
+        while rec.alive():   # a zombie (not reaped yet) still has /proc/PID/stat with its start time
+            assert time.monotonic() < deadline, "the exited VMM still counts as running"
+            time.sleep(0.05)
+        assert launched.start_time(proc.pid) == rec.start_time   # not reaped: only its state says so
+    finally:
+        proc.wait()

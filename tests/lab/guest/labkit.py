@@ -188,19 +188,17 @@ class Compositor:
     def stop_vmms(self) -> None:
         """Stop the VMMs the compositor launched: they outlive it by design, and a vGPU they hold can
         be neither removed nor opened by the next test."""
-        for rec in self.vmms().values():
-            try:
-                stat = Path(f"/proc/{rec['pid']}/stat").read_text()
-            except OSError:
+        from compositor.launched import Launched
+
+        for rec in (Launched(**r) for r in self.vmms().values()):
+            if not rec.alive():
                 continue
-            if int(stat[stat.rindex(")") + 2:].split()[19]) != rec["start_time"]:
-                continue
-            os.kill(rec["pid"], signal.SIGTERM)
+            os.kill(rec.pid, signal.SIGTERM)
             deadline = time.monotonic() + 20
-            while _running(rec["pid"]) and time.monotonic() < deadline:
+            while rec.alive() and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _running(rec["pid"]):
-                os.kill(rec["pid"], signal.SIGKILL)
+            if rec.alive():
+                os.kill(rec.pid, signal.SIGKILL)
 
 
 def wait_for(what: str, check, timeout: float = 90, why=None):
@@ -345,15 +343,6 @@ def vkms_on_seat1(cards: dict[str, str], rule: Path):
         udev("trigger", "--subsystem-match=drm", "--action=change")
         udev("settle")
     assert card_seat(vkms) == "seat0"
-
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and has not exited (a zombie waits for its parent to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 def kill_leftovers() -> list[int]:
