@@ -15,18 +15,19 @@ LIBVIRT_PYTHON = libvirt-python==9.0.0
 
 .PHONY: deps lab-setup test unit lab demo lint bench bench-host clean
 
+# $(call apt_install,PACKAGES,EXTRA apt-get FLAGS): install those of PACKAGES that are missing
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing apt packages:$$missing"; \
+		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(2) \
+			$$missing >/dev/null; \
+	fi
+endef
+
 deps:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing apt packages:$$missing"; \
-		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
-	fi
-	@missing=""; for p in $(LIBVIRT_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing apt packages:$$missing"; \
-		apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
-			--no-install-recommends $$missing >/dev/null; \
-	fi
+	$(call apt_install,$(APT_PACKAGES),)
+	$(call apt_install,$(LIBVIRT_APT),--no-install-recommends)
 	$(PIP) install -q --disable-pip-version-check -e '.[test,libvirt]' '$(LIBVIRT_PYTHON)'
 
 lab-setup: deps
