@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from compositor.formats import XRGB8888  # noqa: E402
 from compositor.kms import Card, DeviceError, KmsError, list_cards  # noqa: E402
 from compositor.kms.card import lib  # noqa: E402
 from compositor.kms.errors import kms_error  # noqa: E402
-from compositor.kms.fourcc import XRGB8888  # noqa: E402
 from compositor.kms.mode import default_mode  # noqa: E402
 from compositor.stats import percentile as pct  # noqa: E402
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
-from compositor.kms.fourcc import (
+from compositor.formats import (
     DRM_FORMAT_MOD_INVALID,
     DRM_FORMAT_MOD_LINEAR,
     FORMATS,

@@ -23,9 +23,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from compositor.formats import ARGB8888
 from compositor.kms import Card, KmsError
 from compositor.kms.card import DumbBuffer, lib
-from compositor.kms.fourcc import ARGB8888
 from compositor.planner import Rect
 from compositor.sources.frame import Cursor, Pointer
 

@@ -35,11 +35,11 @@ from pathlib import Path
 from compositor import capture as readback
 from compositor import fdguard, launched, planner, topology
 from compositor.capture import CaptureError
+from compositor.formats import ARGB8888, fourcc_name, modifier_name
 from compositor.guests import GuestRegistry, GuestState, deciding_rules
 from compositor.input.seats import SeatInput
 from compositor.input.sink import InputSink
 from compositor.kms import Card, DeviceError, FlipEvent, KmsError, list_cards
-from compositor.kms.fourcc import ARGB8888, fourcc_name, modifier_name
 from compositor.notify import NOTIFY_ENV, Notifier
 from compositor.output import OutputLayer
 from compositor.planner import Assignment, Guest, OutputAssignment
@@ -807,7 +807,7 @@ class Daemon:
 
     async def _capture_writeback(self, pipe: ScanoutPipeline, wb) -> tuple:
         """(RGB image, frame shown, scanout path) of a one-shot writeback of the pipeline's CRTC."""
-        from compositor.kms.fourcc import XRGB8888
+        from compositor.formats import XRGB8888
         from compositor.kms.writeback import add_writeback
 
         card = pipe.card

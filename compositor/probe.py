@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
+from .formats import fourcc_name, modifier_name
 from .kms import Card, DeviceError, KmsError, list_cards
-from .kms.fourcc import fourcc_name, modifier_name
 
 SCHEMA = "directflip.probe/1"
 

@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from compositor.cursor import CursorLayer
+from compositor.formats import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
 from compositor.kms.card import DumbBuffer
-from compositor.kms.fourcc import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
 from compositor.kms.wait import readable
 from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect

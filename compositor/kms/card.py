@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .. import _native
+from ..formats import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, fourcc_name
 from .edid import EdidError, EdidIdentity, parse_edid
 from .errors import DeviceError, KmsError, NotMaster, Rejected, kms_error
-from .fourcc import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, BlobError, fourcc_name, parse_in_formats
+from .in_formats import BlobError, parse_in_formats
 from .mode import Mode
 from .wait import readable
 

@@ -18,7 +18,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 
-from compositor.kms.fourcc import (
+from compositor.formats import (
     ARGB8888,
     DRM_FORMAT_MOD_INVALID,
     DRM_FORMAT_MOD_LINEAR,
@@ -43,7 +43,7 @@ class BadPlane(ValueError):
 class PlaneInfo:
     """How a single-plane RGB framebuffer lies in its dma-buf."""
 
-    fourcc: int  # DRM fourcc code (compositor.kms.fourcc.fourcc("XR24"))
+    fourcc: int  # DRM fourcc code (compositor.formats.fourcc("XR24"))
     width: int
     height: int
     stride: int  # bytes from one row to the next

@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from compositor import fdguard
+from compositor.formats import DRM_FORMAT_MOD_LINEAR, fourcc
 from compositor.input.sink import TOUCH_KINDS
-from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, fourcc
 
 # The socket paths live in compositor.paths, which `directflip status` imports without asyncio and the
 # KMS layer; they are re-exported here, where the daemon and the synthetic guest import them from.

@@ -87,9 +87,9 @@ from dbus_fast.annotations import (
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
 from compositor import fdguard
+from compositor.formats import FORMATS, fourcc, fourcc_name
 from compositor.input.qnum import key_name, qnum
 from compositor.input.sink import TOUCH_KINDS
-from compositor.kms.fourcc import FORMATS, fourcc, fourcc_name
 from compositor.pixelcopy import copy_rows
 from compositor.sources import SourceDefaults
 from compositor.sources.frame import (

@@ -51,7 +51,7 @@ from dbus_fast.annotations import (
 )
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_method, dbus_property
 
-from compositor.kms.fourcc import XRGB8888
+from compositor.formats import XRGB8888
 from compositor.sources.qemu_dbus import (
     BUS_NAME,
     CONSOLE_IFACE,

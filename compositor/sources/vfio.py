@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compositor.kms.fourcc import ARGB8888, fourcc_name
+from compositor.formats import ARGB8888, fourcc_name
 from compositor.sources.frame import (
     MAX_CURSOR,
     BadPlane,

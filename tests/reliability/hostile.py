@@ -182,7 +182,7 @@ def qemu_peer(fd: int, file: str) -> None:
     what the compositor answered."""
     from dbus_fast import DBusError
 
-    from compositor.kms.fourcc import XRGB8888
+    from compositor.formats import XRGB8888
     from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
 
     async def run() -> dict:

@@ -43,7 +43,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from compositor import control, fdguard, policy, scanout
-from compositor.kms.fourcc import DRM_FORMAT_MOD_INVALID, FORMATS, fourcc, fourcc_name
+from compositor.formats import DRM_FORMAT_MOD_INVALID, FORMATS, fourcc, fourcc_name
 from compositor.planner import Rect
 from compositor.sources import vfio
 from compositor.sources.frame import MAX_DIMENSION, MAX_STRIDE_SLACK, BadPlane, Buffer, Frame, PlaneInfo

@@ -23,7 +23,7 @@ from compositor import capture as readback
 from compositor.capture import CaptureError
 from compositor.control import ControlServer, describe_capture
 from compositor.daemon import Daemon
-from compositor.kms.fourcc import XRGB8888, fourcc
+from compositor.formats import XRGB8888, fourcc
 from compositor.output import OutputLayer
 from compositor.planner import Rect
 from compositor.scanout import COPY, SLATE, ZERO_COPY, render_slate

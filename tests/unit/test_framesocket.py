@@ -22,7 +22,7 @@ from framesocket_env import Env, serve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compositor.kms.fourcc import fourcc
+from compositor.formats import fourcc
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
 from compositor.sources.framesocket import (
     MAX_BUFFERS,

@@ -10,17 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from compositor.formats import fourcc, fourcc_name, modifier_name, modifier_value
 from compositor.kms import errors
 from compositor.kms.edid import EdidError, build_edid, parse_edid
-from compositor.kms.fourcc import (
-    BlobError,
-    build_in_formats,
-    fourcc,
-    fourcc_name,
-    modifier_name,
-    modifier_value,
-    parse_in_formats,
-)
+from compositor.kms.in_formats import BlobError, build_in_formats, parse_in_formats
 from compositor.kms.mode import DRM_MODE_TYPE_PREFERRED, Mode, ModeError, choose_mode, default_mode
 
 X_TILED = (1 << 56) | 1

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from dbus_fast import DBusError
 
-from compositor.kms.fourcc import FORMATS, XRGB8888, fourcc
+from compositor.formats import FORMATS, XRGB8888, fourcc
 from compositor.sources.qemu_dbus import (
     ERROR_INVALID,
     ERROR_UNSUPPORTED,

@@ -35,9 +35,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from compositor import output, scanout, topology
+from compositor.formats import DRM_FORMAT_MOD_LINEAR, XRGB8888
 from compositor.kms import DumbBuffer, FlipEvent, Framebuffer, KmsError, Rejected
 from compositor.kms.errors import kms_error
-from compositor.kms.fourcc import DRM_FORMAT_MOD_LINEAR, XRGB8888
 from compositor.output import OutputLayer
 from compositor.planner import OutputAssignment, Rect, Slate
 from compositor.scanout import FramebufferCache, Metrics, ScanoutPipeline

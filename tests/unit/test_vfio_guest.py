@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from compositor.kms.fourcc import fourcc
+from compositor.formats import fourcc
 from compositor.sources.frame import BadPlane
 from compositor.sources.vfio import (
     DRM_PLANE_TYPE_CURSOR,

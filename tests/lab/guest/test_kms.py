@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from compositor import _native
+from compositor.formats import XRGB8888
 from compositor.kms import Card, Rejected
-from compositor.kms.fourcc import XRGB8888
 from compositor.kms.writeback import add_writeback
 from compositor.patterns import PatternHead, light_patterns, mismatch, pattern, read_xrgb
 
