@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from compositor import fdguard
 from compositor.formats import DRM_FORMAT_MOD_LINEAR, fourcc
 from compositor.input.sink import TOUCH_KINDS
+from compositor.limits import DEFAULT_LIMITS, MAX_BUFFERS, MAX_PENDING_FDS, Limits  # noqa: F401
 
 # The socket paths live in compositor.paths, which `directflip status` imports without asyncio and the
 # KMS layer; they are re-exported here, where the daemon and the synthetic guest import them from.
@@ -100,8 +101,6 @@ log = logging.getLogger("directflip.framesocket")
 
 PROTOCOL_VERSION = max(VERSIONS)  # the newest version spoken; hello and welcome agree on one
 MAX_FDS_PER_RECV = 16  # a well-behaved client sends one per buffer message
-MAX_PENDING_FDS = 16  # descriptors received whose buffer message has not fully arrived yet
-MAX_BUFFERS = 64  # per connection by default (Limits.buffers): each one holds a descriptor of ours
 MAX_QUEUED_OUTPUT = 1 << 20  # bytes waiting for a client that does not read its socket
 # Unsent bytes past which input is dropped: far below MAX_QUEUED_OUTPUT, so input alone never gets a
 # client closed, and a guest that catches up is not handed seconds of stale pointer motion.
@@ -123,28 +122,6 @@ _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; 
 _INTERNAL_ERROR = "internal error in the compositor"
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one client, one user and all clients together may hold of the server (`directflip run`
-    sets them: --hello-timeout, --max-connections, --max-connections-per-user, --max-buffers). Each
-    refusal names the limit it hit. The defaults bound the descriptors every client can make the
-    compositor hold at connections × (1 + MAX_PENDING_FDS + buffers) = 256 × 81; `directflip run`
-    raises its descriptor limit to cover that at start, so admitted guests never lose a descriptor
-    because other clients took them all."""
-
-    hello_timeout: float = 5.0  # seconds a client has to say hello
-    connections: int = 256  # frame-socket connections at once, admitted or not
-    per_user: int = 32  # ... of one uid
-    buffers: int = MAX_BUFFERS  # buffers announced per connection
-    # bytes their planes span, together, per connection: what a copy of each may map or read
-    buffer_bytes: int = 2 << 30
-
-    def descriptors(self) -> int:
-        """The most descriptors frame-socket clients can make the server hold at once."""
-        return self.connections * (1 + MAX_PENDING_FDS + self.buffers)
-
-
-DEFAULT_LIMITS = Limits()
 
 
 class Refused(Exception):
