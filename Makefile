@@ -28,24 +28,24 @@ endef
 deps:
 	$(call apt_install,$(APT_PACKAGES),)
 	$(call apt_install,$(LIBVIRT_APT),--no-install-recommends)
-	$(PIP) install -q --disable-pip-version-check -e '.[test,libvirt]' '$(LIBVIRT_PYTHON)'
+	$(PIP) install -q --disable-pip-version-check -e '.[test,libvirt]' -e ./tools '$(LIBVIRT_PYTHON)'
 
 lab-setup: deps
-	$(PYTHON) -m compositor.lab setup
+	$(PYTHON) -m directflip_tools.lab setup
 
 unit: deps
 	$(PYTHON) -m pytest -q tests/unit tests/reliability --ignore=tests/reliability/lab
 
 lab: lab-setup
-	$(PYTHON) -m compositor.lab test -q
+	$(PYTHON) -m directflip_tools.lab test -q
 
 test: unit lab
 
 demo: deps
-	$(PYTHON) -m compositor.demo
+	$(PYTHON) -m directflip_tools.demo
 
 lint: deps
-	$(PYTHON) -m ruff check compositor native tests bench
+	$(PYTHON) -m ruff check compositor tools native tests bench
 
 bench: lab-setup
 	@echo "make bench: $$(date -u '+%Y-%m-%d %H:%M UTC'); host: $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $$(nproc) CPUs, load average $$(cut -d' ' -f1-3 /proc/loadavg)"
@@ -53,7 +53,7 @@ bench: lab-setup
 	$(PYTHON) bench/bench_startup.py
 	$(PYTHON) bench/bench_copy.py
 	$(PYTHON) bench/bench_host.py
-	$(PYTHON) -m compositor.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
+	$(PYTHON) -m directflip_tools.lab run --timeout 1800 -- $(PYTHON) $(CURDIR)/bench/run_lab.py
 	@echo "make bench: done $$(date -u '+%H:%M UTC'); host load average $$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # The real compositor on a fake display kernel: the C data plane against the Python frame path, the

@@ -1,6 +1,6 @@
 """The per-flip hot path: native/kms_helpers.c against the same flip built in Python.
 
-Needs a KMS device: run it in the lab with `make bench` (or `python -m compositor.lab run -- python
+Needs a KMS device: run it in the lab with `make bench` (or `python -m directflip_tools.lab run -- python
 bench/bench_flip.py`). For each display card it lights one output with two dumb framebuffers and
 flips between them, one flip in flight at a time, first through `kms_flip` (C: ids resolved once, one
 ioctl) and then through `AtomicRequest` (Python: property lookup, cffi arrays, the generic commit).

@@ -1,6 +1,6 @@
 """Input: an evdev event → the guest's message, and what a 1000 Hz mouse costs the compositor.
 
-    python -m compositor.lab run -- python bench/bench_input.py [--events N] [--seconds S]
+    python -m directflip_tools.lab run -- python bench/bench_input.py [--events N] [--seconds S]
 
 Runs in the lab against the real `directflip run` (bare console, no VT). The bench is the guest: a
 frame-socket client named `probe` that shows one buffer on head 0 and reads the input the compositor
@@ -15,7 +15,7 @@ its events to the compositor through evdev exactly as a USB mouse's.
    seconds, the probe reading as it goes. The compositor's CPU time over the window, as a share of one
    CPU and per report; the reports it turned into messages.
 3. D-Bus. The same single motions with a QEMU D-Bus display focused instead (the project's stand-in
-   for QEMU, compositor.sources.qemu_dbus_peer, on a private bus): the compositor's read of the
+   for QEMU, directflip_tools.qemu_peer, on a private bus): the compositor's read of the
    events to its Mouse.SetAbsPosition call sent (status `input.route_us`), and the calls QEMU's side
    answered.
 
@@ -50,7 +50,7 @@ def _probe(comp: lb.Compositor, card: str):
     """The bench's own guest: one dumb buffer of head 0's size, flipped once, until it is shown."""
     from compositor.kms import Card
     from compositor.sources.framesocket import FrameSocketClient
-    from compositor.sources.synthetic import Swapchain
+    from directflip_tools.synthetic import Swapchain
 
     kms = Card(card)
     chain = Swapchain(kms, 1024, 768, count=1, name="probe")
@@ -106,7 +106,7 @@ def _dbus_route(events: int) -> tuple[dict, dict]:
             if time.monotonic() > deadline:
                 raise lb.BenchError("dbus-daemon did not create its socket")
             time.sleep(0.05)
-        procs.append(subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "serve",
+        procs.append(subprocess.Popen([sys.executable, "-m", "directflip_tools.qemu_peer", "serve",
                                        "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "vgem",
                                        "--mode", "dmabuf", "--buffers", "1", "--rate", "5"],
                                       stdout=(work / "peer.log").open("w"), stderr=subprocess.STDOUT))

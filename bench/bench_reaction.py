@@ -1,6 +1,6 @@
 """Reaction times: a policy edit → the re-plan on screen; a monitor plugged in → the guest's picture.
 
-    python -m compositor.lab run -- python bench/bench_reaction.py [--swaps N] [--plugs N]
+    python -m directflip_tools.lab run -- python bench/bench_reaction.py [--swaps N] [--plugs N]
 
 Runs in the lab against the real `directflip run`, three light guests flipping at 60/s on the three
 virtio-gpu heads (heads 0 and 1 at 1024x768, head 2 at 640x480; every guest's buffers the size of

@@ -1,6 +1,6 @@
 """Back after a restart: `directflip run` is SIGKILLed while its VMs run, and started again.
 
-    python -m compositor.lab run -- python bench/bench_restart.py [--restarts N]
+    python -m directflip_tools.lab run -- python bench/bench_restart.py [--restarts N]
 
 Runs in the lab with two guests whose VMs outlive the compositor:
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import labbench as lb  # noqa: E402
 
-from compositor.lab.vgpu_guest import VgpuGuestControl, create_mdev, remove_mdev  # noqa: E402
+from directflip_tools.lab.vgpu_guest import VgpuGuestControl, create_mdev, remove_mdev  # noqa: E402
 
 BACK_GOAL_MS = 2000.0
 POLL = 0.02
@@ -49,7 +49,7 @@ guests:
   office:
     kind: vfio
     uuid: {vgpu}
-    launch: "{sys.executable} -m compositor.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}"
+    launch: "{sys.executable} -m directflip_tools.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}"
 placements:
   - {{guest: vm, monitor: left}}
   - {{guest: office, monitor: wb}}

@@ -1,6 +1,6 @@
 """Sustained load: four monitors, a guest on each, flipping at 60 and then 144 flips/s.
 
-    python -m compositor.lab run -- python bench/bench_sustained.py [--seconds S] [--rates 60,144]
+    python -m directflip_tools.lab run -- python bench/bench_sustained.py [--seconds S] [--rates 60,144]
 
 Runs in the lab: the three virtio-gpu heads (plugged at 1024x768, 800x600 and 640x480) and the vkms
 output (1024x768, its vblank at the mode's refresh), each showing one light guest (four buffers filled

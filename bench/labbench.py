@@ -128,14 +128,14 @@ def host():
     """The lab host's services (plug, unplug, screendump): one channel per process."""
     global _host
     if _host is None:
-        from compositor.lab.channel import HostChannel
+        from directflip_tools.lab.channel import HostChannel
         _host = HostChannel.from_env()
     return _host
 
 
 def cards() -> dict[str, str]:
     """DRM driver → /dev/dri/cardN; the lab has virtio_gpu, vkms and vgem."""
-    from compositor.lab.guest import lab_cards
+    from directflip_tools.lab.guest import lab_cards
     try:
         return lab_cards()
     except RuntimeError as exc:

@@ -1,6 +1,6 @@
 """Every lab benchmark in one boot of the lab, one interpreter, one after the other.
 
-    python -m compositor.lab run --timeout 1800 -- python bench/run_lab.py [--seconds S]
+    python -m directflip_tools.lab run --timeout 1800 -- python bench/run_lab.py [--seconds S]
 
 `make bench` runs this (after bench_planner.py on the host). In order: bench_flip_path.py (the
 compositor's flip path at 1920x1080, C vs Python vs copy, and bench_flip.py's submit-only

@@ -23,20 +23,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 # Connector kinds of panels built into the machine (laptops, tablets, all-in-ones).
 BUILT_IN = frozenset({"eDP", "LVDS", "DSI", "DPI"})
 
-_DESCRIPTION = """\
-Write a policy for the monitors plugged in now (as `directflip probe` sees them), or for a saved
-`directflip probe --json` given with --topology: one monitor per connected connector, bound by port
-and connector, one placeholder guest per monitor, and commented examples of each guest kind. Edit the
-guests, then check the result with `directflip check FILE`."""
 
-_EPILOG = """\
-examples:
-  directflip init                                  # print a policy for this machine
-  directflip init -o /etc/directflip/policy.yaml   # write it where directflip.service reads it
-  directflip init --topology desk.json -o desk.yaml
-
-exit status: 0 written, 1 no connected monitor, an invalid topology file, or FILE exists (use
---force), 2 usage (bad arguments, unreadable file, no KMS device without --topology)"""
 
 _GUEST_EXAMPLES = """\
   # Each placeholder above is a guest of any kind with that name. Examples of each kind:
@@ -58,17 +45,6 @@ _GUEST_EXAMPLES = """\
 
 class _Usage(Exception):
     pass
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("init", help="write a policy for the monitors plugged in now",
-                              description=_DESCRIPTION, epilog=_EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topology", metavar="PROBE.json",
-                   help="write it for this saved `directflip probe --json` instead of the live devices")
-    p.add_argument("-o", "--output", metavar="FILE", help="write the policy here (default: print it)")
-    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    p.set_defaults(func=run)
 
 
 def monitor_name(output: topology.Output, taken: set[str], several_cards: bool) -> str:

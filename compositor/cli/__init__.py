@@ -1,35 +1,35 @@
-"""The `directflip` command. Each subcommand lives in its own module, which provides
-`register(subparsers)`; the parser it adds sets `func` to a callable taking the parsed args and
-returning the exit code.
+"""The `directflip` command.
 
-Only the module of the subcommand being run is imported. `run` and `guest` need asyncio and dbus-fast
-(`guest` numpy too), which `status`, `check` and `--help` have no use for and which would cost them
-several times the interpreter's own start-up. So COMMANDS also carries each subcommand's line of
-`directflip --help`, which is listed without importing anything; tests/unit/test_cli.py checks that it
-is the line the module's register() gives."""
+Each subcommand's command line lives in a module of this package, which provides `register(sub)`;
+the parser it adds sets `func` to a callable taking the parsed arguments and returning the exit
+status. These modules are light: they import argparse and the few constants their help text names,
+and each `func` imports the module that does the work (the daemon, the control client, the probe)
+only when its command runs. `run` needs asyncio, dbus-fast and the KMS layer, which `status`,
+`check` and `--help` have no use for and which would cost them several times the interpreter's own
+start-up (tests/unit/test_cli.py checks that they stay unimported).
+
+`guest` and `demo` are directflip's tools (a synthetic guest, the demo), which run from a checkout:
+they come with the separate distribution in tools/ (directflip-tools), and without it the commands
+say how to get them.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
 
-# (subcommand, the module whose register(subparsers) adds it, its line in `directflip --help`), in the
-# order `--help` lists them. A module that is not there is left out. One module may add several.
-COMMANDS = [
-    ("run", "compositor.daemon", "run the compositor: show guests on monitors as the policy says"),
-    ("status", "compositor.control", "what each monitor shows, how (zero-copy, copy, slate) and how fast"),
-    ("capture", "compositor.control", "save what a monitor shows as PNG"),
-    ("show", "compositor.control", "show a guest on a monitor now (a runtime override of the plan)"),
-    ("focus", "compositor.control", "send a seat's keyboard and pointer to what a monitor shows"),
-    ("guest", "compositor.sources.synthetic",
-     "run a synthetic guest: flip numbered test frames through the frame socket"),
-    ("probe", "compositor.probe", "list KMS devices: connectors, CRTCs, planes and their formats"),
-    ("init", "compositor.init", "write a policy for the monitors plugged in now"),
-    ("check", "compositor.check", "validate a policy and print the plan it gives"),
-    ("demo", "compositor.demo", "three synthetic guests on this machine's monitors (or in the lab VM)"),
-]
+from compositor.cli import check, control, init, probe, run
+
+try:  # the tools' command lines, when the checkout's tools are installed (make deps)
+    from directflip_tools import cli as tools
+except ModuleNotFoundError as exc:
+    if exc.name not in ("directflip_tools", "directflip_tools.cli"):
+        raise
+    tools = None
+
+# The tools' commands and their lines in `--help`, for a `directflip` without the tools installed.
+TOOL_COMMANDS = {"guest": "run a synthetic guest: flip numbered test frames through the frame socket",
+                 "demo": "three synthetic guests on this machine's monitors (or in the lab VM)"}
 
 
 def version() -> str:
@@ -58,20 +58,24 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def _present(module: str) -> bool:
-    if module in sys.modules:  # also one put there by hand, which find_spec may know no spec for
-        return True
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
+def _tools_missing(args: argparse.Namespace) -> int:
+    print(f"directflip {args.command}: this command is one of directflip's tools, which run from a "
+          "checkout of its source: there, `make deps` installs them (pip install -e ./tools)",
+          file=sys.stderr)
+    return 2
 
 
-def build_parser(full: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    """The `directflip` parser. The subcommands named in `full` (all of them when None) are complete:
-    their modules are imported and register their parsers. The others are placeholders carrying only
-    their name and help line, which is all `directflip --help` shows; a placeholder takes any
-    arguments, so a first parse can find out which subcommand was asked for."""
+def _register_tools(sub: argparse._SubParsersAction) -> None:
+    if tools is not None:
+        tools.register(sub)
+        return
+    for name, help_line in TOOL_COMMANDS.items():
+        p = sub.add_parser(name, help=f"{help_line} [from a checkout]", add_help=False)
+        p.set_defaults(func=_tools_missing)  # whatever its arguments: see main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `directflip` parser with every subcommand."""
     parser = argparse.ArgumentParser(
         prog="directflip",
         description="Direct-flip compositor: shows each virtual machine's framebuffer on a physical "
@@ -80,36 +84,23 @@ def build_parser(full: tuple[str, ...] | None = None) -> argparse.ArgumentParser
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     parser.add_argument("--version", action=_VersionAction, help="print directflip's version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    # A module's register() adds all of its subcommands, so `status` brings `capture` along.
-    wanted = {module for name, module, _ in COMMANDS if full is None or name in full}
-    registered: set[str] = set()
-    for name, module_name, help_line in COMMANDS:
-        if module_name not in wanted:
-            if _present(module_name):
-                sub.add_parser(name, help=help_line, add_help=False)
-            continue
-        if module_name in registered:  # added with an earlier subcommand of the same module
-            continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        registered.add(module_name)
-        module.register(sub)
+    run.register(sub)
+    control.register(sub)
+    _register_tools(sub)
+    probe.register(sub)
+    init.register(sub)
+    check.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # First pass with placeholders only: it answers --help, --version and an unknown subcommand by
-    # itself, and otherwise says which subcommand to build the real parser for.
-    parser = build_parser(full=())
-    command = parser.parse_known_args(argv)[0].command
-    if command is not None:
-        parser = build_parser(full=(command,))
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "func", None) is _tools_missing:
+        return _tools_missing(args)
+    if unknown:
+        args = parser.parse_args(argv)  # exits with argparse's own message about them
     from compositor import logs  # not before: --help has no use for logging, which costs as much as argparse
 
     logs.configure(args.verbose)
@@ -117,7 +108,3 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

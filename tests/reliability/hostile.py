@@ -177,13 +177,13 @@ def garbage(path: str, count: int) -> None:
 
 
 def qemu_peer(fd: int, file: str) -> None:
-    """A QEMU display peer (compositor.sources.qemu_dbus_peer) on the D-Bus connection `fd` that
+    """A QEMU display peer (directflip_tools.qemu_peer) on the D-Bus connection `fd` that
     answers the compositor's handshake, then calls ScanoutDMABUF with a descriptor of `file`; prints
     what the compositor answered."""
     from dbus_fast import DBusError
 
     from compositor.formats import XRGB8888
-    from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+    from directflip_tools.qemu_peer import QemuDisplayPeer
 
     async def run() -> dict:
         peer = QemuDisplayPeer(width=64, height=64)

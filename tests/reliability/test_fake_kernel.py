@@ -286,7 +286,7 @@ def test_a_qemu_displays_dma_bufs_are_flipped_by_the_data_plane(fake, tmp_path):
     daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
                                f"--address=unix:path={bus}"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    peer = subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "serve",
+    peer = subprocess.Popen([sys.executable, "-m", "directflip_tools.qemu_peer", "serve",
                              "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "memfd",
                              "--mode", "dmabuf", "--buffers", "2", "--rate", "60"], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

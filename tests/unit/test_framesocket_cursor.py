@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from framesocket_env import Env, raw_session, serve
 
-from compositor.sources import synthetic as syn
+from directflip_tools import cli as tools_cli
+from directflip_tools import synthetic as syn
 from compositor.sources.frame import ARGB8888, Cursor
 from compositor.sources.frame import Pointer as GuestPointer
 from compositor.sources.framesocket import (
@@ -365,7 +366,7 @@ def test_the_cursor_colour_is_no_guest_background():
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="directflip")
-    syn.register(p.add_subparsers(dest="command"))
+    tools_cli.register(p.add_subparsers(dest="command"))
     return p
 
 

@@ -9,8 +9,8 @@ import sys
 import textwrap
 import threading
 
-from compositor.lab.channel import CHANNEL_ENV, encode_reply, split_request
-from compositor.lab.progress import Progress
+from directflip_tools.lab.channel import CHANNEL_ENV, encode_reply, split_request
+from directflip_tools.lab.progress import Progress
 
 
 def test_report_names_the_running_test_and_the_slowest():
@@ -65,7 +65,7 @@ def test_plugin_reports_every_test_through_the_channel(tmp_path):
     server.start()
     env = {**os.environ, CHANNEL_ENV: f"{to_guest_r},{from_guest_w}"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-p", "compositor.lab.progress", str(tmp_path / "test_demo.py")],
+                           "-p", "directflip_tools.lab.progress", str(tmp_path / "test_demo.py")],
                           env=env, pass_fds=(to_guest_r, from_guest_w), capture_output=True, text=True,
                           timeout=120)
     os.close(to_guest_r)

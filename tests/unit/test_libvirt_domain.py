@@ -16,7 +16,7 @@ from test_qemu_dbus import XRGB8888, Recorder, memfd, run
 
 from compositor.sources import libvirt_domain as lv
 from compositor.sources.qemu_dbus import QemuDisplaySource, QemuTarget, wait_for
-from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+from directflip_tools.qemu_peer import QemuDisplayPeer
 
 UUID = "5b3f0c1e-8d0a-4c4e-9f57-2c1d3e4f5a6b"
 P2P = "<domain><devices><graphics type='vnc'/><graphics type='dbus' p2p='yes'/></devices></domain>"

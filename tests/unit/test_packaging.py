@@ -44,6 +44,9 @@ PROBE = r"""
 import json, os, sys
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
+# A wheel's user has no tools (tools/, directflip-tools): the checkout's, which this venv would see
+# through the system site-packages, are kept out.
+sys.modules["directflip_tools"] = None
 import compositor._native
 from compositor.cli import main
 try:
@@ -92,6 +95,11 @@ def test_sdist_builds_a_wheel_that_runs_outside_the_checkout(tmp_path: Path) -> 
     with zipfile.ZipFile(wheel) as whl:
         members = whl.namelist()
     assert [m for m in members if m.startswith("compositor/_native") and m.endswith(".so")], members
+    # The product only: the lab, the stand-in guests and the demo are directflip-tools (tools/).
+    tools = [m for m in members if m.startswith(("directflip_tools/", "compositor/lab/"))
+             or m.endswith(("/synthetic.py", "/qemu_peer.py", "/qemu_dbus_peer.py", "/patterns.py", "/demo.py"))]
+    assert not tools, tools
+    assert "compositor/cli/__init__.py" in members and "compositor/formats.py" in members
 
     ok(run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], cwd=tmp_path))
     python, directflip = venv / "bin" / "python", venv / "bin" / "directflip"

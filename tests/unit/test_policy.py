@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from compositor import check, policy
+from compositor.cli import check as check_cli
 from compositor.policy import Glob, ModeRequest, PolicyError, SlateStyle
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -49,7 +50,7 @@ def check_parser():  # noqa: ANN201 - argparse types are private
     import argparse
 
     parser = argparse.ArgumentParser(prog="directflip")
-    check.register(parser.add_subparsers())
+    check_cli.register(parser.add_subparsers())
     return parser
 
 

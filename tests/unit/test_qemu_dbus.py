@@ -34,7 +34,7 @@ from compositor.sources.qemu_dbus import (
     pixman_to_fourcc,
     wait_for,
 )
-from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+from directflip_tools.qemu_peer import QemuDisplayPeer
 
 PIXMAN_R5G6B5 = 0x10020565
 PIXMAN_X1R5G5B5 = 0x10020555

@@ -27,7 +27,7 @@ from compositor.sources.qemu_dbus import (
     QemuTarget,
     wait_for,
 )
-from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+from directflip_tools.qemu_peer import QemuDisplayPeer
 
 LOGGER = "directflip.qemu_dbus"
 

@@ -17,7 +17,8 @@ import types
 import numpy as np
 import pytest
 
-from compositor.sources import synthetic as syn
+from directflip_tools import cli as tools_cli
+from directflip_tools import synthetic as syn
 from compositor.sources.framesocket import Button, Key, Motion, Pointer, Touch, Wheel  # the real ones
 
 W, H = 640, 480
@@ -402,7 +403,7 @@ def test_paint_rect():
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="directflip")
-    syn.register(p.add_subparsers(dest="command"))
+    tools_cli.register(p.add_subparsers(dest="command"))
     return p
 
 
@@ -419,7 +420,7 @@ def test_cli_defaults_and_options():
     args = parser().parse_args(["guest", "--name", "office"])
     assert (args.socket, args.seat, args.on, args.size, args.rate, args.buffers) == \
         (None, None, "display", (1024, 768), 60.0, 3)  # None: socket_paths(seat) decides
-    assert args.func is syn.run_cli
+    assert args.func is tools_cli._guest
     args = parser().parse_args(["guest", "--name", "m", "--on", "vgem", "--size", "800x600", "--rate", "0",
                                 "--frames", "60", "--then-paint", "#FF00ff", "--hold", "5"])
     assert (args.size, args.rate, args.frames, args.then_paint, args.hold) == \
@@ -438,6 +439,10 @@ def test_cli_rejects_bad_values(argv, capsys):
         parser().parse_args(["guest", "--name", "g", *argv])
     assert exc.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_cli_pointer_modes_are_the_frame_socket_s():
+    assert tools_cli.POINTER_MODES == syn.POINTER_MODES
 
 
 def test_then_paint_needs_an_end(capsys):

@@ -48,7 +48,7 @@ def verdict(rgb, out: dict) -> str:
     on screen, and a readable frame counter where the buffer's top-left is on screen 1:1."""
     import numpy as np
 
-    from compositor.sources.synthetic import decode_counter, guest_colour
+    from directflip_tools.synthetic import decode_counter, guest_colour
 
     guest = out.get("guest")
     if not guest:
@@ -196,8 +196,8 @@ def in_lab(out: Path, seconds: float) -> int:
     import numpy as np
     from PIL import Image
 
-    from compositor.lab.channel import HostChannel
     from compositor.probe import format_table, probe_all
+    from directflip_tools.lab.channel import HostChannel
 
     doc = probe_all()
     print(format_table(doc))
@@ -237,10 +237,10 @@ def on_hardware(out: Path, seconds: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compositor.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m directflip_tools.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return _demo(parser.parse_args(argv))
+    return run(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,7 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-lab", action="store_true", help=argparse.SUPPRESS)
 
 
-def _demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`directflip demo` / `python -m directflip_tools.demo` with its parsed arguments: the exit status."""
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.in_lab:
@@ -259,18 +260,11 @@ def _demo(args: argparse.Namespace) -> int:
     if list_cards():
         return on_hardware(out, args.seconds)
     print("demo: no KMS device here; booting the real-kernel lab", file=sys.stderr)
-    from compositor.lab import cache, vm
+    from directflip_tools.lab import cache, vm
     manifest = cache.ensure()
     options = vm.VmOptions(rwdirs=(out,))
-    return vm.run([sys.executable, "-m", "compositor.demo", "--in-lab", "--out", str(out),
+    return vm.run([sys.executable, "-m", "directflip_tools.demo", "--in-lab", "--out", str(out),
                    "--seconds", str(args.seconds)], options, manifest)
-
-
-def register(sub) -> None:
-    p = sub.add_parser("demo", help="three synthetic guests on this machine's monitors (or in the lab VM)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(func=_demo)
 
 
 if __name__ == "__main__":

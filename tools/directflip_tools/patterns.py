@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import XRGB8888
-from .kms import Card, choose_mode
+from compositor.formats import XRGB8888
+from compositor.kms import Card, choose_mode
 
 WHITE = 0xFFFFFF
 BLACK = 0x000000

@@ -8,7 +8,7 @@ RegisterListener call, authenticates as the server on the handed socket, reads t
 properties (GetAll: `Interfaces`), and from then on calls the listener's methods with real fds:
 `Listener` wraps those calls and times each round trip (what QEMU waits for).
 
-Command line (`python -m compositor.sources.qemu_dbus_peer`):
+Command line (`python -m directflip_tools.qemu_peer`):
 
   serve --bus ADDRESS   own org.qemu on a bus and show frames: --on memfd (host), vgem or display
                         (dma-bufs from a DRM device), --mode dmabuf|map|pixels, --buffers 1|2
@@ -73,7 +73,7 @@ from compositor.sources.qemu_dbus import (
 )
 from compositor.stats import percentile
 
-log = logging.getLogger("directflip.qemu_dbus_peer")
+log = logging.getLogger("directflip.qemu_peer")
 
 DBusUInts = Annotated[list[int], DBusSignature("au")]
 
@@ -469,7 +469,7 @@ async def _show_frames(peer: QemuDisplayPeer, args: argparse.Namespace) -> None:
             slots.append((buf.fd, buf.stride, buf.view, buf))
     else:
         from compositor.kms import Card
-        from compositor.sources.synthetic import Swapchain, find_card
+        from directflip_tools.synthetic import Swapchain, find_card
 
         card = Card(find_card(args.on), kms=False)
         swapchain = Swapchain(card, width, height, args.buffers, name=peer.name)
@@ -486,7 +486,7 @@ async def _show_frames(peer: QemuDisplayPeer, args: argparse.Namespace) -> None:
                     if isinstance(owner, MemfdBuffer):
                         draw(view, n)
                     else:
-                        from compositor.sources.synthetic import cpu_write
+                        from directflip_tools.synthetic import cpu_write
 
                         with cpu_write(fd):  # a real dma-buf: let the exporter flush its caches
                             draw(view, n)
@@ -550,7 +550,7 @@ async def _bench(args: argparse.Namespace) -> int:
     from compositor.sources.qemu_dbus import QemuDisplaySource, QemuTarget
 
     ours, theirs = socket.socketpair()
-    child = subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "bench-child",
+    child = subprocess.Popen([sys.executable, "-m", "directflip_tools.qemu_peer", "bench-child",
                               "--fd", str(theirs.fileno()), "--calls", str(args.calls)],
                              pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE)
     theirs.close()
@@ -573,7 +573,7 @@ async def _bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compositor.sources.qemu_dbus_peer",
+    parser = argparse.ArgumentParser(prog="python -m directflip_tools.qemu_peer",
                                      description="A stand-in for QEMU's -display dbus.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="own org.qemu on a bus and show frames")

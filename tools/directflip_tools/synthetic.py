@@ -57,7 +57,6 @@ import hashlib
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -76,7 +75,6 @@ from compositor.sources.frame import MAX_DIMENSION
 from compositor.sources.framesocket import (
     DEFAULT_FRAME_SOCKET,
     POINTER_MODES,
-    RUN_DIR,
     Button,
     InputEvent,
     Key,
@@ -86,6 +84,38 @@ from compositor.sources.framesocket import (
     Wheel,
     socket_paths,
 )
+from directflip_tools.frame_layout import (  # noqa: F401  (names tests import from here)
+    BAND_CELLS,
+    BAND_WIDTH,
+    BAND_X,
+    BAND_Y,
+    BAR_STEP,
+    BAR_TOP,
+    BAR_WIDTH,
+    BLACK,
+    BTN_LEFT,
+    BTN_MIDDLE,
+    BTN_RIGHT,
+    BUTTON_BITS,
+    CELL,
+    COUNTER_BITS,
+    CURSOR_BORDER,
+    CURSOR_BORDER_COLOUR,
+    CURSOR_COLOUR,
+    CURSOR_HOT_SPOT,
+    CURSOR_SIZE,
+    INPUT_BAND_Y,
+    INPUT_BANDS,
+    KEY_EVENTS_MODULO,
+    MARKER,
+    MIN_HEIGHT,
+    MIN_WIDTH,
+    PAINT_RECT,
+    RGB,
+    WHITE,
+    Rect,
+    check_size,
+)
 
 if TYPE_CHECKING:
     import mmap
@@ -94,42 +124,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("directflip.synthetic")
 
-
-# Layout of a frame, in buffer pixels.
-BAND_X, BAND_Y = 8, 8                 # top-left of the counter band
-CELL = 16                             # a counter cell is CELL x CELL pixels
-COUNTER_BITS = 32
-MARKER = (1, 0)                       # white, black: the cells before the bits
-BAND_CELLS = len(MARKER) + COUNTER_BITS
-BAND_WIDTH = BAND_CELLS * CELL        # 544
-BAR_WIDTH = 16
-BAR_STEP = 8                          # pixels the bar moves per frame
-BAR_TOP = BAND_Y + CELL + 8           # the bar starts below the band, with a gap of background
-PAINT_RECT = (64, 64, 64, 64)         # x, y, w, h of paint_on_screen's square
-MIN_WIDTH = BAND_X + BAND_WIDTH + BAND_X
-MIN_HEIGHT = PAINT_RECT[1] + PAINT_RECT[3]
-INPUT_BAND_Y = BAND_Y + CELL          # the input bands, stacked right below the counter band
-INPUT_BANDS = 4
-KEY_EVENTS_MODULO = 1 << 12           # band 0 counts key events in its low 12 bits
-BTN_LEFT, BTN_RIGHT, BTN_MIDDLE = 0x110, 0x111, 0x112
-BUTTON_BITS = {BTN_LEFT: 1, BTN_RIGHT: 2, BTN_MIDDLE: 4}
-
 _SAMPLE = 8                           # decode_counter samples the centre SAMPLE x SAMPLE of each cell
 _THRESHOLD = 128
-
-WHITE = (255, 255, 255)
-BLACK = (0, 0, 0)
-
-RGB = tuple[int, int, int]
-Rect = tuple[int, int, int, int]      # x, y, width, height
-
-# --cursor's pointer image: a colour that no guest background or bar takes (guest_colour's value is
-# 0.75, so no channel reaches 255), to be found on a screenshot of the monitor.
-CURSOR_SIZE = 32                      # pixels per side
-CURSOR_COLOUR: RGB = (255, 0, 255)    # the inside, opaque
-CURSOR_BORDER = 2                     # pixels of border on each side
-CURSOR_BORDER_COLOUR: RGB = BLACK     # the border, opaque
-CURSOR_HOT_SPOT = (0, 0)              # the pixel that points: the top-left corner
 
 
 # --------------------------------------------------------------------------------- pure: layout
@@ -151,13 +147,6 @@ def bar_x(width: int, n: int) -> int:
 def bar_rect(width: int, height: int, n: int) -> Rect:
     """Where frame n's bar lies in a width x height buffer."""
     return (bar_x(width, n), BAR_TOP, BAR_WIDTH, height - BAR_TOP)
-
-
-def check_size(width: int, height: int) -> None:
-    """Raise ValueError unless a frame fits: the band, the bar and the paint square need room."""
-    if width < MIN_WIDTH or height < MIN_HEIGHT:
-        raise ValueError(f"a synthetic guest needs at least {MIN_WIDTH}x{MIN_HEIGHT} pixels "
-                         f"(the counter band is {BAND_WIDTH} wide), not {width}x{height}")
 
 
 def xrgb_view(buf, width: int, height: int, pitch: int) -> np.ndarray:
@@ -571,7 +560,7 @@ class SyntheticGuest:
 
     def _connect(self) -> None:
         """Connect and announce every buffer; each starts out ours (not flipped)."""
-        from .framesocket import FrameSocketClient
+        from compositor.sources.framesocket import FrameSocketClient
         self.client = FrameSocketClient(self.socket_path, self.name, self.uuid, pointer=self.pointer)
         for slot in self.swapchain.slots.values():
             slot.busy = False
@@ -586,7 +575,7 @@ class SyntheticGuest:
         (every RECONNECT_INTERVAL) and go on flipping; True once connected, False when stopped."""
         log.warning("guest %s: %s; reconnecting", self.name, why)
         self._drop_client()
-        from .framesocket import CLOSED, ServerError
+        from compositor.sources.framesocket import CLOSED, ServerError
         while not self._stop:
             try:
                 self._connect()
@@ -642,7 +631,7 @@ class SyntheticGuest:
         frame be presented, optionally paint_on_screen(then_paint) and print that, keep the
         connection for `hold` seconds, close. The compositor closing the connection ends the run with
         stats.server_error set; SIGTERM/SIGINT end it cleanly."""
-        from .framesocket import ServerError
+        from compositor.sources.framesocket import ServerError
         restore = self._install_signals()
         try:
             if self.client is None:
@@ -669,7 +658,7 @@ class SyntheticGuest:
 
     def _flip_reconnecting(self, duration: float | None, frames: int | None) -> None:
         """flip_frames, and with `reconnect`, through any number of compositor restarts."""
-        from .framesocket import ServerError
+        from compositor.sources.framesocket import ServerError
         end = time.monotonic() + duration if duration is not None else None
         while True:
             left = None if frames is None else frames - self.stats.frames_flipped
@@ -721,7 +710,7 @@ class SyntheticGuest:
         self.stats.last_frame = n
 
     def _dispatch(self, events: list) -> None:
-        from .framesocket import Presented, Released
+        from compositor.sources.framesocket import Presented, Released
         for ev in events:
             if isinstance(ev, Released):
                 self.stats.released += 1
@@ -835,155 +824,11 @@ def find_card(on: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------- CLI
-
-_DESCRIPTION = """\
-Stand in for a virtual machine: allocate a few XRGB8888 buffers, hand them to a running
-`directflip run` over its frame socket as dma-bufs, and flip them at a steady rate.
-
-Each frame shows the guest's name on a colour of its own, a bar that moves 8 pixels per frame, and
-the frame number as a band at (8, 8) of 34 cells of 16x16 pixels: a white and a black marker cell,
-then the 32 bits of the number, most significant first (white = 1). Tests read it back from a
-screenshot with compositor.sources.synthetic.decode_counter. Once the guest receives input, four
-more such bands below it show what it received (decode_input; the layout is in the module's
-docstring).
-
---on display allocates on the display card itself (a same-device import, like GVT-g on i915);
---on vgem allocates on vgem (a cross-device dma-buf: zero copy where the display driver imports
-it, otherwise the compositor copies it)."""
-
-_EPILOG = """\
-examples:
-  directflip guest --name office
-  directflip guest --name build-1 --on vgem --size 800x600 --rate 30 --duration 10
-  directflip guest --name media --rate 0 --frames 1000     # as fast as buffers come back
-  directflip guest --name office --frames 60 --then-paint ff00ff --hold 5
-      zero-copy proof: after 60 frames, paint a 64x64 square at (64, 64) into the buffer on
-      screen without flipping; the monitor shows it only if it scans out the guest's memory
-  directflip guest --name office --cursor --cursor-at 300,200
-      hand the compositor a 32x32 magenta pointer image with a 2-pixel black border, its hot
-      spot (the top-left pixel) at (300, 200) of the guest's buffer: the frames do not show it,
-      so any magenta square on the monitor came from its cursor plane
-
-At exit one line goes to stdout:
-  guest NAME: flipped F frames in T s (R/s), presented P, last frame L, stalled S
-
-exit status: 0 done (or stopped by SIGTERM/SIGINT), 1 --then-paint could not paint (the last
-frame was never presented), 2 setup error (no device, no compositor listening, bad arguments),
-3 the compositor refused the guest or closed the connection"""
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-        check_size(w, h)
-    except ValueError as exc:
-        detail = str(exc) if "synthetic" in str(exc) else "expected WIDTHxHEIGHT, e.g. 1024x768"
-        raise argparse.ArgumentTypeError(f"{text!r}: {detail}") from None
-    return w, h
-
-
-def _name(text: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: a guest name is 1..64 characters of A-Z a-z 0-9 _ . -")
-    return text
-
-
-def _number(text: str, kind: type, lo: float, expected: str):
-    """argparse type: a number of `kind` >= lo, else an error saying what was expected."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not value >= lo:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
-    return value
-
-
-def _rate(text: str) -> float:
-    return _number(text, float, 0, "flips per second >= 0 (0: as fast as possible)")
-
-
-def _seconds(text: str) -> float:
-    return _number(text, float, 0, "seconds >= 0")
-
-
-def _positive_int(text: str) -> int:
-    return _number(text, int, 1, "a whole number >= 1")
-
-
-def _buffers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 2 <= value <= 8:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected 2..8 buffers")
-    return value
-
-
-def _colour(text: str) -> RGB:
-    digits = text.removeprefix("#")
-    if len(digits) != 6 or any(c not in "0123456789abcdefABCDEF" for c in digits):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a colour as RRGGBB, e.g. ff00ff")
-    value = int(digits, 16)
-    return ((value >> 16) & 0xFF, (value >> 8) & 0xFF, value & 0xFF)
-
-
-def _point(text: str) -> tuple[int, int]:
-    try:
-        x, y = (int(v) for v in text.split(","))
-    except ValueError:
-        x = y = -1
-    if not (0 <= x < MAX_DIMENSION and 0 <= y < MAX_DIMENSION):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected X,Y in buffer pixels, "
-                                         f"each 0..{MAX_DIMENSION - 1}")
-    return x, y
+# (its parser is directflip_tools.cli's)
 
 
 def _hex(colour: RGB) -> str:
     return "{:02x}{:02x}{:02x}".format(*colour)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "guest", help="run a synthetic guest: flip numbered test frames through the frame socket",
-        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", type=_name, required=True,
-                   help="the guest's name (policies match it; it also picks the colour)")
-    p.add_argument("--seat", metavar="NAME",
-                   help=f"connect to the compositor instance for this seat ({RUN_DIR}/NAME/frames.sock)")
-    p.add_argument("--socket", metavar="PATH",
-                   help=f"the compositor's frame socket (default {DEFAULT_FRAME_SOCKET})")
-    p.add_argument("--on", default="display", metavar="{display,vgem,PATH}",
-                   help="where to allocate the buffers: the first display card, vgem, or a "
-                   "/dev/dri/cardN path (default display)")
-    p.add_argument("--size", type=_size, default=(1024, 768), metavar="WxH",
-                   help=f"buffer size (default 1024x768, at least {MIN_WIDTH}x{MIN_HEIGHT})")
-    p.add_argument("--rate", type=_rate, default=60.0, metavar="HZ",
-                   help="flips per second (default 60; 0: as fast as buffers come back)")
-    p.add_argument("--buffers", type=_buffers, default=3, metavar="N", help="buffers, 2..8 (default 3)")
-    p.add_argument("--duration", type=_seconds, metavar="S", help="stop after S seconds")
-    p.add_argument("--frames", type=_positive_int, metavar="N", help="stop after N frames")
-    p.add_argument("--then-paint", type=_colour, metavar="RRGGBB",
-                   help="when the last frame is presented, paint a square into the buffer on screen "
-                   "without flipping, and print `painted RRGGBB into buffer ID without flipping`")
-    p.add_argument("--hold", type=_seconds, default=0.0, metavar="S",
-                   help="after the last frame (and the paint), keep the connection open S seconds so "
-                   "the compositor keeps showing the buffer")
-    p.add_argument("--uuid", help="the guest's UUID, for policies that match on it")
-    p.add_argument("--pointer", choices=POINTER_MODES, default="absolute",
-                   help="how the guest wants the pointer: absolute positions or relative motion "
-                   "(default absolute)")
-    p.add_argument("--cursor", action="store_true",
-                   help=f"give the compositor a pointer image ({CURSOR_SIZE}x{CURSOR_SIZE} "
-                   f"#{_hex(CURSOR_COLOUR)} with a {CURSOR_BORDER}-pixel black border, hot spot at its "
-                   "top-left pixel) for the monitor's cursor plane, once per connection")
-    p.add_argument("--cursor-at", type=_point, metavar="X,Y",
-                   help="say the pointer's hot spot is at X,Y of the buffer, visible, once per connection")
-    p.add_argument("--reconnect", action="store_true",
-                   help="when the compositor goes away (restarted, killed), connect again as soon as "
-                   "one listens, announce the buffers again and keep flipping (default: exit with 3)")
-    p.set_defaults(func=run_cli)
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -992,8 +837,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"{prog}: error: --then-paint needs --frames or --duration (when to paint)", file=sys.stderr)
         return 2
     from compositor.kms import DeviceError, KmsError
-
-    from .framesocket import ServerError
+    from compositor.sources.framesocket import ServerError
     width, height = args.size
     if args.socket is None:
         try:
@@ -1037,4 +881,4 @@ def run_cli(args: argparse.Namespace) -> int:
 __all__ = ["DEFAULT_FRAME_SOCKET", "GuestStats", "InputState", "Slot", "Swapchain", "SyntheticGuest",
            "apply_input", "band_rect", "bar_rect", "cursor_pixels", "decode_counter", "decode_input",
            "draw_background", "draw_bar", "draw_counter", "draw_input", "find_card", "guest_colour",
-           "ink_colour", "input_rect", "paint_rect", "register", "xrgb_view"]
+           "ink_colour", "input_rect", "paint_rect", "run_cli", "xrgb_view"]

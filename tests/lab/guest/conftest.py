@@ -1,4 +1,4 @@
-"""Fixtures for tests that run inside the lab VM (``python -m compositor.lab test``).
+"""Fixtures for tests that run inside the lab VM (``python -m directflip_tools.lab test``).
 
 - ``host``: the services of the host that booted us: ``screendump(head)`` -> RGB array (H, W, 3),
   ``plug(head, width, height)``, ``unplug(head)``, ``ping()``. Heads are virtio-gpu's outputs, 0-based
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compositor.lab.channel import HostChannel
-from compositor.lab.guest import lab_cards
-from compositor.lab.vm import DEFAULT_HEAD_SIZES
+from directflip_tools.lab.channel import HostChannel
+from directflip_tools.lab.guest import lab_cards
+from directflip_tools.lab.vm import DEFAULT_HEAD_SIZES
 
 
 def decode_ppm(data: bytes) -> np.ndarray:

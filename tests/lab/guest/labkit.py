@@ -20,7 +20,7 @@ from PIL import Image
 from compositor.control import request
 from compositor.daemon import card_seat
 from compositor.session import activate_vt
-from compositor.sources.synthetic import decode_counter, guest_colour
+from directflip_tools.synthetic import decode_counter, guest_colour
 
 CONSOLE_GREY = (170, 170, 170)      # fbcon's default foreground
 # Deadlines, not promises: the lab's CPU is emulated on a machine that may be busy with other work, and

@@ -22,7 +22,7 @@ from labkit import LAB_MONITORS, Compositor, colour_share, wait_for
 from PIL import Image
 
 from compositor.control import request
-from compositor.sources.synthetic import decode_counter
+from directflip_tools.synthetic import decode_counter
 
 POLICY = """version: 1
 defaults:

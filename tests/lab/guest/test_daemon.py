@@ -15,7 +15,7 @@ from labkit import LAB_MONITORS, Compositor, colour_share, finish, read_until
 from PIL import Image
 
 from compositor.control import request
-from compositor.sources.synthetic import PAINT_RECT, decode_counter, guest_colour
+from directflip_tools.synthetic import PAINT_RECT, decode_counter, guest_colour
 
 HEAD_SIZES = [(1024, 768), (800, 600), (640, 480)]   # the virtio-gpu heads as the lab boots them
 VKMS_SIZE = (1024, 768)                               # vkms' preferred mode
@@ -198,7 +198,7 @@ def test_a_guest_flipping_1000_times_a_second_never_queues(host, guests, cards):
     flight and one frame pending, drops the rest, and ends on the newest frame."""
     from compositor.kms import Card
     from compositor.sources.framesocket import FrameSocketClient
-    from compositor.sources.synthetic import Swapchain
+    from directflip_tools.synthetic import Swapchain
 
     guests.set_policy(policy({**BASE, "fast": "right", "build": "wb"}))
     w, h = HEAD_SIZES[2]
@@ -285,7 +285,7 @@ def test_the_first_frame_of_a_new_size_is_presented(host, guests, cards):
     configuration commit, and answered `presented`."""
     from compositor.kms import Card
     from compositor.sources.framesocket import FrameSocketClient, Presented
-    from compositor.sources.synthetic import Swapchain
+    from directflip_tools.synthetic import Swapchain
 
     guests.set_policy(policy(ONE_ON_LEFT))
     (w0, h0), (w1, h1) = HEAD_SIZES[2], HEAD_SIZES[0]   # 640x480, then the head's own 1024x768

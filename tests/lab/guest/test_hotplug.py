@@ -11,7 +11,7 @@ import time
 import pytest
 from labkit import Compositor, colour_share
 
-from compositor.sources.synthetic import decode_counter, guest_colour
+from directflip_tools.synthetic import decode_counter, guest_colour
 
 SIZES = [(1024, 768), (800, 600), (640, 480)]   # boot sizes of the heads; restored at the end
 WAIT = 60.0   # seconds: a generous deadline, not a promise

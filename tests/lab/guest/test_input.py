@@ -2,7 +2,7 @@
 with QMP input-send-event, reach the lab kernel as evdev events of real devices; `directflip run`
 takes them (direct session, EVIOCGRAB) and routes them to the guest on the focused monitor. Three
 synthetic guests fill the three heads at 1:1 and draw the input they received into their frames
-(compositor.sources.synthetic: the input bands), so every check reads pixels from outside: QEMU
+(directflip_tools.synthetic: the input bands), so every check reads pixels from outside: QEMU
 screendumps of the heads.
 
 The layout is the seat's monitors left to right: left (1024x768) at x 0, centre (800x600) at 1024,
@@ -21,7 +21,7 @@ from evdev import ecodes
 from labkit import LAB_MONITORS, Compositor, colour_share, console_text, wait_for
 
 from compositor.session import activate_vt, active_vt
-from compositor.sources.synthetic import CURSOR_COLOUR, CURSOR_SIZE, decode_input, guest_colour
+from directflip_tools.synthetic import CURSOR_COLOUR, CURSOR_SIZE, decode_input, guest_colour
 
 POLICY = """version: 1
 """ + LAB_MONITORS + """guests:

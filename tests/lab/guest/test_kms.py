@@ -17,7 +17,7 @@ from compositor import _native
 from compositor.formats import XRGB8888
 from compositor.kms import Card, Rejected
 from compositor.kms.writeback import add_writeback
-from compositor.patterns import PatternHead, light_patterns, mismatch, pattern, read_xrgb
+from directflip_tools.patterns import PatternHead, light_patterns, mismatch, pattern, read_xrgb
 
 HEAD_MODES = ["1024x768", "800x600", "640x480"]   # the lab plugs each head at one size: a swap shows
 

@@ -3,7 +3,7 @@
 is switched away (PauseDevice, master dropped by logind) and resumes them when it is switched back
 (ResumeDevice). Pixels from QEMU screendumps.
 
-The lab guest has no systemd as PID 1: `python -m compositor.lab.logind session --vt 3 -- CMD` starts
+The lab guest has no systemd as PID 1: `python -m directflip_tools.lab.logind session --vt 3 -- CMD` starts
 a system bus, a stand-in for the parts of systemd's manager that logind calls, and the real
 systemd-logind, then creates a session on seat0 / VT 3 with the compositor as its leader."""
 
@@ -32,13 +32,13 @@ from labkit import (
 from test_session import POLICY, SHOWN, start_guests
 
 from compositor.control import request
-from compositor.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
+from directflip_tools.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
 from compositor.session import KD_TEXT, KDGETMODE, VT_AUTO, VT_GETMODE, activate_vt, active_vt
-from compositor.sources.synthetic import decode_input, guest_colour
+from directflip_tools.synthetic import decode_input, guest_colour
 
 OUR_VT = 3
-LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--vt", str(OUR_VT), "--")
-SEAT1_LAUNCHER = (sys.executable, "-m", "compositor.lab.logind", "session", "--seat", "seat1", "--")
+LAUNCHER = (sys.executable, "-m", "directflip_tools.lab.logind", "session", "--vt", str(OUR_VT), "--")
+SEAT1_LAUNCHER = (sys.executable, "-m", "directflip_tools.lab.logind", "session", "--seat", "seat1", "--")
 SEAT1_RULE = Path("/etc/udev/rules.d/72-directflip-lab-logind-seat1.rules")
 SEAT1_POLICY = """version: 1
 monitors:

@@ -99,7 +99,7 @@ def lab(cards, tmp_path_factory):
     daemon = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--nopidfile",
                                f"--address=unix:path={bus}"], stderr=subprocess.STDOUT,
                               stdout=(work / "dbus.log").open("w"))
-    peer = subprocess.Popen([sys.executable, "-m", "compositor.sources.qemu_dbus_peer", "serve",
+    peer = subprocess.Popen([sys.executable, "-m", "directflip_tools.qemu_peer", "serve",
                              "--bus", f"unix:path={bus}", "--name", "peer-vm", "--on", "vgem",
                              "--mode", "dmabuf", "--buffers", "1", "--rate", "20"],
                             stdout=(work / "peer.log").open("w"), stderr=subprocess.STDOUT)

@@ -14,7 +14,7 @@ import pytest
 from labkit import Compositor, colour_share, vkms_on_seat1, wait_for
 
 from compositor.daemon import card_seat
-from compositor.sources.synthetic import guest_colour
+from directflip_tools.synthetic import guest_colour
 
 RULE = Path("/etc/udev/rules.d/72-directflip-lab-seat1.rules")
 

@@ -14,7 +14,7 @@ import pytest
 from labkit import LAB_MONITORS, Compositor, colour_share, console_text, switch_away, switch_back
 
 from compositor.session import activate_vt, active_vt
-from compositor.sources.synthetic import guest_colour
+from directflip_tools.synthetic import guest_colour
 
 POLICY = """version: 1
 """ + LAB_MONITORS + """guests:

@@ -1,5 +1,5 @@
 """vGPUs on the lab's real kernel: mbochs (dma-buf planes) and mdpy (region planes) as guests of
-`directflip run`, the guest played by compositor.lab.vgpu_guest through the VFIO device, pixels read
+`directflip run`, the guest played by directflip_tools.lab.vgpu_guest through the VFIO device, pixels read
 back through vkms writeback and QEMU screendumps.
 
 Two ways to hold the device, as in real deployments: directflip opens the vGPU named in the policy
@@ -19,9 +19,9 @@ from labkit import Compositor, colour_share, wait_for
 
 from compositor.control import request
 from compositor.kms import Card
-from compositor.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
+from directflip_tools.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
 from compositor.sources.framesocket import FrameSocketClient
-from compositor.sources.synthetic import (
+from directflip_tools.synthetic import (
     decode_counter,
     draw_background,
     draw_bar,
@@ -79,7 +79,7 @@ guests:
   office:
     kind: vfio
     uuid: {vgpu}
-    launch: "{sys.executable} -m compositor.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}
+    launch: "{sys.executable} -m directflip_tools.lab.vgpu_guest --fd {{fd}} --kind bochs --control {control}
       --keyboard {{keyboard}}"
   media: {{kind: vfio}}
   build: {{kind: vfio}}

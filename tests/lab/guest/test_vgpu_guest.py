@@ -20,7 +20,7 @@ import pytest
 
 import compositor
 from compositor.kms.edid import build_edid
-from compositor.lab.vgpu_guest import (
+from directflip_tools.lab.vgpu_guest import (
     BochsGuest,
     MdpyGuest,
     VgpuGuestControl,
@@ -28,7 +28,7 @@ from compositor.lab.vgpu_guest import (
     create_mdev,
     remove_mdev,
 )
-from compositor.sources.synthetic import decode_counter, guest_colour
+from directflip_tools.synthetic import decode_counter, guest_colour
 from compositor.sources.vfio import (
     DRM_PLANE_TYPE_PRIMARY,
     VFIO_DEVICE_GFX_LINK_STATE_UP,
@@ -151,7 +151,7 @@ def test_mdpy_guest_draws_into_the_display_region():
 
 
 def launch(args: list[str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "compositor.lab.vgpu_guest", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "directflip_tools.lab.vgpu_guest", *args], cwd=REPO,
                             pass_fds=pass_fds)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from labkit import Compositor, colour_share, wait_for
 
-from compositor.sources.synthetic import decode_counter, guest_colour
+from directflip_tools.synthetic import decode_counter, guest_colour
 
 HEADS = {"left": 0, "centre": 1, "right": 2}
 SIZES = {"left": (1024, 768), "centre": (800, 600), "right": (640, 480)}   # the heads' boot sizes

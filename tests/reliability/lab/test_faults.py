@@ -37,7 +37,7 @@ from reliakit import (
 )
 
 from compositor.session import activate_vt
-from compositor.sources.synthetic import guest_colour
+from directflip_tools.synthetic import guest_colour
 
 OUR_VT = 2          # the compositor holds VT 2 (VT switches pause and resume it)
 WAIT = 60.0         # seconds: a generous deadline for anything to come back (not a promise)

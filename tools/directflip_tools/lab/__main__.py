@@ -1,11 +1,11 @@
-"""Command line of the lab: ``python -m compositor.lab {setup,run,test}``."""
+"""Command line of the lab: ``python -m directflip_tools.lab {setup,run,test}``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from compositor.lab import cache, vm
+from directflip_tools.lab import cache, vm
 
 LAB_TESTS = ["tests/lab/guest", "tests/reliability/lab"]   # what `test` runs unless tests are named
 
@@ -17,11 +17,11 @@ The real-kernel lab: a Debian kernel booted under QEMU (TCG) with a three-head v
 
 EPILOG = """\
 examples:
-  python -m compositor.lab setup                      prepare the cache (kernel, modules, packages)
-  python -m compositor.lab test -x -k hotplug         run the guest tests, extra args go to pytest
-  python -m compositor.lab test tests/reliability/lab/test_faults.py     one file of them
-  python -m compositor.lab run -- modetest -M vkms    any command in the guest, exit code passed back
-  python -m compositor.lab run --no-connect-all -- sh -c 'cat /sys/class/drm/*/status'
+  python -m directflip_tools.lab setup                      prepare the cache (kernel, modules, packages)
+  python -m directflip_tools.lab test -x -k hotplug         run the guest tests, extra args go to pytest
+  python -m directflip_tools.lab test tests/reliability/lab/test_faults.py     one file of them
+  python -m directflip_tools.lab run -- modetest -M vkms    any command in the guest, exit code passed back
+  python -m directflip_tools.lab run --no-connect-all -- sh -c 'cat /sys/class/drm/*/status'
 
 cache: ${DIRECTFLIP_LAB_CACHE:-${XDG_CACHE_HOME:-~/.cache}/directflip-lab}
 """
@@ -35,8 +35,8 @@ def _vm_options(args: argparse.Namespace) -> vm.VmOptions:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compositor.lab", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m directflip_tools.lab", description=DESCRIPTION,
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{setup,run,test}")
     sub.add_parser("setup", help="install/download/build what the lab needs (idempotent, fast when done)",
                    description="Install the apt packages, fetch the current bookworm kernel, its headers "
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             # A test still running after FAULT_DUMP seconds has every thread's traceback printed (and
             # goes on): a wait that never ends shows where it is before the VM's timeout kills it.
             # The progress plugin tells the host which test runs, for a run stopped by its timeout.
-            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "compositor.lab.progress",
+            cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
+                   "-p", "directflip_tools.lab.progress",
                    "-o", f"faulthandler_timeout={FAULT_DUMP}", "--durations=10",
                    *([] if named else LAB_TESTS), *extra]
         return vm.run(cmd, _vm_options(args), manifest)

@@ -109,7 +109,8 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise LabError(f"no lab manifest at {path}: run `python -m compositor.lab setup` first") from None
+            raise LabError(f"no lab manifest at {path}: run `python -m directflip_tools.lab setup` "
+                           "first") from None
         except ValueError as exc:
             raise LabError(f"broken lab manifest {path}: {exc}") from None
         return cls(**data)

@@ -14,7 +14,7 @@ one at a time, in order; a guest has at most one outstanding request.
 
 Operations: ``ping``; ``screendump {head, format}`` -> ``{path, size, format}`` (a file in the shared
 directory, same path in guest and host); ``plug {head, width, height}``; ``unplug {head}``;
-``input {events}``; ``progress {event, test, …}`` (the lab's pytest plugin, `compositor.lab.progress`).
+``input {events}``; ``progress {event, test, …}`` (the lab's pytest plugin, `directflip_tools.lab.progress`).
 
 pytest captures fds 0 to 2, so the guest launcher duplicates them first and passes the copies to the
 command as ``DIRECTFLIP_LAB_CHANNEL=<read fd>,<write fd>``.
@@ -83,7 +83,7 @@ class HostChannel:
         value = os.environ.get(CHANNEL_ENV)
         if not value:
             raise ChannelError(f"${CHANNEL_ENV} is not set: these tests run inside the lab VM; "
-                               "run them through `python -m compositor.lab test`")
+                               "run them through `python -m directflip_tools.lab test`")
         try:
             rfd, wfd = (int(part) for part in value.split(","))
             os.fstat(rfd)

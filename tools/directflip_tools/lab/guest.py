@@ -1,4 +1,4 @@
-"""The lab's launcher inside the guest: ``python -m compositor.lab.guest [options] -- CMD ...``.
+"""The lab's launcher inside the guest: ``python -m directflip_tools.lab.guest [options] -- CMD ...``.
 
 Loads the drivers (vgem from the kernel, vkms and the mbochs and mdpy vGPU samples built by the lab,
 each after the modules it depends on), waits for their DRM nodes and for the expected monitors, checks
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from compositor.lab.channel import CHANNEL_ENV, MANIFEST_ENV, SHARED_ENV, ChannelError, HostChannel
+from directflip_tools.lab.channel import CHANNEL_ENV, MANIFEST_ENV, SHARED_ENV, ChannelError, HostChannel
 
 KO_PARAMS = {
     "vkms": ["enable_overlay=1", "enable_cursor=1", "enable_writeback=1"],
@@ -59,7 +59,7 @@ def lab_cards() -> dict[str, str]:
     missing = [d for d in LAB_DRIVERS if d not in found]
     if missing:
         raise RuntimeError(f"DRM cards missing: {', '.join(missing)} (found {found}); this runs inside the "
-                           "lab: python -m compositor.lab test | run -- ...")
+                           "lab: python -m directflip_tools.lab test | run -- ...")
     return found
 
 
@@ -120,7 +120,7 @@ def connector_status(card: str, connector: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compositor.lab.guest")
+    parser = argparse.ArgumentParser(prog="python -m directflip_tools.lab.guest")
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--shared", required=True)
     parser.add_argument("--heads", type=int, default=1, help="virtio-gpu connectors expected connected")

@@ -1,4 +1,5 @@
-"""A systemd-logind session inside the lab guest: ``python -m compositor.lab.logind session --vt N -- CMD``.
+"""A systemd-logind session inside the lab guest:
+``python -m directflip_tools.lab.logind session --vt N -- CMD``.
 
 The lab guest has systemd-udevd but no systemd as PID 1, so nothing there creates logind sessions.
 This launcher builds just enough of a logind machine around one command:
@@ -430,7 +431,7 @@ class Services:
             raise LogindSetupError("the dbus-fast Python package is missing: pip install dbus-fast") from None
         if "DIRECTFLIP_LAB_CHANNEL" not in os.environ:
             raise LogindSetupError("this launcher is for the lab guest only (it starts its own system bus "
-                                   "and systemd-logind): run it through `python -m compositor.lab run`")
+                                   "and systemd-logind): run it through `python -m directflip_tools.lab run`")
         if os.geteuid() != 0:
             raise LogindSetupError("a logind session needs root (CreateSession is root's, and so are "
                                    "the system bus and logind started here)")
@@ -620,7 +621,7 @@ async def run_session(cmd: list[str], vt: int | None, seat: str, debug: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compositor.lab.logind",
+    parser = argparse.ArgumentParser(prog="python -m directflip_tools.lab.logind",
                                      description="Run a command in a systemd-logind session (lab guest).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("session", help="create a logind session on a VT and run CMD in it")

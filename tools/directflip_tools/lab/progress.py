@@ -1,4 +1,4 @@
-"""pytest plugin for the lab's guest suite (``-p compositor.lab.progress``): tells the host which
+"""pytest plugin for the lab's guest suite (``-p directflip_tools.lab.progress``): tells the host which
 test starts and how each one ended, over the lab's channel.
 
 The host keeps the record, so a run stopped for taking too long still says which test was running
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from compositor.lab.channel import ChannelError, HostChannel
+from directflip_tools.lab.channel import ChannelError, HostChannel
 
 _channel: HostChannel | None = None
 _started: dict[str, float] = {}

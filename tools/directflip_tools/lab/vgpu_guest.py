@@ -1,4 +1,4 @@
-"""Plays the guest OS of a vGPU, for lab tests and demos: ``python -m compositor.lab.vgpu_guest``.
+"""Plays the guest OS of a vGPU, for lab tests and demos: ``python -m directflip_tools.lab.vgpu_guest``.
 
 A vGPU's guest is normally a VM whose display driver programs the device through its BARs. In the lab
 there is no VM: this module does what that driver would do, through the same VFIO device fd a VMM
@@ -23,7 +23,7 @@ real kernel device with a real picture on it.
 Both samples mishandle read()/write() of their memory BAR (mbochs lands 0x2000 bytes off, mdpy
 always at offset 0): VRAM is only ever touched through mmap at the region's offset.
 
-Frames are the synthetic guests' (compositor.sources.synthetic): the guest's colour with its name,
+Frames are the synthetic guests' (directflip_tools.synthetic): the guest's colour with its name,
 the frame counter band at (8, 8) and the moving bar, so a screenshot says whose frame n it is.
 
 The control server lets a test drive a guest that another process launched: the compositor opens
@@ -63,7 +63,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from compositor.kms.edid import EDID_HEADER
-from compositor.sources.synthetic import (
+from compositor.sources.vfio import MDEV_DEVICES, VfioDevice, VfioError
+from directflip_tools.synthetic import (
     check_size,
     draw_background,
     draw_bar,
@@ -72,7 +73,6 @@ from compositor.sources.synthetic import (
     ink_colour,
     xrgb_view,
 )
-from compositor.sources.vfio import MDEV_DEVICES, VfioDevice, VfioError
 
 if TYPE_CHECKING:
     from compositor.sources.framesocket import FrameSocketClient
@@ -618,7 +618,7 @@ class VgpuGuestControl:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m compositor.lab.vgpu_guest",
+        prog="python -m directflip_tools.lab.vgpu_guest",
         description="Play the guest OS of an mbochs or mdpy vGPU, driven over a control socket.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--fd", type=int, help="an open VFIO device fd inherited from the launcher")

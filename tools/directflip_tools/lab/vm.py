@@ -10,8 +10,8 @@ host's root as its read-only root, plus:
   kernel sees real evdev devices (``QEMU Virtio Keyboard`` …), as a desk's USB devices would be;
 - a run directory shared read-write with the guest at the same path (screendumps land there).
 
-The guest runs ``python -m compositor.lab.guest`` (see there), which talks to `_Services` through the
-line protocol of `compositor.lab.channel`.
+The guest runs ``python -m directflip_tools.lab.guest`` (see there), which talks to `_Services` through the
+line protocol of `directflip_tools.lab.channel`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compositor.lab import cache
-from compositor.lab.cache import LabError, Manifest
-from compositor.lab.channel import encode_reply, split_request
-from compositor.lab.progress import Progress
-from compositor.lab.vnc import VncError, set_desktop_size
+from directflip_tools.lab import cache
+from directflip_tools.lab.cache import LabError, Manifest
+from directflip_tools.lab.channel import encode_reply, split_request
+from directflip_tools.lab.progress import Progress
+from directflip_tools.lab.vnc import VncError, set_desktop_size
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 HEADS = 3
 # Heads 1 and 2 are no larger than head 0: fbcon sizes its framebuffer from the heads it sees at probe,
 # and a head plugged later with a larger mode would be lit at a smaller one. Distinct sizes let a test
@@ -78,7 +78,7 @@ def _shell_safe(path: Path | str, what: str) -> str:
 
 def compile_repo(root: Path) -> None:
     """Byte-compile the tree on the host: the guest sees it read-only, so its pyc files would be lost."""
-    targets = [str(root / d) for d in ("compositor", "tests", "bench") if (root / d).is_dir()]
+    targets = [str(root / d) for d in ("compositor", "tools", "tests", "bench") if (root / d).is_dir()]
     if targets:
         subprocess.run([sys.executable, "-m", "compileall", "-q", *targets], check=False,
                        stdout=subprocess.DEVNULL)
@@ -97,7 +97,7 @@ def vng_command(manifest: Manifest, run_dir: Path, guest_cmd: Sequence[str], opt
         *(f"-device {model},id={dev}" for dev, model in INPUT_DEVICES.items()),
     ]
     heads = HEADS if options.connect_all_heads else 1
-    launcher = [sys.executable, "-m", "compositor.lab.guest", "--manifest",
+    launcher = [sys.executable, "-m", "directflip_tools.lab.guest", "--manifest",
                 str(Path(manifest.cache) / cache.MANIFEST_NAME), "--shared", d, "--heads", str(heads),
                 "--", *guest_cmd]
     return [
