@@ -758,7 +758,7 @@ class _Validator:
                 self.error(vnode, f"guest `{name}` names one VM's display, so its `name` cannot be a "
                            f"pattern (`{pattern}`)", "give the VM's guest name, or drop `name`")
             elif display is not None:
-                from compositor.sources.qemu_dbus import QemuTarget
+                from compositor.sources.qemu_target import QemuTarget
 
                 try:
                     QemuTarget.parse(display)
