@@ -23,6 +23,7 @@ from compositor.sources.qemu_dbus import (
     QBTN_WHEEL_LEFT,
     QBTN_WHEEL_RIGHT,
     QBTN_WHEEL_UP,
+    QemuDisplayHandlerDefaults,
     QemuDisplaySource,
     QemuTarget,
     wait_for,
@@ -32,7 +33,7 @@ from directflip_tools.qemu_peer import QemuDisplayPeer
 LOGGER = "directflip.qemu_dbus"
 
 
-class Handler:
+class Handler(QemuDisplayHandlerDefaults):
     """The daemon's side, as little of it as the display needs."""
 
     def on_forget(self, source, buffer) -> None:

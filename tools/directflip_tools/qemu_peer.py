@@ -547,7 +547,7 @@ async def _bench_child(fd: int, calls: int, width: int, height: int) -> dict[str
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from compositor.sources.qemu_dbus import QemuDisplaySource, QemuTarget
+    from compositor.sources.qemu_dbus import QemuDisplayHandlerDefaults, QemuDisplaySource, QemuTarget
 
     ours, theirs = socket.socketpair()
     child = subprocess.Popen([sys.executable, "-m", "directflip_tools.qemu_peer", "bench-child",
@@ -555,11 +555,7 @@ async def _bench(args: argparse.Namespace) -> int:
                              pass_fds=(theirs.fileno(),), stdout=subprocess.PIPE)
     theirs.close()
 
-    class Handler:
-        def on_frame(self, source, frame) -> None:
-            pass
-
-    source = QemuDisplaySource("bench", QemuTarget(sock=ours), Handler())
+    source = QemuDisplaySource("bench", QemuTarget(sock=ours), QemuDisplayHandlerDefaults())
     source.start()
     loop = asyncio.get_running_loop()
     out, _ = await loop.run_in_executor(None, child.communicate)

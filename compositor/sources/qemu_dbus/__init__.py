@@ -81,7 +81,7 @@ from compositor.sources.qemu_dbus.bus import (
     PeerBus,
     console_path,
 )
-from compositor.sources.qemu_dbus.handler import QemuDisplayHandler, QemuFrame
+from compositor.sources.qemu_dbus.handler import QemuDisplayHandler, QemuDisplayHandlerDefaults, QemuFrame
 from compositor.sources.qemu_dbus.input import (
     BUTTONS,
     LEGACY_INPUT_IFACES,
@@ -124,8 +124,8 @@ __all__ = [
     "MAX_WHEEL_STEPS", "MOUSE_IFACE", "MULTITOUCH_IFACE", "PIXMAN_A8R8G8B8", "PIXMAN_TO_DRM",
     "PIXMAN_X8R8G8B8", "PROPERTIES_IFACE", "QBTN_EXTRA", "QBTN_LEFT", "QBTN_MIDDLE", "QBTN_RIGHT",
     "QBTN_SIDE", "QBTN_WHEEL_DOWN", "QBTN_WHEEL_LEFT", "QBTN_WHEEL_RIGHT", "QBTN_WHEEL_UP", "ROOT",
-    "TOUCH_TYPES", "VM_IFACE", "VM_PATH", "DBusStrings", "DisplayBus", "DisplayStats",
-    "ListenerInterface", "ListenerMapInterface", "PeerBus", "QemuDisplayHandler", "QemuDisplaySource",
-    "QemuFrame", "QemuInput", "QemuTarget", "UnsupportedFormat", "console_path", "pixman_to_fourcc",
-    "wait_for",
+    "TOUCH_TYPES", "VM_IFACE", "VM_PATH", "DBusStrings", "DisplayBus", "DisplayStats", "ListenerInterface",
+    "ListenerMapInterface", "PeerBus", "QemuDisplayHandler", "QemuDisplayHandlerDefaults",
+    "QemuDisplaySource", "QemuFrame", "QemuInput", "QemuTarget", "UnsupportedFormat", "console_path",
+    "pixman_to_fourcc", "wait_for",
 ]

@@ -22,7 +22,8 @@ class QemuFrame(Frame):
 
 class QemuDisplayHandler(Protocol):
     """What the daemon does with a QEMU display. Callbacks run on the event loop, must not block and
-    must not raise (an exception is logged; QEMU still gets its reply)."""
+    must not raise (an exception is logged; QEMU still gets its reply). The source calls each of them:
+    a handler that needs only some inherits QemuDisplayHandlerDefaults for the rest."""
 
     def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
         """Show frame.buffer (one of source.buffers) now."""
@@ -40,3 +41,24 @@ class QemuDisplayHandler(Protocol):
     def on_close(self, source: QemuDisplaySource, reason: str) -> None:
         """The source stopped for good (closed, or a handed-over connection ended). The handler owns
         every buffer still in source.buffers."""
+
+
+class QemuDisplayHandlerDefaults:
+    """A QemuDisplayHandler that does nothing with any event. The source calls every method of the
+    handler, so a handler that cares for only some events (a tool, a test) inherits this and overrides
+    those."""
+
+    def on_frame(self, source: QemuDisplaySource, frame: QemuFrame) -> None:
+        pass
+
+    def on_forget(self, source: QemuDisplaySource, buffer: Buffer) -> None:
+        pass
+
+    def on_blank(self, source: QemuDisplaySource, reason: str) -> None:
+        pass
+
+    def on_cursor(self, source: QemuDisplaySource) -> None:
+        pass
+
+    def on_close(self, source: QemuDisplaySource, reason: str) -> None:
+        pass

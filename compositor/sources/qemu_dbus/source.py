@@ -249,7 +249,10 @@ class QemuDisplaySource(SourceDefaults):
         if self.domain is not None:
             self.domain.close()
         log.info("%s: QEMU display source closed (%s)", self.name, reason)
-        self._notify("on_close", reason)
+        try:
+            self.handler.on_close(self, reason)
+        except Exception:
+            self._handler_failed("on_close")
 
     @property
     def connection(self) -> str:
@@ -509,16 +512,21 @@ class QemuDisplaySource(SourceDefaults):
     def _blank_for(self, text: str) -> None:
         if text != self._blanked_for:
             self._blanked_for = text
-            self._notify("on_blank", text)
+            try:
+                self.handler.on_blank(self, text)
+            except Exception:
+                self._handler_failed("on_blank")
 
     def _gone(self, reason: str) -> None:
         log.info("%s: %s", self.name, reason)
         self.last_error = reason
         self.peer = None
         self._drop_scanout_state()
-        self._notify("on_blank", reason)
-        for buffer in self._take_all_buffers():
-            self._notify("on_forget", buffer)
+        try:
+            self.handler.on_blank(self, reason)
+        except Exception:
+            self._handler_failed("on_blank")
+        self._hand_back_all_buffers()
 
     def _drop_scanout_state(self) -> None:
         self._scanout = None
@@ -528,6 +536,15 @@ class QemuDisplaySource(SourceDefaults):
         if self._surface is not None:
             self._surface.map.close()
             self._surface = None
+
+    def _hand_back_all_buffers(self) -> None:
+        """Every buffer to the handler (on_forget), one call each: a call that fails holds back none of
+        the others."""
+        for buffer in self._take_all_buffers():
+            try:
+                self.handler.on_forget(self, buffer)
+            except Exception:
+                self._handler_failed("on_forget")
 
     def _take_all_buffers(self) -> list[Buffer]:
         out = list(self.buffers.values())
@@ -680,17 +697,22 @@ class QemuDisplaySource(SourceDefaults):
             self.stats.ignored += 1
             return
         self._scanout = None
-        for buffer in self._take_all_buffers():  # QEMU releases its dma-bufs with Disable
-            self._notify("on_forget", buffer)
+        self._hand_back_all_buffers()  # QEMU releases its dma-bufs with Disable
         if self._surface is not None:
             self._surface.map.close()
             self._surface = None
         log.info("%s: QEMU disabled the display", self.name)
-        self._notify("on_blank", f"{self.name}'s display is off")
+        try:
+            self.handler.on_blank(self, f"{self.name}'s display is off")
+        except Exception:
+            self._handler_failed("on_blank")
 
     def _mouse_set(self, x: int, y: int, on: int) -> None:
         self.pointer = Pointer(x, y, bool(on))
-        self._notify("on_cursor")
+        try:
+            self.handler.on_cursor(self)
+        except Exception:
+            self._handler_failed("on_cursor")
 
     def _cursor_define(self, width: int, height: int, hot_x: int, hot_y: int, data: bytes) -> None:
         if not (0 < width <= MAX_CURSOR and 0 < height <= MAX_CURSOR):
@@ -702,7 +724,10 @@ class QemuDisplaySource(SourceDefaults):
             raise BadPlane(f"cursor {width}x{height} ARGB needs {size} bytes, QEMU sent {len(data)}")
         self._cursor_serial += 1
         self.cursor = Cursor(width, height, hot_x, hot_y, bytes(data[:size]), self._cursor_serial)
-        self._notify("on_cursor")
+        try:
+            self.handler.on_cursor(self)
+        except Exception:
+            self._handler_failed("on_cursor")
 
     # --- buffers and frames ------------------------------------------------------------------------
 
@@ -750,7 +775,10 @@ class QemuDisplaySource(SourceDefaults):
             self._surface = None
         if self._scanout is not None and self._scanout.buffer is buffer:
             self._scanout = None
-        self._notify("on_forget", buffer)
+        try:
+            self.handler.on_forget(self, buffer)
+        except Exception:
+            self._handler_failed("on_forget")
 
     def _new_surface(self, width: int, height: int, pixman: int, carry: bool = True) -> Surface:
         """A fresh memfd surface; the old one's overlap is carried over unless a whole picture follows
@@ -793,16 +821,17 @@ class QemuDisplaySource(SourceDefaults):
     def _emit(self, scan: Scanout, damage: tuple[int, int, int, int] | None) -> None:
         self._seq += 1
         self.stats.frames += 1
-        self._notify("on_frame", QemuFrame(scan.buffer, self._seq, damage=damage, y0_top=scan.y0_top))
-
-    def _notify(self, callback: str, *args: Any) -> None:
-        fn = getattr(self.handler, callback, None)
-        if fn is None:
-            return
+        frame = QemuFrame(scan.buffer, self._seq, damage=damage, y0_top=scan.y0_top)
         try:
-            fn(self, *args)
+            self.handler.on_frame(self, frame)
         except Exception:
-            log.exception("%s: the handler's %s failed", self.name, callback)
+            self._handler_failed("on_frame")
+
+    def _handler_failed(self, callback: str) -> None:
+        """The handler's method `callback` raised (called from its except clause): logged, not passed
+        on, so QEMU still gets its reply and the source goes on. Each call site has its own try:
+        on_frame runs while QEMU waits for the reply, where a context manager costs more than the call."""
+        log.exception("%s: the handler's %s failed", self.name, callback)
 
     # --- pixel updates that wait for a resize --------------------------------------------------------
 
