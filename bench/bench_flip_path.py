@@ -1,6 +1,7 @@
 """Flip path cost: a guest's flip message → the compositor's commit ioctl, per frame, at 1920x1080.
 
-    python -m directflip_tools.lab run -- python bench/bench_flip_path.py [--rounds N] [--seconds S] [--rate HZ]
+    python -m directflip_tools.lab run -- \
+        python bench/bench_flip_path.py [--rounds N] [--seconds S] [--rate HZ]
 
 Runs in the lab (it plugs virtio-gpu head 0 at 1920x1080 through the host channel). For each path it
 starts the real `directflip run` with a policy that puts one guest on that head at 1920x1080, and a

@@ -13,10 +13,10 @@ import errno
 import mmap
 
 import pytest
-from compositor._native import ffi, lib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compositor._native import ffi, lib
 from compositor.pixelcopy import copy_rows
 
 U64_MAX = 2**64 - 1

@@ -18,8 +18,6 @@ import numpy as np
 import pytest
 from framesocket_env import Env, raw_session, serve
 
-from directflip_tools import cli as tools_cli
-from directflip_tools import synthetic as syn
 from compositor.sources.frame import ARGB8888, Cursor
 from compositor.sources.frame import Pointer as GuestPointer
 from compositor.sources.framesocket import (
@@ -28,6 +26,8 @@ from compositor.sources.framesocket import (
     Refused,
     encode,
 )
+from directflip_tools import cli as tools_cli
+from directflip_tools import synthetic as syn
 
 
 @dataclass

@@ -9,6 +9,7 @@ import os
 import struct
 
 import pytest
+
 from compositor._native import ffi, lib
 
 DRM_EVENT_VBLANK = 0x01

@@ -97,7 +97,8 @@ def test_sdist_builds_a_wheel_that_runs_outside_the_checkout(tmp_path: Path) -> 
     assert [m for m in members if m.startswith("compositor/_native") and m.endswith(".so")], members
     # The product only: the lab, the stand-in guests and the demo are directflip-tools (tools/).
     tools = [m for m in members if m.startswith(("directflip_tools/", "compositor/lab/"))
-             or m.endswith(("/synthetic.py", "/qemu_peer.py", "/qemu_dbus_peer.py", "/patterns.py", "/demo.py"))]
+             or m.endswith(("/synthetic.py", "/qemu_peer.py", "/qemu_dbus_peer.py", "/patterns.py",
+                            "/demo.py"))]
     assert not tools, tools
     assert "compositor/cli/__init__.py" in members and "compositor/formats.py" in members
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compositor import check, policy
+from compositor import policy
 from compositor.cli import check as check_cli
 from compositor.policy import Glob, ModeRequest, PolicyError, SlateStyle
 

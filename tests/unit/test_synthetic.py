@@ -17,9 +17,9 @@ import types
 import numpy as np
 import pytest
 
+from compositor.sources.framesocket import Button, Key, Motion, Pointer, Touch, Wheel  # the real ones
 from directflip_tools import cli as tools_cli
 from directflip_tools import synthetic as syn
-from compositor.sources.framesocket import Button, Key, Motion, Pointer, Touch, Wheel  # the real ones
 
 W, H = 640, 480
 

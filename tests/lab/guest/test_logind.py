@@ -32,8 +32,8 @@ from labkit import (
 from test_session import POLICY, SHOWN, start_guests
 
 from compositor.control import request
-from directflip_tools.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
 from compositor.session import KD_TEXT, KDGETMODE, VT_AUTO, VT_GETMODE, activate_vt, active_vt
+from directflip_tools.lab.logind import CGROUP_ROOT, SYSTEM_BUS, bus_listening
 from directflip_tools.synthetic import decode_input, guest_colour
 
 OUR_VT = 3

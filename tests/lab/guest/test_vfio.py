@@ -19,8 +19,9 @@ from labkit import Compositor, colour_share, wait_for
 
 from compositor.control import request
 from compositor.kms import Card
-from directflip_tools.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
 from compositor.sources.framesocket import FrameSocketClient
+from compositor.sources.vfio import VfioDevice
+from directflip_tools.lab.vgpu_guest import BochsGuest, MdpyGuest, VgpuGuestControl, create_mdev, remove_mdev
 from directflip_tools.synthetic import (
     decode_counter,
     draw_background,
@@ -29,7 +30,6 @@ from directflip_tools.synthetic import (
     guest_colour,
     ink_colour,
 )
-from compositor.sources.vfio import VfioDevice
 
 SLATE = (0x10, 0x10, 0x18)
 

@@ -20,6 +20,14 @@ import pytest
 
 import compositor
 from compositor.kms.edid import build_edid
+from compositor.sources.vfio import (
+    DRM_PLANE_TYPE_PRIMARY,
+    VFIO_DEVICE_GFX_LINK_STATE_UP,
+    VFIO_GFX_PLANE_TYPE_DMABUF,
+    VFIO_GFX_PLANE_TYPE_REGION,
+    GfxPlane,
+    VfioDevice,
+)
 from directflip_tools.lab.vgpu_guest import (
     BochsGuest,
     MdpyGuest,
@@ -29,14 +37,6 @@ from directflip_tools.lab.vgpu_guest import (
     remove_mdev,
 )
 from directflip_tools.synthetic import decode_counter, guest_colour
-from compositor.sources.vfio import (
-    DRM_PLANE_TYPE_PRIMARY,
-    VFIO_DEVICE_GFX_LINK_STATE_UP,
-    VFIO_GFX_PLANE_TYPE_DMABUF,
-    VFIO_GFX_PLANE_TYPE_REGION,
-    GfxPlane,
-    VfioDevice,
-)
 
 REPO = Path(compositor.__file__).resolve().parents[1]
 XR24 = 0x34325258
