@@ -44,8 +44,15 @@ test: unit lab
 demo: deps
 	$(PYTHON) -m directflip_tools.demo
 
+# The gates CI runs before the tests (CONTRIBUTING.md): ruff (complexity <= 12 per function), mypy
+# --strict on the pure modules and the KMS layer, clang-format on the C. The C's -Wall -Wextra -Werror
+# is in its builds (deps builds the cffi module).
+C_SOURCES = $(wildcard native/*.c native/*.h bench/*.c)
+
 lint: deps
 	$(PYTHON) -m ruff check compositor tools native tests bench
+	$(PYTHON) -m mypy
+	clang-format --dry-run --Werror $(C_SOURCES)
 
 bench: lab-setup
 	@echo "make bench: $$(date -u '+%Y-%m-%d %H:%M UTC'); host: $$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $$(nproc) CPUs, load average $$(cut -d' ' -f1-3 /proc/loadavg)"

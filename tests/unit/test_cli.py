@@ -91,18 +91,6 @@ def test_tools_missing_say_where_they_come_from(capsys: pytest.CaptureFixture[st
     assert cli.main(["demo"]) == 2
 
 
-def test_the_product_imports_no_tool() -> None:
-    """Only compositor.cli knows the tools exist (to list their commands); no other module of the
-    product imports them, so the wheel, which does not hold them, is whole without them."""
-    importers = []
-    for path in sorted((ROOT / "compositor").rglob("*.py")):
-        if path.parent.name == "cli":
-            continue
-        if re.search(r"^\s*(from|import) directflip_tools\b", path.read_text(), re.MULTILINE):
-            importers.append(str(path.relative_to(ROOT)))
-    assert importers == []
-
-
 def test_usage_errors_still_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         cli.main(["bogus"])
