@@ -82,10 +82,124 @@ def demo_policy(out_dir: Path) -> tuple[Path, list[tuple[str, str, str]]]:
     return path, guests
 
 
-def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
-    from compositor.control import format_status, request
+def _wait_for_compositor(daemon: subprocess.Popen, control: str, log_path: Path) -> bool:
+    """Until the control socket answers: False when the compositor exited first (its log printed)."""
+    from compositor.control import request
+
+    deadline = time.monotonic() + 60
+    while True:
+        if daemon.poll() is not None:
+            print(log_path.read_text(), file=sys.stderr)
+            return False
+        try:
+            request(control, {"cmd": "status"})
+            return True
+        except (ConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the compositor did not start within 60 s") from None
+            time.sleep(0.2)
+
+
+def _start_guests(demo_guests: list[tuple[str, str, str]], frames: str,
+                  guests: list[subprocess.Popen]) -> None:
+    """One `directflip guest` per demo guest, into `guests` as each starts (so that all started are
+    stopped, whatever fails); vgem's falls back to the display card where vgem is not loaded."""
     from compositor.kms import Card, list_cards
 
+    drivers = set()
+    for path in list_cards():
+        with Card(path, kms=False) as card:
+            drivers.add(card.driver)
+    for name, size, where in demo_guests:
+        where = where if where != "vgem" or "vgem" in drivers else "display"
+        guests.append(subprocess.Popen(_cli("guest", "--name", name, "--socket", frames, "--on", where,
+                                            "--size", size, "--rate", "60"),
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+
+
+def _wait_until_shown(control: str, names: set[str], guests: list[subprocess.Popen], t0: float) -> None:
+    """Until every guest is on screen, one of them exits, or SHOWN_WITHIN runs out (said, not fatal:
+    the screenshots show what there is)."""
+    from compositor.control import request
+
+    while True:
+        status = request(control, {"cmd": "status"})
+        shown = {o["guest"] for o in status["outputs"] if o.get("guest") and o.get("on_screen")
+                 and o.get("presented")}
+        if names <= shown:
+            print(f"demo: every guest on screen {time.monotonic() - t0:.1f} s after they were started")
+            return
+        ended = [p for p in guests if p.poll() is not None]
+        if ended or time.monotonic() - t0 > SHOWN_WITHIN:
+            why = (f"guest {ended[0].args[ended[0].args.index('--name') + 1]} exited "
+                   f"{ended[0].returncode}" if ended else f"the deadline of {SHOWN_WITHIN:.0f} s ran out")
+            print(f"demo: {why} with {', '.join(sorted(names - shown))} not on screen; taking the "
+                  "screenshots anyway", file=sys.stderr)
+            return
+        time.sleep(0.3)
+
+
+def _judge(status: dict, names: set[str], control: str, screenshot) -> tuple[list[str], int]:
+    """A line per monitor (its screenshot's verdict) and per guest on no monitor, and the failures."""
+    lines, failures = [], 0
+    for o in status["outputs"]:
+        if o.get("path") == "failed":
+            failures += 1
+            lines.append(f"{o['connector']}: FAILED: {o['reason']}")
+            continue
+        rgb, where = screenshot(o, control)
+        if rgb is None:
+            lines.append(f"{o['monitor']} ({o['connector']}): {where}")
+            continue
+        text = verdict(rgb, o)
+        failures += text.startswith("MISMATCH")
+        lines.append(f"{o['monitor']} ({o['connector']}, {o['mode']}): {where}: {text}")
+    missing = sorted(names - {o.get("guest") for o in status["outputs"]})
+    if missing:
+        failures += len(missing)
+        lines.append(f"not on any monitor: {', '.join(missing)}")
+    return lines, failures
+
+
+def _report(out_dir: Path, control: str, names: set[str], screenshot) -> int:
+    """The status table and a verdict per monitor, printed and written to out_dir: the exit status."""
+    from compositor.control import format_status, request
+
+    status = request(control, {"cmd": "status"})
+    status.pop("ok", None)
+    table = format_status(status)
+    print(table)
+    verdicts, failures = _judge(status, names, control, screenshot)
+    for line in verdicts:
+        print(line)
+    (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
+    (out_dir / "summary.txt").write_text("\n".join(["directflip demo", "", table, "", *verdicts]) + "\n")
+    print(f"screenshots, status and summary in {out_dir}")
+    return 1 if failures else 0
+
+
+def _stop(guests: list[subprocess.Popen], daemon: subprocess.Popen) -> None:
+    """SIGTERM to the guests (each prints its summary line, the last line shown here), then to the
+    compositor; whatever does not end in time is killed."""
+    for proc in guests:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in guests:
+        try:
+            text = proc.communicate(timeout=60)[0].strip()
+            if text:
+                print(text.splitlines()[-1])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        daemon.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+
+
+def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
     for old in out_dir.glob("*.png"):   # screenshots of an earlier run would mislead
         old.unlink()
     try:
@@ -96,98 +210,24 @@ def run_demo(out_dir: Path, seconds: float, screenshot) -> int:
     print(f"demo: policy for the monitors connected now: {policy}")
     work = Path(tempfile.mkdtemp(prefix="directflip-demo-"))
     control, frames = str(work / "control.sock"), str(work / "frames.sock")
-    log = (out_dir / "compositor.log").open("w")
+    log_path = out_dir / "compositor.log"
+    log = log_path.open("w")
     daemon = subprocess.Popen(_cli("-v", "run", "--policy", str(policy), "--socket", frames,
                                    "--control", control), stdout=log, stderr=subprocess.STDOUT)
     guests: list[subprocess.Popen] = []
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if daemon.poll() is not None:
-                print((out_dir / "compositor.log").read_text(), file=sys.stderr)
-                return 1
-            try:
-                request(control, {"cmd": "status"})
-                break
-            except (ConnectionError, OSError):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the compositor did not start within 60 s") from None
-                time.sleep(0.2)
-        drivers = set()
-        for path in list_cards():
-            with Card(path, kms=False) as card:
-                drivers.add(card.driver)
+        if not _wait_for_compositor(daemon, control, log_path):
+            return 1
         # The guests flip until the demo stops them: how long each takes to start and connect depends
         # on the machine, and none may be gone before the last one is on screen.
         t0 = time.monotonic()
-        for name, size, where in demo_guests:
-            where = where if where != "vgem" or "vgem" in drivers else "display"
-            guests.append(subprocess.Popen(_cli("guest", "--name", name, "--socket", frames, "--on", where,
-                                                "--size", size, "--rate", "60"),
-                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        _start_guests(demo_guests, frames, guests)
         names = {name for name, _, _ in demo_guests}
-        while True:
-            status = request(control, {"cmd": "status"})
-            shown = {o["guest"] for o in status["outputs"] if o.get("guest") and o.get("on_screen")
-                     and o.get("presented")}
-            if names <= shown:
-                print(f"demo: every guest on screen {time.monotonic() - t0:.1f} s after they were started")
-                break
-            ended = [p for p in guests if p.poll() is not None]
-            if ended or time.monotonic() - t0 > SHOWN_WITHIN:
-                why = (f"guest {ended[0].args[ended[0].args.index('--name') + 1]} exited "
-                       f"{ended[0].returncode}" if ended else f"the deadline of {SHOWN_WITHIN:.0f} s ran out")
-                print(f"demo: {why} with {', '.join(sorted(names - shown))} not on screen; taking the "
-                      "screenshots anyway", file=sys.stderr)
-                break
-            time.sleep(0.3)
+        _wait_until_shown(control, names, guests, t0)
         time.sleep(seconds)
-        status = request(control, {"cmd": "status"})
-        status.pop("ok", None)
-        table = format_status(status)
-        print(table)
-        lines = ["directflip demo", "", table, ""]
-        failures = 0
-        for o in status["outputs"]:
-            if o.get("path") == "failed":
-                failures += 1
-                lines.append(f"{o['connector']}: FAILED: {o['reason']}")
-                continue
-            rgb, where = screenshot(o, control)
-            if rgb is None:
-                lines.append(f"{o['monitor']} ({o['connector']}): {where}")
-                continue
-            text = verdict(rgb, o)
-            failures += text.startswith("MISMATCH")
-            lines.append(f"{o['monitor']} ({o['connector']}, {o['mode']}): {where}: {text}")
-        shown = {o.get("guest") for o in status["outputs"]}
-        missing = sorted(names - shown)
-        if missing:
-            failures += len(missing)
-            lines.append(f"not on any monitor: {', '.join(missing)}")
-        for line in lines[4:]:
-            print(line)
-        (out_dir / "status.json").write_text(json.dumps(status, indent=2) + "\n")
-        (out_dir / "summary.txt").write_text("\n".join(lines) + "\n")
-        print(f"screenshots, status and summary in {out_dir}")
-        return 1 if failures else 0
+        return _report(out_dir, control, names, screenshot)
     finally:
-        for proc in guests:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in guests:
-            try:
-                text = proc.communicate(timeout=60)[0].strip()
-                if text:
-                    print(text.splitlines()[-1])
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        _stop(guests, daemon)
         log.close()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -458,10 +458,60 @@ def draw(view: np.ndarray, n: int) -> None:
     view[:, x:x + 16, :3] = 255
 
 
+Slot = tuple[int, int, np.ndarray, Any]  # (fd, stride, view, owner: a MemfdBuffer or a swapchain slot)
+
+
+def _draw_into(slot: Slot, n: int) -> None:
+    fd, _stride, view, owner = slot
+    if isinstance(owner, MemfdBuffer):
+        draw(view, n)
+        return
+    from directflip_tools.synthetic import cpu_write
+
+    with cpu_write(fd):  # a real dma-buf: let the exporter flush its caches
+        draw(view, n)
+
+
+async def _send(listener, args: argparse.Namespace, slot: Slot, index: int, current: int | None) -> int:
+    """Hand frame `slot` to QEMU's listener the way --mode says: the scanout once per buffer change,
+    then an update. Returns the buffer now scanned out."""
+    fd, stride, view, _owner = slot
+    width, height = args.width, args.height
+    if args.mode == "dmabuf":
+        if current != index:
+            await listener.scanout_dmabuf(fd, width, height, stride, XRGB8888)
+        await listener.update_dmabuf(0, 0, width, height)
+    elif args.mode == "map":
+        if current != index:
+            await listener.scanout_map(fd, 0, width, height, stride, PIXMAN_X8R8G8B8)
+        await listener.update_map(0, 0, width, height)
+    else:
+        data = bytes(np.ascontiguousarray(view))
+        await listener.scanout(width, height, width * 4, PIXMAN_X8R8G8B8, data)
+    return index
+
+
+async def _flip_to(peer: QemuDisplayPeer, listener, slots: list[Slot], args: argparse.Namespace) -> None:
+    """Frames to one listener at --rate until it goes away; then wait for the next one."""
+    n, current = 0, None
+    try:
+        while True:
+            index = n % len(slots)
+            _draw_into(slots[index], n)
+            current = await _send(listener, args, slots[index], index, current)
+            n += 1
+            await asyncio.sleep(1 / args.rate)
+    except (DBusError, EOFError, OSError, ConnectionError) as exc:
+        log.info("listener gone (%s); waiting for the next one", exc)
+        peer.listeners.remove(listener)
+        if not peer.listeners:
+            peer._registered.clear()
+
+
 async def _show_frames(peer: QemuDisplayPeer, args: argparse.Namespace) -> None:
     width, height = args.width, args.height
     peer.width, peer.height = width, height
-    slots: list[tuple[int, int, np.ndarray, Any]] = []  # (fd, stride, view, owner)
+    slots: list[Slot] = []
     card = swapchain = None
     if args.on == "memfd":
         for i in range(args.buffers):
@@ -477,39 +527,7 @@ async def _show_frames(peer: QemuDisplayPeer, args: argparse.Namespace) -> None:
             slots.append((slot.fd, slot.pitch, slot.view, slot))
     try:
         while True:
-            listener = await peer.listener(timeout=3600)
-            n, current = 0, None
-            try:
-                while True:
-                    index = n % len(slots)
-                    fd, stride, view, owner = slots[index]
-                    if isinstance(owner, MemfdBuffer):
-                        draw(view, n)
-                    else:
-                        from directflip_tools.synthetic import cpu_write
-
-                        with cpu_write(fd):  # a real dma-buf: let the exporter flush its caches
-                            draw(view, n)
-                    if args.mode == "dmabuf":
-                        if current != index:
-                            await listener.scanout_dmabuf(fd, width, height, stride, XRGB8888)
-                            current = index
-                        await listener.update_dmabuf(0, 0, width, height)
-                    elif args.mode == "map":
-                        if current != index:
-                            await listener.scanout_map(fd, 0, width, height, stride, PIXMAN_X8R8G8B8)
-                            current = index
-                        await listener.update_map(0, 0, width, height)
-                    else:
-                        data = bytes(np.ascontiguousarray(view))
-                        await listener.scanout(width, height, width * 4, PIXMAN_X8R8G8B8, data)
-                    n += 1
-                    await asyncio.sleep(1 / args.rate)
-            except (DBusError, EOFError, OSError, ConnectionError) as exc:
-                log.info("listener gone (%s); waiting for the next one", exc)
-                peer.listeners.remove(listener)
-                if not peer.listeners:
-                    peer._registered.clear()
+            await _flip_to(peer, await peer.listener(timeout=3600), slots, args)
     finally:
         if swapchain is not None:
             swapchain.close()

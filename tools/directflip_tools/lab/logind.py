@@ -159,48 +159,71 @@ class SystemdStandIn:
 
     # -- dispatch ------------------------------------------------------------------------------
 
-    def _dispatch(self, msg):
-        from dbus_fast import Message
+    _RESTARTS = ("StartUnit", "RestartUnit", "TryRestartUnit", "ReloadOrRestartUnit",
+                 "ReloadOrTryRestartUnit", "ReloadUnit")
 
-        iface, member, body = msg.interface, msg.member, msg.body
-        if iface == "org.freedesktop.DBus.Peer":
-            if member == "Ping":
-                return Message.new_method_return(msg)
-            if member == "GetMachineId":
-                return Message.new_method_return(msg, "s", [_machine_id()])
-        if iface == "org.freedesktop.DBus.Introspectable" and member == "Introspect":
-            return Message.new_method_return(msg, "s", ["<node/>"])
+    def _dispatch(self, msg):
+        """The reply to a method call, or None when the stand-in does not implement it."""
+        iface = msg.interface
+        if iface in ("org.freedesktop.DBus.Peer", "org.freedesktop.DBus.Introspectable"):
+            return self._bus_basics(msg)
         if iface == PROPERTIES:
             return self._properties(msg)
         if msg.path == SYSTEMD_PATH and iface in (SYSTEMD_MANAGER, None):
-            if member in ("Subscribe", "Unsubscribe", "Reload"):
-                return Message.new_method_return(msg)
-            if member in ("StartUnit", "RestartUnit", "TryRestartUnit", "ReloadOrRestartUnit",
-                          "ReloadOrTryRestartUnit", "ReloadUnit"):
-                return self._job(msg, body[0], "start", "active")
-            if member == "StopUnit":
-                return self._job(msg, body[0], "stop", "inactive")
-            if member == "StartTransientUnit":
-                return self._start_transient(msg, body[0], body[2])
-            if member == "KillUnit":
-                self._kill(self._unit(body[0]), int(body[2]))
-                return Message.new_method_return(msg)
-            if member == "AbandonScope":
-                self._abandon(self._unit(body[0]))
-                return Message.new_method_return(msg)
-            if member in ("GetUnit", "LoadUnit"):
-                unit = self.units.get(body[0])
-                if unit is None and member == "GetUnit":
-                    raise _Refused("org.freedesktop.systemd1.NoSuchUnit", f"Unit {body[0]} not loaded.")
-                return Message.new_method_return(msg, "o", [unit_path(body[0])])
+            return self._manager(msg)
         if msg.path.startswith(UNIT_PREFIX):
-            unit = self._unit_at(msg.path)
-            if iface == "org.freedesktop.systemd1.Scope" and member == "Abandon":
-                self._abandon(unit)
-                return Message.new_method_return(msg)
-            if iface == "org.freedesktop.systemd1.Unit" and member in ("Kill", "KillUnit"):
-                self._kill(unit, int(body[1]))
-                return Message.new_method_return(msg)
+            return self._unit_call(msg)
+        return None
+
+    def _bus_basics(self, msg):
+        """org.freedesktop.DBus.Peer and Introspectable, which every object answers."""
+        from dbus_fast import Message
+
+        if msg.member == "Ping":
+            return Message.new_method_return(msg)
+        if msg.member == "GetMachineId":
+            return Message.new_method_return(msg, "s", [_machine_id()])
+        if msg.interface == "org.freedesktop.DBus.Introspectable" and msg.member == "Introspect":
+            return Message.new_method_return(msg, "s", ["<node/>"])
+        return None
+
+    def _manager(self, msg):
+        """org.freedesktop.systemd1.Manager's methods that logind calls."""
+        from dbus_fast import Message
+
+        member, body = msg.member, msg.body
+        if member in ("Subscribe", "Unsubscribe", "Reload"):
+            return Message.new_method_return(msg)
+        if member in self._RESTARTS:
+            return self._job(msg, body[0], "start", "active")
+        if member == "StopUnit":
+            return self._job(msg, body[0], "stop", "inactive")
+        if member == "StartTransientUnit":
+            return self._start_transient(msg, body[0], body[2])
+        if member == "KillUnit":
+            self._kill(self._unit(body[0]), int(body[2]))
+            return Message.new_method_return(msg)
+        if member == "AbandonScope":
+            self._abandon(self._unit(body[0]))
+            return Message.new_method_return(msg)
+        if member in ("GetUnit", "LoadUnit"):
+            unit = self.units.get(body[0])
+            if unit is None and member == "GetUnit":
+                raise _Refused("org.freedesktop.systemd1.NoSuchUnit", f"Unit {body[0]} not loaded.")
+            return Message.new_method_return(msg, "o", [unit_path(body[0])])
+        return None
+
+    def _unit_call(self, msg):
+        """Methods of a unit's own object: a scope's Abandon, a unit's Kill."""
+        from dbus_fast import Message
+
+        unit = self._unit_at(msg.path)
+        if msg.interface == "org.freedesktop.systemd1.Scope" and msg.member == "Abandon":
+            self._abandon(unit)
+            return Message.new_method_return(msg)
+        if msg.interface == "org.freedesktop.systemd1.Unit" and msg.member in ("Kill", "KillUnit"):
+            self._kill(unit, int(msg.body[1]))
+            return Message.new_method_return(msg)
         return None
 
     def _unit(self, name: str) -> Unit:
