@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compositor.formats import XRGB8888  # noqa: E402
 from compositor.kms import Card, DeviceError, KmsError, list_cards  # noqa: E402
+from compositor.kms.atomic import AtomicRequest  # noqa: E402
 from compositor.kms.card import lib  # noqa: E402
 from compositor.kms.errors import kms_error  # noqa: E402
 from compositor.kms.mode import default_mode  # noqa: E402
@@ -50,7 +51,7 @@ def light(card: Card, size: tuple[int, int] | None = None):
         buf = card.create_dumb(mode.width, mode.height)
         buf.map()[:] = bytes([shade]) * buf.size
         fbs.append((buf, card.dumb_framebuffer(buf, XRGB8888)))
-    req = card.atomic().add_output(conn, crtc, mode).add_plane(plane, crtc, fbs[0][1])
+    req = AtomicRequest(card).add_output(conn, crtc, mode).add_plane(plane, crtc, fbs[0][1])
     req.commit(allow_modeset=True)
     return conn, crtc, plane, mode, fbs
 
@@ -68,7 +69,7 @@ def run_path(card: Card, crtc, plane, fbs, native: bool,
             if ret < 0:
                 raise kms_error("kms_flip", -ret)
         else:
-            card.atomic().add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=i + 1)
+            AtomicRequest(card).add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=i + 1)
         t1 = time.perf_counter_ns()
         c1 = time.thread_time_ns()
         card.wait_events([crtc.id], timeout=2.0)

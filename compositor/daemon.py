@@ -807,6 +807,7 @@ class Daemon:
     async def _capture_writeback(self, pipe: ScanoutPipeline, wb) -> tuple:
         """(RGB image, frame shown, scanout path) of a one-shot writeback of the pipeline's CRTC."""
         from compositor.formats import XRGB8888
+        from compositor.kms.atomic import AtomicRequest
         from compositor.kms.writeback import add_writeback
 
         card = pipe.card
@@ -821,11 +822,11 @@ class Daemon:
                     try:
                         await self._idle(pipe)
                         scanned = pipe.scanned_out()
-                        req = card.atomic()
+                        req = AtomicRequest(card)
                         job = add_writeback(req, wb, pipe.crtc, fb)
                         req.commit(allow_modeset=True)
                         await asyncio.get_running_loop().run_in_executor(None, job.wait, 5.0)
-                        card.atomic().add(wb, "CRTC_ID", None).commit(allow_modeset=True)
+                        AtomicRequest(card).add(wb, "CRTC_ID", None).commit(allow_modeset=True)
                     finally:
                         pipe.paused = False
                         pipe.resume()

@@ -14,12 +14,12 @@ import logging
 from typing import TYPE_CHECKING
 
 from compositor.kms import Card, FlipEvent, Framebuffer, KmsError
+from compositor.kms.atomic import AtomicRequest
 from compositor.kms.card import lib
 from compositor.kms.errors import kms_error
 from compositor.scanout import FramebufferCache
 
 if TYPE_CHECKING:
-    from compositor.kms.atomic import AtomicRequest
     from compositor.scanout import ScanoutPipeline
 
 log = logging.getLogger("directflip.output")
@@ -43,7 +43,7 @@ class OutputLayer:
     # --- commits
 
     def atomic(self) -> AtomicRequest:
-        return self.card.atomic()
+        return AtomicRequest(self.card)
 
     def flip(self, plane, fb_prop: int, fb: Framebuffer, token: int) -> None:
         """Put `fb` on `plane` (configured already: only FB_ID changes), nonblocking, its flip event
@@ -53,14 +53,14 @@ class OutputLayer:
             if ret < 0:
                 raise kms_error("kms_flip", -ret, f"plane {plane.id} FB {fb.id}")
         else:
-            self.card.atomic().add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=token)
+            self.atomic().add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=token)
 
     def reset(self) -> None:
         """Every plane, CRTC and connector off (blocking), so nothing another program left on screen
         (fbcon, a crashed compositor) stays visible. Errors are logged: the outputs are lit anew
         after it either way."""
         card = self.card
-        req = card.atomic()
+        req = self.atomic()
         for plane in card.planes:
             req.add_plane(plane, None, None)
         for conn in card.connectors:

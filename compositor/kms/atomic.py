@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno as E
 import logging
 
-from .card import Card, KmsObject, ffi, lib, mode_to_c
+from .card import Card, KmsObject
+from .drm import create_mode_blob, destroy_blob, ffi, lib
 from .errors import KmsError, Rejected, kms_error
 from .mode import Mode
 
@@ -86,14 +87,10 @@ class AtomicRequest:
         return self
 
     def _mode_blob(self, crtc: KmsObject, mode: Mode) -> int:
-        info = mode_to_c(mode)
-        blob = ffi.new("uint32_t *")
-        ret = lib.drmModeCreatePropertyBlob(self.card.fd, info, ffi.sizeof("drmModeModeInfo"), blob)
-        if ret < 0:
-            raise kms_error("drmModeCreatePropertyBlob", -ret, f"mode {mode.label()}")
-        self._blobs.append((crtc.id, blob[0]))
-        self._labels[blob[0]] = mode.label()
-        return blob[0]
+        blob = create_mode_blob(self.card.fd, mode)
+        self._blobs.append((crtc.id, blob))
+        self._labels[blob] = mode.label()
+        return blob
 
     def test(self, *, allow_modeset: bool = False) -> None:
         """TEST_ONLY commit: raises if the kernel would refuse; changes nothing on screen."""
@@ -130,7 +127,7 @@ class AtomicRequest:
     def discard(self) -> None:
         """Destroy the mode blobs this request created (the rollback after a failed commit)."""
         for _, blob in self._blobs:
-            lib.drmModeDestroyPropertyBlob(self.card.fd, blob)
+            destroy_blob(self.card.fd, blob)
         self._blobs.clear()
 
     def __enter__(self) -> AtomicRequest:

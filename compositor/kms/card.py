@@ -16,31 +16,17 @@ import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from .. import _native
 from ..formats import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, fourcc_name
+from .drm import destroy_blob, errno_check, ffi, lib, mode_from_c, neg_errno_check
 from .edid import EdidError, EdidIdentity, parse_edid
 from .errors import DeviceError, KmsError, NotMaster, Rejected, kms_error
 from .in_formats import BlobError, parse_in_formats
 from .mode import Mode
 from .wait import readable
 
-if TYPE_CHECKING:
-    from .atomic import AtomicRequest
-
-ffi, lib = _native.ffi, _native.lib
 log = logging.getLogger("directflip.kms")
-
-_LOG_LEVELS = {10, 20, 30, 40, 50}
-
-
-@ffi.def_extern()
-def _kms_log_cb(level: int, message) -> None:  # called from kms_helpers.c
-    log.log(level if level in _LOG_LEVELS else logging.INFO, "native: %s", ffi.string(message).decode())
-
-
-lib.kms_set_logger(lib._kms_log_cb)
 
 OBJECT_TYPES = {
     "connector": lib.DRM_MODE_OBJECT_CONNECTOR,
@@ -50,20 +36,6 @@ OBJECT_TYPES = {
 PLANE_TYPES = {0: "overlay", 1: "primary", 2: "cursor"}
 CONNECTION = {1: "connected", 2: "disconnected", 3: "unknown"}
 WRITEBACK_CONNECTOR_TYPE = 18
-
-
-def _neg_errno_check(ret: int, op: str, detail: str = "", overrides=None) -> int:
-    """For libdrm calls that return -errno (the drmMode* ioctl wrappers)."""
-    if ret < 0:
-        raise kms_error(op, -ret, detail, overrides)
-    return ret
-
-
-def _errno_check(ret: int, op: str, detail: str = "", overrides=None) -> int:
-    """For libdrm calls that return -1 and set errno (drmIoctl-style: drmPrime*, caps, master)."""
-    if ret != 0:
-        raise kms_error(op, ffi.errno or E.EIO, detail, overrides)
-    return ret
 
 
 # --------------------------------------------------------------------------------------- properties
@@ -180,7 +152,7 @@ class Connector(KmsObject):
             self.type_name = ffi.string(tname).decode() if tname != ffi.NULL else f"Unknown{self.type}"
             self.status = CONNECTION.get(int(c.connection), "unknown")
             self.mm_size = (c.mmWidth, c.mmHeight)
-            self.modes = [_mode_from_c(c.modes[i]) for i in range(c.count_modes)]
+            self.modes = [mode_from_c(c.modes[i]) for i in range(c.count_modes)]
             self.encoder_ids = [c.encoders[i] for i in range(c.count_encoders)]
         finally:
             lib.drmModeFreeConnector(c)
@@ -250,7 +222,7 @@ class Crtc(KmsObject):
         if c == ffi.NULL:
             raise kms_error("drmModeGetCrtc", ffi.errno or E.ENOENT, f"CRTC {self.id}")
         try:
-            self.mode = _mode_from_c(c.mode) if c.mode_valid else None
+            self.mode = mode_from_c(c.mode) if c.mode_valid else None
             self.fb_id = c.buffer_id
         finally:
             lib.drmModeFreeCrtc(c)
@@ -311,22 +283,6 @@ class Plane(KmsObject):
         return {"min": lo, "max": hi, "value": self.values["zpos"], "immutable": prop.immutable}
 
 
-def _mode_from_c(m) -> Mode:
-    return Mode(name=ffi.string(m.name).decode(errors="replace"), clock=m.clock, hdisplay=m.hdisplay,
-                hsync_start=m.hsync_start, hsync_end=m.hsync_end, htotal=m.htotal, vdisplay=m.vdisplay,
-                vsync_start=m.vsync_start, vsync_end=m.vsync_end, vtotal=m.vtotal, hskew=m.hskew,
-                vscan=m.vscan, vrefresh=m.vrefresh, flags=m.flags, type=m.type)
-
-
-def mode_to_c(mode: Mode):
-    m = ffi.new("drmModeModeInfo *")
-    for field in ("clock", "hdisplay", "hsync_start", "hsync_end", "htotal", "hskew", "vdisplay",
-                  "vsync_start", "vsync_end", "vtotal", "vscan", "vrefresh", "flags", "type"):
-        setattr(m, field, getattr(mode, field))
-    m.name = mode.name.encode()[:31]
-    return m
-
-
 # ----------------------------------------------------------------------------------------- buffers
 
 @dataclass
@@ -345,8 +301,8 @@ class DumbBuffer:
     def map(self) -> mmap.mmap:
         if self._map is None:
             offset = ffi.new("uint64_t *")
-            _neg_errno_check(lib.drmModeMapDumbBuffer(self.card.fd, self.handle, offset),
-                             "drmModeMapDumbBuffer", f"handle {self.handle}")
+            neg_errno_check(lib.drmModeMapDumbBuffer(self.card.fd, self.handle, offset),
+                            "drmModeMapDumbBuffer", f"handle {self.handle}")
             self._map = mmap.mmap(self.card.fd, self.size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=offset[0])
         return self._map
@@ -374,7 +330,7 @@ class Framebuffer:
 
     def remove(self) -> None:
         if self.id:
-            _neg_errno_check(lib.drmModeRmFB(self.card.fd, self.id), "drmModeRmFB", f"FB {self.id}")
+            neg_errno_check(lib.drmModeRmFB(self.card.fd, self.id), "drmModeRmFB", f"FB {self.id}")
             self.id = 0
 
 
@@ -591,13 +547,13 @@ class Card:
 
     def drop_master(self) -> None:
         if self.is_master:
-            _errno_check(lib.drmDropMaster(self.fd), "drmDropMaster")
+            errno_check(lib.drmDropMaster(self.fd), "drmDropMaster")
 
     # -- buffers
     def create_dumb(self, width: int, height: int, bpp: int = 32) -> DumbBuffer:
         handle, pitch, size = ffi.new("uint32_t *"), ffi.new("uint32_t *"), ffi.new("uint64_t *")
-        _neg_errno_check(lib.drmModeCreateDumbBuffer(self.fd, width, height, bpp, 0, handle, pitch, size),
-                         "drmModeCreateDumbBuffer", f"{width}x{height}x{bpp} on {self.driver}")
+        neg_errno_check(lib.drmModeCreateDumbBuffer(self.fd, width, height, bpp, 0, handle, pitch, size),
+                        "drmModeCreateDumbBuffer", f"{width}x{height}x{bpp} on {self.driver}")
         return DumbBuffer(self, handle[0], width, height, bpp, pitch[0], size[0])
 
     def add_framebuffer(self, width: int, height: int, fmt: int, handles: Iterable[int],
@@ -618,13 +574,13 @@ class Card:
         if modifier in (None, DRM_FORMAT_MOD_INVALID) or (
                 modifier == DRM_FORMAT_MOD_LINEAR and not self.get_cap(lib.DRM_CAP_ADDFB2_MODIFIERS)):
             ret = lib.drmModeAddFB2(self.fd, width, height, fmt, h, p, o, fb_id, 0)
-            _neg_errno_check(ret, "drmModeAddFB2", what)
+            neg_errno_check(ret, "drmModeAddFB2", what)
             modifier = DRM_FORMAT_MOD_INVALID
         else:
             mods = ffi.new("uint64_t[4]", [modifier if h[i] else 0 for i in range(4)])
             ret = lib.drmModeAddFB2WithModifiers(self.fd, width, height, fmt, h, p, o, mods, fb_id,
                                                  lib.DRM_MODE_FB_MODIFIERS)
-            _neg_errno_check(ret, "drmModeAddFB2WithModifiers", what)
+            neg_errno_check(ret, "drmModeAddFB2WithModifiers", what)
         return Framebuffer(self, fb_id[0], width, height, fmt, modifier)
 
     def dumb_framebuffer(self, buf: DumbBuffer, fmt: int) -> Framebuffer:
@@ -640,8 +596,8 @@ class Card:
 
     def export_dmabuf(self, handle: int) -> int:
         fd = ffi.new("int *")
-        _errno_check(lib.drmPrimeHandleToFD(self.fd, handle, lib.DRM_CLOEXEC | lib.DRM_RDWR, fd),
-                     "drmPrimeHandleToFD", f"handle {handle} on {self.driver}")
+        errno_check(lib.drmPrimeHandleToFD(self.fd, handle, lib.DRM_CLOEXEC | lib.DRM_RDWR, fd),
+                    "drmPrimeHandleToFD", f"handle {handle} on {self.driver}")
         return fd[0]
 
     def import_dmabuf(self, dmabuf_fd: int) -> int:
@@ -659,18 +615,14 @@ class Card:
         return handle[0]
 
     def close_handle(self, handle: int) -> None:
-        _errno_check(lib.drmCloseBufferHandle(self.fd, handle), "drmCloseBufferHandle", f"handle {handle}")
+        errno_check(lib.drmCloseBufferHandle(self.fd, handle), "drmCloseBufferHandle", f"handle {handle}")
 
-    # -- commits
-    def atomic(self) -> AtomicRequest:
-        from .atomic import AtomicRequest
-        return AtomicRequest(self)
-
+    # -- commits (an AtomicRequest, compositor/kms/atomic.py, is built on a Card)
     def _adopt_mode_blob(self, crtc_id: int, blob_id: int) -> None:
         old = self._mode_blobs.get(crtc_id)
         self._mode_blobs[crtc_id] = blob_id
         if old and old != blob_id:
-            lib.drmModeDestroyPropertyBlob(self.fd, old)
+            destroy_blob(self.fd, old)
 
     # -- events
     def dispatch_events(self) -> list[FlipEvent]:
@@ -744,7 +696,7 @@ class Card:
             return
         self.detach()
         for blob in self._mode_blobs.values():
-            lib.drmModeDestroyPropertyBlob(self.fd, blob)
+            destroy_blob(self.fd, blob)
         self._mode_blobs.clear()
         os.close(self.fd)
         self.fd = -1
@@ -777,4 +729,4 @@ def list_cards(dri: str = "/dev/dri") -> list[str]:
 
 
 __all__ = ["Card", "Connector", "Crtc", "Plane", "Encoder", "Property", "DumbBuffer", "Framebuffer",
-           "FlipEvent", "list_cards", "mode_to_c", "KmsError"]
+           "FlipEvent", "list_cards", "KmsError"]

@@ -17,7 +17,17 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_daemon_guests import CARD, POLICY, Conn, fake_topology
-from test_scanout import CRTC, FakeCard, H, Rig, W, assignment, composed, guest_buffer
+from test_scanout import (
+    CRTC,
+    FakeCard,
+    H,
+    Rig,
+    W,
+    assignment,
+    composed,
+    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
+    guest_buffer,
+)
 
 from compositor import capture as readback
 from compositor.capture import CaptureError

@@ -11,7 +11,16 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
-from test_scanout import CONNECTOR, CRTC, PLANE, FakeCard, H, W, guest_buffer
+from test_scanout import (
+    CONNECTOR,
+    CRTC,
+    PLANE,
+    FakeCard,
+    H,
+    W,
+    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
+    guest_buffer,
+)
 
 from compositor import topology
 from compositor.daemon import Daemon

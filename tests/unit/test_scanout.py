@@ -262,10 +262,7 @@ class FakeCard:
     def pixels(self, fb: FakeFramebuffer) -> bytes:
         return bytes(self.dumbs[fb.handle].map()[:])
 
-    # -- commits
-    def atomic(self) -> FakeRequest:
-        return FakeRequest(self)
-
+    # -- commits (compositor.output builds its requests as FakeRequest(card): see fake_native_flip)
     def commit(self, req: FakeRequest, *, test_only: bool, allow_modeset: bool, nonblock: bool,
                event: bool, user_data: int) -> None:
         touched = dict(req.planes)
@@ -338,7 +335,7 @@ class FakeNativeLib:
         if fb is None:
             card.violations.append(f"kms_flip to FB {fb_id}, which is not there")
             return -errno.ENOENT
-        req = card.atomic()
+        req = FakeRequest(card)
         req.native = True
         try:
             req.add(plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=user_data)
@@ -349,8 +346,10 @@ class FakeNativeLib:
 
 @pytest.fixture(autouse=True, scope="module")
 def fake_native_flip():
+    """compositor.output's flips and requests go to the fake card: kms_flip and AtomicRequest."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(output, "lib", FakeNativeLib())
+        mp.setattr(output, "AtomicRequest", FakeRequest)
         yield
 
 
@@ -1418,7 +1417,7 @@ def test_a_cursor_state_the_data_plane_never_committed_is_committed_again_from_h
     x_img, y_img = cursor_image(1), cursor_image(2)
     for image in (x_img, y_img, x_img):   # X in one slot, Y in the other; X shown
         layer.set(image, Pointer(5, 5, True), src, dst)
-        req = card.atomic()
+        req = FakeRequest(card)
         layer.add_to(req)
         layer.done()
     shown = layer.front
@@ -1434,7 +1433,7 @@ def test_a_cursor_state_the_data_plane_never_committed_is_committed_again_from_h
     assert layer.dirty and layer.committed is not None and layer.front == shown
     z = cursor_image(3)
     layer.set(z, Pointer(7, 7, True), src, dst)
-    req = card.atomic()
+    req = FakeRequest(card)
     layer.add_to(req)
     assert req.planes[CURSOR].fb.id != x_fb, "a new image drawn into the slot on screen"
 

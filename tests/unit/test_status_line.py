@@ -11,7 +11,12 @@ from pathlib import Path
 import pytest
 from test_daemon_guests import CARD, Conn, fake_topology
 from test_notify import drain, receiver
-from test_scanout import CRTC, FakeCard, guest_buffer
+from test_scanout import (
+    CRTC,
+    FakeCard,
+    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
+    guest_buffer,
+)
 
 from compositor.control import format_status
 from compositor.daemon import Daemon, status_line

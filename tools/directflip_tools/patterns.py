@@ -14,6 +14,7 @@ import numpy as np
 
 from compositor.formats import XRGB8888
 from compositor.kms import Card, choose_mode
+from compositor.kms.atomic import AtomicRequest
 
 WHITE = 0xFFFFFF
 BLACK = 0x000000
@@ -98,7 +99,7 @@ class PatternHead:
 def light_patterns(card: Card, specs: list[tuple[str, str, int]]):
     """Light every (connector, mode spec, pattern index) in ONE blocking atomic commit, each on a CRTC
     of its own. Returns (heads, expected RGB per head, properties in the commit)."""
-    req = card.atomic()
+    req = AtomicRequest(card)
     heads, expected, used = [], [], set()
     for name, spec, index in specs:
         conn = card.connector(name)

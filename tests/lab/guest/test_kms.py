@@ -16,6 +16,7 @@ import pytest
 from compositor import _native
 from compositor.formats import XRGB8888
 from compositor.kms import Card, Rejected
+from compositor.kms.atomic import AtomicRequest
 from compositor.kms.writeback import add_writeback
 from directflip_tools.patterns import PatternHead, light_patterns, mismatch, pattern, read_xrgb
 
@@ -103,7 +104,8 @@ def test_nonblocking_flip_event_through_asyncio(three_heads, virtio, host):
         try:
             # Python path: AtomicRequest, NONBLOCK | PAGE_FLIP_EVENT, event through the loop.
             fut = virtio.expect_flip(head.crtc.id)
-            virtio.atomic().add(head.plane, "FB_ID", fb).commit(nonblock=True, event=True, user_data=4242)
+            AtomicRequest(virtio).add(head.plane, "FB_ID", fb).commit(nonblock=True, event=True,
+                                                                      user_data=4242)
             ev1 = await asyncio.wait_for(fut, 5)
             # Native hot path: the same flip through kms_helpers.c.
             fut = virtio.expect_flip(head.crtc.id)
@@ -131,7 +133,7 @@ def test_refused_test_only_commit_changes_nothing(three_heads, virtio, host):
     fb, _ = head.framebuffer(3)
     w, h = head.mode.width, head.mode.height
     # virtio-gpu's primary plane cannot be positioned or scaled: it must cover the whole CRTC.
-    req = virtio.atomic().add_plane(head.plane, head.crtc, fb, src=(0, 0, w // 2, h // 2),
+    req = AtomicRequest(virtio).add_plane(head.plane, head.crtc, fb, src=(0, 0, w // 2, h // 2),
                                     dst=(100, 100, w // 2, h // 2))
     with pytest.raises(Rejected) as info:
         req.test()
@@ -143,7 +145,7 @@ def test_refused_test_only_commit_changes_nothing(three_heads, virtio, host):
 
 def test_unknown_property_fails_at_commit_not_at_add(virtio):
     plane = virtio.planes[0]
-    req = virtio.atomic().add(plane, "NO_SUCH_PROP", 1).add(plane, "FB_ID", 0)
+    req = AtomicRequest(virtio).add(plane, "NO_SUCH_PROP", 1).add(plane, "FB_ID", 0)
     assert len(req) == 0, "adds after the first failure are no-ops"
     with pytest.raises(Exception, match="has no property 'NO_SUCH_PROP'"):
         req.commit()
@@ -190,7 +192,7 @@ def test_vkms_writeback_reads_back_the_committed_pattern(cards):
         out = card.create_dumb(800, 600)
         out.map()[:] = b"\0" * out.size
         out_fb = card.dumb_framebuffer(out, XRGB8888)
-        req = card.atomic().add_output(monitor, crtc, head.mode).add_plane(head.plane, crtc, fb)
+        req = AtomicRequest(card).add_output(monitor, crtc, head.mode).add_plane(head.plane, crtc, fb)
         job = add_writeback(req, wb, crtc, out_fb)
         req.commit(allow_modeset=True)
         job.wait(timeout=5)
