@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno as E
 import logging
 
-from .card import Card, KmsObject
+from .card import Card, Framebuffer, KmsObject, Plane
 from .drm import create_mode_blob, destroy_blob, ffi, lib
 from .errors import KmsError, Rejected, kms_error
 from .mode import Mode
@@ -70,7 +70,7 @@ class AtomicRequest:
             return self.add(connector, "CRTC_ID", None).add(crtc, "ACTIVE", 0).add(crtc, "MODE_ID", None)
         return self.add(connector, "CRTC_ID", crtc).add(crtc, "MODE_ID", mode).add(crtc, "ACTIVE", 1)
 
-    def add_plane(self, plane: KmsObject, crtc: KmsObject | None, fb: object | None,
+    def add_plane(self, plane: KmsObject, crtc: KmsObject | None, fb: Framebuffer | None,
                   src: tuple[int, int, int, int] | None = None,
                   dst: tuple[int, int, int, int] | None = None) -> AtomicRequest:
         """Show fb on plane: src (x, y, w, h) in the framebuffer's pixels (default: all of it), dst
@@ -133,7 +133,7 @@ class AtomicRequest:
     def __enter__(self) -> AtomicRequest:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.discard()
 
     def dump(self) -> str:
@@ -143,7 +143,7 @@ class AtomicRequest:
             shown = prop.describe(raw)
             if name == "MODE_ID" and raw in self._labels:
                 shown = f"blob {raw} ({self._labels[raw]})"
-            label = getattr(obj, "name", None) or (obj.type if obj.kind == "plane" else "")
+            label = getattr(obj, "name", None) or (obj.type if isinstance(obj, Plane) else "")
             lines.append(f"  {obj.kind} {obj.id}{f' ({label})' if label else ''} {name} = {shown}")
         if self.error is not None:
             lines.append(f"  (first build error: {self.error})")

@@ -14,9 +14,9 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from ..formats import DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, fourcc_name
 from .drm import destroy_blob, errno_check, ffi, lib, mode_from_c, neg_errno_check
@@ -146,8 +146,8 @@ class Connector(KmsObject):
         if c == ffi.NULL:
             raise kms_error("drmModeGetConnector", ffi.errno or E.ENOENT, f"connector {self.id}")
         try:
-            self.type = c.connector_type
-            self.type_index = c.connector_type_id
+            self.type: int = c.connector_type
+            self.type_index: int = c.connector_type_id
             tname = lib.drmModeGetConnectorTypeName(c.connector_type)
             self.type_name = ffi.string(tname).decode() if tname != ffi.NULL else f"Unknown{self.type}"
             self.status = CONNECTION.get(int(c.connection), "unknown")
@@ -275,7 +275,7 @@ class Plane(KmsObject):
         return modifier == DRM_FORMAT_MOD_INVALID or modifier in mods
 
     @property
-    def zpos(self) -> dict | None:
+    def zpos(self) -> dict[str, int | bool] | None:
         prop = self.props.get("zpos")
         if prop is None:
             return None
@@ -342,6 +342,13 @@ class FlipEvent:
     user_data: int
 
 
+class EventReader(Protocol):
+    """What Card.attach needs of the data plane (compositor.dataplane): it takes over reading the
+    card's descriptor and names the card by a number of its own."""
+
+    def add_card(self, fd: int) -> int: ...
+
+
 # -------------------------------------------------------------------------------------------- card
 
 class Card:
@@ -366,11 +373,11 @@ class Card:
         except OSError as exc:
             raise DeviceError(f"cannot open {path}: {exc.strerror}") from None
         self._prop_cache: dict[int, Property] = {}
-        self._waiters: dict[int, asyncio.Future] = {}
+        self._waiters: dict[int, asyncio.Future[FlipEvent]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self.dp_card = -1  # the data plane's name for this card once it reads the fd (attach)
         self._mode_blobs: dict[int, int] = {}   # CRTC id → the blob of the mode we set on it
-        self.flip_handlers: list = []           # callables(FlipEvent), called for every flip event
+        self.flip_handlers: list[Callable[[FlipEvent], object]] = []   # called for every flip event
         self.connectors: list[Connector] = []
         self.crtcs: list[Crtc] = []
         self.planes: list[Plane] = []
@@ -421,7 +428,7 @@ class Card:
         return int(value[0])
 
     @property
-    def caps(self) -> dict:
+    def caps(self) -> dict[str, bool | int]:
         prime = self.get_cap(lib.DRM_CAP_PRIME)
         return {
             "atomic": self.has_atomic,
@@ -598,7 +605,7 @@ class Card:
         fd = ffi.new("int *")
         errno_check(lib.drmPrimeHandleToFD(self.fd, handle, lib.DRM_CLOEXEC | lib.DRM_RDWR, fd),
                     "drmPrimeHandleToFD", f"handle {handle} on {self.driver}")
-        return fd[0]
+        return int(fd[0])
 
     def import_dmabuf(self, dmabuf_fd: int) -> int:
         """PRIME import: the GEM handle of the dma-buf on this card. A driver that cannot use a
@@ -612,7 +619,7 @@ class Card:
                            f"it needs a copy")
             raise kms_error("drmPrimeFDToHandle", err, detail,
                             overrides={E.ENODEV: Rejected, E.EOPNOTSUPP: Rejected})
-        return handle[0]
+        return int(handle[0])
 
     def close_handle(self, handle: int) -> None:
         errno_check(lib.drmCloseBufferHandle(self.fd, handle), "drmCloseBufferHandle", f"handle {handle}")
@@ -649,7 +656,8 @@ class Card:
             for handler in self.flip_handlers:
                 handler(ev)
 
-    def attach(self, loop: asyncio.AbstractEventLoop | None = None, dataplane=None) -> None:
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None,
+               dataplane: EventReader | None = None) -> None:
         """Deliver flip events through the asyncio loop: the fd turning readable dispatches them.
         With a data plane (compositor.dataplane), its thread reads the fd from now on: it handles
         the events of its own commits and hands the others back, which the daemon deliver()s."""
@@ -665,7 +673,7 @@ class Card:
                 self._loop.remove_reader(self.fd)
             self._loop = None
 
-    def expect_flip(self, crtc_id: int) -> asyncio.Future:
+    def expect_flip(self, crtc_id: int) -> asyncio.Future[FlipEvent]:
         """A future for the next flip event of crtc_id. One waiter per CRTC: there is at most one
         commit in flight per CRTC."""
         if crtc_id in self._waiters and not self._waiters[crtc_id].done():
@@ -704,7 +712,7 @@ class Card:
     def __enter__(self) -> Card:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

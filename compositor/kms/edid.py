@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import asdict, dataclass
+from typing import Any
 
 EDID_HEADER = b"\x00\xff\xff\xff\xff\xff\xff\x00"
 _DESCRIPTOR_OFFSETS = (54, 72, 90, 108)
@@ -36,7 +37,7 @@ class EdidIdentity:
         base = f"{self.manufacturer}:{self.product}:{self.serial}"
         return f"{base}:{self.serial_string}" if self.serial_string else base
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "identity": self.identity}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 DRM_MODE_FLAG_INTERLACE = 1 << 4
 DRM_MODE_FLAG_DBLSCAN = 1 << 5
@@ -63,7 +64,7 @@ class Mode:
     def label(self) -> str:
         return f"{self.width}x{self.height}@{self.refresh:.2f}"
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name, "width": self.width, "height": self.height,
             "refresh": round(self.refresh, 3), "clock": self.clock,
@@ -73,7 +74,7 @@ class Mode:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Mode:
+    def from_json(cls, d: dict[str, Any]) -> Mode:
         return cls(name=d["name"], clock=d["clock"], hdisplay=d["width"], hsync_start=d["hsync_start"],
                    hsync_end=d["hsync_end"], htotal=d["htotal"], vdisplay=d["height"],
                    vsync_start=d["vsync_start"], vsync_end=d["vsync_end"], vtotal=d["vtotal"],

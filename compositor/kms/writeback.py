@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 
 from .atomic import AtomicRequest
-from .card import Connector, Crtc, Framebuffer, ffi
+from .card import Connector, Crtc, Framebuffer
+from .drm import ffi
 from .wait import readable
 
 
