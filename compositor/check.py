@@ -141,44 +141,19 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from dataclasses import replace
 
-    from compositor import planner, policy, topology
+    from compositor import planner
 
     try:
         guests = [parse_guest(spec) for spec in args.guest]
     except ValueError as exc:
         raise _Usage(str(exc)) from None
 
-    try:
-        pol = policy.load(args.policy)
-    except OSError as exc:
-        raise _Usage(f"cannot read {args.policy}: {exc.strerror or exc}") from None
-    except policy.PolicyError as exc:
-        # Warnings are left out here: on a broken file they are mostly echoes of its errors.
-        for d in exc.errors:
-            print(d, file=err)
-        n = len(exc.errors)
-        print(f"{args.policy}: invalid, {n} error{'s' if n != 1 else ''}", file=err)
+    pol = _valid_policy(args.policy, out, err)
+    if pol is None:
         return EXIT_INVALID
-    for w in pol.warnings:
-        print(w, file=err)
-    domain_errors = check_domains(pol, args.policy, out, err)
-    if domain_errors:
-        print(f"{args.policy}: invalid, {_count(range(domain_errors), 'libvirt domain')} cannot be shown",
-              file=err)
+    topo = _topology(args, err)
+    if topo is None:
         return EXIT_INVALID
-    print(f"{args.policy}: valid ({_count(pol.monitors, 'monitor')}, {_count(pol.guests, 'guest')}, "
-          f"{_count(pol.placements, 'placement')})", file=out)
-
-    try:
-        topo = topology.load(args.topology) if args.topology else _live_topology()
-    except OSError as exc:
-        raise _Usage(f"cannot read {args.topology}: {exc.strerror or exc}") from None
-    except topology.TopologyError as exc:
-        print(exc, file=err)
-        print(f"{exc.source or 'topology'}: not a valid `directflip probe --json` document", file=err)
-        return EXIT_INVALID
-    if args.unplug:
-        topo = topo.without(set(args.unplug))
 
     imagined = not guests
     labels: dict[str, str] = {}
@@ -187,25 +162,10 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     outputs = topo.outputs()
     assignment = relabel(planner.plan(pol, outputs, guests), labels)
     guests = [replace(g, name=labels.get(g.name, g.name)) for g in guests]
-    bound = {o.monitor for o in assignment.outputs} | {d.monitor for d in assignment.dark if d.monitor}
-    for rule in pol.monitors:
-        if rule.name not in bound:
-            print(f"{args.policy}:{rule.line}: warning: monitor `{rule.name}` matches no connected output "
-                  f"of {args.topology or 'this machine'}", file=err)
+    _warn_unbound_monitors(pol, assignment, args, err)
 
     source = args.topology or "live devices"
-    counts = f"{_count(topo.cards, 'card')}, {_count(outputs, 'monitor')} present"
-    print(f"topology: {source} ({counts})", file=out)
-    for card in topo.cards:
-        if card.error:
-            print(f"  {card.path}: not probed: {card.error}", file=out)
-    guest_list = ", ".join(f"{g.name} ({g.kind or 'any kind'}{_size(g)})" for g in guests) or "none"
-    suffix = " [one per guest rule; describe real ones with --guest]" if imagined else ""
-    print(f"guests: {guest_list}{suffix}", file=out)
-    if args.unplug:
-        print(f"unplugged: {', '.join(args.unplug)}", file=out)
-    print(file=out)
-    print(format_plan(assignment), file=out)
+    _print_plan(assignment, topo, outputs, guests, imagined, source, args.unplug, out)
     if not assignment.outputs:
         present = ", ".join(f"{_short(o.card.path)} {o.connector.name}" for o in outputs) or "none"
         print(f"{args.policy}: lights no monitor on {source}: none of its {_count(pol.monitors, 'monitor')} "
@@ -214,16 +174,96 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return EXIT_INVALID
 
     if args.render:
-        from compositor import render
-
-        try:
-            render.render(assignment, outputs, guests, Path(args.render), title=str(args.policy))
-        except render.RenderUnavailable as exc:
-            raise _Usage(str(exc)) from None
-        except OSError as exc:
-            raise _Usage(f"cannot write {args.render}: {exc.strerror or exc}") from None
-        print(f"\nlayout drawn to {args.render}", file=out)
+        _render(assignment, outputs, guests, args.render, str(args.policy), out)
     return EXIT_VALID
+
+
+def _valid_policy(path: str, out: TextIO, err: TextIO) -> policy.Policy | None:
+    """The policy at `path`, its warnings printed and its libvirt domains checked; None (errors
+    printed) when it is invalid. A file that cannot be read is a usage error."""
+    from compositor import policy
+
+    try:
+        pol = policy.load(path)
+    except OSError as exc:
+        raise _Usage(f"cannot read {path}: {exc.strerror or exc}") from None
+    except policy.PolicyError as exc:
+        # Warnings are left out here: on a broken file they are mostly echoes of its errors.
+        for d in exc.errors:
+            print(d, file=err)
+        n = len(exc.errors)
+        print(f"{path}: invalid, {n} error{'s' if n != 1 else ''}", file=err)
+        return None
+    for w in pol.warnings:
+        print(w, file=err)
+    domain_errors = check_domains(pol, path, out, err)
+    if domain_errors:
+        print(f"{path}: invalid, {_count(range(domain_errors), 'libvirt domain')} cannot be shown",
+              file=err)
+        return None
+    print(f"{path}: valid ({_count(pol.monitors, 'monitor')}, {_count(pol.guests, 'guest')}, "
+          f"{_count(pol.placements, 'placement')})", file=out)
+    return pol
+
+
+def _topology(args: argparse.Namespace, err: TextIO) -> topology.Topology | None:
+    """The topology to plan for, less the `--unplug` connectors; None (the error printed) when the
+    `--topology` file is not a valid probe document."""
+    from compositor import topology
+
+    try:
+        topo = topology.load(args.topology) if args.topology else _live_topology()
+    except OSError as exc:
+        raise _Usage(f"cannot read {args.topology}: {exc.strerror or exc}") from None
+    except topology.TopologyError as exc:
+        print(exc, file=err)
+        print(f"{exc.source or 'topology'}: not a valid `directflip probe --json` document", file=err)
+        return None
+    if args.unplug:
+        topo = topo.without(set(args.unplug))
+    return topo
+
+
+def _warn_unbound_monitors(pol: policy.Policy, assignment: planner.Assignment, args: argparse.Namespace,
+                           err: TextIO) -> None:
+    """A monitor rule that no output took is likely a typo or a monitor left unplugged: say so."""
+    bound = {o.monitor for o in assignment.outputs} | {d.monitor for d in assignment.dark if d.monitor}
+    for rule in pol.monitors:
+        if rule.name not in bound:
+            print(f"{args.policy}:{rule.line}: warning: monitor `{rule.name}` matches no connected output "
+                  f"of {args.topology or 'this machine'}", file=err)
+
+
+def _print_plan(assignment: planner.Assignment, topo: topology.Topology, outputs: Sequence[topology.Output],
+                guests: Sequence[planner.Guest], imagined: bool, source: str, unplug: Sequence[str],
+                out: TextIO) -> None:
+    """What the plan was made for (topology, guests, unplugged connectors), then the plan itself."""
+    counts = f"{_count(topo.cards, 'card')}, {_count(outputs, 'monitor')} present"
+    print(f"topology: {source} ({counts})", file=out)
+    for card in topo.cards:
+        if card.error:
+            print(f"  {card.path}: not probed: {card.error}", file=out)
+    guest_list = ", ".join(f"{g.name} ({g.kind or 'any kind'}{_size(g)})" for g in guests) or "none"
+    suffix = " [one per guest rule; describe real ones with --guest]" if imagined else ""
+    print(f"guests: {guest_list}{suffix}", file=out)
+    if unplug:
+        print(f"unplugged: {', '.join(unplug)}", file=out)
+    print(file=out)
+    print(format_plan(assignment), file=out)
+
+
+def _render(assignment: planner.Assignment, outputs: Sequence[topology.Output],
+            guests: Sequence[planner.Guest], target: str, title: str, out: TextIO) -> None:
+    """Draw the plan into `target`; a missing Pillow or an unwritable file is a usage error."""
+    from compositor import render
+
+    try:
+        render.render(assignment, outputs, guests, Path(target), title=title)
+    except render.RenderUnavailable as exc:
+        raise _Usage(str(exc)) from None
+    except OSError as exc:
+        raise _Usage(f"cannot write {target}: {exc.strerror or exc}") from None
+    print(f"\nlayout drawn to {target}", file=out)
 
 
 def check_domains(pol: policy.Policy, path: str, out: TextIO, err: TextIO) -> int:
