@@ -263,6 +263,22 @@ def _qemu_line(qemu: dict) -> str:
 
 
 def format_status(doc: dict) -> str:
+    lines = _heading_lines(doc)
+    lines += _output_table(doc)
+    lines += _guest_lines(doc.get("guests"))
+    for u in doc.get("unplaced", []):
+        lines.append(f"unplaced: {u['guest']}: {u['reason']}")
+    lines += _launched_lines(doc.get("launched"))
+    if doc.get("overrides"):
+        shown = ", ".join(f"{g} on {m}" for m, g in doc["overrides"].items())
+        lines.append(f"shown by `directflip show`: {shown} (`directflip show --reset` ends it)")
+    lines += _input_lines(doc.get("input"))
+    return "\n".join(lines)
+
+
+def _heading_lines(doc: dict) -> list[str]:
+    """The compositor's version and uptime, the session, and the policy in force with the error that
+    kept its last edit out."""
     pol = doc["policy"]
     lines = []
     if "version" in doc:
@@ -276,6 +292,12 @@ def format_status(doc: dict) -> str:
     if pol.get("last_error"):
         lines.append("  last edit REJECTED, the previous policy stays in force:")
         lines += ["    " + line for line in pol["last_error"].splitlines()]
+    return lines
+
+
+def _output_table(doc: dict) -> list[str]:
+    """One row per output, lit ones then dark ones, in columns as wide as their widest cell; the last
+    column (the note) is left ragged."""
     header = ("monitor", "connector", "guest", "path", "mode", "flips/s", "p50 ms", "p99 ms", "commit us",
               "dropped", "note")
     rows = []
@@ -290,27 +312,32 @@ def format_status(doc: dict) -> str:
         rows.append((d.get("monitor") or "-", d["connector"], "-", "dark", "-", "-", "-", "-", "-", "-",
                      d["reason"]))
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    for r in [header, *rows]:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1])
-    if doc.get("guests"):
-        lines.append("guests:")
-        for g in doc["guests"]:
-            lines.append(f"  {g['name']}: pid {g['pid']} uid {g['uid']}, {g['buffers']} buffers, "
-                         f"{g['flips']} flips, framebuffer {g['framebuffer'] or 'unknown yet'}")
-            if g.get("qemu"):
-                lines.append(_qemu_line(g["qemu"]))
-    for u in doc.get("unplaced", []):
-        lines.append(f"unplaced: {u['guest']}: {u['reason']}")
-    for name, vmm in (doc.get("launched") or {}).items():
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1]
+            for r in [header, *rows]]
+
+
+def _guest_lines(guests: list[dict] | None) -> list[str]:
+    """Each connected guest's process, buffers and flips, and its QEMU display when it has one."""
+    if not guests:
+        return []
+    lines = ["guests:"]
+    for g in guests:
+        lines.append(f"  {g['name']}: pid {g['pid']} uid {g['uid']}, {g['buffers']} buffers, "
+                     f"{g['flips']} flips, framebuffer {g['framebuffer'] or 'unknown yet'}")
+        if g.get("qemu"):
+            lines.append(_qemu_line(g["qemu"]))
+    return lines
+
+
+def _launched_lines(launched: dict | None) -> list[str]:
+    """The VMMs the compositor started: command, pid, scope, whether it runs and is shown."""
+    lines = []
+    for name, vmm in (launched or {}).items():
         scope = f" in {vmm['scope']}" if vmm.get("scope") else ""
         state = "running" if vmm.get("running") else "not running"
         att = "shown" if vmm.get("attached") else vmm.get("error") or "not attached"
         lines.append(f"launched: {name}: {vmm.get('command')} pid {vmm.get('pid')}{scope}, {state}; {att}")
-    if doc.get("overrides"):
-        shown = ", ".join(f"{g} on {m}" for m, g in doc["overrides"].items())
-        lines.append(f"shown by `directflip show`: {shown} (`directflip show --reset` ends it)")
-    lines += _input_lines(doc.get("input"))
-    return "\n".join(lines)
+    return lines
 
 
 def _input_lines(inp: dict | None) -> list[str]:
