@@ -420,57 +420,15 @@ class Daemon:
             paused = self.session.paused
             new = {(o.card, o.connector): o for o in assignment.outputs if o.card not in paused}
             old_keys = {key for key in self.pipelines if key[0] not in paused}
-            changed = 0
             present = {(o.card.path, o.connector.name) for o in self.topology.outputs()}
             self._take_back_changing(new, old_keys)
-            for key in old_keys - set(new):
-                pipe = self.pipelines.pop(key)
-                self._shown_by = None
-                if key in present:
-                    await self._idle(pipe)
-                else:
-                    # Unplugged: a flip in flight on a connector that is gone may never complete
-                    # (virtio-gpu drops it); waiting for it would only hold up the failover.
-                    pipe.abandon_in_flight()
-                pipe.stop()
-                log.info("%s: off", pipe.name)
-                changed += 1
+            changed = await self._turn_off(old_keys - set(new), present)
             for key, out in new.items():
                 pipe = self.pipelines.get(key)
                 if pipe is not None and pipe.out == out and key not in self.failed:
                     continue
                 changed += 1
-                first = self._first_frame(out)
-                try:
-                    if pipe is None:
-                        pipe = ScanoutPipeline(self.layers[out.card], out, release=self.registry.release,
-                                               present=self.registry.present, copier=self.copier)
-                        self.pipelines[key] = pipe
-                        self._shown_by = None
-                        pipe.on_path_change = self._status_changed
-                        pipe.dataplane = self.dataplane
-                        pipe.dp_buffer = self.registry.dp_buffers.get
-                        pipe.paused = True
-                        pipe.start(first)
-                    else:
-                        pipe.paused = True
-                        await self._idle(pipe)
-                        self._shown_by = None   # it may show another guest from here on
-                        pipe.reconfigure(out, first)
-                    self.failed.pop(key, None)
-                except (KmsError, OSError) as exc:
-                    log.error("%s:%s (%s): cannot light it: %s", out.card, out.connector, out.monitor, exc)
-                    self.failed[key] = str(exc)
-                    if pipe is None and first is not None:
-                        self.registry.release(first)   # no pipeline took it (a pipeline releases its own)
-                    if pipe is not None:
-                        pipe.stop()
-                        self.pipelines.pop(key, None)
-                        self._shown_by = None
-                finally:
-                    if pipe is not None:
-                        pipe.paused = False
-                        pipe.resume()
+                await self._light(key, out, pipe)
             for dark in assignment.dark:
                 self.failed.pop((dark.card, dark.connector), None)
             self.assignment = assignment
@@ -480,22 +438,77 @@ class Daemon:
             if changed:
                 # What each monitor shows now, in one line: the journal's record of every plan.
                 log.info("applied plan %d: %d output(s) changed; %s", self.plans, changed, self.status_line())
-            self.registry.sweep()
-            self._pass_edids()
-            self._tell_sizes()
-            if self.input is not None:  # input follows the plan first; names and cursors are cosmetic
-                self.input.plan_applied(assignment, self.card_seats)
-            self._assign_label_planes()
-            for gs in {id(g): g for p in self.pipelines.values()
-                       if p.out.guest and (g := self.guests.get(p.out.guest)) is not None}.values():
-                if gs.cursor is not None:
-                    self._push_cursor(gs)
-            for key, pipe in self.pipelines.items():
-                if pipe.out.guest != self._labelled.get(key):
-                    self._labelled[key] = pipe.out.guest
-                    if pipe.out.guest is not None:
-                        self._show_label(key, pipe, pipe.out.guest)
-            self._send_status()
+            self._follow_plan(assignment)
+
+    async def _turn_off(self, keys: set[tuple[str, str]], present: set[tuple[str, str]]) -> int:
+        """Stop the pipelines of outputs the plan no longer lights; returns how many."""
+        for key in keys:
+            pipe = self.pipelines.pop(key)
+            self._shown_by = None
+            if key in present:
+                await self._idle(pipe)
+            else:
+                # Unplugged: a flip in flight on a connector that is gone may never complete
+                # (virtio-gpu drops it); waiting for it would only hold up the failover.
+                pipe.abandon_in_flight()
+            pipe.stop()
+            log.info("%s: off", pipe.name)
+        return len(keys)
+
+    async def _light(self, key: tuple[str, str], out: OutputAssignment, pipe: ScanoutPipeline | None) -> None:
+        """Light the output `key` as `out` says: a new pipeline, or `pipe` reconfigured. An output the
+        card refuses is recorded in `failed` and left dark."""
+        first = self._first_frame(out)
+        try:
+            if pipe is None:
+                pipe = ScanoutPipeline(self.layers[out.card], out, release=self.registry.release,
+                                       present=self.registry.present, copier=self.copier)
+                self.pipelines[key] = pipe
+                self._shown_by = None
+                pipe.on_path_change = self._status_changed
+                pipe.dataplane = self.dataplane
+                pipe.dp_buffer = self.registry.dp_buffers.get
+                pipe.paused = True
+                pipe.start(first)
+            else:
+                pipe.paused = True
+                await self._idle(pipe)
+                self._shown_by = None   # it may show another guest from here on
+                pipe.reconfigure(out, first)
+            self.failed.pop(key, None)
+        except (KmsError, OSError) as exc:
+            log.error("%s:%s (%s): cannot light it: %s", out.card, out.connector, out.monitor, exc)
+            self.failed[key] = str(exc)
+            if pipe is None and first is not None:
+                self.registry.release(first)   # no pipeline took it (a pipeline releases its own)
+            if pipe is not None:
+                pipe.stop()
+                self.pipelines.pop(key, None)
+                self._shown_by = None
+        finally:
+            if pipe is not None:
+                pipe.paused = False
+                pipe.resume()
+
+    def _follow_plan(self, assignment: Assignment) -> None:
+        """What follows a new plan once its outputs are lit: buffers, EDIDs and sizes for the guests,
+        input, then the cosmetic cursors and name labels, and the status for watchers."""
+        self.registry.sweep()
+        self._pass_edids()
+        self._tell_sizes()
+        if self.input is not None:  # input follows the plan first; names and cursors are cosmetic
+            self.input.plan_applied(assignment, self.card_seats)
+        self._assign_label_planes()
+        for gs in {id(g): g for p in self.pipelines.values()
+                   if p.out.guest and (g := self.guests.get(p.out.guest)) is not None}.values():
+            if gs.cursor is not None:
+                self._push_cursor(gs)
+        for key, pipe in self.pipelines.items():
+            if pipe.out.guest != self._labelled.get(key):
+                self._labelled[key] = pipe.out.guest
+                if pipe.out.guest is not None:
+                    self._show_label(key, pipe, pipe.out.guest)
+        self._send_status()
 
     def _first_frame(self, out: OutputAssignment) -> Frame | None:
         gs = self.guests.get(out.guest) if out.guest else None
