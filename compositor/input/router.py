@@ -309,25 +309,34 @@ class SeatRouter:
         for etype, code, value in events:
             self.events += 1
             if etype == ecodes.EV_KEY:
-                if value == 2:
-                    continue  # autorepeat: the guest repeats held keys itself
-                if is_keyboard_key(code):
-                    self._key(device, code, value == 1)
-                elif is_pointer_button(code):
-                    self._button(device, code, value == 1)
+                self._key_event(device, code, value)
             elif etype == ecodes.EV_REL:
-                if code == ecodes.REL_X:
-                    frame.dx += value
-                elif code == ecodes.REL_Y:
-                    frame.dy += value
-                elif code == ecodes.REL_WHEEL:
-                    frame.wheel_y += value
-                elif code == ecodes.REL_HWHEEL:
-                    frame.wheel_x += value
+                self._rel(frame, code, value)
             elif etype == ecodes.EV_ABS:
                 self._abs(frame, code, value)
             elif etype == ecodes.EV_SYN and code == ecodes.SYN_REPORT:
                 self._frame_done(frame, abs_range)
+
+    def _key_event(self, device: int, code: int, value: int) -> None:
+        """A key or button pressed (1) or released (0): passed on at once, not at the frame's end as
+        motion is."""
+        if value == 2:
+            return  # autorepeat: the guest repeats held keys itself
+        if is_keyboard_key(code):
+            self._key(device, code, value == 1)
+        elif is_pointer_button(code):
+            self._button(device, code, value == 1)
+
+    def _rel(self, frame: DeviceFrame, code: int, value: int) -> None:
+        """Relative motion and wheels add up over the frame, sent together at its end."""
+        if code == ecodes.REL_X:
+            frame.dx += value
+        elif code == ecodes.REL_Y:
+            frame.dy += value
+        elif code == ecodes.REL_WHEEL:
+            frame.wheel_y += value
+        elif code == ecodes.REL_HWHEEL:
+            frame.wheel_x += value
 
     def _key(self, device: int, code: int, down: bool) -> None:
         if code in MODIFIER_OF:
