@@ -130,50 +130,80 @@ def _mode_label(m: dict | None) -> str:
 def format_table(doc: dict) -> str:
     out: list[str] = []
     for card in doc["cards"]:
-        caps = card.get("caps") or {}
-        flags = [k.replace("_", " ") for k in ("atomic", "prime_import", "prime_export", "addfb2_modifiers",
-                                               "writeback") if caps.get(k)]
-        out.append(f"{card['path']}  {card['driver'] or '?'}"
-                   f"{' (' + card['driver_desc'] + ')' if card.get('driver_desc') else ''}"
-                   f"{'  ' + card['bus_path'] if card.get('bus_path') else ''}")
-        if card.get("error"):
-            out.append(f"  not usable: {card['error']}")
-            out.append("")
-            continue
-        out.append(f"  caps: {', '.join(flags) or 'none'}")
-        out.append("  connectors:")
-        out.append(f"    {'name':<13} {'status':<13} {'edid':<32} {'preferred':<18} current")
-        for c in card["connectors"]:
-            e = c["edid"]
-            edid = f"{e['identity']} {e['name'] or ''}".strip() if e else "-"
-            cur = c["current"]
-            current = f"{_mode_label(cur['mode'])} on CRTC {cur['crtc']}" if cur else "-"
-            link = f"  link {c['link_status']}" if c["link_status"] not in (None, "good") else ""
-            out.append(f"    {c['name']:<13} {c['status']:<13} {edid[:32]:<32} "
-                       f"{_mode_label(c['preferred_mode']):<18} {current}{link}")
-            if c["modes"] and not c["preferred_mode"]:
-                out.append(f"    {'':<13} {len(c['modes'])} modes, none preferred; first "
-                           f"{_mode_label(c['modes'][0])}")
-        out.append("  CRTCs:")
-        for c in card["crtcs"]:
-            out.append(f"    {c['id']:<5} index {c['index']}  {'active  ' if c['active'] else 'inactive'}"
-                       f"  {_mode_label(c['mode'])}")
-        out.append("  planes:")
-        for p in card["planes"]:
-            fmts = []
-            for f, mods in p["formats"].items():
-                fmts.append(f if mods == ["LINEAR"] else f"{f}({','.join(mods)})")
-            z = f" zpos {p['zpos']['min']}..{p['zpos']['max']}" if p.get("zpos") else ""
-            on = f" on CRTC {p['crtc']}" if p.get("crtc") else ""
-            out.append(f"    {p['id']:<5} {p['type']:<8} CRTCs {','.join(map(str, p['possible_crtcs']))}"
-                       f"{z}{on}: {' '.join(fmts)}")
+        out += _card_lines(card)
         out.append("")
-    vgpus = doc.get("vgpus") or []
-    if vgpus:
-        out.append("vGPUs (VFIO mediated devices):")
-        for m in vgpus:
-            out.append(f"  {m['uuid']}  {m['type']} on {m['parent']}, IOMMU group {m['iommu_group']}")
-    for lv in doc.get("libvirt") or []:
+    out += _vgpu_lines(doc.get("vgpus") or [])
+    out += _libvirt_lines(doc.get("libvirt") or [])
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _card_lines(card: dict) -> list[str]:
+    """A card's heading, then its caps, connectors, CRTCs and planes; a card that could not be
+    probed gives only the reason after its heading."""
+    caps = card.get("caps") or {}
+    flags = [k.replace("_", " ") for k in ("atomic", "prime_import", "prime_export", "addfb2_modifiers",
+                                           "writeback") if caps.get(k)]
+    out = [f"{card['path']}  {card['driver'] or '?'}"
+           f"{' (' + card['driver_desc'] + ')' if card.get('driver_desc') else ''}"
+           f"{'  ' + card['bus_path'] if card.get('bus_path') else ''}"]
+    if card.get("error"):
+        out.append(f"  not usable: {card['error']}")
+        return out
+    out.append(f"  caps: {', '.join(flags) or 'none'}")
+    out += _connector_lines(card["connectors"])
+    out.append("  CRTCs:")
+    for c in card["crtcs"]:
+        out.append(f"    {c['id']:<5} index {c['index']}  {'active  ' if c['active'] else 'inactive'}"
+                   f"  {_mode_label(c['mode'])}")
+    out += _plane_lines(card["planes"])
+    return out
+
+
+def _connector_lines(connectors: list[dict]) -> list[str]:
+    """The connectors as a table: status, EDID identity, preferred and current mode."""
+    out = ["  connectors:", f"    {'name':<13} {'status':<13} {'edid':<32} {'preferred':<18} current"]
+    for c in connectors:
+        e = c["edid"]
+        edid = f"{e['identity']} {e['name'] or ''}".strip() if e else "-"
+        cur = c["current"]
+        current = f"{_mode_label(cur['mode'])} on CRTC {cur['crtc']}" if cur else "-"
+        link = f"  link {c['link_status']}" if c["link_status"] not in (None, "good") else ""
+        out.append(f"    {c['name']:<13} {c['status']:<13} {edid[:32]:<32} "
+                   f"{_mode_label(c['preferred_mode']):<18} {current}{link}")
+        if c["modes"] and not c["preferred_mode"]:
+            out.append(f"    {'':<13} {len(c['modes'])} modes, none preferred; first "
+                       f"{_mode_label(c['modes'][0])}")
+    return out
+
+
+def _plane_lines(planes: list[dict]) -> list[str]:
+    """One line a plane: type, reachable CRTCs, zpos range, the CRTC it is on, and its formats with
+    their modifiers (LINEAR alone is left unsaid)."""
+    out = ["  planes:"]
+    for p in planes:
+        fmts = []
+        for f, mods in p["formats"].items():
+            fmts.append(f if mods == ["LINEAR"] else f"{f}({','.join(mods)})")
+        z = f" zpos {p['zpos']['min']}..{p['zpos']['max']}" if p.get("zpos") else ""
+        on = f" on CRTC {p['crtc']}" if p.get("crtc") else ""
+        out.append(f"    {p['id']:<5} {p['type']:<8} CRTCs {','.join(map(str, p['possible_crtcs']))}"
+                   f"{z}{on}: {' '.join(fmts)}")
+    return out
+
+
+def _vgpu_lines(vgpus: list[dict]) -> list[str]:
+    if not vgpus:
+        return []
+    out = ["vGPUs (VFIO mediated devices):"]
+    for m in vgpus:
+        out.append(f"  {m['uuid']}  {m['type']} on {m['parent']}, IOMMU group {m['iommu_group']}")
+    return out
+
+
+def _libvirt_lines(listings: list[dict]) -> list[str]:
+    """Each libvirt URI's domains with their D-Bus displays, or why they could not be listed."""
+    out = []
+    for lv in listings:
         out.append(f"libvirt domains at {lv['uri']}:")
         if lv["error"]:
             out.append(f"  not listed: {lv['error']}")
@@ -184,7 +214,7 @@ def format_table(doc: dict) -> str:
             out.append(f"  {d['name']:<16} {d['uuid']}  {d['state']:<10} {display}")
         if not lv["domains"]:
             out.append("  none")
-    return "\n".join(out).rstrip() + "\n"
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
