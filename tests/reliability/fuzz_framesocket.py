@@ -234,8 +234,9 @@ def drain(conn: GuestConnection, server_end: socket.socket) -> None:
         conn._on_readable()
 
 
-def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
-    fdp = atheris.FuzzedDataProvider(data)
+def connect() -> tuple[socket.socket, socket.socket, GuestConnection]:
+    """A connection of SERVER on one end of a socketpair, the guest's end returned with it; both
+    non-blocking, and the server's send buffer small."""
     server_end, client = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     server_end.setblocking(False)
     server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
@@ -243,37 +244,56 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
     conn = GuestConnection(SERVER, server_end, Peer(os.getpid(), 0, 0))
     SERVER.connections.append(conn)
     LOOP.add_reader(server_end.fileno(), conn._on_readable)
+    return server_end, client, conn
+
+
+def send_piece(client: socket.socket, fdp: atheris.FuzzedDataProvider, step: int) -> None:
+    """What the guest sends for one step of the script: raw bytes (0), a message (1), a bare length
+    prefix (2), a binary record (6), or a message with memfds (3)."""
+    if step == 0:
+        send(client, fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300)), 0, 0)
+    elif step == 1:
+        send(client, message(fdp), 0, 0)
+    elif step == 2:
+        send(client, struct.pack("<I", fdp.ConsumeIntInRange(0, 2**32 - 1)), 0, 0)
+    elif step == 6:
+        send(client, record(fdp), 0, 0)
+    else:
+        nfds, size = fdp.ConsumeIntInRange(0, 20), fdp.ConsumeIntInRange(0, 1 << 14)
+        send(client, message(fdp), nfds, size)
+
+
+def play(conn: GuestConnection, server_end: socket.socket, client: socket.socket,
+         fdp: atheris.FuzzedDataProvider) -> None:
+    """The script: up to 12 steps of the guest sending, the compositor sending input (4) or the guest
+    catching up (5), the server reading after each send; it ends early once the connection closes."""
+    for _ in range(fdp.ConsumeIntInRange(0, 12)):
+        if conn.closed:
+            break
+        step = fdp.ConsumeIntInRange(0, 6)
+        if step == 4:
+            send_input(conn, fdp)
+            continue
+        if step == 5:
+            catch_up(conn, client)
+            continue
+        try:
+            send_piece(client, fdp, step)
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        except BlockingIOError:
+            pass  # the server is not reading fast enough: it will read what is there
+        drain(conn, server_end)
+
+
+def TestOneInput(data: bytes) -> None:  # noqa: N802 — libFuzzer's name
+    fdp = atheris.FuzzedDataProvider(data)
+    server_end, client, conn = connect()
     closes = HANDLER.closes
     if fdp.ConsumeBool():
         client.sendall(encode({"type": "hello", "version": fdp.PickValueInList([1, 2]), "name": "guest"}))
     try:
-        for _ in range(fdp.ConsumeIntInRange(0, 12)):
-            if conn.closed:
-                break
-            step = fdp.ConsumeIntInRange(0, 6)
-            if step == 4:
-                send_input(conn, fdp)
-                continue
-            if step == 5:
-                catch_up(conn, client)
-                continue
-            try:
-                if step == 0:
-                    send(client, fdp.ConsumeBytes(fdp.ConsumeIntInRange(1, 300)), 0, 0)
-                elif step == 1:
-                    send(client, message(fdp), 0, 0)
-                elif step == 2:
-                    send(client, struct.pack("<I", fdp.ConsumeIntInRange(0, 2**32 - 1)), 0, 0)
-                elif step == 6:
-                    send(client, record(fdp), 0, 0)
-                else:
-                    nfds, size = fdp.ConsumeIntInRange(0, 20), fdp.ConsumeIntInRange(0, 1 << 14)
-                    send(client, message(fdp), nfds, size)
-            except (BrokenPipeError, ConnectionResetError):
-                break
-            except BlockingIOError:
-                pass  # the server is not reading fast enough: it will read what is there
-            drain(conn, server_end)
+        play(conn, server_end, client, fdp)
         if not conn.closed:
             client.shutdown(socket.SHUT_WR)
             drain(conn, server_end)  # up to the end of stream
