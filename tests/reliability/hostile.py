@@ -44,11 +44,7 @@ def _reply(dev: int, unique: int, payload: bytes = b"", err: int = 0) -> None:
 
 
 def serve_fuse(mountpoint: str, owner: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    dev = os.open("/dev/fuse", os.O_RDWR)
-    opts = f"fd={dev},rootmode=40000,user_id={owner},group_id={owner},allow_other".encode()
-    if libc.mount(b"hostile", mountpoint.encode(), b"fuse.hostile", 0x6, opts) != 0:  # nosuid, nodev
-        sys.exit(f"mount: {os.strerror(ctypes.get_errno())}")
+    dev = _mount(mountpoint, owner)
     print("ready", flush=True)
     while True:
         try:
@@ -60,29 +56,44 @@ def serve_fuse(mountpoint: str, owner: int) -> None:
             if exc.errno in (errno.EINTR, errno.ENOENT):
                 continue
             raise
-        _, opcode, unique, node, *_ = _IN_HEADER.unpack_from(req)
-        body = req[_IN_HEADER.size:]
-        print(f"op {opcode} node {node}", flush=True)
-        if opcode == INIT:
-            # fuse_init_out: major, minor, max_readahead, flags, max_background, congestion_threshold,
-            # max_write, time_gran, max_pages, map_alignment, flags2, unused[7]
-            init = struct.pack("<IIIIHHIIHHI7I", 7, 31, 0, 0, 16, 12, 65536, 1, 16, 0, 0, *[0] * 7)
-            _reply(dev, unique, init)
-        elif opcode == LOOKUP:
-            if body.rstrip(b"\0") == b"frame":
-                _reply(dev, unique, struct.pack("<QQQQII", FILE, 0, 3600, 3600, 0, 0) + _attr(FILE))
-            else:
-                _reply(dev, unique, err=errno.ENOENT)
-        elif opcode == GETATTR:
-            _reply(dev, unique, struct.pack("<QII", 3600, 0, 0) + _attr(node))
-        elif opcode in (OPEN, OPENDIR):
-            _reply(dev, unique, struct.pack("<QII", 1, 0, 0))
-        elif opcode in (RELEASE, RELEASEDIR):
-            _reply(dev, unique)
-        elif opcode == FLUSH:
-            print("flush: never answered", flush=True)
+        _answer(dev, req)
+
+
+def _mount(mountpoint: str, owner: int) -> int:
+    """Mount the filesystem at `mountpoint` as `owner`'s; returns the /dev/fuse descriptor to serve."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    dev = os.open("/dev/fuse", os.O_RDWR)
+    opts = f"fd={dev},rootmode=40000,user_id={owner},group_id={owner},allow_other".encode()
+    if libc.mount(b"hostile", mountpoint.encode(), b"fuse.hostile", 0x6, opts) != 0:  # nosuid, nodev
+        sys.exit(f"mount: {os.strerror(ctypes.get_errno())}")
+    return dev
+
+
+def _answer(dev: int, req: bytes) -> None:
+    """One request from the kernel: printed, then answered, except a FLUSH, which is left waiting."""
+    _, opcode, unique, node, *_ = _IN_HEADER.unpack_from(req)
+    body = req[_IN_HEADER.size:]
+    print(f"op {opcode} node {node}", flush=True)
+    if opcode == INIT:
+        # fuse_init_out: major, minor, max_readahead, flags, max_background, congestion_threshold,
+        # max_write, time_gran, max_pages, map_alignment, flags2, unused[7]
+        init = struct.pack("<IIIIHHIIHHI7I", 7, 31, 0, 0, 16, 12, 65536, 1, 16, 0, 0, *[0] * 7)
+        _reply(dev, unique, init)
+    elif opcode == LOOKUP:
+        if body.rstrip(b"\0") == b"frame":
+            _reply(dev, unique, struct.pack("<QQQQII", FILE, 0, 3600, 3600, 0, 0) + _attr(FILE))
         else:
-            _reply(dev, unique, err=errno.ENOSYS)
+            _reply(dev, unique, err=errno.ENOENT)
+    elif opcode == GETATTR:
+        _reply(dev, unique, struct.pack("<QII", 3600, 0, 0) + _attr(node))
+    elif opcode in (OPEN, OPENDIR):
+        _reply(dev, unique, struct.pack("<QII", 1, 0, 0))
+    elif opcode in (RELEASE, RELEASEDIR):
+        _reply(dev, unique)
+    elif opcode == FLUSH:
+        print("flush: never answered", flush=True)
+    else:
+        _reply(dev, unique, err=errno.ENOSYS)
 
 
 def _frame(msg: dict) -> bytes:
