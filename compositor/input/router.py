@@ -38,6 +38,14 @@ log = logging.getLogger("directflip.input")
 _VT_KEYS = {getattr(ecodes, f"KEY_F{n}"): n for n in range(1, 13)}
 
 
+def _send_key(sink: InputSink, code: int, down: bool) -> None:
+    sink.key(code, down)
+
+
+def _send_button(sink: InputSink, code: int, down: bool) -> None:
+    sink.button(code, down)
+
+
 @dataclass(frozen=True)
 class View:
     """What one monitor of a seat shows, as input needs it: the mode (its size in the layout) and the
@@ -233,10 +241,10 @@ class SeatRouter:
     def release_all(self, why: str) -> None:
         """Release every key and button a guest holds down; their physical releases are swallowed."""
         n = 0
-        for table, send in ((self.keys, "key"), (self.buttons, "button")):
+        for table, send in ((self.keys, _send_key), (self.buttons, _send_button)):
             for code, held in table.items():
                 if held.sink is not None:
-                    getattr(held.sink, send)(code, False)
+                    send(held.sink, code, False)
                     held.sink = None
                     n += 1
         for frame in self.frames.values():
@@ -262,13 +270,13 @@ class SeatRouter:
 
     def device_gone(self, device: int) -> None:
         """A device was unplugged or closed: what only it held down is released in its guest."""
-        for table, send in ((self.keys, "key"), (self.buttons, "button")):
+        for table, send in ((self.keys, _send_key), (self.buttons, _send_button)):
             for code in list(table):
                 held = table[code]
                 held.devices.discard(device)
                 if not held.devices:
                     if held.sink is not None:
-                        getattr(held.sink, send)(code, False)
+                        send(held.sink, code, False)
                         self.sent += 1
                     del table[code]
                     self._pending_action.pop(code, None)  # a hotkey whose key went away never acts
@@ -286,7 +294,7 @@ class SeatRouter:
         """After SYN_DROPPED: the keys the device really holds now (EVIOCGKEY); forget the rest."""
         self._resyncing.add(device)
         try:
-            for table, send in ((self.keys, "key"), (self.buttons, "button")):
+            for table, send in ((self.keys, _send_key), (self.buttons, _send_button)):
                 for code in list(table):
                     held = table[code]
                     if device in held.devices and code not in down:
@@ -362,7 +370,7 @@ class SeatRouter:
                 sink.key(code, True)
                 self.sent += 1
         else:
-            self._release(self.keys, code, device, "key")
+            self._release(self.keys, code, device, _send_key)
             if code in self._pending_action and code not in self.keys:
                 name, arg = self._pending_action.pop(code)
                 log.info("seat %s: hotkey %s", self.name, name if arg is None else f"{name} {arg}")
@@ -380,7 +388,8 @@ class SeatRouter:
             return "vt", _VT_KEYS[code]
         return None
 
-    def _release(self, table: dict[int, _Held], code: int, device: int, send: str) -> None:
+    def _release(self, table: dict[int, _Held], code: int, device: int,
+                 send: Callable[[InputSink, int, bool], None]) -> None:
         held = table.get(code)
         if held is None:
             return  # pressed before we had the device, or its press went with a dropped frame
@@ -388,7 +397,7 @@ class SeatRouter:
         if held.devices:
             return  # another device still holds it
         if held.sink is not None:
-            getattr(held.sink, send)(code, False)
+            send(held.sink, code, False)
             self.sent += 1
         del table[code]
         if device in self._resyncing:
@@ -396,7 +405,7 @@ class SeatRouter:
 
     def _button(self, device: int, code: int, down: bool) -> None:
         if not down:
-            self._release(self.buttons, code, device, "button")
+            self._release(self.buttons, code, device, _send_button)
             return
         if code in self.buttons:
             self.buttons[code].devices.add(device)
