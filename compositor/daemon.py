@@ -722,7 +722,11 @@ class Daemon:
 
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         gs = self.guests.get(conn.name)
-        if gs is None or (gs.conn is not conn and getattr(gs.conn, "connection", None) is not conn):
+        if gs is None:
+            return
+        # a vGPU's guest also goes when the frame-socket connection that handed its device over closes
+        handed_over = isinstance(gs.conn, VfioGuest) and gs.conn.connection is conn
+        if gs.conn is not conn and not handed_over:
             return
         self._guest_gone(gs, f"disconnected: {reason}")
 
@@ -745,7 +749,7 @@ class Daemon:
         task = self.vfio_tasks.pop(conn.name, None)   # a vGPU's polling
         if task is not None:
             task.cancel()
-        dp_conn = getattr(conn, "dp_conn", -1)
+        dp_conn = conn.dp_conn
         # a connection the daemon made for it (a vGPU's, a QEMU display's): its buffers go with it
         if gs in (self._vgpus.pop(dp_conn, None), self._local_sources.pop(dp_conn, None)):
             if self.dataplane is not None:   # None: shutting down, the data plane is gone already
@@ -1008,7 +1012,7 @@ class Daemon:
         gs = self.guests.get(guest)
         if gs is None:
             return None
-        return gs.input if gs.input is not None else getattr(gs.conn, "input", None)
+        return gs.input if gs.input is not None else gs.conn.input
 
     def _input_action(self, seat: str, action: str, arg: object) -> None:
         assert self.input is not None

@@ -113,7 +113,7 @@ class GuestRegistry:
 
     def dp_conn(self, name: str | None) -> int:
         gs = self.get(name)
-        return getattr(gs.conn, "dp_conn", -1) if gs is not None else -1
+        return gs.conn.dp_conn if gs is not None else -1
 
     def register(self, conn: GuestConnection, buffer: Buffer) -> None:
         """The data plane keeps the buffer's holds from now on (those already taken move there).
@@ -162,7 +162,7 @@ class GuestRegistry:
         """The guest's latest frame. The data plane keeps (and holds) it for its guests: it may have
         shown newer frames than Python saw."""
         conn = gs.conn
-        if self.dataplane is None or getattr(conn, "dp_conn", -1) < 0:
+        if self.dataplane is None or conn.dp_conn < 0:
             return gs.latest
         try:
             handle, seq, presented = self.dataplane.latest(conn.dp_conn)
@@ -179,7 +179,7 @@ class GuestRegistry:
 
     def flips(self, gs: GuestState) -> int:
         """The guest's flips: those Python saw and those its data plane showed without Python."""
-        conn = getattr(gs.conn, "dp_conn", -1)
+        conn = gs.conn.dp_conn
         if self.dataplane is None or conn < 0:
             return gs.flips
         try:
@@ -261,7 +261,7 @@ class GuestRegistry:
         latest, gs.latest = gs.latest, None
         if latest is not None and latest.buffer.dp_handle < 0:
             self.release(latest)
-        conn = getattr(gs.conn, "dp_conn", -1)
+        conn = gs.conn.dp_conn
         if self.dataplane is not None and conn >= 0:
             try:
                 self.dataplane.set_latest(conn, -1, 0, 0)   # the data plane holds its guests' latest

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from compositor.input.sink import InputSink
     from compositor.sources.frame import Buffer
 
 
@@ -21,6 +22,8 @@ class Source(Protocol):
     buffers: dict[int, Buffer]   # the buffers it announced and still has, by id
     peer: Any                    # the process at the other end (pid, uid), when one is known
     mdev: str | None             # the vGPU (mediated device UUID) it reads, if it is one
+    dp_conn: int                 # its connection on the daemon's data plane (-1: none)
+    input: InputSink | None      # where the guest's input goes, when the source carries it
 
     def close(self, reason: str) -> None:
         """Stop for good (idempotent); the handler's on_close follows where the guest was welcomed."""
@@ -47,6 +50,7 @@ class SourceDefaults:
 
     mdev: str | None = None
     dp_conn: int = -1   # its connection on the daemon's data plane (-1: none)
+    input: InputSink | None = None   # none of its own: a vGPU's input is the daemon's uinput devices
 
     def let_go(self) -> None:
         pass

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from compositor.formats import ARGB8888, fourcc_name
+from compositor.sources import SourceDefaults
 from compositor.sources.frame import (
     MAX_CURSOR,
     BadPlane,
@@ -344,7 +345,7 @@ def _signed(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-class VfioGuest:
+class VfioGuest(SourceDefaults):
     """A vGPU as the daemon sees a guest: it has the same face as a frame-socket connection (name,
     uuid, peer, buffers, released/presented, closed), but its frames come from polling the device.
 

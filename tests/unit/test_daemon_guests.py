@@ -58,6 +58,8 @@ class Conn:
 
     # compositor.sources.Source
     mdev = None
+    dp_conn = -1
+    input = None
 
     def close(self, reason: str) -> None:
         self.closed = True
