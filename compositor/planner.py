@@ -50,7 +50,7 @@ Only the CRTC and plane routing, where greed could strand a monitor for no reaso
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compositor.policy import GUEST_KINDS, MonitorRule, Placement, Policy
 from compositor.topology import Card, Mode, Output, Plane
@@ -364,6 +364,276 @@ class _Shown:
     override: bool = False  # put here by `directflip show` / the next-guest hotkey
 
 
+@dataclass
+class _Routed:
+    """A shown monitor that got a plane: what it finally shows (a guest whose format no plane takes
+    becomes a slate) on which CRTC."""
+
+    shown: _Shown
+    guest: Guest | None
+    slate_reason: str
+    crtc: int
+
+
+def _slate_reason(waiting: Sequence[str], absent: Mapping[str, str]) -> str:
+    """What the slate of a free monitor says: why the guests placed there are not shown."""
+    told = [f"{n}: {absent[n]}" for n in waiting if n in absent]
+    if told:
+        return "; ".join(told)
+    if waiting:
+        return f"{' and '.join(waiting)} {'is' if len(waiting) == 1 else 'are'} not running"
+    return "no guest is placed here"
+
+
+def _unsupported_format(guest: Guest, crtc: int) -> str:
+    fmt = f"{guest.fourcc}" + (f":{guest.modifier}" if guest.modifier else "")
+    return f"unsupported format: no plane on CRTC {crtc} takes {fmt} from {guest.name}"
+
+
+def _picture(rule: MonitorRule, output: Output, mode: Mode, buffer: tuple[int, int] | None,
+             plane: Plane) -> tuple[Rect, Rect, str, bool, list[str]]:
+    """(src, dst, the scaling done, zero copy expected, notes) for a guest buffer on `plane`."""
+    notes: list[str] = []
+    if buffer is None:
+        buffer = (mode.width, mode.height)
+        notes.append("buffer size unknown; rectangles assume the mode's size")
+    src, dst, scaling, place_notes = place(rule.scaling, buffer, (mode.width, mode.height), plane.can_scale)
+    notes += place_notes
+    zero_copy = True
+    if plane.must_cover and dst != Rect(0, 0, mode.width, mode.height):
+        zero_copy = False
+        notes.append(f"{output.card.driver}'s primary plane must cover the whole screen, so a "
+                     f"{dst.w}x{dst.h} picture on {mode.width}x{mode.height} is copied (no zero "
+                     "copy); a guest buffer of the mode's size or `mode: match-guest` avoids it")
+    return src, dst, scaling, zero_copy, notes
+
+
+@dataclass
+class _PlanState:
+    """One plan in the making. Each step of `plan` is a method that reads what the earlier steps
+    decided and adds its own decisions: which output each policy monitor is bound to, which guest
+    each guest rule binds, what each monitor shows, and the CRTC and plane matchings that must keep
+    every shown monitor routable."""
+
+    policy: Policy
+    outputs: list[Output]
+    # placements in the order they are served: highest priority first, ties in file order
+    order: list[Placement] = field(init=False)
+    rules_by_name: dict[str, MonitorRule] = field(init=False)
+    bound: dict[str, Output] = field(default_factory=dict)  # policy monitor -> its output
+    claimed: dict[_Key, str] = field(default_factory=dict)  # output -> the policy monitor bound to it
+    running: list[Guest] = field(default_factory=list)
+    guest_of: dict[str, Guest] = field(default_factory=dict)  # guest rule -> the running guest it binds
+    crtcs: dict[str, _Matching] = field(default_factory=dict)  # per card path
+    planes: dict[str, _Matching] = field(default_factory=dict)  # per card path
+    shown: dict[str, _Shown] = field(default_factory=dict)  # policy monitor -> what it shows
+    unplaced: list[Unplaced] = field(default_factory=list)
+    dark_reason: dict[_Key, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.order = sorted(self.policy.placements, key=lambda p: (-p.priority, p.index))
+        self.rules_by_name = {r.name: r for r in self.policy.monitors}
+
+    # 1. and 2.: binding
+
+    def bind_monitors(self) -> None:
+        """Each monitor rule, in file order, takes the first output it matches that is still free."""
+        for rule in self.policy.monitors:
+            for out in self.outputs:
+                k = _key(out)
+                if k not in self.claimed and rule.matches(out):
+                    self.bound[rule.name] = out
+                    self.claimed[k] = rule.name
+                    break
+
+    def bind_guests(self, guests: Iterable[Guest]) -> None:
+        self.running, self.guest_of = bind_guests(self.policy, guests)
+
+    def unavailable(self, monitor: str, placement: Placement | None) -> str | None:
+        """Why `monitor` cannot be taken now, or None after reserving a CRTC for it."""
+        out = self.bound.get(monitor)
+        if out is None:
+            return "is absent"
+        if monitor in self.shown:
+            s = self.shown[monitor]
+            return f"shows {s.guest.name if s.guest else 'a slate'}"
+        if placement is not None and placement.seats and not (
+                self.policy.seats_of(monitor, out) & set(placement.seats)):
+            return "is outside the placement's seats"
+        if not out.connector.modes:
+            return "has no modes"
+        matching = self.crtcs.setdefault(out.card.path, _Matching())
+        if not matching.add(_key(out), _crtc_options(out)):
+            return "has no free CRTC"
+        return None
+
+    # 3. runtime overrides, then main views by priority
+
+    def show_overrides(self, overrides: Mapping[str, str]) -> None:
+        running_rule = {g.name: r for r, g in self.guest_of.items()}
+        for m, gname in overrides.items():
+            rule = running_rule.get(gname)
+            if rule is None or m not in self.bound or m in self.shown:
+                continue
+            if not may_show(self.policy, rule, m, self.bound[m]):
+                self.unplaced.append(Unplaced(
+                    gname, f"`directflip show` on {m}: outside the seats of its placements", monitor=m))
+                continue
+            why = self.unavailable(m, None)
+            if why is None:
+                self.shown[m] = _Shown(m, self.bound[m], self.guest_of[rule], override=True)
+            else:
+                self.unplaced.append(Unplaced(gname, f"`directflip show` on {m}: {m} {why}", monitor=m))
+
+    def show_main_views(self) -> None:
+        for p in self.order:
+            guest = self.guest_of.get(p.guest)
+            if guest is None:
+                continue
+            reasons = []
+            for m in p.candidates:
+                why = self.unavailable(m, p)
+                if why is None:
+                    self.shown[m] = _Shown(m, self.bound[m], guest)
+                    break
+                reasons.append(f"{m} {why}")
+            else:
+                self.unplaced.append(Unplaced(guest.name,
+                                              "; ".join(reasons) or "no monitor of its seats is defined"))
+
+    # 4. mirrors
+
+    def show_mirrors(self) -> None:
+        for p in self.order:
+            guest = self.guest_of.get(p.guest)
+            if guest is None:
+                continue
+            for m in p.mirror:
+                if m in self.shown and self.shown[m].guest is guest:
+                    continue  # the main view landed on this mirror: it is shown already
+                why = self.unavailable(m, p)
+                if why is None:
+                    self.shown[m] = _Shown(m, self.bound[m], guest, mirror=True)
+                else:
+                    self.unplaced.append(Unplaced(guest.name, f"mirror {m} {why}", monitor=m))
+
+    def report_unplaced_guests(self) -> None:
+        """Running guests the policy does not place at all."""
+        # by identity: two running guests may be equal as values (same name, kind and buffer)
+        bound_guests = {id(g) for g in self.guest_of.values()}
+        for g in self.running:
+            if id(g) not in bound_guests:
+                self.unplaced.append(Unplaced(g.name, "no guest rule of the policy matches it"))
+        placed_rules = {p.guest for p in self.policy.placements}
+        for rule_name, g in self.guest_of.items():
+            if rule_name not in placed_rules:
+                self.unplaced.append(Unplaced(g.name, f"guest `{rule_name}` has no placement"))
+
+    # 5. slates on the monitors left over
+
+    def show_slates(self, absent: Mapping[str, str]) -> None:
+        waiting: dict[str, list[str]] = {}
+        for p in self.order:
+            if p.guest not in self.guest_of:
+                for m in (*p.candidates, *p.mirror):
+                    waiting.setdefault(m, []).append(p.guest)
+        for rule in self.policy.monitors:
+            m = rule.name
+            if m not in self.bound or m in self.shown:
+                continue
+            why = self.unavailable(m, None)
+            if why is not None:
+                self.dark_reason[_key(self.bound[m])] = f"monitor {m} {why}"
+                continue
+            reason = _slate_reason(waiting.get(m, ()), absent)
+            self.shown[m] = _Shown(m, self.bound[m], None, slate_reason=reason)
+
+    # Per output: a plane, then mode and rectangles.
+
+    def route_planes(self) -> list[_Routed]:
+        """A plane for every shown monitor. Planes are matched in the order monitors were taken, so a
+        higher priority guest is never left without a plane for a lower one; augmenting may still
+        move an earlier output to another plane, so rectangles wait for the final matching."""
+        crtc_of = {k: c for m in self.crtcs.values() for k, c in m.assigned().items()}
+        routed = []
+        for s in self.shown.values():
+            r = self._route_plane(s, crtc_of[_key(s.output)])
+            if r is not None:
+                routed.append(r)
+        return routed
+
+    def _route_plane(self, s: _Shown, crtc: int) -> _Routed | None:
+        out = s.output
+        k = _key(out)
+        guest, slate_reason = s.guest, s.slate_reason
+        opts: list[int] = []
+        if guest is not None:
+            opts = _plane_options(out.card, crtc, guest.fourcc, guest.modifier)
+            if not opts:
+                slate_reason = _unsupported_format(guest, crtc)
+                self.unplaced.append(Unplaced(guest.name, f"{s.monitor}: {slate_reason}",
+                                              monitor=s.monitor if s.mirror else None))
+                guest = None
+        if guest is None:
+            opts = _plane_options(out.card, crtc, SLATE_FOURCC, "LINEAR")
+        if self.planes.setdefault(out.card.path, _Matching()).add(k, opts):
+            return _Routed(s, guest, slate_reason, crtc)
+        self.dark_reason[k] = f"monitor {s.monitor}: no plane free for CRTC {crtc}"
+        if guest is not None:
+            self.unplaced.append(Unplaced(guest.name, f"{s.monitor}: no plane free for CRTC {crtc}",
+                                          monitor=s.monitor if s.mirror else None))
+        return None
+
+    def light(self, routed: list[_Routed]) -> dict[_Key, OutputAssignment]:
+        """Mode and rectangles for every routed monitor, on the plane the final matching gave it."""
+        plane_of = {k: p for m in self.planes.values() for k, p in m.assigned().items()}
+        cards = {o.card.path: o.card for o in self.outputs}
+        plane_by_id = {(c.path, p.id): p for c in cards.values() for p in c.planes}
+        lit: dict[_Key, OutputAssignment] = {}
+        for r in routed:
+            k = _key(r.shown.output)
+            lit[k] = self._light(r, plane_of[k], plane_by_id)
+        return lit
+
+    def _light(self, r: _Routed, plane_id: int,
+               plane_by_id: Mapping[tuple[str, int], Plane]) -> OutputAssignment:
+        s, guest = r.shown, r.guest
+        out, rule = s.output, self.rules_by_name[s.monitor]
+        buffer = (guest.width, guest.height) if guest is not None and guest.width and guest.height else None
+        mode, mode_notes = choose_mode(rule, out, buffer)
+        notes = list(mode_notes)
+        slate = None
+        zero_copy = True
+        if guest is None:
+            src = dst = Rect(0, 0, mode.width, mode.height)
+            scaling, slate = "none", Slate(r.slate_reason, rule.slate.text, rule.slate.colour)
+        else:
+            if s.override:
+                notes.append("shown here by `directflip show` (`directflip show --reset` clears it)")
+            plane = plane_by_id[(out.card.path, plane_id)]
+            src, dst, scaling, zero_copy, picture_notes = _picture(rule, out, mode, buffer, plane)
+            notes += picture_notes
+        return OutputAssignment(
+            card=out.card.path, connector=out.connector.name, connector_id=out.connector.id,
+            monitor=s.monitor, crtc_id=r.crtc, plane_id=plane_id, mode=mode,
+            guest=guest.name if guest is not None else None, slate=slate, src=src, dst=dst,
+            scaling=scaling, mirror=s.mirror and guest is not None, notes=tuple(notes),
+            zero_copy=zero_copy)
+
+    def assignment(self, lit: Mapping[_Key, OutputAssignment]) -> Assignment:
+        """Every present output in its order, lit or dark with the reason."""
+        result, dark = [], []
+        for out in self.outputs:
+            k = _key(out)
+            if k in lit:
+                result.append(lit[k])
+            else:
+                reason = self.dark_reason.get(k, "not in the policy")
+                conn = out.connector
+                dark.append(DarkOutput(out.card.path, conn.name, conn.id, self.claimed.get(k), reason))
+        return Assignment(tuple(result), tuple(dark), tuple(self.unplaced))
+
+
 def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
          overrides: Mapping[str, str] | None = None, absent: Mapping[str, str] | None = None) -> Assignment:
     """Assign the running `guests` to the present `outputs` following `policy`. Pure.
@@ -375,197 +645,13 @@ def plan(policy: Policy, outputs: Iterable[Output], guests: Iterable[Guest],
 
     `absent` (guest name → why) says why a guest that is not running cannot be (its VMM holds its vGPU):
     a monitor waiting for it shows that on its slate instead of "office is not running"."""
-    outputs = list(outputs)
-
-    # 1. policy monitors -> outputs
-    bound: dict[str, Output] = {}
-    claimed: dict[_Key, str] = {}
-    for rule in policy.monitors:
-        for out in outputs:
-            k = _key(out)
-            if k not in claimed and rule.matches(out):
-                bound[rule.name] = out
-                claimed[k] = rule.name
-                break
-
-    # 2. guest rules -> running guests
-    running, guest_of = bind_guests(policy, guests)
-    taken_guests = {i for i, g in enumerate(running) if any(g is b for b in guest_of.values())}
-
-    rules_by_name = {r.name: r for r in policy.monitors}
-    crtcs: dict[str, _Matching] = {}
-    shown: dict[str, _Shown] = {}
-    unplaced: list[Unplaced] = []
-
-    def unavailable(monitor: str, placement: Placement | None) -> str | None:
-        """Why `monitor` cannot be taken now, or None after reserving a CRTC for it."""
-        out = bound.get(monitor)
-        if out is None:
-            return "is absent"
-        if monitor in shown:
-            s = shown[monitor]
-            return f"shows {s.guest.name if s.guest else 'a slate'}"
-        if placement is not None and placement.seats and not (
-                policy.seats_of(monitor, out) & set(placement.seats)):
-            return "is outside the placement's seats"
-        if not out.connector.modes:
-            return "has no modes"
-        matching = crtcs.setdefault(out.card.path, _Matching())
-        if not matching.add(_key(out), _crtc_options(out)):
-            return "has no free CRTC"
-        return None
-
-    # 3. runtime overrides, then main views by priority
-    order = sorted(policy.placements, key=lambda p: (-p.priority, p.index))
-    running_rule = {g.name: r for r, g in guest_of.items()}
-    for m, gname in (overrides or {}).items():
-        rule = running_rule.get(gname)
-        if rule is None or m not in bound or m in shown:
-            continue
-        if not may_show(policy, rule, m, bound[m]):
-            unplaced.append(Unplaced(gname, f"`directflip show` on {m}: outside the seats of its placements",
-                                     monitor=m))
-            continue
-        why = unavailable(m, None)
-        if why is None:
-            shown[m] = _Shown(m, bound[m], guest_of[rule], override=True)
-        else:
-            unplaced.append(Unplaced(gname, f"`directflip show` on {m}: {m} {why}", monitor=m))
-    for p in order:
-        guest = guest_of.get(p.guest)
-        if guest is None:
-            continue
-        reasons = []
-        for m in p.candidates:
-            why = unavailable(m, p)
-            if why is None:
-                shown[m] = _Shown(m, bound[m], guest)
-                break
-            reasons.append(f"{m} {why}")
-        else:
-            unplaced.append(Unplaced(guest.name, "; ".join(reasons) or "no monitor of its seats is defined"))
-
-    # 4. mirrors
-    for p in order:
-        guest = guest_of.get(p.guest)
-        if guest is None:
-            continue
-        for m in p.mirror:
-            if m in shown and shown[m].guest is guest:
-                continue  # the main view landed on this mirror: it is shown already
-            why = unavailable(m, p)
-            if why is None:
-                shown[m] = _Shown(m, bound[m], guest, mirror=True)
-            else:
-                unplaced.append(Unplaced(guest.name, f"mirror {m} {why}", monitor=m))
-
-    # Running guests the policy does not place at all.
-    placed_rules = {p.guest for p in policy.placements}
-    for i, g in enumerate(running):
-        if i not in taken_guests:
-            unplaced.append(Unplaced(g.name, "no guest rule of the policy matches it"))
-    for rule_name, g in guest_of.items():
-        if rule_name not in placed_rules:
-            unplaced.append(Unplaced(g.name, f"guest `{rule_name}` has no placement"))
-
-    # 5. slates on the monitors left over
-    waiting: dict[str, list[str]] = {}
-    for p in order:
-        if p.guest not in guest_of:
-            for m in (*p.candidates, *p.mirror):
-                waiting.setdefault(m, []).append(p.guest)
-    dark_reason: dict[_Key, str] = {}
-    for rule in policy.monitors:
-        if rule.name not in bound or rule.name in shown:
-            continue
-        why = unavailable(rule.name, None)
-        if why is not None:
-            dark_reason[_key(bound[rule.name])] = f"monitor {rule.name} {why}"
-            continue
-        names = waiting.get(rule.name)
-        told = [f"{n}: {absent[n]}" for n in names or () if absent and n in absent]
-        if told:
-            reason = "; ".join(told)
-        elif names:
-            reason = f"{' and '.join(names)} {'is' if len(names) == 1 else 'are'} not running"
-        else:
-            reason = "no guest is placed here"
-        shown[rule.name] = _Shown(rule.name, bound[rule.name], None, slate_reason=reason)
-
-    # Per output: a plane, then mode and rectangles. Planes are matched in the order outputs were
-    # taken, so a higher priority guest is never left without a plane for a lower one; augmenting may
-    # still move an earlier output to another plane, so rectangles wait for the final matching.
-    crtc_of = {k: c for m in crtcs.values() for k, c in m.assigned().items()}
-    planes: dict[str, _Matching] = {}
-    routed: list[tuple[_Shown, Guest | None, str]] = []
-    for s in shown.values():
-        out = s.output
-        k = _key(out)
-        crtc = crtc_of[k]
-        guest, slate_reason = s.guest, s.slate_reason
-        opts: list[int] = []
-        if guest is not None:
-            opts = _plane_options(out.card, crtc, guest.fourcc, guest.modifier)
-            if not opts:
-                fmt = f"{guest.fourcc}" + (f":{guest.modifier}" if guest.modifier else "")
-                slate_reason = f"unsupported format: no plane on CRTC {crtc} takes {fmt} from {guest.name}"
-                unplaced.append(Unplaced(guest.name, f"{s.monitor}: {slate_reason}",
-                                         monitor=s.monitor if s.mirror else None))
-                guest = None
-        if guest is None:
-            opts = _plane_options(out.card, crtc, SLATE_FOURCC, "LINEAR")
-        if planes.setdefault(out.card.path, _Matching()).add(k, opts):
-            routed.append((s, guest, slate_reason))
-        else:
-            dark_reason[k] = f"monitor {s.monitor}: no plane free for CRTC {crtc}"
-            if guest is not None:
-                unplaced.append(Unplaced(guest.name, f"{s.monitor}: no plane free for CRTC {crtc}",
-                                         monitor=s.monitor if s.mirror else None))
-    plane_of = {k: p for m in planes.values() for k, p in m.assigned().items()}
-    cards = {o.card.path: o.card for o in outputs}
-    plane_by_id = {(c.path, p.id): p for c in cards.values() for p in c.planes}
-
-    lit: dict[_Key, OutputAssignment] = {}
-    for s, guest, slate_reason in routed:
-        out, rule = s.output, rules_by_name[s.monitor]
-        k = _key(out)
-        buffer = (guest.width, guest.height) if guest is not None and guest.width and guest.height else None
-        mode, mode_notes = choose_mode(rule, out, buffer)
-        notes = list(mode_notes)
-        if s.override and guest is not None:
-            notes.append("shown here by `directflip show` (`directflip show --reset` clears it)")
-        slate = None
-        zero_copy = True
-        if guest is None:
-            src = dst = Rect(0, 0, mode.width, mode.height)
-            scaling, slate = "none", Slate(slate_reason, rule.slate.text, rule.slate.colour)
-        else:
-            if buffer is None:
-                buffer = (mode.width, mode.height)
-                notes.append("buffer size unknown; rectangles assume the mode's size")
-            plane = plane_by_id[(out.card.path, plane_of[k])]
-            src, dst, scaling, place_notes = place(rule.scaling, buffer, (mode.width, mode.height),
-                                                   plane.can_scale)
-            notes += place_notes
-            if plane.must_cover and dst != Rect(0, 0, mode.width, mode.height):
-                zero_copy = False
-                notes.append(f"{out.card.driver}'s primary plane must cover the whole screen, so a "
-                             f"{dst.w}x{dst.h} picture on {mode.width}x{mode.height} is copied (no zero "
-                             "copy); a guest buffer of the mode's size or `mode: match-guest` avoids it")
-        lit[k] = OutputAssignment(
-            card=out.card.path, connector=out.connector.name, connector_id=out.connector.id,
-            monitor=s.monitor, crtc_id=crtc_of[k], plane_id=plane_of[k], mode=mode,
-            guest=guest.name if guest is not None else None, slate=slate, src=src, dst=dst,
-            scaling=scaling, mirror=s.mirror and guest is not None, notes=tuple(notes),
-            zero_copy=zero_copy)
-
-    result, dark = [], []
-    for out in outputs:
-        k = _key(out)
-        if k in lit:
-            result.append(lit[k])
-        else:
-            reason = dark_reason.get(k, "not in the policy")
-            conn = out.connector
-            dark.append(DarkOutput(out.card.path, conn.name, conn.id, claimed.get(k), reason))
-    return Assignment(tuple(result), tuple(dark), tuple(unplaced))
+    state = _PlanState(policy, list(outputs))
+    state.bind_monitors()
+    state.bind_guests(guests)
+    state.show_overrides(overrides or {})
+    state.show_main_views()
+    state.show_mirrors()
+    state.report_unplaced_guests()
+    state.show_slates(absent or {})
+    routed = state.route_planes()
+    return state.assignment(state.light(routed))
