@@ -177,7 +177,10 @@ class Topology:
 
 
 class _Reader:
-    """Reads typed fields and collects problems instead of stopping at the first."""
+    """Reads typed fields and collects problems instead of stopping at the first.
+
+    The document is parsed JSON, typed only by the `kinds` each read checks at run time, so `field`
+    returns Any: the static type is the one the caller asked `kinds` for."""
 
     def __init__(self) -> None:
         self.problems: list[str] = []
@@ -211,7 +214,7 @@ class _Reader:
 
     def items(self, obj: Mapping[str, Any], key: str, where: str) -> list[tuple[str, Mapping[str, Any]]]:
         seq = self.field(obj, key, where, (list,), default=[])
-        out = []
+        out: list[tuple[str, Mapping[str, Any]]] = []
         for i, item in enumerate(seq or []):
             path = f"{where}.{key}[{i}]" if where else f"{key}[{i}]"
             if not isinstance(item, dict):
@@ -235,7 +238,7 @@ _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
                dict: "an object"}
 
 
-def _describe(value: Any) -> str:
+def _describe(value: object) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -251,7 +254,7 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _mode(r: _Reader, obj: Any, where: str) -> Mode | None:
+def _mode(r: _Reader, obj: object, where: str) -> Mode | None:
     if obj is None:
         return None
     if not isinstance(obj, dict):
@@ -280,7 +283,7 @@ def _mode(r: _Reader, obj: Any, where: str) -> Mode | None:
     )
 
 
-def _edid(r: _Reader, obj: Any, where: str) -> Edid | None:
+def _edid(r: _Reader, obj: object, where: str) -> Edid | None:
     if obj is None:
         return None
     if not isinstance(obj, dict):
@@ -390,7 +393,7 @@ def _card(r: _Reader, obj: Mapping[str, Any], where: str) -> Card | None:
     caps = f(obj, "caps", where, (dict,), default={}) or {}
     connectors = tuple(c for p, o in r.items(obj, "connectors", where)
                        if (c := _connector(r, path, o, p)) is not None)
-    crtcs = []
+    crtcs: list[Crtc] = []
     for p, o in r.items(obj, "crtcs", where):
         cid = f(o, "id", p, (int,))
         index = f(o, "index", p, (int,), default=len(crtcs))
