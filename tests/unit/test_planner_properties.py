@@ -79,29 +79,37 @@ def cards(draw: st.DrawFn) -> list[dict[str, Any]]:
 
 
 @st.composite
-def policies(draw: st.DrawFn) -> dict[str, Any]:
-    nmon = draw(st.integers(1, 6))
-    monitors: dict[str, Any] = {}
-    for i in range(nmon):
-        how = draw(st.sampled_from(["connector", "glob", "edid", "port"]))
-        if how == "connector":
-            m: dict[str, Any] = {"connector": draw(st.sampled_from(CONNECTOR_NAMES))}
-        elif how == "glob":
-            m = {"connector": draw(st.sampled_from(["*", "DP-*", "*-1", "Virtual-?"]))}
-        elif how == "edid":
-            e = draw(st.sampled_from(EDIDS[1:]))
-            m = {"edid": draw(st.sampled_from([{"manufacturer": e[0]}, {"manufacturer": e[0], "serial": e[2]},
-                                               {"name": e[3]}]))}
-        else:
-            m = {"port": draw(st.sampled_from(["pci-*", "pci-0000:01:00.0/*", "pci-*/DP-1"]))}
-        if draw(st.booleans()):
-            m["driver"] = draw(st.sampled_from(["virtio_gpu", "vkms", "i915"]))
-        m["mode"] = draw(st.sampled_from(["preferred", "match-guest", "1920x1080", "1024x768@60",
-                                          "3000x2000"]))
-        m["scaling"] = draw(st.sampled_from(["none", "centre", "fit", "fill", "integer"]))
-        monitors[f"m{i}"] = m
-    names = list(monitors)
+def monitor_rule(draw: st.DrawFn) -> dict[str, Any]:
+    """One policy monitor, matched by connector name, glob, EDID or port, with its mode and scaling."""
+    how = draw(st.sampled_from(["connector", "glob", "edid", "port"]))
+    if how == "connector":
+        m: dict[str, Any] = {"connector": draw(st.sampled_from(CONNECTOR_NAMES))}
+    elif how == "glob":
+        m = {"connector": draw(st.sampled_from(["*", "DP-*", "*-1", "Virtual-?"]))}
+    elif how == "edid":
+        e = draw(st.sampled_from(EDIDS[1:]))
+        m = {"edid": draw(st.sampled_from([{"manufacturer": e[0]}, {"manufacturer": e[0], "serial": e[2]},
+                                           {"name": e[3]}]))}
+    else:
+        m = {"port": draw(st.sampled_from(["pci-*", "pci-0000:01:00.0/*", "pci-*/DP-1"]))}
+    if draw(st.booleans()):
+        m["driver"] = draw(st.sampled_from(["virtio_gpu", "vkms", "i915"]))
+    m["mode"] = draw(st.sampled_from(["preferred", "match-guest", "1920x1080", "1024x768@60",
+                                      "3000x2000"]))
+    m["scaling"] = draw(st.sampled_from(["none", "centre", "fit", "fill", "integer"]))
+    return m
 
+
+@st.composite
+def monitor_rules(draw: st.DrawFn) -> dict[str, Any]:
+    """The `monitors` section: one to six monitors named m0, m1, ..."""
+    return {f"m{i}": draw(monitor_rule()) for i in range(draw(st.integers(1, 6)))}
+
+
+@st.composite
+def seat_sections(draw: st.DrawFn, names: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the `seats` section, monitor -> the seat listing it): up to two seats, each listing some
+    monitors no other seat lists, or a logind seat, or both."""
     seats: dict[str, Any] = {}
     seat_of: dict[str, str] = {}
     for s in range(draw(st.integers(0, 2))):
@@ -113,7 +121,12 @@ def policies(draw: st.DrawFn) -> dict[str, Any]:
         if not members or draw(st.booleans()):
             seat["logind"] = [draw(st.sampled_from(["seat0", "seat1"]))]
         seats[f"s{s}"] = seat
+    return seats, seat_of
 
+
+@st.composite
+def guest_rules(draw: st.DrawFn) -> dict[str, Any]:
+    """The `guests` section: up to five rules by name or glob, some also by kind."""
     guests: dict[str, Any] = {}
     for i in range(draw(st.integers(1, 5))):
         rule: dict[str, Any] = {"name": draw(st.sampled_from([*GUEST_NAMES, "build-*", "*"]))}
@@ -123,27 +136,51 @@ def policies(draw: st.DrawFn) -> dict[str, Any]:
                 r["name"] == rule["name"] and r.get("kind") == rule.get("kind") for r in guests.values()):
             continue  # the loader rejects a rule that can never bind
         guests[f"g{i}"] = rule
+    return guests
 
-    placements = []
+
+@st.composite
+def placement(draw: st.DrawFn, gname: str, names: list[str], seats: dict[str, Any],
+              seat_of: dict[str, str]) -> dict[str, Any]:
+    """A placement of guest rule `gname`: a priority, maybe seats, a monitor with failovers (or only
+    seats), maybe mirrors, all inside the seats it names when those seats list monitors."""
+    p: dict[str, Any] = {"guest": gname, "priority": draw(st.integers(-3, 3))}
+    allowed = names
+    if seats and draw(st.booleans()):
+        p["seats"] = draw(st.lists(st.sampled_from(list(seats)), min_size=1, unique=True))
+        if not any("logind" in seats[s] for s in p["seats"]):
+            allowed = [n for n in names if seat_of.get(n) in p["seats"]]
+    main = draw(st.lists(st.sampled_from(allowed), max_size=3, unique=True)) if allowed else []
+    if main:
+        p["monitor"] = main[0]
+        if main[1:]:
+            p["failover"] = main[1:]
+    elif "seats" not in p:
+        p["monitor"] = draw(st.sampled_from(names))
+    if allowed and draw(st.booleans()):
+        p["mirror"] = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=3, unique=True))
+    return p
+
+
+@st.composite
+def placement_list(draw: st.DrawFn, guests: list[str], names: list[str], seats: dict[str, Any],
+                   seat_of: dict[str, str]) -> list[dict[str, Any]]:
+    """The `placements` section: one placement for most guest rules, always one for the first."""
+    placements: list[dict[str, Any]] = []
     for gname in guests:
         if not draw(st.integers(0, 5)) and placements:
             continue  # a guest rule without a placement is legal (the loader warns)
-        p: dict[str, Any] = {"guest": gname, "priority": draw(st.integers(-3, 3))}
-        allowed = names
-        if seats and draw(st.booleans()):
-            p["seats"] = draw(st.lists(st.sampled_from(list(seats)), min_size=1, unique=True))
-            if not any("logind" in seats[s] for s in p["seats"]):
-                allowed = [n for n in names if seat_of.get(n) in p["seats"]]
-        main = draw(st.lists(st.sampled_from(allowed), max_size=3, unique=True)) if allowed else []
-        if main:
-            p["monitor"] = main[0]
-            if main[1:]:
-                p["failover"] = main[1:]
-        elif "seats" not in p:
-            p["monitor"] = draw(st.sampled_from(names))
-        if allowed and draw(st.booleans()):
-            p["mirror"] = draw(st.lists(st.sampled_from(allowed), min_size=1, max_size=3, unique=True))
-        placements.append(p)
+        placements.append(draw(placement(gname, names, seats, seat_of)))
+    return placements
+
+
+@st.composite
+def policies(draw: st.DrawFn) -> dict[str, Any]:
+    monitors = draw(monitor_rules())
+    names = list(monitors)
+    seats, seat_of = draw(seat_sections(names))
+    guests = draw(guest_rules())
+    placements = draw(placement_list(list(guests), names, seats, seat_of))
 
     doc: dict[str, Any] = {"version": 1, "monitors": monitors}
     if guests:
