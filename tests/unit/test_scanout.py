@@ -1,4 +1,4 @@
-"""The scanout pipeline's bookkeeping (compositor/scanout.py) on a fake card: latest frame wins, one
+"""The scanout pipeline's bookkeeping (compositor/scanout/) on a fake card: latest frame wins, one
 commit in flight, every frame handed back exactly once, the zero copy → copy → slate ladder.
 
 The fake card is stricter than any driver, as libliftoff's libdrm double is. It keeps two states per
@@ -34,13 +34,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compositor import output, scanout, topology
+from compositor import output, topology
 from compositor.formats import DRM_FORMAT_MOD_LINEAR, XRGB8888
 from compositor.kms import DumbBuffer, FlipEvent, Framebuffer, KmsError, Rejected
 from compositor.kms.errors import kms_error
 from compositor.output import OutputLayer
 from compositor.planner import OutputAssignment, Rect, Slate
 from compositor.scanout import FramebufferCache, Metrics, ScanoutPipeline
+from compositor.scanout import copy as scanout_copy
 from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
 
 W, H = 40, 30  # the mode: small, so a slate renders and a copy runs in microseconds
@@ -1270,12 +1271,13 @@ def test_a_label_plane_the_plan_gives_to_the_picture_is_not_committed_to(new_rig
 
 
 class GatedCopy:
-    """scanout.copy_rows that waits for `gate` before it copies, and says when a copy began."""
+    """The copy rung's copy_rows (compositor/scanout/copy.py) that waits for `gate` before it copies,
+    and says when a copy began."""
 
     def __init__(self) -> None:
         self.gate, self.began = threading.Event(), threading.Event()
         self.threads: list[str] = []
-        self.real = scanout.copy_rows
+        self.real = scanout_copy.copy_rows
 
     def __call__(self, *args, **kw):
         self.threads.append(threading.current_thread().name)
@@ -1297,7 +1299,7 @@ def test_a_copy_runs_on_a_worker_and_no_other_output_waits_for_it(bufs, monkeypa
     # pending one (A's CRTC counts as busy). When the copy is over A commits the copied pixels, and
     # its pending frame follows after the flip, copied on the worker too.
     gated = GatedCopy()
-    monkeypatch.setattr(scanout, "copy_rows", gated)
+    monkeypatch.setattr(scanout_copy, "copy_rows", gated)
 
     async def main() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
@@ -1342,7 +1344,7 @@ def test_stopping_or_forgetting_during_a_copy_waits_for_it(bufs, monkeypatch):
     # the output stops while the copy runs: stop() waits for the copy before it frees the copy
     # buffers, hands the frame back once, and the copy's late completion commits nothing.
     gated = GatedCopy()
-    monkeypatch.setattr(scanout, "copy_rows", gated)
+    monkeypatch.setattr(scanout_copy, "copy_rows", gated)
 
     async def main() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
@@ -1474,7 +1476,7 @@ def test_a_copy_waits_a_bounded_time_for_the_guests_writes_then_skips_the_frame(
     # The guest's dma-buf never becomes readable (a fence that does not signal): the worker gives up
     # after FENCE_TIMEOUT instead of blocking in DMA_BUF_IOCTL_SYNC, the frame is skipped and handed
     # back, the output stays on the copy rung, and the next frame is copied as usual.
-    real_readable = scanout.readable
+    real_readable = scanout_copy.readable
     stuck = {"on": False}
 
     def readable(fd, timeout):
@@ -1482,7 +1484,7 @@ def test_a_copy_waits_a_bounded_time_for_the_guests_writes_then_skips_the_frame(
             return False
         return real_readable(fd, timeout)
 
-    monkeypatch.setattr(scanout, "readable", readable)
+    monkeypatch.setattr(scanout_copy, "readable", readable)
 
     async def main() -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="copy") as pool:
@@ -1522,7 +1524,6 @@ def test_a_new_buffer_under_an_old_guest_name_and_id_is_never_the_old_framebuffe
 def test_a_file_buffer_is_read_row_by_row_without_its_padding(monkeypatch):
     # An unsealed memfd is read with pread, not mapped. Only the bytes a copy of the rectangle uses
     # are read: each row's visible part, never the stride's padding nor the rows outside it.
-    from compositor import scanout
     from compositor.planner import Rect
 
     buffer = guest_buffer(5, 8, 6, stride=8 * 4 + 4000, offset=64)
@@ -1532,9 +1533,9 @@ def test_a_file_buffer_is_read_row_by_row_without_its_padding(monkeypatch):
     def counting(fd, buffers, offset):
         reads.append((offset, sum(len(b) for b in buffers)))
         return real(fd, buffers, offset)
-    monkeypatch.setattr(scanout.os, "preadv", counting)
+    monkeypatch.setattr(scanout_copy.os, "preadv", counting)
     into = bytearray(buffer.info.span)
-    scanout._read_file(buffer, into, Rect(2, 1, 4, 3))
+    scanout_copy._read_file(buffer, into, Rect(2, 1, 4, 3))
     stride = buffer.info.stride
     assert reads == [(64 + y * stride + 2 * 4, 4 * 4) for y in (1, 2, 3)]
     for y in (1, 2, 3):

@@ -1,60 +1,30 @@
-"""The scanout pipeline: one per lit output, turning a guest's frames into page flips.
+"""The per-output state machine: a guest's frames in, one commit in flight per CRTC, page flips out.
 
-How a frame reaches the screen. A source hands over a Frame (a buffer the guest has finished drawing).
-The pipeline keeps three slots: `pending` (the newest frame not yet committed), `in_flight` (the one
-commit the kernel is working on) and `on_screen`. A frame arriving while a commit is in flight
-replaces `pending`; the frame it replaces is dropped and handed back to the guest at once, so a guest
-flipping faster than the monitor never builds a queue: latest frame wins. When the flip event of the
-in-flight commit arrives, the frame that was on screen goes back to the guest, and `pending`, if any,
-is committed. There is therefore never more than one commit in flight per CRTC, which is also what the
-kernel demands (EBUSY otherwise).
-
-Which framebuffer a frame becomes is decided by a ladder, each rung logged and shown in status:
-  1. zero copy: the guest's dma-buf is imported into the card once (FramebufferCache, keyed by the
-     guest's buffer id) and scanned out directly; the guest's memory is on the plane;
-  2. copy: the card refused the buffer (a foreign dma-buf on virtio-gpu, a buffer the TEST_ONLY commit
-     rejects), so the pixels are copied into the pipeline's own dumb buffers, one copy per committed
-     frame (dropped frames are never copied); with a `copier` (the daemon's worker threads) a flip's
-     copy runs there and the frame is committed when it is over, the CRTC busy meanwhile;
-  3. slate: nothing of the guest can be shown (a tiled buffer that cannot be copied, a refused
-     configuration); the output shows its slate with the reason instead.
-A pipeline stays on the rung it fell to until it is configured again (the next assignment).
-
-Every configuration change (a mode, a new plane position, a first frame of a new size) is tried with
-TEST_ONLY first. The per-frame flip, once the plane is configured, only changes FB_ID: that is the hot
-path, done by native/kms_helpers.c (or, for comparison, the same through AtomicRequest).
-
-A configuration that shows a frame is a blocking commit, but it asks for a flip event all the same:
-that frame (a guest's first, or its first of a new size) is reported presented when the event is read,
-exactly as a flipped frame is.
+The slots (pending, in flight, on screen) and the ladder (zero copy, copy, slate) are described in
+the package's docstring (compositor/scanout/__init__.py). This module decides what to commit and when;
+the framebuffers it commits come from the framebuffer cache (zero copy), the copy buffers (copy) and
+the slate (slate), and what it counts goes to its Metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import logging
-import mmap
-import os
-import stat
-import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from compositor.cursor import CursorLayer
-from compositor.formats import ARGB8888, DRM_FORMAT_MOD_INVALID, DRM_FORMAT_MOD_LINEAR, FORMATS, XRGB8888
-from compositor.kms import Busy, Card, FlipEvent, Framebuffer, KmsError, Mode, Rejected
+from compositor.formats import ARGB8888
+from compositor.kms import Busy, FlipEvent, Framebuffer, KmsError, Mode, Rejected
 from compositor.kms.card import DumbBuffer
-from compositor.kms.wait import readable
-from compositor.pixelcopy import copy_rows
 from compositor.planner import OutputAssignment, Rect
-from compositor.sources.frame import Buffer, Cursor, Frame, PlaneInfo, Pointer
-from compositor.stats import percentile
+from compositor.scanout.copy import CopyBuffers, FenceTimeout
+from compositor.scanout.metrics import Metrics
+from compositor.scanout.slate import LABEL_MARGIN, UNSCALED, SlateBuffer, render_label
+from compositor.sources.frame import Buffer, Cursor, Frame, Pointer
 
 if TYPE_CHECKING:
     from compositor.dataplane import OutputStats
@@ -64,341 +34,10 @@ log = logging.getLogger("directflip.scanout")
 
 ZERO_COPY, COPY, SLATE = "zero-copy", "copy", "slate"
 
-# DMA_BUF_IOCTL_SYNC = _IOW('b', 0, struct dma_buf_sync { __u64 flags; })
-DMA_BUF_IOCTL_SYNC = 0x40086200
-DMA_BUF_SYNC_READ, DMA_BUF_SYNC_START, DMA_BUF_SYNC_END = 1, 0, 4
-
 
 def live_mode(mode) -> Mode:
     """The KMS mode for a planner mode (the planner reads modes from the probe document)."""
     return Mode.from_json(asdict(mode))
-
-
-class FramebufferCache:
-    """Imported guest buffers of one card: Buffer.key (guest, buffer id, serial) → framebuffer,
-    imported once.
-
-    PRIME import of a dma-buf the card already knows gives back the same GEM handle, so handles are
-    reference-counted: two buffer ids naming one dma-buf must not close each other's handle."""
-
-    def __init__(self, card: Card) -> None:
-        self.card = card
-        self.entries: dict[tuple[str, int, int], tuple[Framebuffer, int]] = {}
-        self._handle_refs: dict[int, int] = {}
-        self.imports = 0
-
-    def framebuffer(self, buffer: Buffer) -> Framebuffer:
-        hit = self.entries.get(buffer.key)
-        if hit is not None:
-            return hit[0]
-        info = buffer.info
-        handle = self.card.import_dmabuf(buffer.fd)
-        self._handle_refs[handle] = self._handle_refs.get(handle, 0) + 1
-        try:
-            fb = self.card.add_framebuffer(info.width, info.height, info.fourcc, [handle], [info.stride],
-                                           [info.offset], info.modifier)
-        except KmsError:
-            self._unref(handle)
-            raise
-        self.entries[buffer.key] = (fb, handle)
-        self.imports += 1
-        return fb
-
-    def drop(self, key: tuple[str, int, int]) -> None:
-        entry = self.entries.pop(key, None)
-        if entry is None:
-            return
-        fb, handle = entry
-        try:
-            fb.remove()
-        except KmsError as exc:
-            log.warning("removing framebuffer of %s buffer %d: %s", key[0], key[1], exc)
-        self._unref(handle)
-
-    def _unref(self, handle: int) -> None:
-        self._handle_refs[handle] -= 1
-        if not self._handle_refs[handle]:
-            del self._handle_refs[handle]
-            self.card.close_handle(handle)
-
-    def clear(self) -> None:
-        for key in list(self.entries):
-            self.drop(key)
-
-
-FENCE_TIMEOUT = 0.5   # seconds a copy waits for the writes pending on a guest's dma-buf
-
-
-class FenceTimeout(OSError):
-    """A guest's dma-buf still had writes pending (an unsignalled fence) when a copy wanted it."""
-
-
-@dataclass(eq=False)
-class _CopyJob:
-    buffer: Buffer
-    src_map: mmap.mmap | bytearray
-    dst_buf: DumbBuffer
-    dst_map: mmap.mmap
-    fb: Framebuffer
-
-
-class CopyBuffers:
-    """The pipeline's own dumb buffers for the copy rung, the size of the mode: the planned `src`
-    rectangle of the guest's buffer is copied to the planned `dst` rectangle, the rest stays black.
-    So a card that refuses the guest's buffer, or refuses to position a plane (virtio-gpu's primary
-    plane must cover the whole CRTC), still shows the picture where the plan puts it. Two buffers,
-    so one can be written while the other is on screen (a copy is only made when no commit is in
-    flight). A copy cannot scale: a plan that scales needs a plane that does. `native`: the copy is
-    kms_copy_rows (native/kms_helpers.c), else the pure-Python copy of `--pure-python`."""
-
-    def __init__(self, card: Card, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect, *,
-                 native: bool = True) -> None:
-        if info.modifier not in (DRM_FORMAT_MOD_LINEAR, DRM_FORMAT_MOD_INVALID):
-            raise Rejected("copy", 22, "the buffer is tiled (format modifier set); a CPU copy would "
-                           "scramble it")
-        if (src.w, src.h) != (dst.w, dst.h):
-            raise Rejected("copy", 22, f"the plan scales {src} to {dst}; a copy cannot scale")
-        self.card = card
-        self.info, self.size, self.src, self.dst = info, size, src, dst
-        self.native = native
-        self.slots: list[tuple[DumbBuffer, Framebuffer]] = []
-        bpp = FORMATS[info.fourcc].bpp
-        for _ in range(2):
-            buf = card.create_dumb(size[0], size[1], bpp)
-            buf.map()[:] = bytes(buf.size)
-            fb = card.add_framebuffer(size[0], size[1], info.fourcc, [buf.handle], [buf.pitch], [0],
-                                      DRM_FORMAT_MOD_LINEAR)
-            self.slots.append((buf, fb))
-        self._maps: dict[tuple[str, int, int], mmap.mmap] = {}
-        self._busy = 0            # copies prepared and not finished
-        self._forgotten: list[tuple[str, int, int]] = []
-        self._closing = False
-
-    def fits(self, info: PlaneInfo, size: tuple[int, int], src: Rect, dst: Rect) -> bool:
-        return ((info.width, info.height, info.fourcc, size, src, dst)
-                == (self.info.width, self.info.height, self.info.fourcc, self.size, self.src, self.dst))
-
-    def copy(self, buffer: Buffer, on_screen: Framebuffer | None = None) -> Framebuffer:
-        """Copy the buffer's pixels into a slot that is not `on_screen`; returns its framebuffer."""
-        job = self.prepare(buffer, on_screen)
-        try:
-            self.run(job)
-        finally:
-            self.finish(job)
-        return job.fb
-
-    def prepare(self, buffer: Buffer, on_screen: Framebuffer | None = None) -> _CopyJob:
-        """The copy of `buffer` into a slot that is not `on_screen`, ready for run() (on any thread).
-        Until finish(), forget() and close() leave what the copy reads and writes mapped."""
-        src_map = self._maps.get(buffer.key)
-        if src_map is None:
-            src_map = _source(buffer)
-            self._maps[buffer.key] = src_map
-        dst_buf, fb = next((b, f) for b, f in self.slots if f is not on_screen)
-        self._busy += 1
-        return _CopyJob(buffer, src_map, dst_buf, dst_buf.map(), fb)
-
-    def run(self, job: _CopyJob) -> None:
-        """The copy itself: no Python object of the pipeline is touched, and the C copy runs without
-        the GIL, so a worker thread can do it while the loop goes on."""
-        buffer, src_map = job.buffer, job.src_map
-        if isinstance(src_map, bytearray):
-            _read_file(buffer, src_map, self.src)
-        info, src, dst = buffer.info, self.src, self.dst
-        bpp = info.bytes_per_pixel
-        row = src.w * bpp
-        pitch = job.dst_buf.pitch
-        sync = buffer.copy_only is None  # a device region is no dma-buf: nothing to sync
-        if sync:
-            # DMA_BUF_IOCTL_SYNC waits, without a bound, for the writes pending on the buffer; a
-            # guest whose fence never signals must not hold a worker (or, at shutdown, the daemon).
-            if not readable(buffer.fd, FENCE_TIMEOUT):
-                raise FenceTimeout(errno.ETIMEDOUT, f"the guest's buffer {buffer.id} is still being "
-                                   f"written after {FENCE_TIMEOUT:g} s (its fence has not signalled): "
-                                   f"frame skipped")
-            _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_START | DMA_BUF_SYNC_READ)
-        try:
-            # One strided copy of the planned rectangle, row pitch to row pitch, every row checked
-            # against both buffers' sizes (the guest's layout is the guest's to get wrong).
-            copy_rows(job.dst_map, dst.y * pitch + dst.x * bpp, pitch,
-                      src_map, info.offset + src.y * info.stride + src.x * bpp, info.stride, src.h, row,
-                      native=self.native)
-        finally:
-            if sync:
-                _dmabuf_sync(buffer.fd, DMA_BUF_SYNC_END | DMA_BUF_SYNC_READ)
-
-    def finish(self, job: _CopyJob) -> None:
-        """The copy is over (done or failed): what was let go of meanwhile is unmapped now."""
-        self._busy -= 1
-        if self._busy:
-            return
-        for key in self._forgotten:
-            self.forget(key)
-        self._forgotten.clear()
-        if self._closing:
-            self.close()
-
-    def forget(self, key: tuple[str, int, int]) -> None:
-        if self._busy:
-            self._forgotten.append(key)   # a copy may be reading it: unmapped when it is over
-            return
-        m = self._maps.pop(key, None)
-        if isinstance(m, mmap.mmap):
-            m.close()
-
-    def close(self) -> None:
-        if self._busy:
-            self._closing = True   # a copy is writing a slot: freed when it is over
-            return
-        self._closing = False
-        for m in self._maps.values():
-            if isinstance(m, mmap.mmap):
-                m.close()
-        self._maps.clear()
-        for buf, fb in self.slots:
-            try:
-                fb.remove()
-            except KmsError as exc:
-                log.warning("removing copy framebuffer: %s", exc)
-            buf.destroy()
-        self.slots.clear()
-
-
-def _source(buffer: Buffer) -> mmap.mmap | bytearray:
-    """What a copy reads the buffer from. A dma-buf or a device region has a fixed size and is mapped.
-    A memfd (or any file) can be shrunk by the guest after it was checked, and reading a mapping past
-    the new end kills the reader with SIGBUS: unless it is sealed against shrinking, it is read with
-    pread into a buffer of ours on every copy, which a shrunk file only makes short."""
-    if stat.S_ISREG(os.fstat(buffer.fd).st_mode):
-        try:
-            sealed = fcntl.fcntl(buffer.fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
-        except OSError:   # a file that cannot be sealed (not a memfd)
-            sealed = 0
-        if not sealed:
-            return bytearray(buffer.info.span)
-    return mmap.mmap(buffer.fd, buffer.info.span, mmap.MAP_SHARED, mmap.PROT_READ,
-                     offset=buffer.mmap_offset)
-
-
-def _read_file(buffer: Buffer, into: bytearray, rect: Rect | None = None) -> None:
-    """Read what a copy of `rect` (None: the whole plane) reads of the buffer's file into `into`, laid
-    out as the file is (into[k] is the file's byte mmap_offset + k): only the visible bytes of each
-    row of the rectangle, in one read where they are contiguous, never the rows' padding."""
-    info = buffer.info
-    bpp = info.bytes_per_pixel
-    rect = rect or Rect(0, 0, info.width, info.height)
-    # Within the plane only: a rectangle past it (a plan's mistake) is the copy's to refuse.
-    x0, y0 = max(rect.x, 0), max(rect.y, 0)
-    x1, y1 = min(rect.x + rect.w, info.width), min(rect.y + rect.h, info.height)
-    if x1 <= x0 or y1 <= y0:
-        return
-    first, width, rows = info.offset + y0 * info.stride + x0 * bpp, (x1 - x0) * bpp, y1 - y0
-    if rows == 1 or width == info.stride:
-        spans = [(first, width + (rows - 1) * info.stride)]
-    else:
-        spans = [(first + y * info.stride, width) for y in range(rows)]
-    view = memoryview(into)
-    for start, length in spans:
-        got = os.preadv(buffer.fd, [view[start:start + length]], buffer.mmap_offset + start)
-        if got < length:
-            end = buffer.mmap_offset + start
-            raise OSError(errno.EIO, f"the guest's buffer {buffer.id} holds less than its plane needs "
-                          f"({end + got} bytes, not {end + length}): it was shrunk after it was announced")
-
-
-def _dmabuf_sync(fd: int, flags: int) -> None:
-    try:
-        fcntl.ioctl(fd, DMA_BUF_IOCTL_SYNC, struct.pack("Q", flags))
-    except OSError as exc:  # memfd stand-ins and some exporters have no sync: the copy is still right
-        if exc.errno not in (25, 22):  # ENOTTY, EINVAL
-            raise
-
-
-LABEL_MARGIN = 16  # pixels from the top-left corner
-_UNIT = Rect(0, 0, 1, 1)  # a label is not scaled
-
-
-def render_label(text: str) -> Cursor:
-    """The guest's name as an opaque ARGB8888 image: white text on the slate's dark blue, padded."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default(size=28)
-    left, top, right, bottom = font.getbbox(text)
-    w, h = right - left + 24, bottom - top + 16
-    img = Image.new("RGBA", (w, h), (16, 16, 24, 255))
-    ImageDraw.Draw(img).text((12 - left, 8 - top), text, font=font, fill=(255, 255, 255, 255))
-    return Cursor(w, h, 0, 0, img.tobytes("raw", "BGRA"), hash(text) & 0x7FFFFFFF)
-
-
-def render_slate(width: int, height: int, text: str, colour: str, reason: str) -> bytes:
-    """A mode-sized XRGB8888 image: the slate colour, its text large and the reason below it."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
-    img = Image.new("RGB", (width, height), rgb)
-    draw = ImageDraw.Draw(img)
-    ink = (230, 230, 230) if sum(rgb) < 384 else (20, 20, 20)
-    big = ImageFont.load_default(size=max(12, height // 12))
-    small = ImageFont.load_default(size=max(10, height // 40))
-    lines = ((big, text, height // 2 - height // 12), (small, reason, height // 2 + height // 24))
-    for font, line, y in lines:
-        if not line:
-            continue
-        box = draw.textbbox((0, 0), line, font=font)
-        draw.text(((width - (box[2] - box[0])) // 2, y), line, font=font, fill=ink)
-    return img.convert("RGBX").tobytes("raw", "BGRX")
-
-
-@dataclass
-class Metrics:
-    """What status reports for one output. Latency: from the moment the source learnt of a frame to
-    the kernel's timestamp of the flip that showed it (both CLOCK_MONOTONIC). Commit delay: from that
-    same moment to the return of the frame's nonblocking commit (the import or copy included): the
-    compositor's own cost per frame, plus any wait for the previous flip while the frame was pending."""
-
-    frames: int = 0          # frames handed to the pipeline
-    presented: int = 0       # frames that reached the screen (flip events)
-    dropped: int = 0         # frames replaced by a newer one before they were committed
-    commits: int = 0         # nonblocking commits issued
-    copies: int = 0
-    max_in_flight: int = 0   # most nonblocking commits ever awaiting their flip event at once
-    max_pending: int = 0     # most frames ever waiting to be committed (one slot: a queue would show)
-    busy: int = 0            # EBUSY answers (the kernel still had a flip pending)
-    errors: int = 0
-    latencies_ns: deque = field(default_factory=lambda: deque(maxlen=2000))
-    present_times: deque = field(default_factory=lambda: deque(maxlen=4000))
-    commit_delays_ns: deque = field(default_factory=lambda: deque(maxlen=4000))
-
-    def flips_per_second(self, now_ns: int | None = None, window: float = 1.0) -> float:
-        now_ns = now_ns or time.monotonic_ns()
-        cutoff = now_ns - int(window * 1e9)
-        return sum(1 for t in self.present_times if t >= cutoff) / window
-
-    def latency_ms(self, q: float) -> float | None:
-        value = percentile(self.latencies_ns, q)
-        return None if value is None else value / 1e6
-
-    def commit_delay_us(self, q: float) -> float | None:
-        value = percentile(self.commit_delays_ns, q)
-        return None if value is None else value / 1e3
-
-
-def _p50_p99(quantile: Callable[[float], float | None], digits: int) -> dict[str, float | None]:
-    values = {"p50": quantile(0.5), "p99": quantile(0.99)}
-    return {k: None if v is None else round(v, digits) for k, v in values.items()}
-
-
-@dataclass
-class _SlateBuffer:
-    buffer: DumbBuffer
-    fb: Framebuffer
-
-    def close(self) -> None:
-        try:
-            self.fb.remove()
-        except KmsError as exc:
-            log.warning("removing a slate framebuffer: %s", exc)
-        self.buffer.destroy()
 
 
 @dataclass
@@ -467,7 +106,7 @@ class ScanoutPipeline:
         self.on_screen: _Commit | None = None
         self.plane_key: tuple | None = None  # the (fb size, format, src, dst) the plane was committed with
         self.copy: CopyBuffers | None = None
-        self._slate: _SlateBuffer | None = None
+        self._slate: SlateBuffer | None = None
         self._retired: list = []  # what the next completed commit frees
         self._lit = False
         self.dead_end = False
@@ -659,7 +298,7 @@ class ScanoutPipeline:
                 layer.forget_commit()
             self._retire(layer)
             return
-        layer.set(None, None, _UNIT, _UNIT)
+        layer.set(None, None, UNSCALED, UNSCALED)
         self._dying.append(layer)
         self._layers_kick()
 
@@ -693,7 +332,7 @@ class ScanoutPipeline:
             self.label_layer = CursorLayer(self.card, self.label_plane, self.crtc,
                                            size=(image.width, image.height))
         where = Pointer(LABEL_MARGIN, LABEL_MARGIN, True) if image is not None else None
-        if self.label_layer.set(image, where, _UNIT, _UNIT):
+        if self.label_layer.set(image, where, UNSCALED, UNSCALED):
             self._layers_kick()
 
     def _layers(self) -> list[CursorLayer]:
@@ -876,11 +515,8 @@ class ScanoutPipeline:
         self._retire(self._slate)
         self._slate = None
         w, h = self.mode.width, self.mode.height
-        buf = self.card.create_dumb(w, h, 32)
-        pixels = render_slate(w, h, text, colour, reason)
-        copy_rows(buf.map(), 0, buf.pitch, pixels, 0, w * 4, h, w * 4, native=self.native)
-        fb = self.card.dumb_framebuffer(buf, XRGB8888)
-        self._slate = _SlateBuffer(buf, fb)
+        self._slate = SlateBuffer.draw(self.card, w, h, text, colour, reason, native=self.native)
+        fb = self._slate.fb
         full = Rect(0, 0, w, h)
         for layer in self._layers():
             layer.set(None, None, full, full)  # no pointer and no name over a slate
@@ -1192,18 +828,8 @@ class ScanoutPipeline:
         """Add what the data plane counted for this output since the last fold to `metrics`."""
         if self.dp_output < 0:
             return
-        from compositor.dataplane import DataPlane
         now = self.dataplane.stats(self.dp_output)
-        seen = self._dp_seen
-        m = self.metrics
-        for name in ("frames", "commits", "presented", "dropped", "errors", "busy"):
-            setattr(m, name, getattr(m, name) + getattr(now, name) - (getattr(seen, name) if seen else 0))
-        m.max_in_flight = max(m.max_in_flight, now.max_in_flight)
-        m.max_pending = max(m.max_pending, now.max_pending)
-        for delay, latency, when in DataPlane.samples(now, since=seen.presented if seen else 0):
-            m.commit_delays_ns.append(delay)
-            m.latencies_ns.append(latency)
-            m.present_times.append(when)
+        self.metrics.fold_data_plane(now, self._dp_seen)
         self._dp_seen = now
 
     # --- end --------------------------------------------------------------------------------------
@@ -1317,18 +943,13 @@ class ScanoutPipeline:
 
     def status(self) -> dict:
         self._fold_dp()
-        m = self.metrics
         return {
             "monitor": self.out.monitor, "card": self.out.card, "connector": self.out.connector,
             "crtc": self.out.crtc_id, "plane": self.out.plane_id, "mode": self.mode.label(),
             "guest": self.out.guest, "mirror": self.out.mirror, "path": self.path, "reason": self.reason,
             "fallbacks": list(self.fallbacks),
-            "flips_per_s": round(m.flips_per_second(), 1),
-            "latency_ms": _p50_p99(m.latency_ms, 2),
-            "commit_delay_us": _p50_p99(m.commit_delay_us, 1),
-            "frames": m.frames, "presented": m.presented, "dropped": m.dropped, "commits": m.commits,
-            "copies": m.copies, "max_in_flight": m.max_in_flight, "max_pending": m.max_pending,
-            "busy": m.busy, "errors": m.errors, "configurations": self.configurations,
+            **self.metrics.summary(),
+            "configurations": self.configurations,
             "in_flight": self.in_flight is not None or (self.on_dp and self._dp_seen.in_flight),
             "on_screen": self._on_screen_status(),
             "data_plane": self.on_dp,
@@ -1344,5 +965,4 @@ class ScanoutPipeline:
         }
 
 
-__all__ = ["ScanoutPipeline", "FramebufferCache", "CopyBuffers", "Metrics", "Scanned", "render_slate",
-           "live_mode", "ZERO_COPY", "COPY", "SLATE"]
+__all__ = ["ScanoutPipeline", "Scanned", "live_mode", "ZERO_COPY", "COPY", "SLATE"]
