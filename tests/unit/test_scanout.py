@@ -275,6 +275,40 @@ def check_invariants(r: Rig) -> None:
         assert p._fits(p.pending) is not None
 
 
+def refuse_for(r: Rig, ladder: str) -> None:
+    """Set the card's knobs so the pipeline lands on the rung `ladder` names."""
+    if ladder == "import-refused":
+        r.card.refuse_import = lambda fd: True
+    elif ladder == "test-refuses-zero-copy":
+        r.card.refuse_config = refuse_prime
+    elif ladder == "all-refused":
+        r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+
+
+def apply_op(r: Rig, op: tuple, pool: list[Buffer], handed: list[Frame], done_tokens: list[int]) -> None:
+    """One step of the interleaving: a frame, an event (current or stale), a pause, a refused flip."""
+    if op[0] == "submit":
+        handed.append(Frame(pool[op[1]], seq=len(handed)))
+        r.pipe.submit(handed[-1])
+    elif op[0] == "flip" and CRTC in r.card.in_flight:
+        event = r.card.complete(CRTC)
+        done_tokens.append(event.user_data)
+        r.pipe.on_flip(event)
+    elif op[0] == "stale":
+        before = r.snapshot()
+        r.pipe.on_flip(FlipEvent(CRTC, 0, time.monotonic_ns(), done_tokens[-1]))
+        assert r.snapshot() == before
+    elif op[0] == "read":   # the lighting commit's event, once the loop reads it
+        r.read_events()
+    elif op[0] == "pause":
+        r.pipe.paused = True
+    elif op[0] == "resume":
+        r.pipe.paused = False
+        r.pipe.resume()
+    elif op[0] == "busy":
+        r.card.fail_next_flip = errno.EBUSY
+
+
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ladder=st.sampled_from(LADDERS), native=st.booleans(), ops=st.lists(OPS, max_size=50))
 def test_every_frame_is_released_exactly_once(ladder, native, ops):
@@ -285,37 +319,13 @@ def test_every_frame_is_released_exactly_once(ladder, native, ops):
     pool = [guest_buffer(i) for i in range(3)] + [guest_buffer(3, 24, 16)]
     try:
         r = Rig(native=native)
-        if ladder == "import-refused":
-            r.card.refuse_import = lambda fd: True
-        elif ladder == "test-refuses-zero-copy":
-            r.card.refuse_config = refuse_prime
-        elif ladder == "all-refused":
-            r.card.refuse_config = lambda s: refuse_prime(s) or ("no copy" if r.is_copy_fb(s.fb) else None)
+        refuse_for(r, ladder)
         handed = [Frame(pool[0], seq=0)]
         r.pipe.start(handed[0])
         check_invariants(r)
         done_tokens = [0]
         for op in ops:
-            if op[0] == "submit":
-                handed.append(Frame(pool[op[1]], seq=len(handed)))
-                r.pipe.submit(handed[-1])
-            elif op[0] == "flip" and CRTC in r.card.in_flight:
-                event = r.card.complete(CRTC)
-                done_tokens.append(event.user_data)
-                r.pipe.on_flip(event)
-            elif op[0] == "stale":
-                before = r.snapshot()
-                r.pipe.on_flip(FlipEvent(CRTC, 0, time.monotonic_ns(), done_tokens[-1]))
-                assert r.snapshot() == before
-            elif op[0] == "read":   # the lighting commit's event, once the loop reads it
-                r.read_events()
-            elif op[0] == "pause":
-                r.pipe.paused = True
-            elif op[0] == "resume":
-                r.pipe.paused = False
-                r.pipe.resume()
-            elif op[0] == "busy":
-                r.card.fail_next_flip = errno.EBUSY
+            apply_op(r, op, pool, handed, done_tokens)
             check_invariants(r)
         held = r.held()
         for f in handed:
