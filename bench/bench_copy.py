@@ -49,7 +49,7 @@ def guest_buffer(stride: int) -> mmap.mmap:
 
 
 def numpy_copy(dst: mmap.mmap, pitch: int, src: mmap.mmap, stride: int) -> Copy | None:
-    """The copy as scanout.py made it before kms_copy_rows: two strided uint8 views, one assignment."""
+    """The copy as the scanout made it before kms_copy_rows: two strided uint8 views, one assignment."""
     try:
         import numpy as np
     except ImportError:

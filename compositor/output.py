@@ -4,7 +4,7 @@ It owns what a card's outputs share: the card, its cache of imported framebuffer
 pipeline drives which CRTC. Every flip goes through `flip()` (the FB_ID-only hot path, native or
 AtomicRequest), every configuration through `atomic()`, every flip event of the card through
 `route()` (a table lookup by CRTC, never a scan of the outputs), and `reset()` is the first commit
-after gaining master ("reset the world"). The pipelines (compositor/scanout.py) decide what to commit
+after gaining master ("reset the world"). The pipelines (compositor/scanout/) decide what to commit
 and when; this module is where it meets the card.
 """
 
