@@ -6,7 +6,7 @@
 
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-APT_PACKAGES = libdrm-dev pkg-config gcc systemd udev dbus-daemon qemu-system-x86
+APT_PACKAGES = libdrm-dev pkg-config gcc clang-format systemd udev dbus-daemon qemu-system-x86
 # libvirt for `kind: libvirt` guests and the lab's libvirtd, without its recommends (storage drivers,
 # dnsmasq, ...): libvirt-dev builds the binding below.
 LIBVIRT_APT = libvirt-dev libvirt-daemon-system

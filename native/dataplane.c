@@ -12,8 +12,8 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
-#include <stddef.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -35,7 +35,7 @@
 #define MAX_FRAMES 512
 #define RING 8192
 #define FAKE_QUEUE 256
-#define FAKE_TICK_NS 250000ull   /* the fake kernel's look at its queue: 4 kHz */
+#define FAKE_TICK_NS 250000ull /* the fake kernel's look at its queue: 4 kHz */
 
 enum { T_STOP = 1, T_CARD = 2, T_CONN = 3 };
 enum { C_FREE = 0, C_FAST, C_SLOW, C_PAUSED, C_DEAD };
@@ -51,8 +51,8 @@ struct frame {
 
 struct buf {
 	int used;
-	uint32_t gen;          /* handles carry it: a handle of a freed buffer never names a new one */
-	int32_t conn;          /* -1 once the connection is gone */
+	uint32_t gen; /* handles carry it: a handle of a freed buffer never names a new one */
+	int32_t conn; /* -1 once the connection is gone */
 	uint32_t id;
 	uint32_t layout;
 	int holds;
@@ -73,7 +73,7 @@ struct fake_flip {
 struct card {
 	int used;
 	int fd;
-	int fake_write_fd;     /* -1: a real card */
+	int fake_write_fd; /* -1: a real card */
 	uint64_t fake_delay_ns;
 	uint32_t fake_sequence;
 };
@@ -82,8 +82,8 @@ struct output {
 	int used;
 	int card;
 	uint32_t crtc, plane, fb_prop;
-	int32_t conn;          /* the guest shown, or -1 */
-	int32_t pending, in_flight, on_screen;   /* frames, or -1 */
+	int32_t conn;                          /* the guest shown, or -1 */
+	int32_t pending, in_flight, on_screen; /* frames, or -1 */
 	uint64_t token, serial;
 	int watch;
 	struct dp_output_stats stats;
@@ -92,33 +92,33 @@ struct output {
 	uint32_t cursor_plane;
 	uint32_t cursor_props[DP_CURSOR_PROPS];
 	uint64_t cursor_values[DP_CURSOR_PROPS];
-	int cursor_dirty;      /* set and not committed yet */
-	int cursor_flight;     /* a commit of the cursor alone is in flight (token) */
-	int cursor_lost;       /* a state the kernel refused: Python commits the cursor again */
-	int cursor_committed;  /* a cursor state was committed here; cursor_fb is its FB_ID */
+	int cursor_dirty;     /* set and not committed yet */
+	int cursor_flight;    /* a commit of the cursor alone is in flight (token) */
+	int cursor_lost;      /* a state the kernel refused: Python commits the cursor again */
+	int cursor_committed; /* a cursor state was committed here; cursor_fb is its FB_ID */
 	uint32_t cursor_fb;
 };
 
 struct conn {
 	int state;
-	int fd;                /* the client's socket, or a vGPU's device (never read or closed here) */
+	int fd; /* the client's socket, or a vGPU's device (never read or closed here) */
 	/* A vGPU (dp_vgpu_add): its planes are queried at each expiry of timer_fd, the fd in the epoll
 	 * set, while the connection is FAST; -1 for a frame-socket client. */
 	int timer_fd;
-	int silent;            /* no client to tell anything (a vGPU, a source of Python's) */
+	int silent; /* no client to tell anything (a vGPU, a source of Python's) */
 	uint64_t period_ns;
-	int cursor;            /* also query the cursor plane; any change of its answer goes to Python */
+	int cursor; /* also query the cursor plane; any change of its answer goes to Python */
 	int cursor_seen;
 	int cursor_errno;
 	struct vfio_device_gfx_plane_info cursor_answer;
 	uint32_t gen;
-	uint32_t mask;         /* epoll events registered */
+	uint32_t mask; /* epoll events registered */
 	int32_t bufs[DP_MAX_BUFFERS];
-	uint32_t ids[DP_MAX_BUFFERS];   /* bufs[i]'s id: a flip's lookup reads this array alone */
+	uint32_t ids[DP_MAX_BUFFERS]; /* bufs[i]'s id: a flip's lookup reads this array alone */
 	int nbufs;
-	uint32_t outputs;      /* bit per output that shows this guest */
-	int32_t latest;        /* frame, or -1 */
-	uint64_t flips;        /* flip records read and shown here */
+	uint32_t outputs; /* bit per output that shows this guest */
+	int32_t latest;   /* frame, or -1 */
+	uint64_t flips;   /* flip records read and shown here */
 	uint32_t layout;
 	/* input: bytes read and not yet consumed; while PAUSED, [0, in_len) is Python's to take */
 	uint8_t in[DP_IN_SIZE + 64];
@@ -295,7 +295,7 @@ static int conn_queue(struct dp *dp, int index, const uint8_t *data, size_t len)
 
 	if (c->state == C_DEAD)
 		return -EPIPE;
-	if (len == 0 || c->silent)   /* a vGPU or a source of Python's is told nothing */
+	if (len == 0 || c->silent) /* a vGPU or a source of Python's is told nothing */
 		return (int)c->out_len;
 	if (c->out_len + len > DP_MAX_OUT) {
 		conn_fail(dp, index, ENOBUFS);
@@ -348,7 +348,7 @@ static void buf_unhold(struct dp *dp, int32_t b)
 	struct buf *buf = &dp->bufs[b];
 
 	if (buf->holds <= 0)
-		return;   /* not held: nothing to give back (a caller's mistake, never a release) */
+		return; /* not held: nothing to give back (a caller's mistake, never a release) */
 	if (--buf->holds > 0)
 		return;
 	if (buf->forgotten || !conn_alive(dp, buf->conn)) {
@@ -502,7 +502,7 @@ static int commit_pending(struct dp *dp, int index)
 		ret = 0;
 		fake_schedule(dp, o->card, o->crtc, o->token);
 	}
-	o->cursor_dirty = 0;   /* committed, or refused: a refused state is not tried again here */
+	o->cursor_dirty = 0; /* committed, or refused: a refused state is not tried again here */
 	if (cursor) {
 		o->cursor_lost = ret < 0;
 		if (ret == 0) {
@@ -619,7 +619,7 @@ static void on_flip_event(int fd, unsigned int sequence, unsigned int tv_sec, un
 				present(dp, (int)index, sequence, ts);
 				return;
 			}
-			if (o->cursor_flight) {   /* the cursor's own commit is done: the next may go */
+			if (o->cursor_flight) { /* the cursor's own commit is done: the next may go */
 				o->cursor_flight = 0;
 				commit_pending(dp, (int)index);
 				return;
@@ -685,7 +685,7 @@ static int flip(struct dp *dp, int index, int32_t b, uint64_t seq, uint64_t recv
 	f = frame_new(dp, b, seq, recv_ns);
 	if (f < 0)
 		return -ENOMEM;
-	frame_ref(dp, f);               /* the guest's latest frame */
+	frame_ref(dp, f); /* the guest's latest frame */
 	if (c->latest >= 0)
 		frame_unref(dp, c->latest);
 	c->latest = f;
@@ -817,7 +817,7 @@ static void conn_readable(struct dp *dp, int index)
 		return;
 	}
 	consume(dp, index, now_ns());
-	if (c->in_len >= DP_IN_SIZE)   /* cannot happen: a partial flip is under 16 bytes */
+	if (c->in_len >= DP_IN_SIZE) /* cannot happen: a partial flip is under 16 bytes */
 		pause_for_python(dp, index, 0);
 }
 
@@ -840,7 +840,7 @@ static void vgpu_timer(struct conn *c, uint64_t period_ns)
 	its.it_interval.tv_sec = (time_t)(period_ns / 1000000000ull);
 	its.it_interval.tv_nsec = (long)(period_ns % 1000000000ull);
 	its.it_value = its.it_interval;
-	timerfd_settime(c->timer_fd, 0, &its, NULL);   /* cannot fail with a valid fd and times */
+	timerfd_settime(c->timer_fd, 0, &its, NULL); /* cannot fail with a valid fd and times */
 }
 
 /* Hand the vGPU to Python: its poll runs there until dp_conn_resume. */
@@ -901,10 +901,12 @@ static void vgpu_answered(struct dp *dp, const struct vgpu_answer *a)
 	int32_t b;
 
 	if (!c || c->state != C_FAST || c->gen != a->gen || c->timer_fd < 0)
-		return;   /* removed, paused or handed back since: the answer is stale */
+		return; /* removed, paused or handed back since: the answer is stale */
 	if (!c->outputs || a->err < 0 || !p->drm_format || !p->width || !p->height || !p->size) {
-		vgpu_pause(dp, a->index, !c->outputs ? DP_VGPU_NO_OUTPUT : a->err < 0 ? DP_VGPU_FAILED
-			   : DP_VGPU_OFF);
+		vgpu_pause(dp, a->index,
+			   !c->outputs  ? DP_VGPU_NO_OUTPUT
+			   : a->err < 0 ? DP_VGPU_FAILED
+					: DP_VGPU_OFF);
 		return;
 	}
 	b = conn_buffer(c, p->dmabuf_id);
@@ -916,7 +918,8 @@ static void vgpu_answered(struct dp *dp, const struct vgpu_answer *a)
 	}
 	if (a->cursor && c->cursor) {
 		if (!c->cursor_seen || a->cursor_err != c->cursor_errno ||
-		    (!a->cursor_err && memcmp(&a->cursor_plane, &c->cursor_answer, sizeof(a->cursor_plane)))) {
+		    (!a->cursor_err &&
+		     memcmp(&a->cursor_plane, &c->cursor_answer, sizeof(a->cursor_plane)))) {
 			c->cursor_seen = 1;
 			c->cursor_errno = a->cursor_err;
 			c->cursor_answer = a->cursor_plane;
@@ -974,7 +977,7 @@ static void *run(void *arg)
 				struct conn *c = dp->conns[index];
 
 				if (!c || c->state == C_FREE || (c->gen & 0xffffffff) != gen)
-					continue;   /* removed since epoll_wait returned */
+					continue; /* removed since epoll_wait returned */
 				if (c->timer_fd >= 0) {
 					if (vgpu_tick(dp, index) && asks < DP_MAX_CONNS) {
 						answers[asks].index = index;
@@ -1067,7 +1070,7 @@ struct dp *dp_new(void)
 	pthread_condattr_t attr;
 
 	pthread_condattr_init(&attr);
-	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);   /* the timed waits are in CLOCK_MONOTONIC */
+	pthread_condattr_setclock(&attr, CLOCK_MONOTONIC); /* the timed waits are in CLOCK_MONOTONIC */
 	pthread_cond_init(&dp->fake_cond, &attr);
 	pthread_condattr_destroy(&attr);
 	dp->epfd = dp->stopfd = dp->notifyfd = dp->devnull = -1;
@@ -1199,8 +1202,9 @@ int dp_card_add(struct dp *dp, int fd, int fake_write_fd, uint64_t fake_delay_ns
 			ret = -errno;
 			break;
 		}
-		dp->cards[i] = (struct card){ .used = 1, .fd = fd, .fake_write_fd = fake_write_fd,
-					      .fake_delay_ns = fake_delay_ns };
+		dp->cards[i] = (struct card){
+			.used = 1, .fd = fd, .fake_write_fd = fake_write_fd, .fake_delay_ns = fake_delay_ns
+		};
 		ret = i;
 		if (fake_write_fd >= 0 && !dp->fake_running) {
 			int err = pthread_create(&dp->fake_thread, NULL, fake_kernel, dp);
@@ -1269,7 +1273,7 @@ int dp_output_add(struct dp *dp, int card, uint32_t crtc_id, uint32_t plane_id, 
 
 		if (o->used)
 			continue;
-		uint64_t serial = o->serial;   /* tokens of a slot's earlier outputs may still come */
+		uint64_t serial = o->serial; /* tokens of a slot's earlier outputs may still come */
 
 		memset(o, 0, sizeof(*o));
 		o->serial = serial;
@@ -1302,7 +1306,7 @@ int dp_output_show(struct dp *dp, int output, int conn, int on_screen, uint64_t 
 	struct output *o = &dp->outputs[output];
 
 	if (o->conn >= 0 || o->pending >= 0 || o->in_flight >= 0 || o->on_screen >= 0) {
-		ret = -EBUSY;   /* dp_output_release first */
+		ret = -EBUSY; /* dp_output_release first */
 		goto out;
 	}
 	if (ci < 0)
@@ -1340,13 +1344,18 @@ int dp_output_release(struct dp *dp, int output, struct dp_output_state *state)
 	state->cursor_pending = (o->cursor_dirty || o->cursor_lost) && o->cursor_plane;
 	state->cursor_committed = o->cursor_committed;
 	state->cursor_fb = o->cursor_fb;
-	o->cursor_plane = 0;   /* Python commits the cursor from now on */
+	o->cursor_plane = 0; /* Python commits the cursor from now on */
 	o->cursor_dirty = o->cursor_flight = o->cursor_lost = o->cursor_committed = 0;
 	state->in_flight_presented = o->in_flight >= 0 && dp->frames[o->in_flight].presented;
 	state->pending_presented = o->pending >= 0 && dp->frames[o->pending].presented;
-	state->on_screen = o->on_screen >= 0 ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame)) : -1;
-	state->in_flight = o->in_flight >= 0 ? buf_handle(dp, frame_handover(dp, o->in_flight, &state->in_flight_frame)) : -1;
-	state->pending = o->pending >= 0 ? buf_handle(dp, frame_handover(dp, o->pending, &state->pending_frame)) : -1;
+	state->on_screen = o->on_screen >= 0
+				   ? buf_handle(dp, frame_handover(dp, o->on_screen, &state->on_screen_frame))
+				   : -1;
+	state->in_flight = o->in_flight >= 0
+				   ? buf_handle(dp, frame_handover(dp, o->in_flight, &state->in_flight_frame))
+				   : -1;
+	state->pending =
+		o->pending >= 0 ? buf_handle(dp, frame_handover(dp, o->pending, &state->pending_frame)) : -1;
 	o->on_screen = o->in_flight = o->pending = -1;
 	/* The guest's flips go to Python from now on, also for its other outputs (their frames stay
 	 * there): one output of a guest run from Python and its mirror from here would see different
@@ -1375,7 +1384,7 @@ int dp_output_cursor(struct dp *dp, int output, uint32_t plane_id, const uint32_
 	memcpy(o->cursor_props, props, sizeof(o->cursor_props));
 	memcpy(o->cursor_values, values, sizeof(o->cursor_values));
 	o->cursor_dirty = 1;
-	if (o->conn >= 0)   /* shown here: commit it now if the CRTC is idle and no frame is due */
+	if (o->conn >= 0) /* shown here: commit it now if the CRTC is idle and no frame is due */
 		commit_pending(dp, output);
 out:
 	pthread_mutex_unlock(&dp->lock);
@@ -1485,7 +1494,7 @@ int dp_conn_add(struct dp *dp, int fd)
 
 		dp->conns[i]->state = C_FAST;
 		ret = conn_watch(dp, i);
-		if (ret < 0)   /* epoll refused the fd */
+		if (ret < 0) /* epoll refused the fd */
 			dp->conns[i]->state = C_FREE;
 		else
 			ret = conn_handle(dp, i);
@@ -1621,11 +1630,11 @@ int dp_conn_resume(struct dp *dp, int conn, int fast)
 		goto out;
 	}
 	if (c->eof) {
-		ret = -EPIPE;   /* the stream ended: Python closes it */
+		ret = -EPIPE; /* the stream ended: Python closes it */
 		goto out;
 	}
 	if ((c->timer_fd >= 0 && !fast) || c->fd < 0) {
-		ret = -EINVAL;   /* a vGPU is polled here or by Python, never half; a local source never */
+		ret = -EINVAL; /* a vGPU is polled here or by Python, never half; a local source never */
 		goto out;
 	}
 	for (int k = 0; k < c->nfds; k++)
@@ -1855,7 +1864,7 @@ int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint
 
 	pthread_mutex_lock(&dp->lock);
 	conn = conn_index(dp, conn);
-	if (conn >= 0 && buffer == -1) {   /* no latest frame any more (a vGPU's display went off) */
+	if (conn >= 0 && buffer == -1) { /* no latest frame any more (a vGPU's display went off) */
 		struct conn *c = dp->conns[conn];
 
 		if (c->latest >= 0) {
@@ -1915,7 +1924,7 @@ int dp_conn_pause(struct dp *dp, int conn)
 
 static int valid_period(uint64_t period_ns)
 {
-	return period_ns >= 1000000ull && period_ns <= 10000000000ull;   /* 1 ms to 10 s */
+	return period_ns >= 1000000ull && period_ns <= 10000000000ull; /* 1 ms to 10 s */
 }
 
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor)
@@ -1928,7 +1937,7 @@ int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor)
 	if (timer < 0)
 		return -errno;
 	pthread_mutex_lock(&dp->lock);
-	ret = conn_slot(dp, device_fd);   /* paused: polled here from dp_conn_resume on */
+	ret = conn_slot(dp, device_fd); /* paused: polled here from dp_conn_resume on */
 	if (ret >= 0) {
 		struct conn *c = dp->conns[ret];
 

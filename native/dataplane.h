@@ -41,56 +41,56 @@
 #define DP_MAX_CARDS 8
 #define DP_MAX_OUTPUTS 32
 #define DP_MAX_CONNS 64
-#define DP_MAX_BUFFERS 64        /* per connection, as the frame socket allows */
-#define DP_MAX_FDS 16            /* descriptors per recvmsg, as the frame socket allows */
-#define DP_IN_SIZE 65536         /* bytes read per recvmsg */
-#define DP_MAX_OUT (1u << 20)    /* bytes queued for a client that does not read: then it is closed */
-#define DP_SAMPLES 1024          /* latency samples kept per output */
+#define DP_MAX_BUFFERS 64         /* per connection, as the frame socket allows */
+#define DP_MAX_FDS 16             /* descriptors per recvmsg, as the frame socket allows */
+#define DP_IN_SIZE 65536          /* bytes read per recvmsg */
+#define DP_MAX_OUT (1u << 20)     /* bytes queued for a client that does not read: then it is closed */
+#define DP_SAMPLES 1024           /* latency samples kept per output */
 #define DP_TOKEN_BIT (1ull << 63) /* user_data of this thread's commits: bit 63, output, serial */
 
 struct dp;
 
 enum dp_event_kind {
-	DP_EV_DATA = 1,     /* conn: bytes (and descriptors) for Python; the connection waits for
-			     * dp_conn_take and dp_conn_resume */
-	DP_EV_CLOSED = 2,   /* conn: the connection ended here: a = errno (0: end of stream with
-			     * nothing unread, EPIPE/ECONNRESET: lost, ENOBUFS: the client does not read) */
-	DP_EV_FLIP = 3,     /* a flip event of a commit this thread did not make: card, crtc, sequence,
-			     * timestamp_ns, user_data */
-	DP_EV_FREED = 4,    /* buffer: nothing holds it and its guest forgot it (or is gone) */
+	DP_EV_DATA = 1,      /* conn: bytes (and descriptors) for Python; the connection waits for
+			      * dp_conn_take and dp_conn_resume */
+	DP_EV_CLOSED = 2,    /* conn: the connection ended here: a = errno (0: end of stream with
+			      * nothing unread, EPIPE/ECONNRESET: lost, ENOBUFS: the client does not read) */
+	DP_EV_FLIP = 3,      /* a flip event of a commit this thread did not make: card, crtc, sequence,
+			      * timestamp_ns, user_data */
+	DP_EV_FREED = 4,     /* buffer: nothing holds it and its guest forgot it (or is gone) */
 	DP_EV_PRESENTED = 5, /* output: a frame reached the screen (counted, and told to the guest);
 			      * sent only for an output with dp_output_watch set */
-	DP_EV_ERROR = 6,    /* output: a commit failed: a = errno; the frame went back to its guest */
-	DP_EV_DRAINED = 7,  /* conn: the queue to the client emptied (after dp_conn_send asked) */
+	DP_EV_ERROR = 6,     /* output: a commit failed: a = errno; the frame went back to its guest */
+	DP_EV_DRAINED = 7,   /* conn: the queue to the client emptied (after dp_conn_send asked) */
 };
 
 struct dp_event {
-	uint32_t kind;       /* enum dp_event_kind */
-	int32_t handle;      /* the connection, buffer or output */
-	int32_t a;           /* see the kind */
+	uint32_t kind;  /* enum dp_event_kind */
+	int32_t handle; /* the connection, buffer or output */
+	int32_t a;      /* see the kind */
 	uint32_t card;
 	uint32_t crtc;
 	uint32_t sequence;
 	uint64_t timestamp_ns;
 	uint64_t user_data;
-	uint32_t buffer_id;  /* DP_EV_PRESENTED: the guest's buffer id, DP_EV_FREED: the buffer's id */
-	uint64_t frame;      /* DP_EV_PRESENTED: the guest's frame number */
+	uint32_t buffer_id; /* DP_EV_PRESENTED: the guest's buffer id, DP_EV_FREED: the buffer's id */
+	uint64_t frame;     /* DP_EV_PRESENTED: the guest's frame number */
 };
 
 struct dp_output_stats {
-	uint64_t frames;      /* frames submitted to the output */
-	uint64_t commits;     /* flips committed */
-	uint64_t presented;   /* flip events of those */
-	uint64_t dropped;     /* frames replaced by a newer one before their commit */
-	uint64_t errors;      /* commits the kernel refused */
-	uint64_t busy;        /* of those, EBUSY */
-	uint32_t max_in_flight; /* the most commits ever in flight at once (1: one per CRTC) */
-	uint32_t max_pending; /* the most frames ever waiting at once (1: the newest wins) */
-	uint32_t in_flight;   /* 1 while a commit waits for its event */
-	uint32_t pending;     /* 1 while a frame waits for the commit in flight */
+	uint64_t frames;           /* frames submitted to the output */
+	uint64_t commits;          /* flips committed */
+	uint64_t presented;        /* flip events of those */
+	uint64_t dropped;          /* frames replaced by a newer one before their commit */
+	uint64_t errors;           /* commits the kernel refused */
+	uint64_t busy;             /* of those, EBUSY */
+	uint32_t max_in_flight;    /* the most commits ever in flight at once (1: one per CRTC) */
+	uint32_t max_pending;      /* the most frames ever waiting at once (1: the newest wins) */
+	uint32_t in_flight;        /* 1 while a commit waits for its event */
+	uint32_t pending;          /* 1 while a frame waits for the commit in flight */
 	uint32_t on_screen_buffer; /* the guest's buffer id on screen (0: none of the guest's) */
 	uint64_t on_screen_frame;
-	uint32_t samples;     /* valid entries in the two arrays below (the newest DP_SAMPLES) */
+	uint32_t samples; /* valid entries in the two arrays below (the newest DP_SAMPLES) */
 	uint32_t commit_delay_ns[DP_SAMPLES]; /* flip record read -> commit ioctl returned */
 	uint32_t latency_ns[DP_SAMPLES];      /* flip record read -> the flip event's timestamp */
 	uint64_t present_ns[DP_SAMPLES];      /* the flip events' timestamps */
@@ -99,9 +99,9 @@ struct dp_output_stats {
 /* The data plane and its thread. The eventfd of dp_notify_fd is readable while events wait. */
 struct dp *dp_new(void);
 int dp_start(struct dp *dp);
-void dp_free(struct dp *dp);        /* stops the thread; closes nothing Python handed over */
+void dp_free(struct dp *dp); /* stops the thread; closes nothing Python handed over */
 int dp_notify_fd(struct dp *dp);
-int dp_poll_events(struct dp *dp, struct dp_event *out, int max);  /* returns how many */
+int dp_poll_events(struct dp *dp, struct dp_event *out, int max); /* returns how many */
 
 /* Cards. `fd` is the DRM fd (O_NONBLOCK). A fake card (for benchmarks and tests without a KMS
  * device): `fd` is the read end of a pipe, each commit's request goes to /dev/null's ioctl (built and
@@ -130,12 +130,12 @@ int64_t dp_conn_flips(struct dp *dp, int conn);
 struct dp_output_state {
 	int32_t on_screen, in_flight, pending;
 	uint64_t on_screen_frame, in_flight_frame, pending_frame;
-	uint64_t in_flight_token;     /* a commit in flight: a frame's (in_flight >= 0) or the cursor's alone */
+	uint64_t in_flight_token; /* a commit in flight: a frame's (in_flight >= 0) or the cursor's alone */
 	int32_t in_flight_presented, pending_presented; /* already told `presented` (on a mirror) */
-	int32_t cursor_pending;       /* a cursor state set with dp_output_cursor was not committed (yet,
-				       * or the kernel refused it) */
-	int32_t cursor_committed;     /* a cursor state was committed here: cursor_fb is its FB_ID, which
-				       * the plane shows or is about to (0: the plane off) */
+	int32_t cursor_pending;   /* a cursor state set with dp_output_cursor was not committed (yet,
+				   * or the kernel refused it) */
+	int32_t cursor_committed; /* a cursor state was committed here: cursor_fb is its FB_ID, which
+				   * the plane shows or is about to (0: the plane off) */
 	uint32_t cursor_fb;
 };
 int dp_output_release(struct dp *dp, int output, struct dp_output_state *state);
@@ -184,10 +184,10 @@ int dp_conn_set_latest(struct dp *dp, int conn, int buffer, uint64_t frame, uint
 /* Buffers: `layout` is Python's name for the buffer's layout; a flip of a buffer of another layout
  * than the latest frame's goes to Python (it re-plans). */
 int dp_buffer_add(struct dp *dp, int conn, uint32_t id, uint32_t layout);
-int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id);   /* 0: none */
+int dp_buffer_fb(struct dp *dp, int buffer, int output, uint32_t fb_id); /* 0: none */
 int dp_buffer_forget(struct dp *dp, int buffer);
-int dp_buffer_hold(struct dp *dp, int buffer);     /* returns the holds now */
-int dp_buffer_release(struct dp *dp, int buffer);  /* returns the holds now */
+int dp_buffer_hold(struct dp *dp, int buffer);    /* returns the holds now */
+int dp_buffer_release(struct dp *dp, int buffer); /* returns the holds now */
 int dp_buffer_holds(struct dp *dp, int buffer);
 
 /* vGPUs (VFIO mediated devices with dma-buf display planes). `device_fd` stays Python's: this thread
@@ -202,12 +202,12 @@ int dp_buffer_holds(struct dp *dp, int buffer);
  * and resumes. A vGPU is told nothing (no `presented`, no `released`). Periods: 1 ms to 10 s. */
 /* Why a vGPU was handed back: DP_EV_DATA's `a`. */
 enum dp_vgpu_why {
-	DP_VGPU_NO_OUTPUT = 1,   /* no output of the guest's is run from here any more */
-	DP_VGPU_FAILED = 2,      /* the plane query failed */
-	DP_VGPU_OFF = 3,         /* the primary plane is off */
-	DP_VGPU_NEW_BUFFER = 4,  /* a dma-buf not handed over, or in another layout */
-	DP_VGPU_CURSOR = 5,      /* the cursor plane's answer changed */
-	DP_VGPU_NOT_HERE = 6,    /* the frame cannot be shown from here (a framebuffer missing) */
+	DP_VGPU_NO_OUTPUT = 1,  /* no output of the guest's is run from here any more */
+	DP_VGPU_FAILED = 2,     /* the plane query failed */
+	DP_VGPU_OFF = 3,        /* the primary plane is off */
+	DP_VGPU_NEW_BUFFER = 4, /* a dma-buf not handed over, or in another layout */
+	DP_VGPU_CURSOR = 5,     /* the cursor plane's answer changed */
+	DP_VGPU_NOT_HERE = 6,   /* the frame cannot be shown from here (a framebuffer missing) */
 };
 int dp_vgpu_add(struct dp *dp, int device_fd, uint64_t period_ns, int cursor);
 /* A source whose frames Python reads itself (a QEMU display's D-Bus calls): a connection with no

@@ -36,9 +36,9 @@ enum fs_error {
 };
 
 struct fs_record {
-	uint32_t kind;   /* enum fs_kind */
-	uint32_t id;     /* FLIP, PRESENTED, RELEASED */
-	uint64_t frame;  /* FLIP, PRESENTED */
+	uint32_t kind;  /* enum fs_kind */
+	uint32_t id;    /* FLIP, PRESENTED, RELEASED */
+	uint64_t frame; /* FLIP, PRESENTED */
 	uint64_t timestamp_ns;
 	uint64_t sequence;
 	uint64_t start;  /* offset in buf of the message's first byte (its word) */

@@ -53,7 +53,7 @@ out:
 
 int kms_flip(int fd, uint32_t plane_id, uint32_t fb_prop_id, uint32_t fb_id, uint64_t user_data)
 {
-	return kms_atomic_commit(fd, 1, &plane_id, &fb_prop_id, &(uint64_t){fb_id},
+	return kms_atomic_commit(fd, 1, &plane_id, &fb_prop_id, &(uint64_t){ fb_id },
 				 DRM_MODE_ATOMIC_NONBLOCK | DRM_MODE_PAGE_FLIP_EVENT, user_data);
 }
 
@@ -125,15 +125,14 @@ static int rows_fit(size_t len, size_t offset, size_t pitch, size_t height, size
 	left = len - offset;
 	if (row_bytes > left)
 		return -ERANGE;
-	left -= row_bytes;  /* room for pitch * (height - 1) */
+	left -= row_bytes; /* room for pitch * (height - 1) */
 	if (height > 1 && pitch > left / (height - 1))
 		return -ERANGE;
 	return 0;
 }
 
-int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch,
-		  const void *src, size_t src_len, size_t src_offset, size_t src_pitch,
-		  size_t height, size_t row_bytes)
+int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch, const void *src,
+		  size_t src_len, size_t src_offset, size_t src_pitch, size_t height, size_t row_bytes)
 {
 	unsigned char *to = dst;
 	const unsigned char *from = src;
@@ -150,12 +149,12 @@ int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch
 	from += src_offset;
 	/* Both pitches equal to the row: the rows are one contiguous block on both sides. */
 	if (dst_pitch == row_bytes && src_pitch == row_bytes) {
-		memmove(to, from, row_bytes * height);  /* <= len by rows_fit: no overflow */
+		memmove(to, from, row_bytes * height); /* <= len by rows_fit: no overflow */
 		return 0;
 	}
 	for (size_t i = 0; i < height; i++) {
 		memmove(to, from, row_bytes);
-		if (i + 1 < height) {  /* a pointer one pitch past the last row may lie past the buffer */
+		if (i + 1 < height) { /* a pointer one pitch past the last row may lie past the buffer */
 			to += dst_pitch;
 			from += src_pitch;
 		}

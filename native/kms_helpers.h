@@ -46,8 +46,7 @@ int kms_drain_events(int fd, struct kms_flip_event *out, int max, int *dropped);
  * Nothing is copied when it refuses. An empty copy (height or row_bytes 0) copies nothing and
  * returns 0 once the offsets are checked. The two buffers may overlap (each row is a memmove).
  * Returns 0 or -errno. */
-int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch,
-		  const void *src, size_t src_len, size_t src_offset, size_t src_pitch,
-		  size_t height, size_t row_bytes);
+int kms_copy_rows(void *dst, size_t dst_len, size_t dst_offset, size_t dst_pitch, const void *src,
+		  size_t src_len, size_t src_offset, size_t src_pitch, size_t height, size_t row_bytes);
 
 #endif
