@@ -52,7 +52,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Concatenate, NamedTuple, ParamSpec, Protocol
 
 from compositor import fdguard
 from compositor.formats import DRM_FORMAT_MOD_LINEAR, fourcc
@@ -120,6 +120,7 @@ _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_RECV * 4)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _UCRED = struct.Struct("3i")  # struct ucred { pid_t pid; uid_t uid; gid_t gid; }
 _INTERNAL_ERROR = "internal error in the compositor"
+_Args = ParamSpec("_Args")  # the arguments of a GuestHandler callback after the connection
 
 
 
@@ -216,7 +217,16 @@ class Peer:
 class GuestHandler(Protocol):
     """What the daemon does with a guest's messages. Callbacks run on the event loop and must not block.
     Raising Refused closes the client with that reason; any other exception is logged with its
-    traceback and closes only that client."""
+    traceback and closes only that client.
+
+    The server calls every method directly. may_connect, on_cursor and on_dataplane have defaults
+    here (let the client in, ignore the pointer image, nothing to do): a handler that subclasses
+    GuestHandler inherits them, one that only matches it must define all three."""
+
+    def may_connect(self, uid: int) -> str | None:
+        """Checked as a client of `uid` connects, before it may send anything: None lets it in, else
+        why not. The default lets every uid in (the server's own limits still apply)."""
+        return None
 
     def on_hello(self, conn: GuestConnection) -> None:
         """conn.name, conn.uuid and conn.peer are known. Raise Refused(reason) to turn the guest away."""
@@ -235,15 +245,19 @@ class GuestHandler(Protocol):
         """The guest is a vGPU: its VMM handed over the VFIO device fd, which the handler now owns."""
 
     def on_cursor(self, conn: GuestConnection) -> None:
-        """Optional (called only when the handler has it): a cursor or cursor-move message changed
-        conn.cursor (a new image, new serial) or conn.pointer. Read both; only the latest counts."""
+        """A cursor or cursor-move message changed conn.cursor (a new image, new serial) or
+        conn.pointer. Read both; only the latest counts. The default ignores it: a handler without a
+        cursor plane to feed need not know the message."""
+        return None
 
     def on_close(self, conn: GuestConnection, reason: str) -> None:
         """The connection is gone (called once, only for connections that got past hello). The handler
         now owns every buffer still in conn.buffers and must close each once it is off screen."""
 
     def on_dataplane(self, conn: GuestConnection) -> None:
-        """Optional: the server's data plane serves conn from now on (conn.dp_conn is its handle)."""
+        """The server's data plane serves conn from now on (conn.dp_conn is its handle). The default
+        does nothing."""
+        return None
 
 
 class _PendingFd(NamedTuple):
@@ -275,8 +289,7 @@ class GuestConnection(SourceDefaults):
 
     Pointer image: `cursor` is the guest's latest Cursor (None until it sent one; its serial counts
     this connection's cursor messages from 1) and `pointer` its latest GuestPointer (None until it
-    sent cursor-move). Each message replaces the one before, then the handler's on_cursor (if it has
-    one) is called.
+    sent cursor-move). Each message replaces the one before, then the handler's on_cursor is called.
     """
 
     def __init__(self, server: FrameSocketServer, sock: socket.socket, peer: Peer) -> None:
@@ -443,8 +456,7 @@ class GuestConnection(SourceDefaults):
         self.dp_conn = handle
         self._server.dp_connections[handle] = self
         log.debug("%s: on the data plane", self._who())
-        if hasattr(self._server.handler, "on_dataplane"):
-            self._call("on_dataplane")
+        self._call(self._server.handler.on_dataplane)
 
     def dp_event(self, event) -> None:
         """An event of the data plane about this connection (compositor.dataplane)."""
@@ -557,7 +569,7 @@ class GuestConnection(SourceDefaults):
             buffer = self.buffers.get(msg.id)
             if buffer is None:
                 raise ProtocolError(f"flip of unknown buffer {msg.id}")
-            self._call("on_flip", Frame(buffer=buffer, seq=msg.frame))
+            self._call(self._server.handler.on_flip, Frame(buffer=buffer, seq=msg.frame))
             return
         kind = msg["type"]
         if kind not in ("buffer", "vfio-device") and self._fds and self._fds[0].until <= start:
@@ -570,13 +582,13 @@ class GuestConnection(SourceDefaults):
         if kind == "flip":
             buffer = self._known(msg)
             frame = Frame(buffer=buffer, seq=_int_field(msg, "frame", 0, _U64, 0))
-            self._call("on_flip", frame)
+            self._call(self._server.handler.on_flip, frame)
         elif kind == "buffer":
             self._on_buffer(msg, start)
         elif kind == "forget":
             buffer = self._known(msg)
             del self.buffers[buffer.id]
-            self._call("on_forget", buffer)
+            self._call(self._server.handler.on_forget, buffer)
         elif kind == "vfio-device":
             self._on_vfio_device(start)
         elif kind == "cursor":
@@ -621,7 +633,7 @@ class GuestConnection(SourceDefaults):
         for other in list(self._server.connections):
             if other is not self and other._welcomed and other.name == name:
                 other._catch_up()
-        if not self._call("on_hello"):
+        if not self._call(self._server.handler.on_hello):
             return
         self._welcomed = True
         if self._hello_timer is not None:
@@ -671,7 +683,7 @@ class GuestConnection(SourceDefaults):
         buffer = Buffer(guest=self.name, id=buffer_id, info=info, fd=fd)
         self.buffers[buffer_id] = buffer
         log.debug("%s: buffer %d is %s", self._who(), buffer_id, info.describe())
-        self._call("on_buffer", buffer)
+        self._call(self._server.handler.on_buffer, buffer)
 
     def _on_vfio_device(self, start: int) -> None:
         """The guest is a vGPU: the VMM hands over (a duplicate of) its VFIO device fd, and the
@@ -683,7 +695,7 @@ class GuestConnection(SourceDefaults):
         fd = self._take_fd(0, start, what="vfio-device", allowed=_VFIO_KINDS)
         self.vfio_fd = fd
         log.info("%s: VFIO device handed over", self._who())
-        self._call("on_vfio_device", fd)
+        self._call(self._server.handler.on_vfio_device, fd)
 
     def _on_cursor(self, msg: dict[str, Any]) -> None:
         width = _int_field(msg, "width", 1, MAX_CURSOR_SIZE)
@@ -714,9 +726,7 @@ class GuestConnection(SourceDefaults):
         self._cursor_changed()
 
     def _cursor_changed(self) -> None:
-        # on_cursor is optional: a handler without a cursor plane to feed need not know the message.
-        if hasattr(self._server.handler, "on_cursor"):
-            self._call("on_cursor")
+        self._call(self._server.handler.on_cursor)
 
     def _take_fd(self, buffer_id: int, start: int, *, allowed: frozenset[fdguard.Kind],
                  what: str = "") -> int:
@@ -744,15 +754,17 @@ class GuestConnection(SourceDefaults):
             raise ProtocolError(f"{msg['type']} of unknown buffer {buffer_id}")
         return self.buffers[buffer_id]
 
-    def _call(self, callback: str, *args: Any) -> bool:
-        """Run a handler callback; an exception from it closes this client only. True if all went well."""
+    def _call(self, callback: Callable[Concatenate[GuestConnection, _Args], object], *args: _Args.args,
+              **kwargs: _Args.kwargs) -> bool:
+        """Run a handler callback (a method of the GuestHandler) for this connection; an exception from
+        it closes this client only. True if all went well."""
         try:
-            getattr(self._server.handler, callback)(self, *args)
+            callback(self, *args, **kwargs)
         except Refused as exc:
             self._finish(str(exc) or "refused", logging.WARNING)
             return False
         except Exception:
-            log.exception("%s: %s failed", self._who(), callback)
+            log.exception("%s: %s failed", self._who(), callback.__name__)
             self._finish(_INTERNAL_ERROR, logging.WARNING)
             return False
         return not self.closed
@@ -1137,8 +1149,7 @@ class FrameSocketServer:
         if mine >= limits.per_user:
             return (f"uid {uid} has {mine} frame-socket connections open, the most one user may have "
                     "(directflip run --max-connections-per-user)")
-        check = getattr(self.handler, "may_connect", None)
-        return check(uid) if check is not None else None
+        return self.handler.may_connect(uid)
 
     def dataplane_event(self, event) -> None:
         """An event of the data plane about one of this server's connections (DP_EV_DATA, _CLOSED,

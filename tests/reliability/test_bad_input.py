@@ -54,6 +54,7 @@ from compositor.sources.framesocket import (
     FrameSocketClient,
     FrameSocketServer,
     GuestConnection,
+    GuestHandler,
     Presented,
     Refused,
     Released,
@@ -86,7 +87,7 @@ def open_fds() -> set[str]:
 
 # ================================================================================ the frame socket
 
-class Answering:
+class Answering(GuestHandler):
     """A GuestHandler that answers like the daemon does for a guest on screen: every flip is
     presented at once and the guest's previous buffer released. It closes every buffer it is handed,
     and a handed-over VFIO fd goes through the real VfioDevice probe."""

@@ -31,6 +31,7 @@ from compositor.sources.framesocket import (
     FrameSocketClient,
     FrameSocketServer,
     GuestConnection,
+    GuestHandler,
     Peer,
     Presented,
     ProtocolError,
@@ -45,7 +46,7 @@ TRIP = 10**12  # a frame number the recording handler fails on
 
 
 @dataclass
-class Recorder:
+class Recorder(GuestHandler):
     """A GuestHandler that writes down everything and, as the daemon must, closes the buffers it is
     handed (on forget, on close)."""
 

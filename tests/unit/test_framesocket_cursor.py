@@ -23,6 +23,7 @@ from compositor.sources.frame import Pointer as GuestPointer
 from compositor.sources.framesocket import (
     MAX_CURSOR_SIZE,
     GuestConnection,
+    GuestHandler,
     Refused,
     encode,
 )
@@ -31,7 +32,7 @@ from directflip_tools import synthetic as syn
 
 
 @dataclass
-class Recorder:
+class Recorder(GuestHandler):
     """A GuestHandler that writes down every on_cursor (what the connection held at that moment) and
     every close. `cursor_raises` makes on_cursor raise it; `on_flip_do` runs on every flip."""
 
@@ -65,8 +66,8 @@ class Recorder:
             buffer.close()
 
 
-class WithoutCursor:
-    """A handler from before on_cursor existed: the server must not call what it lacks."""
+class WithoutCursor(GuestHandler):
+    """A handler from before on_cursor existed: GuestHandler's default on_cursor stands in for it."""
 
     def __init__(self) -> None:
         self.closed: list[str] = []
@@ -192,7 +193,7 @@ def test_serials_are_per_connection(env):
 
 # -------------------------------------------------------------------------------- the handler
 
-def test_a_handler_without_on_cursor_is_not_called(tmp_path):
+def test_a_handler_without_on_cursor_gets_the_default(tmp_path):
     for env in serve(tmp_path, WithoutCursor()):
         replies = raw_session(env, HELLO, {"type": "cursor", "width": 1, "height": 1, "hot_x": 0,
                                            "hot_y": 0, "pixels": b64(bytes(4))},

@@ -27,6 +27,7 @@ from compositor.sources.framesocket import (
     FrameSocketClient,
     FrameSocketInput,
     GuestConnection,
+    GuestHandler,
     Key,
     Motion,
     Pointer,
@@ -41,7 +42,7 @@ KEY_A, KEY_B, KEY_LEFTCTRL, BTN_LEFT, BTN_RIGHT = 30, 48, 29, 0x110, 0x111
 
 
 @dataclass
-class Recorder:
+class Recorder(GuestHandler):
     """A GuestHandler that writes down hellos and closes. `during_hello` runs inside on_hello (before
     welcome), `after_welcome` on the loop's next round, as a router reacting to a new guest would."""
 

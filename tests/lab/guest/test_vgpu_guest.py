@@ -20,6 +20,7 @@ import pytest
 
 import compositor
 from compositor.kms.edid import build_edid
+from compositor.sources.framesocket import GuestHandler
 from compositor.sources.vfio import (
     DRM_PLANE_TYPE_PRIMARY,
     VFIO_DEVICE_GFX_LINK_STATE_UP,
@@ -203,7 +204,7 @@ def test_control_server_drives_a_guest_launched_with_the_device_fd(tmp_path):
             device.close()
 
 
-class RecordingHandler:
+class RecordingHandler(GuestHandler):
     """A compositor's frame-socket handler that keeps what vGPUs hand over."""
 
     def __init__(self) -> None:
