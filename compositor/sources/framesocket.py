@@ -579,6 +579,10 @@ class GuestConnection(SourceDefaults):
                 raise ProtocolError(f'the first message must be "hello", not {kind[:40]!r}')
             self._on_hello(msg)
             return
+        self._on_message(kind, msg, start)
+
+    def _on_message(self, kind: str, msg: dict[str, Any], start: int) -> None:
+        """A JSON message of a welcomed guest, by its type (`start`: where its bytes began)."""
         if kind == "flip":
             buffer = self._known(msg)
             frame = Frame(buffer=buffer, seq=_int_field(msg, "frame", 0, _U64, 0))
