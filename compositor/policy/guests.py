@@ -59,77 +59,91 @@ class GuestSection:
         pattern = Glob(name)
         if "name" in keys and (v := self.reader.string(keys["name"][1], "`name`")) is not None:
             pattern = Glob(v)
-        uuid = None
-        if "uuid" in keys:
-            vnode = keys["uuid"][1]
-            v = self.reader.string(vnode, "`uuid`")
-            if v is not None and not _UUID.match(v):
-                self.reader.error(vnode, f"bad uuid `{v}`",
-                                  "expected the mdev UUID, e.g. 0b5d4a9e-7f3c-4c8e-9a1d-2f6e8b3c5d7a")
-            elif v is not None:
-                uuid = v.lower()
-        kind = None
-        if "kind" in keys:
-            vnode = keys["kind"][1]
-            v = self.reader.string(vnode, "`kind`")
-            if v is not None and v not in GUEST_KINDS:
-                self.reader.error(vnode, f"unknown guest kind `{v}`",
-                                  did_you_mean(v, GUEST_KINDS)
-                                  or "expected one of: " + ", ".join(GUEST_KINDS))
-            else:
-                kind = v
-        uids = None
-        if "users" in keys:
-            uids = tuple(self.user(v, n) for v, n in self.user_names(keys["users"][1]))
-            uids = tuple(u for u in uids if u is not None)
-        launch = None
-        if "launch" in keys:
-            vnode = keys["launch"][1]
-            launch = self.reader.string(vnode, "`launch`")
-            if launch is not None and (kind != "vfio" or uuid is None):
-                self.reader.error(vnode, "`launch` needs `kind: vfio` and the vGPU's `uuid`",
-                                  "directflip opens the vGPU and starts the command with its device fd")
-        display, console = None, 0
-        if "display" in keys:
-            vnode = keys["display"][1]
-            display = self.reader.string(vnode, "`display`")
-            if display is not None and kind != "qemu-dbus":
-                self.reader.error(vnode, "`display` needs `kind: qemu-dbus`",
-                                  "it says where a QEMU VM started with -display dbus shows its picture")
-            elif display is not None and not pattern.literal:
-                self.reader.error(vnode, f"guest `{name}` names one VM's display, so its `name` cannot be "
-                                  f"a pattern (`{pattern}`)", "give the VM's guest name, or drop `name`")
-            elif display is not None:
-                from compositor.sources.qemu_dbus import QemuTarget
-
-                try:
-                    QemuTarget.parse(display)
-                except ValueError as exc:
-                    self.reader.error(vnode, str(exc))
-        elif kind == "qemu-dbus":
-            self.reader.warn(knode, f"guest `{name}` has `kind: qemu-dbus` but no `display`: directflip "
-                             "does not know where to connect, so it never runs",
-                             "add `display: qmp:/path/to/qmp.sock` (QEMU with -display dbus,p2p=yes) or "
-                             "`display: dbus:unix:path=/path/to/bus` (-display dbus,addr=...)")
+        uuid = self.uuid(keys["uuid"][1]) if "uuid" in keys else None
+        kind = self.kind(keys["kind"][1]) if "kind" in keys else None
+        uids = self.users(keys["users"][1]) if "users" in keys else None
+        launch = self.launch(keys["launch"][1], kind, uuid) if "launch" in keys else None
+        display = self.display(name, knode, pattern, kind, keys)
         domain, uri = self.libvirt.read(name, pattern, kind, keys)
-        if "console" in keys:
-            vnode = keys["console"][1]
-            if kind not in ("qemu-dbus", "libvirt"):
-                self.reader.error(vnode, "`console` needs `kind: qemu-dbus` or `kind: libvirt`")
-            elif not (isinstance(vnode, yaml.ScalarNode) and _CONSOLE.fullmatch(vnode.value)):
-                shown = vnode.value if isinstance(vnode, yaml.ScalarNode) else "..."
-                self.reader.error(vnode, f"`console` must be a console number (0, 1, ...), not `{shown}`")
-            else:
-                console = int(vnode.value)
-        resize = True
-        if "resize" in keys:
-            vnode = keys["resize"][1]
-            if kind not in ("qemu-dbus", "libvirt"):
-                self.reader.error(vnode, "`resize` needs `kind: qemu-dbus` or `kind: libvirt`",
-                                  "it tells a QEMU guest its monitor's size")
-            elif (v := self.reader.boolean(vnode, "`resize`")) is not None:
-                resize = v
+        console = self.console(keys["console"][1], kind) if "console" in keys else 0
+        resize = self.resize(keys["resize"][1], kind) if "resize" in keys else True
         return GuestRule(name, line, pattern, uuid, kind, uids, launch, display, console, domain, uri, resize)
+
+    def uuid(self, node: yaml.Node) -> str | None:
+        """The vGPU's mdev UUID, lower-case."""
+        v = self.reader.string(node, "`uuid`")
+        if v is not None and not _UUID.match(v):
+            self.reader.error(node, f"bad uuid `{v}`",
+                              "expected the mdev UUID, e.g. 0b5d4a9e-7f3c-4c8e-9a1d-2f6e8b3c5d7a")
+            return None
+        return v.lower() if v is not None else None
+
+    def kind(self, node: yaml.Node) -> str | None:
+        v = self.reader.string(node, "`kind`")
+        if v is not None and v not in GUEST_KINDS:
+            self.reader.error(node, f"unknown guest kind `{v}`",
+                              did_you_mean(v, GUEST_KINDS) or "expected one of: " + ", ".join(GUEST_KINDS))
+            return None
+        return v
+
+    def users(self, node: yaml.Node) -> tuple[int, ...]:
+        """The uids that may connect as the guest; users not found are reported and left out."""
+        uids = tuple(self.user(v, n) for v, n in self.user_names(node))
+        return tuple(u for u in uids if u is not None)
+
+    def launch(self, node: yaml.Node, kind: str | None, uuid: str | None) -> str | None:
+        launch = self.reader.string(node, "`launch`")
+        if launch is not None and (kind != "vfio" or uuid is None):
+            self.reader.error(node, "`launch` needs `kind: vfio` and the vGPU's `uuid`",
+                              "directflip opens the vGPU and starts the command with its device fd")
+        return launch
+
+    def display(self, name: str, knode: yaml.Node, pattern: Glob, kind: str | None, keys: Keys) -> str | None:
+        """Where a `kind: qemu-dbus` guest's VM shows its picture; a guest of that kind without one is
+        never shown, which is worth a warning."""
+        if "display" not in keys:
+            if kind == "qemu-dbus":
+                self.reader.warn(knode, f"guest `{name}` has `kind: qemu-dbus` but no `display`: directflip "
+                                 "does not know where to connect, so it never runs",
+                                 "add `display: qmp:/path/to/qmp.sock` (QEMU with -display dbus,p2p=yes) or "
+                                 "`display: dbus:unix:path=/path/to/bus` (-display dbus,addr=...)")
+            return None
+        vnode = keys["display"][1]
+        display = self.reader.string(vnode, "`display`")
+        if display is not None and kind != "qemu-dbus":
+            self.reader.error(vnode, "`display` needs `kind: qemu-dbus`",
+                              "it says where a QEMU VM started with -display dbus shows its picture")
+        elif display is not None and not pattern.literal:
+            self.reader.error(vnode, f"guest `{name}` names one VM's display, so its `name` cannot be "
+                              f"a pattern (`{pattern}`)", "give the VM's guest name, or drop `name`")
+        elif display is not None:
+            from compositor.sources.qemu_dbus import QemuTarget
+
+            try:
+                QemuTarget.parse(display)
+            except ValueError as exc:
+                self.reader.error(vnode, str(exc))
+        return display
+
+    def console(self, node: yaml.Node, kind: str | None) -> int:
+        """Which console of the VM's display to show."""
+        if kind not in ("qemu-dbus", "libvirt"):
+            self.reader.error(node, "`console` needs `kind: qemu-dbus` or `kind: libvirt`")
+        elif not (isinstance(node, yaml.ScalarNode) and _CONSOLE.fullmatch(node.value)):
+            shown = node.value if isinstance(node, yaml.ScalarNode) else "..."
+            self.reader.error(node, f"`console` must be a console number (0, 1, ...), not `{shown}`")
+        else:
+            return int(node.value)
+        return 0
+
+    def resize(self, node: yaml.Node, kind: str | None) -> bool:
+        """Whether to tell the guest its monitor's size."""
+        if kind not in ("qemu-dbus", "libvirt"):
+            self.reader.error(node, "`resize` needs `kind: qemu-dbus` or `kind: libvirt`",
+                              "it tells a QEMU guest its monitor's size")
+        elif (v := self.reader.boolean(node, "`resize`")) is not None:
+            return v
+        return True
 
     def user_names(self, node: yaml.Node) -> list[tuple[str, yaml.Node]]:
         if isinstance(node, yaml.ScalarNode):

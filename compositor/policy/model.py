@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from compositor.policy.diagnostics import Diagnostic
-from compositor.topology import Output
+from compositor.topology import Card, Edid, Output
 
 if TYPE_CHECKING:
     from compositor.input.keys import Hotkey
@@ -82,6 +82,22 @@ class EdidMatch:
     name: Glob | None = None
     identity: Glob | None = None
 
+    def matches(self, edid: Edid | None) -> bool:
+        """Every field given matches; a monitor without an EDID matches none."""
+        if edid is None:
+            return False
+        if self.manufacturer is not None and edid.manufacturer.upper() != self.manufacturer:
+            return False
+        if self.product is not None and edid.product != self.product:
+            return False
+        if self.serial is not None and edid.serial != self.serial:
+            return False
+        if self.serial_string is not None and not self.serial_string.matches(edid.serial_string):
+            return False
+        if self.name is not None and not self.name.matches(edid.name):
+            return False
+        return self.identity is None or self.identity.matches(edid.identity)
+
 
 RELATIONS = ("right-of", "left-of", "above", "below")
 
@@ -117,36 +133,29 @@ class MonitorRule:
         card, conn = output.card, output.connector
         if self.connector is not None and not self.connector.matches(conn.name):
             return False
+        if not self._card_matches(card):
+            return False
+        if self.port is not None and not self._port_matches(self.port, card, conn.name):
+            return False
+        return self.edid is None or self.edid.matches(conn.edid)
+
+    def _card_matches(self, card: Card) -> bool:
+        """`card` (its path, or the path's last part), `driver` and `logind_seat`."""
         if self.card is not None and not (self.card.matches(card.path)
                                           or self.card.matches(card.path.rsplit("/", 1)[-1])):
             return False
         if self.driver is not None and not self.driver.matches(card.driver):
             return False
-        if self.logind_seat is not None and card.seat != self.logind_seat:
+        return self.logind_seat is None or card.seat == self.logind_seat
+
+    @staticmethod
+    def _port_matches(port: Glob, card: Card, connector: str) -> bool:
+        """`port` is the card's bus path, or with a `/` in the pattern that path and the connector's name
+        (`pci-0000:01:00.0/DP-*`). A card with no bus path is on no port."""
+        if card.bus_path is None:
             return False
-        if self.port is not None:
-            if card.bus_path is None:
-                return False
-            target = card.bus_path if "/" not in self.port.pattern else f"{card.bus_path}/{conn.name}"
-            if not self.port.matches(target):
-                return False
-        if self.edid is not None:
-            e, m = conn.edid, self.edid
-            if e is None:
-                return False
-            if m.manufacturer is not None and e.manufacturer.upper() != m.manufacturer:
-                return False
-            if m.product is not None and e.product != m.product:
-                return False
-            if m.serial is not None and e.serial != m.serial:
-                return False
-            if m.serial_string is not None and not m.serial_string.matches(e.serial_string):
-                return False
-            if m.name is not None and not m.name.matches(e.name):
-                return False
-            if m.identity is not None and not m.identity.matches(e.identity):
-                return False
-        return True
+        target = card.bus_path if "/" not in port.pattern else f"{card.bus_path}/{connector}"
+        return port.matches(target)
 
 
 @dataclass(frozen=True)
