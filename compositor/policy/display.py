@@ -4,7 +4,7 @@ for every monitor and under each monitor for itself."""
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
 
 import yaml
 
@@ -18,15 +18,24 @@ _DEFAULT_KEYS = ("mode", "scaling", "slate", "label")
 _SLATE_KEYS = ("text", "colour", "color")
 
 
+@dataclass(frozen=True)
+class DisplaySettings:
+    """A monitor's display settings (the MonitorRule fields of the same names)."""
+
+    mode: ModeRequest = ModeRequest("preferred")
+    scaling: str = "fit"
+    slate: SlateStyle = SlateStyle()
+    label: float = DEFAULT_LABEL_SECONDS
+
+
 class DisplaySection:
     """The `defaults` section, and the display settings of a monitor on top of them."""
 
     def __init__(self, reader: Reader):
         self.reader = reader
 
-    def defaults(self, top: Keys) -> dict[str, Any]:
-        defaults: dict[str, Any] = {"mode": ModeRequest("preferred"), "scaling": "fit", "slate": SlateStyle(),
-                                    "label": DEFAULT_LABEL_SECONDS}
+    def defaults(self, top: Keys) -> DisplaySettings:
+        defaults = DisplaySettings()
         if "defaults" in top:
             keys = self.reader.mapping(top["defaults"][1], "`defaults`", _DEFAULT_KEYS)
             defaults = self.display_settings(keys, defaults)
@@ -86,26 +95,29 @@ class DisplaySection:
                     colour = value.lower()
         return SlateStyle(text, colour)
 
-    def display_settings(self, keys: Keys, base: dict[str, Any]) -> dict[str, Any]:
-        out = dict(base)
+    def display_settings(self, keys: Keys, base: DisplaySettings) -> DisplaySettings:
+        mode, scaling, slate, label = base.mode, base.scaling, base.slate, base.label
         if "mode" in keys and (m := self.mode(keys["mode"][1])) is not None:
-            out["mode"] = m
-        if "scaling" in keys and (s := self.scaling(keys["scaling"][1])) is not None:
-            out["scaling"] = s
-        if "slate" in keys and (sl := self.slate(keys["slate"][1], base["slate"])) is not None:
-            out["slate"] = sl
-        if "label" in keys:
-            node = keys["label"][1]
-            value = None
-            if isinstance(node, yaml.ScalarNode) and node.tag in (INT, FLOAT):
-                try:
-                    value = float(node.value)
-                except ValueError:
-                    value = None
-            if value is None or not 0 <= value <= 60:
-                self.reader.error(node, "`label` must be seconds from 0 to 60, got "
-                                  f"{self.reader.describe(node)}",
-                                  "how long a monitor shows the guest's name when it turns to it; 0: never")
-            else:
-                out["label"] = value
-        return out
+            mode = m
+        if "scaling" in keys and (sc := self.scaling(keys["scaling"][1])) is not None:
+            scaling = sc
+        if "slate" in keys and (sl := self.slate(keys["slate"][1], base.slate)) is not None:
+            slate = sl
+        if "label" in keys and (seconds := self.label(keys["label"][1])) is not None:
+            label = seconds
+        return DisplaySettings(mode, scaling, slate, label)
+
+    def label(self, node: yaml.Node) -> float | None:
+        """How long the monitor shows a guest's name when it turns to it."""
+        value = None
+        if isinstance(node, yaml.ScalarNode) and node.tag in (INT, FLOAT):
+            try:
+                value = float(node.value)
+            except ValueError:
+                value = None
+        if value is None or not 0 <= value <= 60:
+            self.reader.error(node, "`label` must be seconds from 0 to 60, got "
+                              f"{self.reader.describe(node)}",
+                              "how long a monitor shows the guest's name when it turns to it; 0: never")
+            return None
+        return value

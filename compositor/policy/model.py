@@ -7,7 +7,7 @@ import fnmatch
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from compositor.policy.diagnostics import Diagnostic
 from compositor.topology import Card, Edid, Output
@@ -34,7 +34,7 @@ class Glob:
 
     pattern: str
     literal: bool = field(init=False, compare=False)
-    _match: Callable[[str], Any] = field(init=False, compare=False, repr=False)
+    _match: Callable[[str], object] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         literal = not any(c in self.pattern for c in "*?[")

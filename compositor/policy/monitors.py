@@ -5,11 +5,10 @@ seat's layout."""
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import yaml
 
-from compositor.policy.display import DisplaySection
+from compositor.policy.display import DisplaySection, DisplaySettings
 from compositor.policy.model import RELATIONS, EdidMatch, Glob, MonitorRule, Position, Seat
 from compositor.policy.reader import STR, Keys, Reader
 
@@ -30,7 +29,7 @@ class MonitorSection:
         self.rules: list[MonitorRule] = []
         self.nodes: dict[str, yaml.Node] = {}
 
-    def read(self, top: Keys, root: yaml.Node, defaults: dict[str, Any]) -> None:
+    def read(self, top: Keys, root: yaml.Node, defaults: DisplaySettings) -> None:
         if "monitors" not in top:
             self.reader.error(root, "no `monitors` section", "name the monitors the policy places guests on")
             return
@@ -51,30 +50,36 @@ class MonitorSection:
         if not node.value:
             self.reader.error(node, "`edid` is empty", "give at least one of: " + ", ".join(_EDID_KEYS))
             return None
-        fields: dict[str, Any] = {}
-        if "manufacturer" in keys:
-            vnode = keys["manufacturer"][1]
-            v = self.reader.string(vnode, "`manufacturer`")
-            if v is not None and not re.fullmatch(r"[A-Za-z]{3}", v):
-                self.reader.error(vnode, f"bad manufacturer `{v}`",
-                                  "a three-letter PNP id such as `DEL` or `RHT`")
-            elif v is not None:
-                fields["manufacturer"] = v.upper()
+        manufacturer = self.manufacturer(keys["manufacturer"][1]) if "manufacturer" in keys else None
+        product = serial = None
         if "product" in keys:
-            fields["product"] = self.reader.integer(keys["product"][1], "`product`", 0, 0xFFFF)
+            product = self.reader.integer(keys["product"][1], "`product`", 0, 0xFFFF)
         if "serial" in keys:
-            fields["serial"] = self.reader.integer(keys["serial"][1], "`serial`", 0, 0xFFFFFFFF)
-        for key in ("serial_string", "name", "identity"):
-            if key in keys and (v := self.reader.string(keys[key][1], f"`{key}`")) is not None:
-                fields[key] = Glob(v)
-        return EdidMatch(**fields)
+            serial = self.reader.integer(keys["serial"][1], "`serial`", 0, 0xFFFFFFFF)
+        globs = self.globs(keys, ("serial_string", "name", "identity"))
+        return EdidMatch(manufacturer, product, serial, serial_string=globs.get("serial_string"),
+                         name=globs.get("name"), identity=globs.get("identity"))
+
+    def manufacturer(self, node: yaml.Node) -> str | None:
+        """The EDID's three-letter PNP id, upper-case."""
+        v = self.reader.string(node, "`manufacturer`")
+        if v is not None and not re.fullmatch(r"[A-Za-z]{3}", v):
+            self.reader.error(node, f"bad manufacturer `{v}`", "a three-letter PNP id such as `DEL` or `RHT`")
+            return None
+        return v.upper() if v is not None else None
+
+    def globs(self, keys: Keys, names: tuple[str, ...]) -> dict[str, Glob]:
+        """The patterns given for `names`, those that are strings."""
+        return {key: Glob(v) for key in names
+                if key in keys and (v := self.reader.string(keys[key][1], f"`{key}`")) is not None}
 
     def monitor(self, name: str, knode: yaml.Node, node: yaml.Node,
-                defaults: dict[str, Any]) -> MonitorRule | None:
+                defaults: DisplaySettings) -> MonitorRule | None:
         line = knode.start_mark.line + 1
         if isinstance(node, yaml.ScalarNode) and node.tag == STR:
             # `left: HDMI-A-1` is short for `left: {connector: HDMI-A-1}`
-            return MonitorRule(name, line, connector=Glob(node.value), **defaults)
+            return MonitorRule(name, line, connector=Glob(node.value), mode=defaults.mode,
+                               scaling=defaults.scaling, slate=defaults.slate, label=defaults.label)
         errors_before = len(self.reader.errors)
         keys = self.reader.mapping(node, f"monitor `{name}`", _MONITOR_KEYS)
         if not isinstance(node, yaml.MappingNode):
@@ -83,18 +88,17 @@ class MonitorSection:
         if not any(k in keys for k in _MATCH_KEYS) and len(self.reader.errors) == errors_before:
             self.reader.error(knode, f"monitor `{name}` matches nothing",
                               "give `connector`, `edid` or `port` to say which monitor this is")
-        fields: dict[str, Any] = {}
-        for key in ("connector", "port", "card", "driver"):
-            if key in keys and (v := self.reader.string(keys[key][1], f"`{key}`")) is not None:
-                fields[key] = Glob(v)
+        globs = self.globs(keys, ("connector", "port", "card", "driver"))
+        logind_seat = None
         if "logind_seat" in keys:
-            fields["logind_seat"] = self.reader.string(keys["logind_seat"][1], "`logind_seat`")
-        if "edid" in keys:
-            fields["edid"] = self.edid(keys["edid"][1])
-        if "position" in keys:
-            fields["position"] = self.position(keys["position"][1])
-        fields.update(self.display.display_settings(keys, defaults))
-        return MonitorRule(name, line, **fields)
+            logind_seat = self.reader.string(keys["logind_seat"][1], "`logind_seat`")
+        edid = self.edid(keys["edid"][1]) if "edid" in keys else None
+        position = self.position(keys["position"][1]) if "position" in keys else None
+        settings = self.display.display_settings(keys, defaults)
+        return MonitorRule(name, line, connector=globs.get("connector"), edid=edid, port=globs.get("port"),
+                           card=globs.get("card"), driver=globs.get("driver"), logind_seat=logind_seat,
+                           mode=settings.mode, scaling=settings.scaling, slate=settings.slate,
+                           label=settings.label, position=position)
 
     def position(self, node: yaml.Node) -> Position | None:
         hint = "write `{x: 1920, y: 0}` (layout pixels) or `{right-of: MONITOR}` (also left-of, above, below)"

@@ -153,10 +153,11 @@ class Reader:
         if not isinstance(node, yaml.ScalarNode) or node.tag != STR:
             self.error(node, f"{what} must be a string, got {self.describe(node)}")
             return None
-        if node.value == "":
+        value: str = node.value
+        if value == "":
             self.error(node, f"{what} must not be empty")
             return None
-        return node.value
+        return value
 
     def boolean(self, node: yaml.Node, what: str) -> bool | None:
         if not isinstance(node, yaml.ScalarNode) or node.tag != BOOL:
@@ -181,7 +182,7 @@ class Reader:
         if not isinstance(node, yaml.SequenceNode):
             self.error(node, f"{what} must be a name or a list of names, got {self.describe(node)}")
             return []
-        out = []
+        out: list[tuple[str, yaml.Node]] = []
         for item in node.value:
             if isinstance(item, yaml.ScalarNode) and item.tag == STR and item.value:
                 out.append((item.value, item))
