@@ -117,7 +117,7 @@ class GuestSection:
             self.reader.error(vnode, f"guest `{name}` names one VM's display, so its `name` cannot be "
                               f"a pattern (`{pattern}`)", "give the VM's guest name, or drop `name`")
         elif display is not None:
-            from compositor.sources.qemu_dbus import QemuTarget
+            from compositor.sources.qemu_target import QemuTarget
 
             try:
                 QemuTarget.parse(display)
