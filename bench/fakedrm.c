@@ -10,7 +10,8 @@
  * commit on a CRTC with one in flight (EBUSY). A nonblocking commit that asks for an event gets one
  * flip event per CRTC it touches, written into the pipe $FAKEDRM_DELAY_US (default 1000) later, at the
  * first tick ($FAKEDRM_TICK_US, default 4000) of a thread named "fakekms" past that time, as a
- * display engine would at its vblank; its CPU is the kernel's, not ours. A blocking commit's events are there when it returns.
+ * display engine would at its vblank; its CPU is the kernel's, not ours. A blocking commit's events are there
+ * when it returns.
  *
  * Every atomic commit also makes one real ioctl (on /dev/null), so the caller pays a syscall as it
  * would with a real card. Everything else is answered in process. Requests this fake does not know
@@ -46,8 +47,8 @@
 #include <unistd.h>
 
 #include <drm.h>
-#include <drm_mode.h>
 #include <drm_fourcc.h>
+#include <drm_mode.h>
 
 #define MAX_OUT 8
 #define MAX_FB 512
@@ -57,8 +58,24 @@
 #define BLOB_MAX_LEN 4096
 
 enum prop_id {
-	P_NONE, P_TYPE, P_FB_ID, P_CRTC_ID, P_SRC_X, P_SRC_Y, P_SRC_W, P_SRC_H, P_CRTC_X, P_CRTC_Y,
-	P_CRTC_W, P_CRTC_H, P_ACTIVE, P_MODE_ID, P_CONN_CRTC_ID, P_EDID, P_DPMS, P_COUNT
+	P_NONE,
+	P_TYPE,
+	P_FB_ID,
+	P_CRTC_ID,
+	P_SRC_X,
+	P_SRC_Y,
+	P_SRC_W,
+	P_SRC_H,
+	P_CRTC_X,
+	P_CRTC_Y,
+	P_CRTC_W,
+	P_CRTC_H,
+	P_ACTIVE,
+	P_MODE_ID,
+	P_CONN_CRTC_ID,
+	P_EDID,
+	P_DPMS,
+	P_COUNT
 };
 
 struct prop_def {
@@ -68,30 +85,30 @@ struct prop_def {
 };
 
 static const struct prop_def PROPS[P_COUNT] = {
-	[P_TYPE] = {"type", DRM_MODE_PROP_ENUM | DRM_MODE_PROP_IMMUTABLE, 0, 0},
-	[P_FB_ID] = {"FB_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0},
-	[P_CRTC_ID] = {"CRTC_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0},
-	[P_SRC_X] = {"SRC_X", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX},
-	[P_SRC_Y] = {"SRC_Y", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX},
-	[P_SRC_W] = {"SRC_W", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX},
-	[P_SRC_H] = {"SRC_H", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX},
-	[P_CRTC_X] = {"CRTC_X", DRM_MODE_PROP_SIGNED_RANGE | DRM_MODE_PROP_ATOMIC, (uint64_t)INT32_MIN,
-		      INT32_MAX},
-	[P_CRTC_Y] = {"CRTC_Y", DRM_MODE_PROP_SIGNED_RANGE | DRM_MODE_PROP_ATOMIC, (uint64_t)INT32_MIN,
-		      INT32_MAX},
-	[P_CRTC_W] = {"CRTC_W", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, INT32_MAX},
-	[P_CRTC_H] = {"CRTC_H", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, INT32_MAX},
-	[P_ACTIVE] = {"ACTIVE", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, 1},
-	[P_MODE_ID] = {"MODE_ID", DRM_MODE_PROP_BLOB | DRM_MODE_PROP_ATOMIC, 0, 0},
-	[P_CONN_CRTC_ID] = {"CRTC_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0},
-	[P_EDID] = {"EDID", DRM_MODE_PROP_BLOB | DRM_MODE_PROP_IMMUTABLE, 0, 0},
-	[P_DPMS] = {"DPMS", DRM_MODE_PROP_ENUM, 0, 0},
+	[P_TYPE] = { "type", DRM_MODE_PROP_ENUM | DRM_MODE_PROP_IMMUTABLE, 0, 0 },
+	[P_FB_ID] = { "FB_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0 },
+	[P_CRTC_ID] = { "CRTC_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0 },
+	[P_SRC_X] = { "SRC_X", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX },
+	[P_SRC_Y] = { "SRC_Y", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX },
+	[P_SRC_W] = { "SRC_W", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX },
+	[P_SRC_H] = { "SRC_H", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, UINT32_MAX },
+	[P_CRTC_X] = { "CRTC_X", DRM_MODE_PROP_SIGNED_RANGE | DRM_MODE_PROP_ATOMIC, (uint64_t)INT32_MIN,
+		       INT32_MAX },
+	[P_CRTC_Y] = { "CRTC_Y", DRM_MODE_PROP_SIGNED_RANGE | DRM_MODE_PROP_ATOMIC, (uint64_t)INT32_MIN,
+		       INT32_MAX },
+	[P_CRTC_W] = { "CRTC_W", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, INT32_MAX },
+	[P_CRTC_H] = { "CRTC_H", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, INT32_MAX },
+	[P_ACTIVE] = { "ACTIVE", DRM_MODE_PROP_RANGE | DRM_MODE_PROP_ATOMIC, 0, 1 },
+	[P_MODE_ID] = { "MODE_ID", DRM_MODE_PROP_BLOB | DRM_MODE_PROP_ATOMIC, 0, 0 },
+	[P_CONN_CRTC_ID] = { "CRTC_ID", DRM_MODE_PROP_OBJECT | DRM_MODE_PROP_ATOMIC, 0, 0 },
+	[P_EDID] = { "EDID", DRM_MODE_PROP_BLOB | DRM_MODE_PROP_IMMUTABLE, 0, 0 },
+	[P_DPMS] = { "DPMS", DRM_MODE_PROP_ENUM, 0, 0 },
 };
 
-static const uint32_t PLANE_PROPS[] = {P_TYPE, P_FB_ID, P_CRTC_ID, P_SRC_X, P_SRC_Y, P_SRC_W, P_SRC_H,
-				       P_CRTC_X, P_CRTC_Y, P_CRTC_W, P_CRTC_H};
-static const uint32_t CRTC_PROPS[] = {P_ACTIVE, P_MODE_ID};
-static const uint32_t CONN_PROPS[] = {P_CONN_CRTC_ID, P_EDID, P_DPMS};
+static const uint32_t PLANE_PROPS[] = { P_TYPE,  P_FB_ID,  P_CRTC_ID, P_SRC_X,  P_SRC_Y, P_SRC_W,
+					P_SRC_H, P_CRTC_X, P_CRTC_Y,  P_CRTC_W, P_CRTC_H };
+static const uint32_t CRTC_PROPS[] = { P_ACTIVE, P_MODE_ID };
+static const uint32_t CONN_PROPS[] = { P_CONN_CRTC_ID, P_EDID, P_DPMS };
 #define NPROPS(a) (sizeof(a) / sizeof((a)[0]))
 
 /* Object ids: CRTC 10+i, encoder 30+i, connector 50+i, planes 70+3i (primary, overlay, cursor). */
@@ -107,10 +124,24 @@ struct state {
 	uint64_t crtc_active[MAX_OUT], crtc_mode[MAX_OUT], conn_crtc[MAX_OUT];
 };
 
-struct fb { uint32_t id, w, h, format, handle; };
-struct gem { uint32_t handle; int memfd; uint64_t size; dev_t dev; ino_t ino; };
-struct blob { uint32_t id, len; unsigned char *data; };
-struct event { uint64_t due_ns, user_data; uint32_t crtc; };
+struct fb {
+	uint32_t id, w, h, format, handle;
+};
+struct gem {
+	uint32_t handle;
+	int memfd;
+	uint64_t size;
+	dev_t dev;
+	ino_t ino;
+};
+struct blob {
+	uint32_t id, len;
+	unsigned char *data;
+};
+struct event {
+	uint64_t due_ns, user_data;
+	uint32_t crtc;
+};
 
 static struct {
 	pthread_mutex_t lock;
@@ -127,8 +158,7 @@ static struct {
 	unsigned qlen;
 	pthread_t thread;
 	int thread_started;
-} K = {.lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1, .wfd = -1,
-       .devnull = -1};
+} K = { .lock = PTHREAD_MUTEX_INITIALIZER, .fd = -1, .wfd = -1, .devnull = -1 };
 
 static int (*real_ioctl)(int, unsigned long, ...);
 static int (*real_open)(const char *, int, ...);
@@ -145,8 +175,9 @@ static void resolve(void)
 	real_openat = (int (*)(int, const char *, int, ...))dlsym(RTLD_NEXT, "openat");
 	real_close = (int (*)(int))dlsym(RTLD_NEXT, "close");
 	real_mmap = (void *(*)(void *, size_t, int, int, int, off_t))dlsym(RTLD_NEXT, "mmap");
-	real_readlink = (ssize_t (*)(const char *, char *, size_t))dlsym(RTLD_NEXT, "readlink");
-	real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");   /* last: resolve() tests it */
+	real_readlink = (ssize_t(*)(const char *, char *, size_t))dlsym(RTLD_NEXT, "readlink");
+	real_ioctl =
+		(int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl"); /* last: resolve() tests it */
 }
 
 static uint64_t now_ns(void)
@@ -183,7 +214,7 @@ static int vgpu_ioctl(int fd, const char *path, unsigned long req, void *arg)
 {
 	char name[4096];
 	if (req == VFIO_GET_INFO) {
-		uint32_t *info = arg;   /* argsz, flags, num_regions, num_irqs */
+		uint32_t *info = arg; /* argsz, flags, num_regions, num_irqs */
 		info[1] = info[2] = info[3] = 0;
 		return 0;
 	}
@@ -194,7 +225,7 @@ static int vgpu_ioctl(int fd, const char *path, unsigned long req, void *arg)
 	}
 	if (req != VFIO_QUERY_GFX_PLANE)
 		return fail(ENOTTY);
-	uint32_t *q = arg;   /* argsz, flags, drm_plane_type, then the answer */
+	uint32_t *q = arg; /* argsz, flags, drm_plane_type, then the answer */
 	uint8_t answer[64];
 	if (q[0] < 60)
 		return fail(EINVAL);
@@ -202,7 +233,7 @@ static int vgpu_ioctl(int fd, const char *path, unsigned long req, void *arg)
 		return q[1] == (VFIO_PLANE_PROBE | VFIO_PLANE_DMABUF) ? 0 : fail(EINVAL);
 	if (q[1] != VFIO_PLANE_DMABUF)
 		return fail(EINVAL);
-	off_t at = q[2] == 2 ? 64 : 0;   /* DRM_PLANE_TYPE_CURSOR: the second answer */
+	off_t at = q[2] == 2 ? 64 : 0; /* DRM_PLANE_TYPE_CURSOR: the second answer */
 	if (pread(fd, answer, sizeof(answer), at) != (ssize_t)sizeof(answer))
 		memset(answer, 0, sizeof(answer));
 	memcpy((uint8_t *)arg + 12, answer + 12, 60 - 12);
@@ -220,10 +251,22 @@ static int vgpu_ioctl(int fd, const char *path, unsigned long req, void *arg)
 static enum kind kind_of(uint32_t id, int *index)
 {
 	int n = K.outputs;
-	if (id >= 10 && id < 10u + n) { *index = (int)id - 10; return K_CRTC; }
-	if (id >= 30 && id < 30u + n) { *index = (int)id - 30; return K_ENC; }
-	if (id >= 50 && id < 50u + n) { *index = (int)id - 50; return K_CONN; }
-	if (id >= 70 && id < 70u + 3 * n) { *index = (int)id - 70; return K_PLANE; }
+	if (id >= 10 && id < 10u + n) {
+		*index = (int)id - 10;
+		return K_CRTC;
+	}
+	if (id >= 30 && id < 30u + n) {
+		*index = (int)id - 30;
+		return K_ENC;
+	}
+	if (id >= 50 && id < 50u + n) {
+		*index = (int)id - 50;
+		return K_CONN;
+	}
+	if (id >= 70 && id < 70u + 3 * n) {
+		*index = (int)id - 70;
+		return K_PLANE;
+	}
 	return K_NONE;
 }
 
@@ -277,7 +320,7 @@ static void *kernel_thread(void *arg)
 		uint64_t wake = now + K.tick_ns;
 		if (K.qlen && K.q[0].due_ns < wake)
 			wake = K.q[0].due_ns;
-		struct timespec until = {(time_t)(wake / 1000000000ull), (long)(wake % 1000000000ull)};
+		struct timespec until = { (time_t)(wake / 1000000000ull), (long)(wake % 1000000000ull) };
 		pthread_cond_timedwait(&K.cond, &K.lock, &until);
 	}
 	return NULL;
@@ -292,7 +335,7 @@ static void queue_event(uint32_t crtc, uint64_t user_data, uint64_t delay)
 	while (at > 0 && K.q[at - 1].due_ns > due)
 		at--;
 	memmove(K.q + at + 1, K.q + at, (K.qlen - at) * sizeof(K.q[0]));
-	K.q[at] = (struct event){due, user_data, crtc};
+	K.q[at] = (struct event){ due, user_data, crtc };
 	K.qlen++;
 	K.pending[crtc - 10] = 1;
 }
@@ -341,17 +384,32 @@ static void mode(struct drm_mode_modeinfo *m, int big)
 {
 	memset(m, 0, sizeof(*m));
 	if (big) {
-		*m = (struct drm_mode_modeinfo){.clock = 148500, .hdisplay = 1920, .hsync_start = 2008,
-			.hsync_end = 2052, .htotal = 2200, .vdisplay = 1080, .vsync_start = 1084,
-			.vsync_end = 1089, .vtotal = 1125, .vrefresh = 60,
-			.flags = DRM_MODE_FLAG_PHSYNC | DRM_MODE_FLAG_PVSYNC,
-			.type = DRM_MODE_TYPE_DRIVER | DRM_MODE_TYPE_PREFERRED};
+		*m = (struct drm_mode_modeinfo){ .clock = 148500,
+						 .hdisplay = 1920,
+						 .hsync_start = 2008,
+						 .hsync_end = 2052,
+						 .htotal = 2200,
+						 .vdisplay = 1080,
+						 .vsync_start = 1084,
+						 .vsync_end = 1089,
+						 .vtotal = 1125,
+						 .vrefresh = 60,
+						 .flags = DRM_MODE_FLAG_PHSYNC | DRM_MODE_FLAG_PVSYNC,
+						 .type = DRM_MODE_TYPE_DRIVER | DRM_MODE_TYPE_PREFERRED };
 		strcpy(m->name, "1920x1080");
 	} else {
-		*m = (struct drm_mode_modeinfo){.clock = 74250, .hdisplay = 1280, .hsync_start = 1390,
-			.hsync_end = 1430, .htotal = 1650, .vdisplay = 720, .vsync_start = 725,
-			.vsync_end = 730, .vtotal = 750, .vrefresh = 60,
-			.flags = DRM_MODE_FLAG_PHSYNC | DRM_MODE_FLAG_PVSYNC, .type = DRM_MODE_TYPE_DRIVER};
+		*m = (struct drm_mode_modeinfo){ .clock = 74250,
+						 .hdisplay = 1280,
+						 .hsync_start = 1390,
+						 .hsync_end = 1430,
+						 .htotal = 1650,
+						 .vdisplay = 720,
+						 .vsync_start = 725,
+						 .vsync_end = 730,
+						 .vtotal = 750,
+						 .vrefresh = 60,
+						 .flags = DRM_MODE_FLAG_PHSYNC | DRM_MODE_FLAG_PVSYNC,
+						 .type = DRM_MODE_TYPE_DRIVER };
 		strcpy(m->name, "1280x720");
 	}
 }
@@ -387,10 +445,18 @@ static uint64_t prop_value(const struct state *s, enum kind k, int i, uint32_t p
 static int props_of(enum kind k, const uint32_t **props)
 {
 	switch (k) {
-	case K_PLANE: *props = PLANE_PROPS; return NPROPS(PLANE_PROPS);
-	case K_CRTC: *props = CRTC_PROPS; return NPROPS(CRTC_PROPS);
-	case K_CONN: *props = CONN_PROPS; return NPROPS(CONN_PROPS);
-	default: *props = NULL; return 0;
+	case K_PLANE:
+		*props = PLANE_PROPS;
+		return NPROPS(PLANE_PROPS);
+	case K_CRTC:
+		*props = CRTC_PROPS;
+		return NPROPS(CRTC_PROPS);
+	case K_CONN:
+		*props = CONN_PROPS;
+		return NPROPS(CONN_PROPS);
+	default:
+		*props = NULL;
+		return 0;
 	}
 }
 
@@ -460,7 +526,7 @@ static int atomic(struct drm_mode_atomic *a)
 	const uint32_t *props = (const uint32_t *)(uintptr_t)a->props_ptr;
 	const uint64_t *vals = (const uint64_t *)(uintptr_t)a->prop_values_ptr;
 	struct state next = K.st;
-	int touched[MAX_OUT] = {0}, modeset = 0;
+	int touched[MAX_OUT] = { 0 }, modeset = 0;
 	uint32_t at = 0;
 
 	if (a->flags & ~(uint32_t)DRM_MODE_ATOMIC_FLAGS)
@@ -503,8 +569,8 @@ static int atomic(struct drm_mode_atomic *a)
 		if (ps->fb) {
 			struct fb *fb = find_fb(ps->fb);
 			if ((ps->v[P_SRC_X] + ps->v[P_SRC_W]) >> 16 > fb->w ||
-			    (ps->v[P_SRC_Y] + ps->v[P_SRC_H]) >> 16 > fb->h ||
-			    !ps->v[P_SRC_W] || !ps->v[P_CRTC_W] || !ps->v[P_CRTC_H])
+			    (ps->v[P_SRC_Y] + ps->v[P_SRC_H]) >> 16 > fb->h || !ps->v[P_SRC_W] ||
+			    !ps->v[P_CRTC_W] || !ps->v[P_CRTC_H])
 				return -EINVAL;
 		}
 	}
@@ -577,14 +643,14 @@ static int get_property(struct drm_mode_get_property *p)
 	snprintf(p->name, sizeof(p->name), "%s", d->name);
 	p->flags = d->flags;
 	if (d->flags & (DRM_MODE_PROP_RANGE | DRM_MODE_PROP_SIGNED_RANGE)) {
-		uint64_t v[2] = {d->lo, d->hi};
+		uint64_t v[2] = { d->lo, d->hi };
 		if (p->values_ptr && p->count_values >= 2)
 			memcpy((void *)(uintptr_t)p->values_ptr, v, sizeof(v));
 		p->count_values = 2;
 		p->count_enum_blobs = 0;
 	} else if (d->flags & DRM_MODE_PROP_ENUM) {
-		static const char *plane_types[] = {"Overlay", "Primary", "Cursor"};
-		static const char *dpms[] = {"On", "Standby", "Suspend", "Off"};
+		static const char *plane_types[] = { "Overlay", "Primary", "Cursor" };
+		static const char *dpms[] = { "On", "Standby", "Suspend", "Off" };
 		const char **names = p->prop_id == P_TYPE ? plane_types : dpms;
 		uint32_t n = p->prop_id == P_TYPE ? 3 : 4;
 		if (p->enum_blob_ptr && p->count_enum_blobs >= n) {
@@ -622,10 +688,11 @@ static int handle(unsigned long req, void *arg)
 		v->version_major = 1;
 		v->version_minor = 0;
 		v->version_patchlevel = 0;
-#define COPY(field, s) do { \
-		if (v->field && v->field##_len >= sizeof(s) - 1) \
-			memcpy(v->field, s, sizeof(s) - 1); \
-		v->field##_len = sizeof(s) - 1; \
+#define COPY(field, s)                                                                                       \
+	do {                                                                                                 \
+		if (v->field && v->field##_len >= sizeof(s) - 1)                                             \
+			memcpy(v->field, s, sizeof(s) - 1);                                                  \
+		v->field##_len = sizeof(s) - 1;                                                              \
 	} while (0)
 		COPY(name, name);
 		COPY(date, date);
@@ -636,22 +703,40 @@ static int handle(unsigned long req, void *arg)
 	case DRM_IOCTL_GET_CAP: {
 		struct drm_get_cap *c = arg;
 		switch (c->capability) {
-		case DRM_CAP_DUMB_BUFFER: case DRM_CAP_TIMESTAMP_MONOTONIC: case DRM_CAP_CRTC_IN_VBLANK_EVENT:
-			c->value = 1; return 0;
-		case DRM_CAP_PRIME: c->value = DRM_PRIME_CAP_IMPORT | DRM_PRIME_CAP_EXPORT; return 0;
-		case DRM_CAP_ADDFB2_MODIFIERS: c->value = 0; return 0;
-		case DRM_CAP_CURSOR_WIDTH: case DRM_CAP_CURSOR_HEIGHT: c->value = 64; return 0;
-		default: return -EINVAL;
+		case DRM_CAP_DUMB_BUFFER:
+		case DRM_CAP_TIMESTAMP_MONOTONIC:
+		case DRM_CAP_CRTC_IN_VBLANK_EVENT:
+			c->value = 1;
+			return 0;
+		case DRM_CAP_PRIME:
+			c->value = DRM_PRIME_CAP_IMPORT | DRM_PRIME_CAP_EXPORT;
+			return 0;
+		case DRM_CAP_ADDFB2_MODIFIERS:
+			c->value = 0;
+			return 0;
+		case DRM_CAP_CURSOR_WIDTH:
+		case DRM_CAP_CURSOR_HEIGHT:
+			c->value = 64;
+			return 0;
+		default:
+			return -EINVAL;
 		}
 	}
 	case DRM_IOCTL_SET_CLIENT_CAP: {
 		struct drm_set_client_cap *c = arg;
-		return c->capability == DRM_CLIENT_CAP_UNIVERSAL_PLANES || c->capability == DRM_CLIENT_CAP_ATOMIC
-			? 0 : -EINVAL;
+		return c->capability == DRM_CLIENT_CAP_UNIVERSAL_PLANES ||
+				       c->capability == DRM_CLIENT_CAP_ATOMIC
+			       ? 0
+			       : -EINVAL;
 	}
-	case DRM_IOCTL_SET_MASTER: K.master = 1; return 0;
-	case DRM_IOCTL_DROP_MASTER: K.master = 0; return 0;
-	case DRM_IOCTL_AUTH_MAGIC: return K.master ? -EINVAL : -EACCES;
+	case DRM_IOCTL_SET_MASTER:
+		K.master = 1;
+		return 0;
+	case DRM_IOCTL_DROP_MASTER:
+		K.master = 0;
+		return 0;
+	case DRM_IOCTL_AUTH_MAGIC:
+		return K.master ? -EINVAL : -EACCES;
 	case DRM_IOCTL_MODE_GETRESOURCES: {
 		struct drm_mode_card_res *r = arg;
 		uint32_t crtcs[MAX_OUT], encs[MAX_OUT], conns[MAX_OUT], n = (uint32_t)K.outputs;
@@ -720,7 +805,7 @@ static int handle(unsigned long req, void *arg)
 		c->encoder_id = K.st.conn_crtc[i] ? enc : 0;
 		c->connector_type = DRM_MODE_CONNECTOR_VIRTUAL;
 		c->connector_type_id = (uint32_t)i + 1;
-		c->connection = 1;  /* connected */
+		c->connection = 1; /* connected */
 		c->mm_width = 530;
 		c->mm_height = 300;
 		c->subpixel = 1;
@@ -731,7 +816,7 @@ static int handle(unsigned long req, void *arg)
 		int i;
 		if (kind_of(p->plane_id, &i) != K_PLANE)
 			return -ENOENT;
-		uint32_t fmts[] = {DRM_FORMAT_XRGB8888, DRM_FORMAT_ARGB8888};
+		uint32_t fmts[] = { DRM_FORMAT_XRGB8888, DRM_FORMAT_ARGB8888 };
 		p->crtc_id = K.st.plane[i].crtc;
 		p->fb_id = K.st.plane[i].fb;
 		p->possible_crtcs = 1u << (i / 3);
@@ -821,7 +906,7 @@ static int handle(unsigned long req, void *arg)
 	case DRM_IOCTL_MODE_DESTROY_DUMB:
 	case DRM_IOCTL_GEM_CLOSE: {
 		uint32_t h = req == DRM_IOCTL_GEM_CLOSE ? ((struct drm_gem_close *)arg)->handle
-			: ((struct drm_mode_destroy_dumb *)arg)->handle;
+							: ((struct drm_mode_destroy_dumb *)arg)->handle;
 		struct gem *g = find_gem(h);
 		if (!g)
 			return -EINVAL;
@@ -867,8 +952,8 @@ static int handle(unsigned long req, void *arg)
 			return -EINVAL;
 		for (int i = 0; i < MAX_FB; i++)
 			if (!K.fbs[i].id) {
-				K.fbs[i] = (struct fb){5000 + ++K.next_fb, f->width, f->height, f->pixel_format,
-						       f->handles[0]};
+				K.fbs[i] = (struct fb){ 5000 + ++K.next_fb, f->width, f->height,
+							f->pixel_format, f->handles[0] };
 				f->fb_id = K.fbs[i].id;
 				return 0;
 			}
@@ -879,7 +964,7 @@ static int handle(unsigned long req, void *arg)
 		struct fb *fb = find_fb(id);
 		if (!fb)
 			return -ENOENT;
-		for (int p = 0; p < 3 * K.outputs; p++)   /* the kernel turns off a plane showing it */
+		for (int p = 0; p < 3 * K.outputs; p++) /* the kernel turns off a plane showing it */
 			if (K.st.plane[p].fb == id)
 				K.st.plane[p].fb = K.st.plane[p].crtc = 0;
 		memset(fb, 0, sizeof(*fb));
@@ -888,7 +973,7 @@ static int handle(unsigned long req, void *arg)
 	case DRM_IOCTL_MODE_DIRTYFB:
 		return -ENOSYS;
 	case DRM_IOCTL_MODE_ATOMIC: {
-		real_ioctl(K.devnull, req, arg);   /* the syscall a real commit costs its caller */
+		real_ioctl(K.devnull, req, arg); /* the syscall a real commit costs its caller */
 		int ret = atomic(arg);
 		if (K.trace) {
 			struct drm_mode_atomic *a = arg;
@@ -898,15 +983,18 @@ static int handle(unsigned long req, void *arg)
 			const uint64_t *vals = (const uint64_t *)(uintptr_t)a->prop_values_ptr;
 			uint32_t at = 0;
 
-			fprintf(stderr, "fakedrm: %.3f atomic flags %#x objs %u user_data %llu -> %d; pending",
-				now_ns() / 1e9, a->flags, a->count_objs, (unsigned long long)a->user_data, ret);
+			fprintf(stderr,
+				"fakedrm: %.3f atomic flags %#x objs %u user_data %llu -> %d; pending",
+				now_ns() / 1e9, a->flags, a->count_objs, (unsigned long long)a->user_data,
+				ret);
 			for (int c = 0; c < K.outputs; c++)
 				fprintf(stderr, " %d", K.pending[c]);
-			for (uint32_t o = 0; o < a->count_objs; o++) {   /* each object and what it sets */
+			for (uint32_t o = 0; o < a->count_objs; o++) { /* each object and what it sets */
 				fprintf(stderr, "; obj %u", objs[o]);
 				for (uint32_t j = 0; j < counts[o]; j++, at++)
 					if (props[at] > 0 && props[at] < P_COUNT)
-						fprintf(stderr, " %s=%lld", PROPS[props[at]].name, (long long)vals[at]);
+						fprintf(stderr, " %s=%lld", PROPS[props[at]].name,
+							(long long)vals[at]);
 			}
 			fprintf(stderr, "\n");
 		}
@@ -935,7 +1023,7 @@ static int open_card(int flags)
 	pthread_mutex_lock(&K.lock);
 	if (K.fd >= 0) {
 		pthread_mutex_unlock(&K.lock);
-		return fail(EBUSY);   /* one opener at a time: enough for one compositor */
+		return fail(EBUSY); /* one opener at a time: enough for one compositor */
 	}
 	if (pipe2(p, O_CLOEXEC | (flags & O_NONBLOCK)) < 0) {
 		pthread_mutex_unlock(&K.lock);
@@ -944,7 +1032,7 @@ static int open_card(int flags)
 	fcntl(p[1], F_SETFL, O_NONBLOCK);
 	fcntl(p[1], F_SETPIPE_SZ, 1 << 20);
 	const char *n = getenv("FAKEDRM_OUTPUTS"), *d = getenv("FAKEDRM_DELAY_US"),
-		*pi = getenv("FAKEDRM_PRIME_IMPORT");
+		   *pi = getenv("FAKEDRM_PRIME_IMPORT");
 	K.outputs = n ? atoi(n) : 4;
 	if (K.outputs < 1 || K.outputs > MAX_OUT)
 		K.outputs = 4;
@@ -955,11 +1043,11 @@ static int open_card(int flags)
 	K.trace = getenv("FAKEDRM_TRACE") != NULL;
 	K.fd = p[0];
 	K.wfd = p[1];
-	K.master = 1;   /* the first opener becomes master, as with a real card */
+	K.master = 1; /* the first opener becomes master, as with a real card */
 	if (K.devnull < 0)
 		K.devnull = real_open("/dev/null", O_RDWR | O_CLOEXEC);
 	if (!K.thread_started) {
-		pthread_condattr_t attr;   /* deadlines are CLOCK_MONOTONIC, like the events' times */
+		pthread_condattr_t attr; /* deadlines are CLOCK_MONOTONIC, like the events' times */
 		pthread_condattr_init(&attr);
 		pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
 		pthread_cond_init(&K.cond, &attr);
@@ -1048,9 +1136,14 @@ int ioctl(int fd, unsigned long req, ...)
 	int ret = handle(req, arg);
 	if (ret == 0)
 		switch (req) {
-		case DRM_IOCTL_MODE_ADDFB2: case DRM_IOCTL_MODE_RMFB: case DRM_IOCTL_MODE_CREATE_DUMB:
-		case DRM_IOCTL_MODE_DESTROY_DUMB: case DRM_IOCTL_GEM_CLOSE: case DRM_IOCTL_PRIME_FD_TO_HANDLE:
-		case DRM_IOCTL_MODE_CREATEPROPBLOB: case DRM_IOCTL_MODE_DESTROYPROPBLOB:
+		case DRM_IOCTL_MODE_ADDFB2:
+		case DRM_IOCTL_MODE_RMFB:
+		case DRM_IOCTL_MODE_CREATE_DUMB:
+		case DRM_IOCTL_MODE_DESTROY_DUMB:
+		case DRM_IOCTL_GEM_CLOSE:
+		case DRM_IOCTL_PRIME_FD_TO_HANDLE:
+		case DRM_IOCTL_MODE_CREATEPROPBLOB:
+		case DRM_IOCTL_MODE_DESTROYPROPBLOB:
 			write_stats();
 			break;
 		}

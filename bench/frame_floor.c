@@ -23,7 +23,7 @@
 #define DELAY_NS 1000000ull
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-static uint64_t due_ns;   /* 0: no event queued (one commit in flight at a time, as per CRTC) */
+static uint64_t due_ns; /* 0: no event queued (one commit in flight at a time, as per CRTC) */
 static int event_w;
 
 static uint64_t now_ns(void)
@@ -101,8 +101,10 @@ int main(int argc, char **argv)
 				if (r == 0)
 					return 0;
 				if (r < 0 || pending)
-					continue;   /* a flip while one is in flight: the newest waits (not here) */
-				if (ioctl(devnull, 0xc03864bcul, in) == 0)   /* DRM_IOCTL_MODE_ATOMIC's number */
+					continue; /* a flip while one is in flight: the newest waits (not
+						     here) */
+				if (ioctl(devnull, 0xc03864bcul, in) ==
+				    0) /* DRM_IOCTL_MODE_ATOMIC's number */
 					return 1;
 				pthread_mutex_lock(&lock);
 				due_ns = now_ns() + DELAY_NS;
