@@ -10,7 +10,7 @@ import socket
 from test_qemu_dbus import XRGB8888, Recorder, memfd, run
 
 from compositor.sources.qemu_dbus import QemuDisplayHandlerDefaults, QemuDisplaySource, QemuTarget, wait_for
-from compositor.sources.qemu_dbus_peer import QemuDisplayPeer
+from directflip_tools.qemu_peer import QemuDisplayPeer
 
 LOGGER = "directflip.qemu_dbus"
 
