@@ -20,9 +20,13 @@ import mmap
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
+import pytest
+
+from compositor import output
 from compositor.formats import DRM_FORMAT_MOD_LINEAR
 from compositor.kms import DumbBuffer, FlipEvent, Framebuffer, KmsError, Rejected
 from compositor.kms.errors import kms_error
@@ -358,3 +362,12 @@ class FakeNativeLib:
             return -exc.errno
         return 0
 
+
+@contextmanager
+def flips_on_fake_cards() -> Iterator[None]:
+    """While it lasts, compositor.output's flips and requests go to the fake cards: the native
+    kms_flip to FakeNativeLib, and every AtomicRequest it builds is a FakeRequest."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(output, "lib", FakeNativeLib())
+        mp.setattr(output, "AtomicRequest", FakeRequest)
+        yield

@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from fakes.card import flips_on_fake_cards
 from native_override import load
 
 # `make sanitize`: the C helper built with ASan and UBSan, loaded before any test imports the real one.
@@ -31,3 +32,11 @@ def private_bus(tmp_path):
     yield address
     proc.terminate()
     proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def fake_native_flip():
+    """OutputLayer's commits land on the fake card (tests/fakes/card.py) for the whole module: a
+    module that drives outputs on FakeCard says `pytestmark = pytest.mark.usefixtures(...)`."""
+    with flips_on_fake_cards():
+        yield

@@ -9,10 +9,10 @@ import asyncio
 import pytest
 from test_capture import Lab
 from test_daemon_guests import CARD
-from test_scanout import (
-    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
-    guest_buffer,
-)
+from test_scanout import guest_buffer
+
+# OutputLayer commits on the fake card (tests/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("fake_native_flip")
 
 
 @pytest.fixture

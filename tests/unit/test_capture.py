@@ -15,17 +15,15 @@ import threading
 
 import numpy as np
 import pytest
+from fakes.card import CRTC, FakeCard
 from PIL import Image
 from test_daemon_guests import CARD, POLICY, Conn, fake_topology
 from test_scanout import (
-    CRTC,
-    FakeCard,
     H,
     Rig,
     W,
     assignment,
     composed,
-    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
     guest_buffer,
 )
 
@@ -39,6 +37,10 @@ from compositor.planner import Rect
 from compositor.scanout import COPY, SLATE, ZERO_COPY, render_slate
 from compositor.sources.frame import Buffer, Frame, PlaneInfo
 from compositor.sources.framesocket import Peer
+
+# OutputLayer commits on the fake card (tests/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("fake_native_flip")
+
 
 FULL = Rect(0, 0, W, H)
 SRC, DST = Rect(4, 2, 16, 10), Rect(10, 7, 16, 10)

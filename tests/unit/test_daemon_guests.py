@@ -11,14 +11,10 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
+from fakes.card import CONNECTOR, CRTC, PLANE, FakeCard
 from test_scanout import (
-    CONNECTOR,
-    CRTC,
-    PLANE,
-    FakeCard,
     H,
     W,
-    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
     guest_buffer,
 )
 
@@ -28,6 +24,10 @@ from compositor.kms import FlipEvent
 from compositor.output import OutputLayer
 from compositor.sources.frame import Frame
 from compositor.sources.framesocket import Peer, Refused
+
+# OutputLayer commits on the fake card (tests/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("fake_native_flip")
+
 
 POLICY = """version: 1
 monitors:

@@ -32,14 +32,13 @@ from fakes.card import (
     PLANE,
     FakeCard,
     FakeFramebuffer,
-    FakeNativeLib,
     FakeRequest,
     PlaneState,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from compositor import output, topology
+from compositor import topology
 from compositor.formats import XRGB8888
 from compositor.kms import FlipEvent, Rejected
 from compositor.output import OutputLayer
@@ -52,13 +51,8 @@ W, H = 40, 30  # the mode: small, so a slate renders and a copy runs in microsec
 FULL = Rect(0, 0, W, H)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fake_native_flip():
-    """compositor.output's flips and requests go to the fake card: kms_flip and AtomicRequest."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(output, "lib", FakeNativeLib())
-        mp.setattr(output, "AtomicRequest", FakeRequest)
-        yield
+# Every test here commits on the fake card (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("fake_native_flip")
 
 
 # ----------------------------------------------------------------------------- guests and outputs

@@ -9,14 +9,10 @@ import socket
 from pathlib import Path
 
 import pytest
+from fakes.card import CRTC, FakeCard
 from test_daemon_guests import CARD, Conn, fake_topology
 from test_notify import drain, receiver
-from test_scanout import (
-    CRTC,
-    FakeCard,
-    fake_native_flip,  # noqa: F401 (autouse: OutputLayer commits on the fake card)
-    guest_buffer,
-)
+from test_scanout import guest_buffer
 
 from compositor.control import format_status
 from compositor.daemon import Daemon, status_line
@@ -24,6 +20,10 @@ from compositor.notify import Notifier
 from compositor.output import OutputLayer
 from compositor.sources.frame import Frame
 from compositor.sources.framesocket import Peer
+
+# OutputLayer commits on the fake card (tests/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("fake_native_flip")
+
 
 # --------------------------------------------------------------------------------- the line itself
 
