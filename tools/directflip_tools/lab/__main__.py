@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--no-connect-all", action="store_true",
                        help="leave virtio-gpu heads 1 and 2 disconnected at boot (default: all three "
                             "monitors connected)")
-        # The whole guest suite takes ~25 min on an idle machine and about twice that while another
+        # The whole guest suite takes ~30 min on an idle machine and up to ~75 min while another
         # process keeps the cores busy; the timeout is for a VM that hangs, not a slow one.
-        p.add_argument("--timeout", type=float, default=1200.0 if name == "run" else 4200.0, metavar="S",
+        p.add_argument("--timeout", type=float, default=1200.0 if name == "run" else 5400.0, metavar="S",
                        help="stop the VM after S seconds (default: %(default)s)")
         if name == "run":
             p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
