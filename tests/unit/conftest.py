@@ -7,11 +7,13 @@ import subprocess
 import time
 
 import pytest
-from fakes.card import flips_on_fake_cards
 from native_override import load
 
-# `make sanitize`: the C helper built with ASan and UBSan, loaded before any test imports the real one.
+# `make sanitize`: the C helper built with ASan and UBSan, loaded before any test imports the real one,
+# so before the imports below (the fakes and the KMS layer import compositor._native).
 SANITIZED = load()
+
+from fakes.card import flips_on_fake_cards  # noqa: E402
 
 
 @pytest.fixture
@@ -40,3 +42,4 @@ def fake_native_flip():
     module that drives outputs on FakeCard says `pytestmark = pytest.mark.usefixtures(...)`."""
     with flips_on_fake_cards():
         yield
+
