@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 from native_override import load
@@ -13,7 +14,10 @@ from native_override import load
 # so before the imports below (the fakes and the KMS layer import compositor._native).
 SANITIZED = load()
 
+from fakes import libdrm  # noqa: E402
 from fakes.card import flips_on_fake_cards  # noqa: E402
+
+from compositor.kms import Card  # noqa: E402
 
 
 @pytest.fixture
@@ -43,3 +47,17 @@ def fake_native_flip():
     with flips_on_fake_cards():
         yield
 
+
+@pytest.fixture
+def drm(monkeypatch: pytest.MonkeyPatch) -> Iterator[libdrm.FakeDevice]:
+    """The mock libdrm (tests/fakes/libdrm.py) in place of the real one, for the KMS layer's tests."""
+    with libdrm.installed(monkeypatch) as device:
+        yield device
+
+
+@pytest.fixture
+def card(drm: libdrm.FakeDevice) -> Iterator[Card]:
+    """A Card opened on the mock libdrm's device, closed after the test."""
+    card = drm.open_card()
+    yield card
+    card.close()

@@ -26,19 +26,6 @@ from compositor.kms.atomic import (
 from compositor.kms.card import DumbBuffer, Framebuffer
 
 
-@pytest.fixture
-def drm(monkeypatch: pytest.MonkeyPatch) -> Iterator[libdrm.FakeDevice]:
-    with libdrm.installed(monkeypatch) as device:
-        yield device
-
-
-@pytest.fixture
-def card(drm: libdrm.FakeDevice) -> Iterator[Card]:
-    card = drm.open_card()
-    yield card
-    card.close()
-
-
 @dataclass
 class Head:
     """The device's one output, as the Card read it, with a framebuffer to show."""

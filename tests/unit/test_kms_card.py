@@ -17,19 +17,6 @@ from compositor.kms.drm import lib
 X_TILED = libdrm.I915_X_TILED
 
 
-@pytest.fixture
-def drm(monkeypatch: pytest.MonkeyPatch):
-    with libdrm.installed(monkeypatch) as device:
-        yield device
-
-
-@pytest.fixture
-def card(drm: libdrm.FakeDevice):
-    card = drm.open_card()
-    yield card
-    card.close()
-
-
 # ------------------------------------------------------------------------------------ reading state
 
 def test_the_card_reads_every_object_and_frees_every_struct(drm: libdrm.FakeDevice, card: Card) -> None:

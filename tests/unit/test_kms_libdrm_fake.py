@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import re
-from collections.abc import Iterator
 
 import pytest
 from fakes import libdrm
@@ -16,19 +15,6 @@ from compositor.kms import Card, Rejected
 from compositor.kms import card as card_module
 from compositor.kms.atomic import TEST_ONLY, AtomicRequest
 from compositor.kms.drm import ffi
-
-
-@pytest.fixture
-def drm(monkeypatch: pytest.MonkeyPatch) -> Iterator[libdrm.FakeDevice]:
-    with libdrm.installed(monkeypatch) as device:
-        yield device
-
-
-@pytest.fixture
-def card(drm: libdrm.FakeDevice) -> Iterator[Card]:
-    card = drm.open_card()
-    yield card
-    card.close()
 
 
 def commit(card: Card, obj_id: int, prop_id: int, value: int, flags: int = TEST_ONLY) -> int:
